@@ -1,0 +1,696 @@
+//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2): RMSNorm, rotary embeddings with
+//! Llama 3 / linear scaling, grouped-query attention, SwiGLU MLP, optional tied embeddings and
+//! q/k/v bias.
+//!
+//! Paper: Touvron et al. 2023, "Llama 2" (arXiv:2307.09288). Reference implementation:
+//! `transformers/models/llama/modeling_llama.py` (and `qwen2`, `mistral` beside it); the
+//! parity test in `tests/parity.rs` holds this file to it.
+//!
+//! Layer structs mirror checkpoint keys (`model.layers.N.self_attn.q_proj.weight`, ...): the
+//! `VarStore` path of every weight *is* its safetensors name.
+
+use std::path::Path;
+
+use tch::{nn, nn::Module, Device, Kind, Tensor};
+
+use crate::config::{Config, HeadKind, RopeScaling};
+use crate::error::{ModelError, Result};
+use crate::weights::{self, WeightFiles};
+
+/// How a model is loaded.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Run in this dtype instead of the stored one. Default: the stored `torch_dtype`, except
+    /// that reduced precision on CPU is promoted to f32 when `cpu_f32` is set.
+    pub dtype: Option<Kind>,
+    /// Replace the head named by `config.json`, e.g. a critic (`Score{1}`) initialised from a
+    /// policy checkpoint. A head missing from the file is then freshly initialised.
+    pub head: Option<HeadKind>,
+    /// Seed for any freshly initialised head. Default 0.
+    pub seed: i64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            device: Device::Cpu,
+            dtype: None,
+            head: None,
+            seed: 0,
+        }
+    }
+}
+
+/// How a model is saved.
+#[derive(Debug, Clone)]
+pub struct SaveOptions {
+    /// Store in this dtype. Default: the dtype the model runs in.
+    pub dtype: Option<Kind>,
+    /// Shard when the weights exceed this many bytes (HF's default is 5 GB).
+    pub max_shard_bytes: usize,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        SaveOptions {
+            dtype: None,
+            max_shard_bytes: 5_000_000_000,
+        }
+    }
+}
+
+/// Attention mask in the form SDPA wants; the cheap forms are chosen when no padding is present.
+pub(crate) enum AttnMask {
+    /// Plain causal over a prefill with no cache and no padding (`is_causal` kernel path).
+    Causal,
+    /// Every key visible (decode step, no padding).
+    All,
+    /// Boolean (b, 1, t, T), true = attend.
+    Explicit(Tensor),
+}
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
+        RmsNorm {
+            weight: p.var("weight", &[dim], nn::Init::Const(1.0)),
+            eps,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        // Statistics in f32 whatever the model dtype, as HF's LlamaRMSNorm does.
+        let kind = x.kind();
+        let xf = x.to_kind(Kind::Float);
+        let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let normed = xf * (var + self.eps).rsqrt();
+        &self.weight * normed.to_kind(kind)
+    }
+}
+
+fn linear(p: nn::Path, i: i64, o: i64, bias: bool, std: f64) -> nn::Linear {
+    nn::linear(
+        p,
+        i,
+        o,
+        nn::LinearConfig {
+            ws_init: nn::Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+            bs_init: Some(nn::Init::Const(0.0)),
+            bias,
+        },
+    )
+}
+
+struct Attention {
+    q_proj: nn::Linear,
+    k_proj: nn::Linear,
+    v_proj: nn::Linear,
+    o_proj: nn::Linear,
+    n_heads: i64,
+    n_kv: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn new(p: nn::Path, c: &Config) -> Self {
+        let (h, hd) = (c.hidden_size as i64, c.head_dim as i64);
+        let (nh, nkv) = (
+            c.num_attention_heads as i64,
+            c.num_key_value_heads as i64,
+        );
+        let std = c.initializer_range;
+        Attention {
+            q_proj: linear(&p / "q_proj", h, nh * hd, c.qkv_bias, std),
+            k_proj: linear(&p / "k_proj", h, nkv * hd, c.qkv_bias, std),
+            v_proj: linear(&p / "v_proj", h, nkv * hd, c.qkv_bias, std),
+            o_proj: linear(&p / "o_proj", nh * hd, h, c.o_bias, std),
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttnMask,
+        cache: Option<(&mut (Tensor, Tensor), i64)>,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().unwrap_or((0, 0, 0));
+        // (b, t, n_heads * head_dim) -> (b, n_heads, t, head_dim)
+        let q = self
+            .q_proj
+            .forward(x)
+            .view([b, t, self.n_heads, self.head_dim])
+            .transpose(1, 2);
+        // (b, n_kv, t, head_dim)
+        let k = self
+            .k_proj
+            .forward(x)
+            .view([b, t, self.n_kv, self.head_dim])
+            .transpose(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .view([b, t, self.n_kv, self.head_dim])
+            .transpose(1, 2);
+        let q = apply_rotary(&q, cos, sin);
+        let k = apply_rotary(&k, cos, sin);
+        let (k, v) = match cache {
+            Some(((kc, vc), offset)) => {
+                // Write this step's keys/values into the preallocated slots, then attend over
+                // everything filled so far: (b, n_kv, offset + t, head_dim).
+                kc.narrow(2, offset, t).copy_(&k);
+                vc.narrow(2, offset, t).copy_(&v);
+                (kc.narrow(2, 0, offset + t), vc.narrow(2, 0, offset + t))
+            }
+            None => (k, v),
+        };
+        let gqa = self.n_kv != self.n_heads;
+        let y = match mask {
+            AttnMask::Causal => Tensor::scaled_dot_product_attention(
+                &q, &k, &v, None::<Tensor>, 0.0, true, None, gqa,
+            ),
+            AttnMask::All => Tensor::scaled_dot_product_attention(
+                &q, &k, &v, None::<Tensor>, 0.0, false, None, gqa,
+            ),
+            AttnMask::Explicit(m) => {
+                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, gqa)
+            }
+        };
+        // (b, n_heads, t, head_dim) -> (b, t, n_heads * head_dim)
+        let y = y
+            .transpose(1, 2)
+            .contiguous()
+            .view([b, t, self.n_heads * self.head_dim]);
+        self.o_proj.forward(&y)
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin` over (b, heads, t, head_dim) with cos/sin (b, 1, t, head_dim).
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let x1 = x.narrow(3, 0, half);
+    let x2 = x.narrow(3, half, half);
+    let rotated = Tensor::cat(&[x2.neg(), x1], 3);
+    x * cos + rotated * sin
+}
+
+struct Mlp {
+    gate_proj: nn::Linear,
+    up_proj: nn::Linear,
+    down_proj: nn::Linear,
+}
+
+impl Mlp {
+    fn new(p: nn::Path, c: &Config) -> Self {
+        let (h, i, std) = (
+            c.hidden_size as i64,
+            c.intermediate_size as i64,
+            c.initializer_range,
+        );
+        Mlp {
+            gate_proj: linear(&p / "gate_proj", h, i, c.mlp_bias, std),
+            up_proj: linear(&p / "up_proj", h, i, c.mlp_bias, std),
+            down_proj: linear(&p / "down_proj", i, h, c.mlp_bias, std),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let gate = self.gate_proj.forward(x).silu();
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)))
+    }
+}
+
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+/// The per-layer key/value cache of one batch of sequences. An explicit value the caller owns,
+/// preallocated to a capacity so decoding never reallocates.
+pub struct KvCache {
+    /// Per layer: (keys, values), each (b, n_kv, capacity, head_dim).
+    layers: Vec<(Tensor, Tensor)>,
+    len: i64,
+    capacity: i64,
+}
+
+impl KvCache {
+    /// Positions filled so far.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+}
+
+/// Rotary tables, computed once per model in f32: (max_positions, head_dim).
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(c: &Config, device: Device) -> Self {
+        let dim = c.head_dim as i64;
+        let f = (Kind::Float, device);
+        // HF: 1 / base ** (arange(0, dim, 2) / dim), in f32.
+        let exponent = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device))
+            .to_kind(Kind::Float)
+            / dim as f64;
+        let mut inv_freq = Tensor::pow_scalar(c.rope_theta, &exponent).reciprocal();
+        match &c.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => inv_freq = inv_freq / *factor,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                // transformers' _compute_llama3_parameters, op for op.
+                let low_freq_wavelen = old / low_freq_factor;
+                let high_freq_wavelen = old / high_freq_factor;
+                let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
+                let scaled = inv_freq.where_self(
+                    &wavelen.le(low_freq_wavelen),
+                    &(&inv_freq / *factor),
+                );
+                let smooth = (wavelen.reciprocal() * *old - *low_freq_factor)
+                    / (high_freq_factor - low_freq_factor);
+                let smoothed = (smooth.ones_like() - &smooth) * &scaled / *factor + &smooth * &scaled;
+                let is_medium = wavelen
+                    .ge(high_freq_wavelen)
+                    .logical_and(&wavelen.le(low_freq_wavelen));
+                inv_freq = smoothed.where_self(&is_medium, &scaled);
+            }
+        }
+        let t = Tensor::arange(c.max_position_embeddings as i64, f);
+        // (max_pos, dim/2) -> (max_pos, dim)
+        let freqs = t.unsqueeze(1) * inv_freq.unsqueeze(0);
+        let emb = Tensor::cat(&[&freqs, &freqs], 1);
+        Rope {
+            cos: emb.cos(),
+            sin: emb.sin(),
+        }
+    }
+
+    /// cos/sin gathered at `positions` (b, t): each (b, 1, t, head_dim) in `kind`.
+    fn at(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let (b, t) = positions.size2().unwrap_or((0, 0));
+        let flat = positions.reshape([-1]);
+        let d = self.cos.size()[1];
+        let cos = self.cos.index_select(0, &flat).view([b, 1, t, d]);
+        let sin = self.sin.index_select(0, &flat).view([b, 1, t, d]);
+        (cos.to_kind(kind), sin.to_kind(kind))
+    }
+}
+
+enum Head {
+    /// `lm_head.weight`, or `None` when tied to the embedding.
+    Lm(Option<Tensor>),
+    /// `score.weight`: (num_labels, hidden).
+    Score(Tensor),
+}
+
+/// A Llama-family transformer with a causal-LM or score head. Holds its own `VarStore`.
+pub struct Model {
+    pub config: Config,
+    vs: nn::VarStore,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    head: Head,
+    rope: Rope,
+    kind: Kind,
+}
+
+impl Model {
+    /// Builds the model with HF's random initialisation (normal(0, initializer_range) weights,
+    /// zero biases, unit norms), seeded with `seed` through libtorch's global generator.
+    pub fn new(config: Config, device: Device, kind: Kind, seed: i64) -> Result<Model> {
+        tch::manual_seed(seed);
+        let mut vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let c = &config;
+        let std = c.initializer_range;
+        let m = &root / "model";
+        let (v, h) = (c.vocab_size as i64, c.hidden_size as i64);
+        let embed_tokens = (&m / "embed_tokens").var(
+            "weight",
+            &[v, h],
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+        );
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let p = &m / "layers" / i;
+                DecoderLayer {
+                    self_attn: Attention::new(&p / "self_attn", c),
+                    mlp: Mlp::new(&p / "mlp", c),
+                    input_layernorm: RmsNorm::new(&p / "input_layernorm", h, c.rms_norm_eps),
+                    post_attention_layernorm: RmsNorm::new(
+                        &p / "post_attention_layernorm",
+                        h,
+                        c.rms_norm_eps,
+                    ),
+                }
+            })
+            .collect();
+        let norm = RmsNorm::new(&m / "norm", h, c.rms_norm_eps);
+        let init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        };
+        let head = match c.head {
+            HeadKind::CausalLm if c.tie_word_embeddings => Head::Lm(None),
+            HeadKind::CausalLm => Head::Lm(Some((&root / "lm_head").var("weight", &[v, h], init))),
+            HeadKind::Score { num_labels } => {
+                Head::Score((&root / "score").var("weight", &[num_labels as i64, h], init))
+            }
+        };
+        if kind != Kind::Float {
+            vs.set_kind(kind);
+        }
+        let rope = Rope::new(c, device);
+        Ok(Model {
+            config,
+            vs,
+            embed_tokens,
+            layers,
+            norm,
+            head,
+            rope,
+            kind,
+        })
+    }
+
+    /// Loads `DIR/config.json` and the safetensors weights. Checks every tensor's presence and
+    /// shape before copying any, so a bad checkpoint yields an error and no model.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
+        let mut config = Config::from_dir(dir)?;
+        let file_head = config.head;
+        if let Some(h) = opts.head {
+            config.head = h;
+        }
+        let kind = opts.dtype.unwrap_or(config.dtype);
+        let files = WeightFiles::open(dir)?;
+        let model = Model::new(config, opts.device, kind, opts.seed)?;
+        // A replaced head may be absent from the file; it keeps its fresh initialisation.
+        let skip: Vec<&str> = if model.config.head != file_head {
+            vec!["score.weight", "lm_head.weight"]
+        } else {
+            vec![]
+        };
+        let unused = weights::load_into(&model.vs, &files, &skip)?;
+        let unexpected: Vec<&String> = unused
+            .iter()
+            .filter(|n| {
+                // Tied checkpoints sometimes still carry lm_head; old ones carry rotary buffers;
+                // a policy checkpoint loaded as a critic carries lm_head.
+                !(n.ends_with("rotary_emb.inv_freq")
+                    || (n.as_str() == "lm_head.weight"
+                        && (model.config.tie_word_embeddings
+                            || model.config.head != HeadKind::CausalLm)))
+            })
+            .collect();
+        if !unexpected.is_empty() {
+            return Err(ModelError::tensor(
+                files.path_of(unexpected[0]),
+                unexpected[0],
+                format!(
+                    "not part of a {} with this config.json ({} unexpected tensors in all); \
+                     the config and the weights do not belong together",
+                    model.config.head.architecture(model.config.family),
+                    unexpected.len()
+                ),
+            ));
+        }
+        Ok(model)
+    }
+
+    /// Writes `config.json` and the weights (HF layout) to `dir`. Tokenizer files are the
+    /// caller's business (see `crate::ModelDir`).
+    pub fn save(&self, dir: &Path, opts: &SaveOptions) -> Result<()> {
+        let kind = opts.dtype.unwrap_or(self.kind);
+        weights::save(dir, &self.named_tensors(), kind, opts.max_shard_bytes)?;
+        let json = serde_json::to_vec_pretty(&self.config.to_hf_json(kind))
+            .map_err(|e| ModelError::config(dir.join("config.json"), "(all)", e.to_string()))?;
+        crate::error::write_atomic(&dir.join("config.json"), &json)
+    }
+
+    /// Every weight with its checkpoint name, sorted by name.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    pub fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Allocates a cache for `batch` sequences of up to `capacity` positions.
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
+        let c = &self.config;
+        let shape = [
+            batch,
+            c.num_key_value_heads as i64,
+            capacity,
+            c.head_dim as i64,
+        ];
+        let opts = (self.kind, self.device());
+        let layers = (0..c.num_hidden_layers)
+            .map(|_| Ok((Tensor::f_zeros(shape, opts)?, Tensor::f_zeros(shape, opts)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Runs the trunk. `input_ids`, `positions`: (b, t) int64. `key_valid`: (b, T) bool over all
+    /// keys including the cache (T = cache.len + t), or `None` when no position is padding.
+    /// Returns the final-norm hidden states (b, t, hidden).
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_valid: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.size2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len);
+        if let Some(c) = cache.as_ref() {
+            if offset + t > c.capacity {
+                return Err(ModelError::invalid(
+                    "cache",
+                    format!("{} + {t}", c.len),
+                    format!("exceeds the cache capacity {}", c.capacity),
+                ));
+            }
+        }
+        if offset + t > self.config.max_position_embeddings as i64 {
+            return Err(ModelError::invalid(
+                "sequence length",
+                offset + t,
+                format!(
+                    "exceeds max_position_embeddings = {}",
+                    self.config.max_position_embeddings
+                ),
+            ));
+        }
+        let mask = self.attention_mask(key_valid, b, t, offset)?;
+        let (cos, sin) = self.rope.at(positions, self.kind);
+        let mut x = Tensor::f_embedding(&self.embed_tokens, input_ids, -1, false, false)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| (&mut c.layers[i], offset));
+            let h = layer.input_layernorm.forward(&x);
+            let attn = layer.self_attn.forward(&h, &cos, &sin, &mask, slot);
+            x = x + attn;
+            let h = layer.post_attention_layernorm.forward(&x);
+            x = x + layer.mlp.forward(&h);
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        Ok(self.norm.forward(&x))
+    }
+
+    fn attention_mask(
+        &self,
+        key_valid: Option<&Tensor>,
+        b: i64,
+        t: i64,
+        offset: i64,
+    ) -> Result<AttnMask> {
+        let total = offset + t;
+        let window = self.config.sliding_window.map(|w| w as i64);
+        let windowed = window.is_some_and(|w| total > w);
+        if key_valid.is_none() && !windowed {
+            return Ok(if offset == 0 && t > 1 {
+                AttnMask::Causal
+            } else if t == 1 {
+                AttnMask::All
+            } else {
+                self.explicit_mask(None, b, t, offset, window)?
+            });
+        }
+        self.explicit_mask(key_valid, b, t, offset, window)
+    }
+
+    fn explicit_mask(
+        &self,
+        key_valid: Option<&Tensor>,
+        b: i64,
+        t: i64,
+        offset: i64,
+        window: Option<i64>,
+    ) -> Result<AttnMask> {
+        let dev = self.device();
+        let total = offset + t;
+        // (t, 1) and (1, T): absolute positions of queries and keys in the cache.
+        let q_pos = Tensor::f_arange_start(offset, total, (Kind::Int64, dev))?.unsqueeze(1);
+        let k_pos = Tensor::f_arange(total, (Kind::Int64, dev))?.unsqueeze(0);
+        let mut allowed = k_pos.f_le_tensor(&q_pos)?;
+        if let Some(w) = window {
+            allowed = allowed.f_logical_and(&(&q_pos - &k_pos).f_lt(w)?)?;
+        }
+        // (b, t, T)
+        let mut m = allowed.unsqueeze(0).expand([b, t, total], false);
+        if let Some(kv) = key_valid {
+            if kv.size() != [b, total] {
+                return Err(ModelError::invalid(
+                    "attention_mask",
+                    format!("{:?}", kv.size()),
+                    format!("expected shape [{b}, {total}]"),
+                ));
+            }
+            m = m.f_logical_and(&kv.unsqueeze(1))?;
+        }
+        // A padding query sees no valid key; let it see itself so SDPA never takes a softmax
+        // over nothing (NaN there would leak into real rows through 0 * NaN in the value sum).
+        let diag = k_pos.f_eq_tensor(&q_pos)?.unsqueeze(0);
+        Ok(AttnMask::Explicit(m.f_logical_or(&diag)?.unsqueeze(1)))
+    }
+
+    /// Next-token logits (b, t, vocab) in f32 from hidden states. Causal-LM heads only.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let w = match &self.head {
+            Head::Lm(Some(w)) => w,
+            Head::Lm(None) => &self.embed_tokens,
+            Head::Score(_) => {
+                return Err(ModelError::invalid(
+                    "head",
+                    "score",
+                    "this model has a score head, not a language-model head",
+                ))
+            }
+        };
+        Ok(hidden.f_linear(w, None::<Tensor>)?.f_to_kind(Kind::Float)?)
+    }
+
+    /// Score-head outputs (b, t, num_labels) in f32 from hidden states.
+    pub fn score(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.head {
+            Head::Score(w) => Ok(hidden.f_linear(w, None::<Tensor>)?.f_to_kind(Kind::Float)?),
+            Head::Lm(_) => Err(ModelError::invalid(
+                "head",
+                "lm_head",
+                "this model has a language-model head, not a score head",
+            )),
+        }
+    }
+
+    /// Trunk over a padded batch: positions and masks derived from `attention_mask` (b, t) of
+    /// 0/1 (left or right padding). Returns hidden states (b, t, hidden).
+    pub fn forward_padded(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let (positions, key_valid) = positions_from_mask(attention_mask)?;
+        self.forward_hidden(input_ids, &positions, key_valid.as_ref(), None)
+    }
+}
+
+/// Position ids (count of real tokens before each position, as HF derives them) and the boolean
+/// key mask, or `None` when nothing is padded.
+pub fn positions_from_mask(attention_mask: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    let valid = attention_mask.f_ne(0)?;
+    let positions = (valid.f_cumsum(-1, Kind::Int64)? - 1).f_clamp_min(0)?;
+    let all = bool::try_from(valid.f_all()?)?;
+    Ok((positions, if all { None } else { Some(valid) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HfConfig;
+
+    pub(crate) fn tiny(arch: &str, tied: bool) -> Config {
+        let hf: HfConfig = serde_json::from_value(serde_json::json!({
+            "architectures": [arch], "vocab_size": 50, "hidden_size": 32,
+            "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 64,
+            "tie_word_embeddings": tied
+        }))
+        .unwrap();
+        hf.resolve(Path::new("config.json")).unwrap()
+    }
+
+    #[test]
+    fn varstore_names_are_checkpoint_keys() {
+        let m = Model::new(tiny("Qwen2ForCausalLM", true), Device::Cpu, Kind::Float, 0).unwrap();
+        let names: Vec<String> = m.named_tensors().into_iter().map(|(n, _)| n).collect();
+        assert!(names.contains(&"model.layers.1.self_attn.q_proj.bias".to_string()));
+        assert!(names.contains(&"model.embed_tokens.weight".to_string()));
+        assert!(!names.iter().any(|n| n.contains("lm_head")), "tied: no lm_head");
+        assert!(!names.iter().any(|n| n.contains("__")), "tch renamed a duplicate: {names:?}");
+        assert!(!names.contains(&"model.layers.0.self_attn.o_proj.bias".to_string()));
+    }
+
+    #[test]
+    fn padding_does_not_change_real_positions() {
+        let m = Model::new(tiny("LlamaForCausalLM", false), Device::Cpu, Kind::Float, 1).unwrap();
+        let ids = Tensor::from_slice(&[5i64, 6, 7]).view([1, 3]);
+        let h = m.forward_padded(&ids, &ids.ones_like()).unwrap();
+        // Same prompt, left-padded by two.
+        let ids2 = Tensor::from_slice(&[0i64, 0, 5, 6, 7]).view([1, 5]);
+        let mask2 = Tensor::from_slice(&[0i64, 0, 1, 1, 1]).view([1, 5]);
+        let h2 = m.forward_padded(&ids2, &mask2).unwrap();
+        let diff = (h - h2.narrow(1, 2, 3)).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "left padding changed outputs by {diff}");
+        assert!(!bool::try_from(h2.isnan().any()).unwrap());
+    }
+}
