@@ -1,1 +1,145 @@
-fn main() {}
+//! `rlhf-coord`: the command-line entry point of rlhf-coord.
+//!
+//! Today it carries the model tools (`init-model`, `generate`); the RLHF controller (`launch`),
+//! reward-model jobs and the rest arrive as later subcommands. This binary owns the tracing
+//! subscriber (`RLHF_LOG` filter, `RLHF_LOG_FORMAT=json`), argument parsing and exit codes; all
+//! model logic lives in `rlhf-model`.
+
+mod generate_cmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use rlhf_model::config::kind_from_str;
+use rlhf_model::init::{init_model, InitSpec, Preset};
+use rlhf_model::Family;
+use tch::{Device, Kind};
+
+#[derive(Parser)]
+#[command(name = "rlhf-coord", version, about = "Distributed RLHF orchestrator")]
+struct Cli {
+    /// libtorch intra-op threads (default: libtorch's choice, usually the core count).
+    #[arg(long, global = true)]
+    threads: Option<i32>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write a randomly initialised model in HF layout (config, safetensors, tokenizer).
+    InitModel {
+        /// Model family: llama, mistral or qwen2.
+        #[arg(long, default_value = "llama")]
+        arch: String,
+        /// tiny (tests) or small (demos, benchmarks).
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Tie lm_head to the embedding (default: true for qwen2, false otherwise).
+        #[arg(long)]
+        tie_word_embeddings: Option<bool>,
+        /// Key/value heads (grouped-query attention); default: the preset's.
+        #[arg(long)]
+        num_kv_heads: Option<usize>,
+        /// Stored dtype: float32, bfloat16, float16.
+        #[arg(long, default_value = "float32")]
+        dtype: String,
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+    },
+    /// Generate completions for one prompt or a JSONL file of prompts.
+    Generate(generate_cmd::GenerateArgs),
+}
+
+fn parse_family(s: &str) -> Result<Family> {
+    Ok(match s {
+        "llama" => Family::Llama,
+        "mistral" => Family::Mistral,
+        "qwen2" => Family::Qwen2,
+        _ => bail!("--arch {s:?}: expected llama, mistral or qwen2"),
+    })
+}
+
+pub(crate) fn parse_kind(flag: &str, s: &str) -> Result<Kind> {
+    kind_from_str(s).with_context(|| format!("{flag} {s:?}: expected float32, bfloat16 or float16"))
+}
+
+pub(crate) fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Ok(Device::Cuda(i)),
+            _ => bail!("--device {s:?}: expected cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("RLHF_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("RLHF_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        if n < 1 {
+            bail!("--threads {n}: must be >= 1");
+        }
+        tch::set_num_threads(n);
+    }
+    match cli.cmd {
+        Cmd::InitModel {
+            arch,
+            preset,
+            out,
+            tie_word_embeddings,
+            num_kv_heads,
+            dtype,
+            seed,
+        } => {
+            let preset: Preset = preset
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--preset: {e}"))?;
+            let mut spec = InitSpec::new(parse_family(&arch)?, preset);
+            spec.tie_word_embeddings = tie_word_embeddings;
+            spec.num_key_value_heads = num_kv_heads;
+            spec.dtype = parse_kind("--dtype", &dtype)?;
+            spec.seed = seed;
+            let cfg = init_model(&spec, &out)
+                .with_context(|| format!("writing a new model to {}", out.display()))?;
+            tracing::info!(
+                dir = %out.display(),
+                arch = cfg.head.architecture(cfg.family),
+                layers = cfg.num_hidden_layers,
+                hidden = cfg.hidden_size,
+                "model written"
+            );
+            Ok(())
+        }
+        Cmd::Generate(args) => generate_cmd::run(args),
+    }
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

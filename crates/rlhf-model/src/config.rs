@@ -98,6 +98,12 @@ pub struct HfConfig {
     /// Default: 10000.
     pub rope_theta: Option<f64>,
     pub rope_scaling: Option<Value>,
+    /// transformers ≥ 5: `rope_type`, its parameters and `rope_theta` in one object. Takes
+    /// precedence over `rope_scaling` and `rope_theta`.
+    pub rope_parameters: Option<Value>,
+    /// transformers ≥ 5: per-layer attention kind; only `full_attention` is supported for
+    /// Qwen2 (Mistral's window comes from `sliding_window`).
+    pub layer_types: Option<Vec<String>>,
     /// Default: false.
     pub tie_word_embeddings: Option<bool>,
     /// Llama: bias on q/k/v/o projections. Default: false.
@@ -317,7 +323,16 @@ impl HfConfig {
                 format!("rotary embeddings need an even head_dim, found {head_dim}"),
             ));
         }
-        let rope_scaling = parse_rope_scaling(self.rope_scaling.as_ref(), path)?;
+        let (rope_key, rope_value) = match &self.rope_parameters {
+            Some(v) if !v.is_null() => ("rope_parameters", Some(v)),
+            _ => ("rope_scaling", self.rope_scaling.as_ref()),
+        };
+        let rope_scaling = parse_rope_scaling(rope_value, path, rope_key)?;
+        let rope_theta_in_params = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|v| v.get("rope_theta"))
+            .and_then(Value::as_f64);
         let dtype_str = self.dtype.as_deref().or(self.torch_dtype.as_deref());
         let dtype = match dtype_str {
             None => Kind::Float,
@@ -338,10 +353,24 @@ impl HfConfig {
                     "Qwen2 per-layer sliding windows are not supported; set it to false",
                 ))
             }
+            Family::Qwen2
+                if self
+                    .layer_types
+                    .as_ref()
+                    .is_some_and(|l| l.iter().any(|t| t != "full_attention")) =>
+            {
+                return Err(ModelError::config(
+                    path,
+                    "layer_types",
+                    "only full_attention layers are supported for Qwen2",
+                ))
+            }
             _ => None,
         };
         let rms_norm_eps = self.rms_norm_eps.unwrap_or(1e-6);
-        let rope_theta = self.rope_theta.unwrap_or(10000.0);
+        let rope_theta = rope_theta_in_params
+            .or(self.rope_theta)
+            .unwrap_or(10000.0);
         if !(rms_norm_eps > 0.0) {
             return Err(ModelError::config(
                 path,
@@ -392,7 +421,7 @@ impl HfConfig {
     }
 }
 
-fn parse_rope_scaling(v: Option<&Value>, path: &Path) -> Result<RopeScaling> {
+fn parse_rope_scaling(v: Option<&Value>, path: &Path, key: &str) -> Result<RopeScaling> {
     let Some(v) = v else {
         return Ok(RopeScaling::None);
     };
@@ -400,20 +429,16 @@ fn parse_rope_scaling(v: Option<&Value>, path: &Path) -> Result<RopeScaling> {
         return Ok(RopeScaling::None);
     }
     let obj = v.as_object().ok_or_else(|| {
-        ModelError::config(path, "rope_scaling", format!("expected an object, found {v}"))
+        ModelError::config(path, key, format!("expected an object, found {v}"))
     })?;
     let ty = obj
         .get("rope_type")
         .or_else(|| obj.get("type"))
         .and_then(Value::as_str)
-        .ok_or_else(|| ModelError::config(path, "rope_scaling.rope_type", "missing"))?;
+        .unwrap_or("default");
     let num = |k: &str| -> Result<f64> {
         obj.get(k).and_then(Value::as_f64).ok_or_else(|| {
-            ModelError::config(
-                path,
-                &format!("rope_scaling.{k}"),
-                "missing or not a number",
-            )
+            ModelError::config(path, &format!("{key}.{k}"), "missing or not a number")
         })
     };
     match ty {
@@ -429,7 +454,7 @@ fn parse_rope_scaling(v: Option<&Value>, path: &Path) -> Result<RopeScaling> {
         }),
         other => Err(ModelError::config(
             path,
-            "rope_scaling.rope_type",
+            &format!("{key}.rope_type"),
             format!("unsupported {other:?}; supported: default, linear, llama3"),
         )),
     }
@@ -554,6 +579,18 @@ mod tests {
         v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 2.0});
         let e = resolve(v).unwrap_err().to_string();
         assert!(e.contains("rope_scaling.rope_type") && e.contains("yarn"), "{e}");
+    }
+
+    #[test]
+    fn reads_transformers_v5_rope_parameters() {
+        let mut v = base();
+        v["rope_parameters"] = serde_json::json!({"rope_type": "linear", "factor": 2.0,
+                                                  "rope_theta": 500000.0});
+        let c = resolve(v).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        let out = c.to_hf_json(Kind::Float);
+        assert_eq!(out["rope_parameters"]["factor"], 2.0);
     }
 
     #[test]
