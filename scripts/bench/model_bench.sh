@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 eval "$(scripts/setup-torch.sh --test-deps)"
-cargo build --release -q -p rlhf-coord --example bench_model -p rlhf-model
+cargo build --release -q -p rlhf-coord
+cargo build --release -q -p rlhf-model --example bench_model
 model=${MODEL:-target/bench/small-llama}
 [ -f "$model/config.json" ] || target/release/rlhf-coord init-model --arch llama --preset small --out "$model" 2>/dev/null
 rounds=${ROUNDS:-3}; threads=${THREADS:-2}

@@ -104,7 +104,11 @@ fn unit_interval(key: &'static str, v: f64) -> Result<()> {
     if (0.0..=1.0).contains(&v) {
         Ok(())
     } else {
-        Err(AlgoError::Config { key, value: v.to_string(), reason: "must be in [0, 1]" })
+        Err(AlgoError::Config {
+            key,
+            value: v.to_string(),
+            reason: "must be in [0, 1]",
+        })
     }
 }
 
@@ -121,13 +125,22 @@ pub struct Advantages {
 /// `delta_t = r_t + gamma * V_{t+1} - V_t`, `A_t = delta_t + gamma * lambda * A_{t+1}` over each
 /// row's response tokens, with `V = 0` after the last one. Checks shapes, empty rows and
 /// non-finite rewards/values on response tokens (one host transfer).
-pub fn gae(rewards: &Tensor, values: &Tensor, response_mask: &Tensor, gamma: f64, lam: f64) -> Result<Advantages> {
+pub fn gae(
+    rewards: &Tensor,
+    values: &Tensor,
+    response_mask: &Tensor,
+    gamma: f64,
+    lam: f64,
+) -> Result<Advantages> {
     unit_interval("advantage.gamma", gamma)?;
     unit_interval("advantage.lam", lam)?;
     let m = checked_mask(rewards, Some(values), response_mask)?;
     let advantages = gae_on(&m, rewards, Some(values), gamma, lam)?;
     let returns = m.zero_out(&advantages.f_add(&values.f_detach()?)?)?;
-    Ok(Advantages { advantages, returns })
+    Ok(Advantages {
+        advantages,
+        returns,
+    })
 }
 
 /// Discounted reward-to-go `G_t = r_t + gamma * G_{t+1}` over each row's response tokens (b, t).
@@ -139,7 +152,11 @@ pub fn discounted_returns(rewards: &Tensor, response_mask: &Tensor, gamma: f64) 
 
 /// REINFORCE++ advantages: the discounted reward-to-go of per-token `rewards` (which carry the
 /// KL penalty), whitened over all response tokens of the batch (b, t).
-pub fn reinforce_pp_advantages(rewards: &Tensor, response_mask: &Tensor, gamma: f64) -> Result<Tensor> {
+pub fn reinforce_pp_advantages(
+    rewards: &Tensor,
+    response_mask: &Tensor,
+    gamma: f64,
+) -> Result<Tensor> {
     unit_interval("advantage.gamma", gamma)?;
     let m = checked_mask(rewards, None, response_mask)?;
     let returns = gae_on(&m, rewards, None, gamma, 1.0)?;
@@ -157,7 +174,12 @@ pub fn rloo_advantages(scores: &Tensor, group_size: i64) -> Result<Tensor> {
 /// GRPO advantages of per-sequence `scores` (b,): `(r_i - mean_g) / (std_g + eps)` over the
 /// prompt group `g`, with the unbiased std; only the mean is subtracted when `scale_by_std` is
 /// false.
-pub fn grpo_advantages(scores: &Tensor, group_size: i64, scale_by_std: bool, eps: f64) -> Result<Tensor> {
+pub fn grpo_advantages(
+    scores: &Tensor,
+    group_size: i64,
+    scale_by_std: bool,
+    eps: f64,
+) -> Result<Tensor> {
     check_groups("GRPO", scores, group_size)?;
     let _guard = tch::no_grad_guard();
     grpo_core(&scores.f_detach()?, group_size, scale_by_std, eps)
@@ -167,7 +189,11 @@ pub fn grpo_advantages(scores: &Tensor, group_size: i64, scale_by_std: bool, eps
 pub fn broadcast_to_tokens(per_sequence: &Tensor, response_mask: &Tensor) -> Result<Tensor> {
     let (b, _) = dims2("response_mask", response_mask)?;
     expect_shape("per_sequence", per_sequence, &[b], "rows of response_mask")?;
-    let m = Mask::new("response_mask", response_mask, float_kind("per_sequence", per_sequence)?)?;
+    let m = Mask::new(
+        "response_mask",
+        response_mask,
+        float_kind("per_sequence", per_sequence)?,
+    )?;
     // (b,) -> (b, 1), broadcast against (b, t)
     m.zero_out(&per_sequence.f_unsqueeze(1)?.f_expand_as(&m.weight)?)
 }
@@ -207,7 +233,13 @@ impl AdvantageCalculator {
     /// A calculator with a fresh baseline.
     pub fn new(cfg: AdvantageConfig) -> Result<Self> {
         cfg.validate()?;
-        Ok(AdvantageCalculator { cfg, baseline: BaselineState { value: None, updates: 0 } })
+        Ok(AdvantageCalculator {
+            cfg,
+            baseline: BaselineState {
+                value: None,
+                updates: 0,
+            },
+        })
     }
 
     /// Restores a calculator from a checkpoint.
@@ -237,7 +269,8 @@ impl AdvantageCalculator {
             (AdvantageEstimator::Gae, None) => {
                 return Err(AlgoError::MissingField {
                     field: "values",
-                    hint: "GAE needs critic values; compute them or pick a REINFORCE-family estimator",
+                    hint:
+                        "GAE needs critic values; compute them or pick a REINFORCE-family estimator",
                 })
             }
             (AdvantageEstimator::Gae, Some(v)) => Some(v),
@@ -248,11 +281,20 @@ impl AdvantageCalculator {
             check_group_shape(estimator_name(est), "token_rewards", b, inputs.group_size)?;
         }
         let (b, t) = dims2("token_rewards", inputs.token_rewards)?;
-        expect_shape("response_mask", inputs.response_mask, &[b, t], "token_rewards")?;
+        expect_shape(
+            "response_mask",
+            inputs.response_mask,
+            &[b, t],
+            "token_rewards",
+        )?;
         if let Some(v) = values {
             expect_shape("values", v, &[b, t], "token_rewards")?;
         }
-        let m = Mask::new("response_mask", inputs.response_mask, float_kind("token_rewards", inputs.token_rewards)?)?;
+        let m = Mask::new(
+            "response_mask",
+            inputs.response_mask,
+            float_kind("token_rewards", inputs.token_rewards)?,
+        )?;
         let mut checks = Checks::new();
         checks.nonempty("response_mask", &m)?;
         checks.finite("token_rewards", inputs.token_rewards, Some(&m))?;
@@ -268,22 +310,34 @@ impl AdvantageCalculator {
 
         let mut out = match est {
             AdvantageEstimator::Gae => {
-                let v = values.ok_or(AlgoError::MissingField { field: "values", hint: "GAE needs critic values" })?;
+                let v = values.ok_or(AlgoError::MissingField {
+                    field: "values",
+                    hint: "GAE needs critic values",
+                })?;
                 let advantages = gae_on(&m, &rewards, Some(v), gamma, self.cfg.lam)?;
                 let returns = m.zero_out(&advantages.f_add(&v.f_detach()?)?)?;
-                Advantages { advantages, returns }
+                Advantages {
+                    advantages,
+                    returns,
+                }
             }
             AdvantageEstimator::ReinforcePlusPlus => {
                 let returns = gae_on(&m, &rewards, None, gamma, 1.0)?;
                 let advantages = whiten_on(&m, &returns, true)?;
-                Advantages { advantages, returns }
+                Advantages {
+                    advantages,
+                    returns,
+                }
             }
             AdvantageEstimator::Reinforce | AdvantageEstimator::Rloo | AdvantageEstimator::Grpo => {
                 let per_seq = match est {
                     AdvantageEstimator::Rloo => rloo_core(&scores, inputs.group_size)?,
-                    AdvantageEstimator::Grpo => {
-                        grpo_core(&scores, inputs.group_size, self.cfg.grpo_scale_by_std, self.cfg.grpo_eps)?
-                    }
+                    AdvantageEstimator::Grpo => grpo_core(
+                        &scores,
+                        inputs.group_size,
+                        self.cfg.grpo_scale_by_std,
+                        self.cfg.grpo_eps,
+                    )?,
                     _ => {
                         let mean = host.first().copied().unwrap_or(0.0);
                         let baseline = self.baseline.value.unwrap_or(mean);
@@ -296,7 +350,10 @@ impl AdvantageCalculator {
                 // (b,) -> (b, 1), broadcast over the response tokens
                 let advantages = m.zero_out(&per_seq.f_unsqueeze(1)?.f_expand_as(&m.weight)?)?;
                 let returns = gae_on(&m, &rewards, None, gamma, 1.0)?;
-                Advantages { advantages, returns }
+                Advantages {
+                    advantages,
+                    returns,
+                }
             }
         };
         if self.cfg.whitens() {
@@ -323,7 +380,11 @@ fn checked_mask(rewards: &Tensor, values: Option<&Tensor>, response_mask: &Tenso
     if let Some(v) = values {
         expect_shape("values", v, &[b, t], "rewards")?;
     }
-    let m = Mask::new("response_mask", response_mask, float_kind("rewards", rewards)?)?;
+    let m = Mask::new(
+        "response_mask",
+        response_mask,
+        float_kind("rewards", rewards)?,
+    )?;
     let mut checks = Checks::new();
     checks.nonempty("response_mask", &m)?;
     checks.finite("rewards", rewards, Some(&m))?;
@@ -334,12 +395,25 @@ fn checked_mask(rewards: &Tensor, values: Option<&Tensor>, response_mask: &Tenso
     Ok(m)
 }
 
-fn check_group_shape(estimator: &'static str, tensor: &'static str, rows: i64, group_size: i64) -> Result<()> {
+fn check_group_shape(
+    estimator: &'static str,
+    tensor: &'static str,
+    rows: i64,
+    group_size: i64,
+) -> Result<()> {
     if group_size < 2 {
-        return Err(AlgoError::GroupSize { estimator, group_size });
+        return Err(AlgoError::GroupSize {
+            estimator,
+            group_size,
+        });
     }
     if rows % group_size != 0 {
-        return Err(AlgoError::NotDivisible { tensor, rows, what: "group size", by: group_size });
+        return Err(AlgoError::NotDivisible {
+            tensor,
+            rows,
+            what: "group size",
+            by: group_size,
+        });
     }
     Ok(())
 }
@@ -349,7 +423,11 @@ fn check_groups(estimator: &'static str, scores: &Tensor, group_size: i64) -> Re
     let b = match scores.size().as_slice() {
         &[b] => b,
         actual => {
-            return Err(AlgoError::Shape { tensor: "scores", actual: actual.to_vec(), expected: "(batch,)".into() })
+            return Err(AlgoError::Shape {
+                tensor: "scores",
+                actual: actual.to_vec(),
+                expected: "(batch,)".into(),
+            })
         }
     };
     check_group_shape(estimator, "scores", b, group_size)?;
@@ -371,7 +449,9 @@ fn grpo_core(scores: &Tensor, n: i64, scale_by_std: bool, eps: f64) -> Result<Te
     let centered = grouped.f_sub(&grouped.f_mean_dim(1, true, None::<Kind>)?)?;
     let adv = if scale_by_std {
         let std = grouped.f_std_dim(1, true, true)?; // (groups, 1), unbiased
-        centered.f_div(&std.f_add_scalar(eps)?)?
+                                                     // A group of equal scores has std 0; with eps = 0 that would be 0 / 0, so divide by 1.
+        let denom = std.f_add_scalar(eps)?;
+        centered.f_div(&denom.f_where_scalarother(&denom.f_gt(0.0)?, 1.0)?)?
     } else {
         centered
     };
@@ -381,22 +461,31 @@ fn grpo_core(scores: &Tensor, n: i64, scale_by_std: bool, eps: f64) -> Result<Te
 /// The backward recursion shared by GAE (with values) and reward-to-go (`values = None`,
 /// `lam = 1`). One step per token column, vectorised over rows; masked columns of a row leave
 /// its running advantage and next value untouched, which is what skips them.
-fn gae_on(m: &Mask, rewards: &Tensor, values: Option<&Tensor>, gamma: f64, lam: f64) -> Result<Tensor> {
+fn gae_on(
+    m: &Mask,
+    rewards: &Tensor,
+    values: Option<&Tensor>,
+    gamma: f64,
+    lam: f64,
+) -> Result<Tensor> {
     let _guard = tch::no_grad_guard();
     let (b, t) = dims2("rewards", rewards)?;
     let r = m.zero_out(&rewards.f_detach()?)?;
     let v = match values {
-        Some(v) => m.zero_out(&v.f_detach()?.f_to_kind(r.kind())?)?,
+        Some(v) => m.zero_out(&v.f_detach()?.f_to_kind(r.f_kind()?)?)?,
         None => r.f_zeros_like()?,
     };
-    let options = (r.kind(), r.device());
+    let options = (r.f_kind()?, r.device());
     let mut next_value = Tensor::f_zeros([b], options)?;
     let mut running = Tensor::f_zeros([b], options)?;
     let mut columns = Vec::with_capacity(t.max(0) as usize);
     for i in (0..t).rev() {
         let on = m.on.f_select(1, i)?;
         let v_i = v.f_select(1, i)?;
-        let delta = r.f_select(1, i)?.f_add(&next_value.f_mul_scalar(gamma)?)?.f_sub(&v_i)?;
+        let delta = r
+            .f_select(1, i)?
+            .f_add(&next_value.f_mul_scalar(gamma)?)?
+            .f_sub(&v_i)?;
         let a = delta.f_add(&running.f_mul_scalar(gamma * lam)?)?;
         running = a.f_where_self(&on, &running)?;
         next_value = v_i.f_where_self(&on, &next_value)?;
@@ -445,7 +534,10 @@ mod tests {
         let a2 = d2 + g * l * a3;
         let a1 = d1 + g * l * a2;
         close(&rows(&out.advantages)[0], &[0.0, a1, a2, a3, 0.0]);
-        close(&rows(&out.returns)[0], &[0.0, a1 + 0.5, a2 + 0.25, a3 + 0.75, 0.0]);
+        close(
+            &rows(&out.returns)[0],
+            &[0.0, a1 + 0.5, a2 + 0.25, a3 + 0.75, 0.0],
+        );
     }
 
     #[test]
@@ -485,7 +577,9 @@ mod tests {
         }
         let empty = t2(&[&[1.0, 1.0], &[0.0, 0.0]]);
         match gae(&v, &v, &empty, 1.0, 0.95) {
-            Err(AlgoError::EmptyRow { tensor, row }) => assert_eq!((tensor, row), ("response_mask", 1)),
+            Err(AlgoError::EmptyRow { tensor, row }) => {
+                assert_eq!((tensor, row), ("response_mask", 1))
+            }
             other => panic!("expected empty row, got {other:?}"),
         }
         match gae(&v, &t2(&[&[0.0, 0.0, 0.0]]), &m, 1.0, 0.95) {
@@ -502,18 +596,45 @@ mod tests {
     fn rloo_and_grpo_by_hand() {
         let s = Tensor::from_slice(&[1.0, 2.0, 3.0, 10.0, 10.0, 16.0]);
         let a = Vec::<f64>::try_from(rloo_advantages(&s, 3).unwrap()).unwrap();
-        close(&a, &[1.0 - 2.5, 2.0 - 2.0, 3.0 - 1.5, 10.0 - 13.0, 10.0 - 13.0, 16.0 - 10.0]);
+        close(
+            &a,
+            &[
+                1.0 - 2.5,
+                2.0 - 2.0,
+                3.0 - 1.5,
+                10.0 - 13.0,
+                10.0 - 13.0,
+                16.0 - 10.0,
+            ],
+        );
         let g = Vec::<f64>::try_from(grpo_advantages(&s, 3, true, 0.0).unwrap()).unwrap();
-        close(&g, &[-1.0, 0.0, 1.0, -2.0 / 12f64.sqrt(), -2.0 / 12f64.sqrt(), 4.0 / 12f64.sqrt()]);
+        close(
+            &g,
+            &[
+                -1.0,
+                0.0,
+                1.0,
+                -2.0 / 12f64.sqrt(),
+                -2.0 / 12f64.sqrt(),
+                4.0 / 12f64.sqrt(),
+            ],
+        );
         let g = Vec::<f64>::try_from(grpo_advantages(&s, 3, false, 0.0).unwrap()).unwrap();
         close(&g, &[-1.0, 0.0, 1.0, -2.0, -2.0, 4.0]);
+        // Equal scores with eps = 0 give zero advantages, not 0 / 0.
+        let flat = Tensor::from_slice(&[0.5, 0.5, 0.5, 1.0, 2.0, 3.0]);
+        let g = Vec::<f64>::try_from(grpo_advantages(&flat, 3, true, 0.0).unwrap()).unwrap();
+        close(&g, &[0.0, 0.0, 0.0, -1.0, 0.0, 1.0]);
     }
 
     #[test]
     fn grouped_estimators_reject_bad_groups() {
         let s = Tensor::from_slice(&[1.0, 2.0, 3.0, 4.0]);
         match rloo_advantages(&s, 1) {
-            Err(AlgoError::GroupSize { estimator, group_size }) => assert_eq!((estimator, group_size), ("RLOO", 1)),
+            Err(AlgoError::GroupSize {
+                estimator,
+                group_size,
+            }) => assert_eq!((estimator, group_size), ("RLOO", 1)),
             other => panic!("expected group-size error, got {other:?}"),
         }
         match grpo_advantages(&s, 3, true, 1e-6) {
@@ -522,7 +643,9 @@ mod tests {
         }
         let s = Tensor::from_slice(&[1.0, 2.0, f64::NEG_INFINITY, 4.0]);
         match rloo_advantages(&s, 2) {
-            Err(AlgoError::NonFinite { tensor, at, .. }) => assert_eq!((tensor, at.row, at.column), ("scores", 2, None)),
+            Err(AlgoError::NonFinite { tensor, at, .. }) => {
+                assert_eq!((tensor, at.row, at.column), ("scores", 2, None))
+            }
             other => panic!("expected non-finite, got {other:?}"),
         }
     }
@@ -535,24 +658,40 @@ mod tests {
         close(&rows(&rtg)[0], &[0.5, 1.0, 0.0]);
         close(&rows(&rtg)[1], &[2.0 + 0.75, 1.5, 3.0]);
         let a = reinforce_pp_advantages(&r, &m, 0.5).unwrap();
-        let mean = crate::masked::masked_mean(&a, &m, None).unwrap().double_value(&[]);
+        let mean = crate::masked::masked_mean(&a, &m, None)
+            .unwrap()
+            .double_value(&[]);
         assert!(mean.abs() < 1e-12);
     }
 
     #[test]
     fn calculator_spreads_sequence_advantages_and_tracks_the_baseline() {
-        let cfg = AdvantageConfig { estimator: AdvantageEstimator::Reinforce, baseline_decay: 0.5, ..Default::default() };
+        let cfg = AdvantageConfig {
+            estimator: AdvantageEstimator::Reinforce,
+            baseline_decay: 0.5,
+            ..Default::default()
+        };
         let mut calc = AdvantageCalculator::new(cfg).unwrap();
         let r = t2(&[&[0.0, 1.0, 0.0], &[0.0, 0.0, 3.0]]);
         let m = t2(&[&[0.0, 1.0, 1.0], &[0.0, 1.0, 1.0]]);
-        let inputs = AdvantageInputs { token_rewards: &r, values: None, response_mask: &m, group_size: 1 };
+        let inputs = AdvantageInputs {
+            token_rewards: &r,
+            values: None,
+            response_mask: &m,
+            group_size: 1,
+        };
         // First batch: the baseline is the batch mean 2.0.
         let out = calc.compute(&inputs).unwrap();
         close(&rows(&out.advantages)[0], &[0.0, -1.0, -1.0]);
         close(&rows(&out.advantages)[1], &[0.0, 1.0, 1.0]);
         assert_eq!(calc.state().value, Some(2.0));
         let r2 = t2(&[&[0.0, 6.0, 0.0], &[0.0, 0.0, 6.0]]);
-        let inputs = AdvantageInputs { token_rewards: &r2, values: None, response_mask: &m, group_size: 1 };
+        let inputs = AdvantageInputs {
+            token_rewards: &r2,
+            values: None,
+            response_mask: &m,
+            group_size: 1,
+        };
         let out = calc.compute(&inputs).unwrap();
         close(&rows(&out.advantages)[0], &[0.0, 4.0, 4.0]);
         assert_eq!(calc.state().value, Some(4.0));
@@ -565,15 +704,29 @@ mod tests {
         let r = t2(&[&[0.0, 1.0, 0.0], &[0.0, 0.0, 3.0]]);
         let v = t2(&[&[0.1, 0.2, 0.3], &[0.4, 0.5, 0.6]]);
         let m = t2(&[&[0.0, 1.0, 1.0], &[1.0, 1.0, 1.0]]);
-        let no_values = AdvantageInputs { token_rewards: &r, values: None, response_mask: &m, group_size: 1 };
+        let no_values = AdvantageInputs {
+            token_rewards: &r,
+            values: None,
+            response_mask: &m,
+            group_size: 1,
+        };
         match calc.compute(&no_values) {
             Err(AlgoError::MissingField { field, .. }) => assert_eq!(field, "values"),
             other => panic!("expected missing values, got {other:?}"),
         }
-        let inputs = AdvantageInputs { token_rewards: &r, values: Some(&v), response_mask: &m, group_size: 1 };
+        let inputs = AdvantageInputs {
+            token_rewards: &r,
+            values: Some(&v),
+            response_mask: &m,
+            group_size: 1,
+        };
         let out = calc.compute(&inputs).unwrap();
-        let mean = crate::masked::masked_mean(&out.advantages, &m, None).unwrap().double_value(&[]);
-        let var = crate::masked::masked_var(&out.advantages, &m).unwrap().double_value(&[]);
+        let mean = crate::masked::masked_mean(&out.advantages, &m, None)
+            .unwrap()
+            .double_value(&[]);
+        let var = crate::masked::masked_var(&out.advantages, &m)
+            .unwrap()
+            .double_value(&[]);
         assert!(mean.abs() < 1e-12 && (var - 1.0).abs() < 1e-6);
         let raw = gae(&r, &v, &m, 1.0, 0.95).unwrap();
         assert!(raw.returns.allclose(&out.returns, 0.0, 0.0, false));
@@ -581,17 +734,33 @@ mod tests {
 
     #[test]
     fn calculator_rloo_checks_group_size() {
-        let cfg = AdvantageConfig { estimator: AdvantageEstimator::Rloo, ..Default::default() };
+        let cfg = AdvantageConfig {
+            estimator: AdvantageEstimator::Rloo,
+            ..Default::default()
+        };
         let mut calc = AdvantageCalculator::new(cfg).unwrap();
         let r = t2(&[&[1.0], &[2.0], &[3.0]]);
         let m = t2(&[&[1.0], &[1.0], &[1.0]]);
-        let inputs = AdvantageInputs { token_rewards: &r, values: None, response_mask: &m, group_size: 2 };
+        let inputs = AdvantageInputs {
+            token_rewards: &r,
+            values: None,
+            response_mask: &m,
+            group_size: 2,
+        };
         match calc.compute(&inputs) {
             Err(AlgoError::NotDivisible { tensor, .. }) => assert_eq!(tensor, "token_rewards"),
             other => panic!("expected divisibility error, got {other:?}"),
         }
-        let inputs = AdvantageInputs { token_rewards: &r, values: None, response_mask: &m, group_size: 3 };
+        let inputs = AdvantageInputs {
+            token_rewards: &r,
+            values: None,
+            response_mask: &m,
+            group_size: 3,
+        };
         let out = calc.compute(&inputs).unwrap();
-        close(&Vec::<f64>::try_from(out.advantages.view([-1])).unwrap(), &[-1.5, 0.0, 1.5]);
+        close(
+            &Vec::<f64>::try_from(out.advantages.view([-1])).unwrap(),
+            &[-1.5, 0.0, 1.5],
+        );
     }
 }

@@ -26,7 +26,6 @@ impl fmt::Display for Location {
 
 /// Errors from the RLHF algorithms. Messages are lowercase and name what is at fault.
 #[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
 pub enum AlgoError {
     /// A tensor has the wrong shape, usually because two inputs that must line up do not.
     #[error("`{tensor}` has shape {actual:?}, expected {expected}")]
@@ -57,7 +56,9 @@ pub enum AlgoError {
         row: i64,
     },
     /// A NaN or infinity where a finite number is required (only unmasked positions count).
-    #[error("`{tensor}` holds non-finite value {value} at {at}; check the producer of this tensor")]
+    #[error(
+        "`{tensor}` holds non-finite value {value} at {at}; check the producer of this tensor"
+    )]
     NonFinite {
         /// Name of the argument or field.
         tensor: &'static str,
@@ -142,14 +143,22 @@ mod tests {
     fn messages_name_the_tensor_and_position() {
         let e = AlgoError::NonFinite {
             tensor: "rewards",
-            at: Location { row: 3, column: Some(7) },
+            at: Location {
+                row: 3,
+                column: Some(7),
+            },
             value: f64::NAN,
         };
         assert_eq!(
             e.to_string(),
             "`rewards` holds non-finite value NaN at row 3, column 7; check the producer of this tensor"
         );
-        let e = AlgoError::EmptyRow { tensor: "response_mask", row: 2 };
-        assert!(e.to_string().starts_with("`response_mask` row 2 has no unmasked token"));
+        let e = AlgoError::EmptyRow {
+            tensor: "response_mask",
+            row: 2,
+        };
+        assert!(e
+            .to_string()
+            .starts_with("`response_mask` row 2 has no unmasked token"));
     }
 }

@@ -59,7 +59,13 @@ pub struct KlConfig {
 
 impl Default for KlConfig {
     fn default() -> Self {
-        KlConfig { estimator: KlEstimator::K1, mode: KlMode::Reward, coef: 3e-3, target: None, horizon: 10_000 }
+        KlConfig {
+            estimator: KlEstimator::K1,
+            mode: KlMode::Reward,
+            coef: 3e-3,
+            target: None,
+            horizon: 10_000,
+        }
     }
 }
 
@@ -86,7 +92,11 @@ impl KlConfig {
 }
 
 fn cfg_err(key: &'static str, value: f64, reason: &'static str) -> AlgoError {
-    AlgoError::Config { key, value: value.to_string(), reason }
+    AlgoError::Config {
+        key,
+        value: value.to_string(),
+        reason,
+    }
 }
 
 /// Largest |log r| fed to `exp` by k3: beyond it f32 would overflow (exp(89) > f32::MAX); verl
@@ -96,7 +106,11 @@ const K3_MAX_LOG_RATIO: f64 = 20.0;
 /// Elementwise KL estimate from `logprobs` (the sampling policy) and `ref_logprobs`, same shape,
 /// differentiable w.r.t. `logprobs`. No mask is applied; see [`kl_penalty`] for the checked,
 /// masked version.
-pub fn kl_estimate(logprobs: &Tensor, ref_logprobs: &Tensor, estimator: KlEstimator) -> Result<Tensor> {
+pub fn kl_estimate(
+    logprobs: &Tensor,
+    ref_logprobs: &Tensor,
+    estimator: KlEstimator,
+) -> Result<Tensor> {
     expect_shape("ref_logprobs", ref_logprobs, &logprobs.size(), "logprobs")?;
     // log r = log pi_ref - log pi
     let log_ratio = ref_logprobs.f_detach()?.f_sub(logprobs)?;
@@ -121,13 +135,21 @@ pub fn kl_penalty(
     let (b, t) = dims2("logprobs", logprobs)?;
     expect_shape("ref_logprobs", ref_logprobs, &[b, t], "logprobs")?;
     expect_shape("response_mask", response_mask, &[b, t], "logprobs")?;
-    let m = Mask::new("response_mask", response_mask, float_kind("logprobs", logprobs)?)?;
+    let m = Mask::new(
+        "response_mask",
+        response_mask,
+        float_kind("logprobs", logprobs)?,
+    )?;
     let mut checks = Checks::new();
     checks.nonempty("response_mask", &m)?;
     checks.finite("logprobs", logprobs, Some(&m))?;
     checks.finite("ref_logprobs", ref_logprobs, Some(&m))?;
     checks.run(&[])?;
-    let kl = kl_estimate(&m.zero_out(logprobs)?, &m.zero_out(ref_logprobs)?, estimator)?;
+    let kl = kl_estimate(
+        &m.zero_out(logprobs)?,
+        &m.zero_out(ref_logprobs)?,
+        estimator,
+    )?;
     m.zero_out(&kl)
 }
 
@@ -170,13 +192,23 @@ impl KlController {
     pub fn new(cfg: &KlConfig) -> Result<Self> {
         cfg.validate()?;
         Ok(KlController {
-            state: KlControllerState { coef: cfg.coef, target: cfg.target, horizon: cfg.horizon, updates: 0 },
+            state: KlControllerState {
+                coef: cfg.coef,
+                target: cfg.target,
+                horizon: cfg.horizon,
+                updates: 0,
+            },
         })
     }
 
     /// Restores a controller from a checkpoint.
     pub fn from_state(state: KlControllerState) -> Result<Self> {
-        let cfg = KlConfig { coef: state.coef, target: state.target, horizon: state.horizon, ..KlConfig::default() };
+        let cfg = KlConfig {
+            coef: state.coef,
+            target: state.target,
+            horizon: state.horizon,
+            ..KlConfig::default()
+        };
         cfg.validate()?;
         Ok(KlController { state })
     }
@@ -199,7 +231,10 @@ impl KlController {
         if !observed_kl.is_finite() {
             return Err(AlgoError::NonFinite {
                 tensor: "observed_kl",
-                at: crate::error::Location { row: 0, column: None },
+                at: crate::error::Location {
+                    row: 0,
+                    column: None,
+                },
                 value: observed_kl,
             });
         }
@@ -209,6 +244,12 @@ impl KlController {
             self.state.coef *= mult;
         }
         self.state.updates += 1;
+        tracing::debug!(
+            observed_kl,
+            n_samples,
+            coef = self.state.coef,
+            "kl controller update"
+        );
         Ok(self.state.coef)
     }
 }
@@ -225,11 +266,14 @@ mod tests {
     fn estimators_match_their_formulas() {
         let lp = t(&[-1.0, -2.0, -0.5]);
         let rf = t(&[-1.5, -1.0, -0.5]);
-        let k1 = Vec::<f64>::try_from(kl_estimate(&lp, &rf, KlEstimator::K1).unwrap().view([-1])).unwrap();
+        let k1 = Vec::<f64>::try_from(kl_estimate(&lp, &rf, KlEstimator::K1).unwrap().view([-1]))
+            .unwrap();
         assert_eq!(k1, vec![0.5, -1.0, 0.0]);
-        let k2 = Vec::<f64>::try_from(kl_estimate(&lp, &rf, KlEstimator::K2).unwrap().view([-1])).unwrap();
+        let k2 = Vec::<f64>::try_from(kl_estimate(&lp, &rf, KlEstimator::K2).unwrap().view([-1]))
+            .unwrap();
         assert_eq!(k2, vec![0.125, 0.5, 0.0]);
-        let k3 = Vec::<f64>::try_from(kl_estimate(&lp, &rf, KlEstimator::K3).unwrap().view([-1])).unwrap();
+        let k3 = Vec::<f64>::try_from(kl_estimate(&lp, &rf, KlEstimator::K3).unwrap().view([-1]))
+            .unwrap();
         let want = [(-0.5f64).exp() - 1.0 + 0.5, 1f64.exp() - 2.0, 0.0];
         for (a, b) in k3.iter().zip(want) {
             assert!((a - b).abs() < 1e-15);
@@ -251,7 +295,10 @@ mod tests {
         let rf = t(&[0.0, -1.5, -2.0]);
         let mask = t(&[0.0, 1.0, 1.0]);
         let kl = kl_penalty(&lp, &rf, &mask, KlEstimator::K1).unwrap();
-        assert_eq!(Vec::<f64>::try_from(kl.view([-1])).unwrap(), vec![0.0, 0.5, 0.0]);
+        assert_eq!(
+            Vec::<f64>::try_from(kl.view([-1])).unwrap(),
+            vec![0.0, 0.5, 0.0]
+        );
         let bad = t(&[-1.0, f64::INFINITY, -2.0]);
         match kl_penalty(&bad, &rf, &mask, KlEstimator::K1) {
             Err(AlgoError::NonFinite { tensor, at, .. }) => {
@@ -278,14 +325,22 @@ mod tests {
 
     #[test]
     fn adaptive_controller_moves_towards_target_and_is_capped() {
-        let cfg = KlConfig { coef: 0.2, target: Some(6.0), horizon: 10_000, ..KlConfig::default() };
+        let cfg = KlConfig {
+            coef: 0.2,
+            target: Some(6.0),
+            horizon: 10_000,
+            ..KlConfig::default()
+        };
         let mut c = KlController::new(&cfg).unwrap();
         // KL far above target: the error saturates at +0.2.
         let up = c.update(60.0, 1000).unwrap();
         assert!((up - 0.2 * 1.02).abs() < 1e-15);
-        // KL below target decreases the coefficient.
+        // KL below target decreases the coefficient: 3 / 6 - 1 = -0.5, capped at -0.2.
         let down = c.update(3.0, 1000).unwrap();
-        assert!((down - up * (1.0 - 0.5 * 0.1)).abs() < 1e-15);
+        assert!((down - up * (1.0 - 0.2 * 0.1)).abs() < 1e-15);
+        // Inside the cap the error is proportional: 6.6 / 6 - 1 = 0.1.
+        let again = c.update(6.6, 1000).unwrap();
+        assert!((again - down * (1.0 + 0.1 * 0.1)).abs() < 1e-15);
         match c.update(f64::NAN, 1) {
             Err(AlgoError::NonFinite { tensor, .. }) => assert_eq!(tensor, "observed_kl"),
             other => panic!("expected a non-finite error, got {other:?}"),
@@ -294,7 +349,12 @@ mod tests {
 
     #[test]
     fn controller_state_round_trips_exactly_through_json() {
-        let cfg = KlConfig { coef: 0.1, target: Some(6.0), horizon: 777, ..KlConfig::default() };
+        let cfg = KlConfig {
+            coef: 0.1,
+            target: Some(6.0),
+            horizon: 777,
+            ..KlConfig::default()
+        };
         let mut c = KlController::new(&cfg).unwrap();
         for (i, kl) in [7.3, 1.1, 6.2, 12.0, 0.3].iter().enumerate() {
             c.update(*kl, 64 + i as u64).unwrap();
@@ -303,12 +363,18 @@ mod tests {
         let mut restored = KlController::from_state(serde_json::from_str(&json).unwrap()).unwrap();
         assert_eq!(restored.coef().to_bits(), c.coef().to_bits());
         assert_eq!(restored, c);
-        assert_eq!(restored.update(5.0, 64).unwrap().to_bits(), c.update(5.0, 64).unwrap().to_bits());
+        assert_eq!(
+            restored.update(5.0, 64).unwrap().to_bits(),
+            c.update(5.0, 64).unwrap().to_bits()
+        );
     }
 
     #[test]
     fn config_validation_names_the_key() {
-        let cfg = KlConfig { coef: -1.0, ..KlConfig::default() };
+        let cfg = KlConfig {
+            coef: -1.0,
+            ..KlConfig::default()
+        };
         match KlController::new(&cfg) {
             Err(AlgoError::Config { key, .. }) => assert_eq!(key, "kl.coef"),
             other => panic!("expected a config error, got {other:?}"),
@@ -316,6 +382,9 @@ mod tests {
         let cfg: std::result::Result<KlConfig, _> = serde_json::from_str(r#"{"coeff": 0.1}"#);
         assert!(cfg.is_err(), "unknown keys must be rejected");
         let cfg: KlConfig = serde_json::from_str(r#"{"estimator": "k3", "mode": "loss"}"#).unwrap();
-        assert_eq!((cfg.estimator, cfg.mode, cfg.coef), (KlEstimator::K3, KlMode::Loss, 3e-3));
+        assert_eq!(
+            (cfg.estimator, cfg.mode, cfg.coef),
+            (KlEstimator::K3, KlMode::Loss, 3e-3)
+        );
     }
 }

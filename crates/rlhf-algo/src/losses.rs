@@ -31,7 +31,11 @@ pub enum LossAgg {
 pub fn aggregate(per_token: &Tensor, response_mask: &Tensor, agg: LossAgg) -> Result<Tensor> {
     let (b, t) = dims2("per_token", per_token)?;
     expect_shape("response_mask", response_mask, &[b, t], "per_token")?;
-    let m = Mask::new("response_mask", response_mask, float_kind("per_token", per_token)?)?;
+    let m = Mask::new(
+        "response_mask",
+        response_mask,
+        float_kind("per_token", per_token)?,
+    )?;
     let mut checks = Checks::new();
     checks.nonempty("response_mask", &m)?;
     checks.run(&[])?;
@@ -91,22 +95,38 @@ impl PolicyLossConfig {
     /// Checks ranges; errors name the key.
     pub fn validate(&self) -> Result<()> {
         if !(self.clip_eps > 0.0 && self.clip_eps < 1.0) {
-            return Err(cfg_err("policy_loss.clip_eps", self.clip_eps, "must be in (0, 1)"));
+            return Err(cfg_err(
+                "policy_loss.clip_eps",
+                self.clip_eps,
+                "must be in (0, 1)",
+            ));
         }
         if let Some(c) = self.dual_clip {
             if !(c.is_finite() && c > 1.0) {
-                return Err(cfg_err("policy_loss.dual_clip", c, "must be finite and > 1"));
+                return Err(cfg_err(
+                    "policy_loss.dual_clip",
+                    c,
+                    "must be finite and > 1",
+                ));
             }
         }
         if !self.entropy_coef.is_finite() {
-            return Err(cfg_err("policy_loss.entropy_coef", self.entropy_coef, "must be finite"));
+            return Err(cfg_err(
+                "policy_loss.entropy_coef",
+                self.entropy_coef,
+                "must be finite",
+            ));
         }
         Ok(())
     }
 }
 
 fn cfg_err(key: &'static str, value: f64, reason: &'static str) -> AlgoError {
-    AlgoError::Config { key, value: value.to_string(), reason }
+    AlgoError::Config {
+        key,
+        value: value.to_string(),
+        reason,
+    }
 }
 
 /// The KL-to-reference loss term of [`KlMode::Loss`](crate::kl::KlMode::Loss).
@@ -163,7 +183,11 @@ const MAX_LOG_RATIO: f64 = 20.0;
 
 /// The actor loss for one (micro-)batch. Checks shapes, empty rows and non-finite inputs on
 /// response tokens; garbage on masked positions neither reaches the loss nor its gradient.
-pub fn policy_loss(cfg: &PolicyLossConfig, inputs: &PolicyLossInputs<'_>, kl: Option<KlLossTerm>) -> Result<PolicyLoss> {
+pub fn policy_loss(
+    cfg: &PolicyLossConfig,
+    inputs: &PolicyLossInputs<'_>,
+    kl: Option<KlLossTerm>,
+) -> Result<PolicyLoss> {
     cfg.validate()?;
     let (b, t) = dims2("logprobs", inputs.logprobs)?;
     let shape = [b, t];
@@ -174,24 +198,33 @@ pub fn policy_loss(cfg: &PolicyLossConfig, inputs: &PolicyLossInputs<'_>, kl: Op
         expect_shape("entropy", e, &shape, "logprobs")?;
     }
     let ref_logprobs = match (kl, inputs.ref_logprobs) {
-        (Some(_), None) => {
-            return Err(AlgoError::MissingField {
-                field: "ref_logprobs",
-                hint: "a KL loss term needs reference logprobs; compute them or use the KL-in-reward mode",
-            })
-        }
+        (Some(_), None) => return Err(AlgoError::MissingField {
+            field: "ref_logprobs",
+            hint:
+                "a KL loss term needs reference logprobs; compute them or use the KL-in-reward mode",
+        }),
         (Some(_), Some(r)) => {
             expect_shape("ref_logprobs", r, &shape, "logprobs")?;
             Some(r)
         }
         (None, _) => None,
     };
+    if cfg.entropy_coef != 0.0 && inputs.entropy.is_none() {
+        return Err(AlgoError::MissingField {
+            field: "entropy",
+            hint: "policy_loss.entropy_coef is non-zero; pass per-token entropies or set it to 0",
+        });
+    }
     if let Some(k) = kl {
         if !(k.coef.is_finite() && k.coef >= 0.0) {
             return Err(cfg_err("kl.coef", k.coef, "must be finite and >= 0"));
         }
     }
-    let m = Mask::new("response_mask", inputs.response_mask, float_kind("logprobs", inputs.logprobs)?)?;
+    let m = Mask::new(
+        "response_mask",
+        inputs.response_mask,
+        float_kind("logprobs", inputs.logprobs)?,
+    )?;
     let mut checks = Checks::new();
     checks.nonempty("response_mask", &m)?;
     checks.finite("logprobs", inputs.logprobs, Some(&m))?;
@@ -207,23 +240,30 @@ pub fn policy_loss(cfg: &PolicyLossConfig, inputs: &PolicyLossInputs<'_>, kl: Op
     let logprobs = m.zero_out(inputs.logprobs)?;
     let old = m.zero_out(&inputs.old_logprobs.f_detach()?)?;
     let adv = m.zero_out(&inputs.advantages.f_detach()?)?;
-    let log_ratio = logprobs.f_sub(&old)?.f_clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)?;
+    let log_ratio = logprobs
+        .f_sub(&old)?
+        .f_clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)?;
 
     let (per_token, clip_frac) = match cfg.kind {
         PolicyLossKind::Ppo => {
             let ratio = log_ratio.f_exp()?;
             let unclipped = adv.f_neg()?.f_mul(&ratio)?;
-            let clipped = adv.f_neg()?.f_mul(&ratio.f_clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)?)?;
+            let clipped = adv
+                .f_neg()?
+                .f_mul(&ratio.f_clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)?)?;
             let mut per_token = unclipped.f_maximum(&clipped)?;
             if let Some(c) = cfg.dual_clip {
                 let bound = adv.f_mul_scalar(-c)?;
                 let capped = per_token.f_minimum(&bound)?;
                 per_token = capped.f_where_self(&adv.f_lt(0.0)?, &per_token)?;
             }
-            let active = clipped.f_gt_tensor(&unclipped)?.f_to_kind(adv.kind())?;
+            let active = clipped.f_gt_tensor(&unclipped)?.f_to_kind(adv.f_kind()?)?;
             (per_token, mean_on(&m, &active, None)?)
         }
-        PolicyLossKind::Pg => (adv.f_neg()?.f_mul(&logprobs)?, Tensor::f_zeros([], (Kind::Double, adv.device()))?),
+        PolicyLossKind::Pg => (
+            adv.f_neg()?.f_mul(&logprobs)?,
+            Tensor::f_zeros([], (Kind::Double, adv.device()))?,
+        ),
     };
     let pg_loss = aggregate_on(&m, &per_token, cfg.agg)?;
     let mut loss = pg_loss.shallow_clone();
@@ -239,7 +279,8 @@ pub fn policy_loss(cfg: &PolicyLossConfig, inputs: &PolicyLossInputs<'_>, kl: Op
         Some(e) => {
             let e = m.zero_out(e)?;
             if cfg.entropy_coef != 0.0 {
-                loss = loss.f_sub(&aggregate_on(&m, &e, cfg.agg)?.f_mul_scalar(cfg.entropy_coef)?)?;
+                loss =
+                    loss.f_sub(&aggregate_on(&m, &e, cfg.agg)?.f_mul_scalar(cfg.entropy_coef)?)?;
             }
             extra.push(mean_on(&m, &e.f_detach()?, None)?);
             Some(extra.len() - 1)
@@ -248,7 +289,8 @@ pub fn policy_loss(cfg: &PolicyLossConfig, inputs: &PolicyLossInputs<'_>, kl: Op
     };
     let kl_slot = match (kl, ref_logprobs) {
         (Some(k), Some(r)) => {
-            let per_token_kl = m.zero_out(&kl_estimate(&logprobs, &m.zero_out(r)?, k.estimator)?)?;
+            let per_token_kl =
+                m.zero_out(&kl_estimate(&logprobs, &m.zero_out(r)?, k.estimator)?)?;
             loss = loss.f_add(&aggregate_on(&m, &per_token_kl, cfg.agg)?.f_mul_scalar(k.coef)?)?;
             extra.push(mean_on(&m, &per_token_kl.f_detach()?, None)?);
             Some(extra.len() - 1)
@@ -281,7 +323,10 @@ pub struct ValueLossConfig {
 
 impl Default for ValueLossConfig {
     fn default() -> Self {
-        ValueLossConfig { clip: Some(0.2), agg: LossAgg::TokenMean }
+        ValueLossConfig {
+            clip: Some(0.2),
+            agg: LossAgg::TokenMean,
+        }
     }
 }
 
@@ -289,7 +334,9 @@ impl ValueLossConfig {
     /// Checks ranges; errors name the key.
     pub fn validate(&self) -> Result<()> {
         match self.clip {
-            Some(c) if !(c.is_finite() && c > 0.0) => Err(cfg_err("value_loss.clip", c, "must be finite and > 0")),
+            Some(c) if !(c.is_finite() && c > 0.0) => {
+                Err(cfg_err("value_loss.clip", c, "must be finite and > 0"))
+            }
             _ => Ok(()),
         }
     }
@@ -341,7 +388,11 @@ pub fn value_loss(cfg: &ValueLossConfig, inputs: &ValueLossInputs<'_>) -> Result
     expect_shape("old_values", inputs.old_values, &shape, "values")?;
     expect_shape("returns", inputs.returns, &shape, "values")?;
     expect_shape("response_mask", inputs.response_mask, &shape, "values")?;
-    let m = Mask::new("response_mask", inputs.response_mask, float_kind("values", inputs.values)?)?;
+    let m = Mask::new(
+        "response_mask",
+        inputs.response_mask,
+        float_kind("values", inputs.values)?,
+    )?;
     let mut checks = Checks::new();
     checks.nonempty("response_mask", &m)?;
     checks.finite("values", inputs.values, Some(&m))?;
@@ -356,17 +407,31 @@ pub fn value_loss(cfg: &ValueLossConfig, inputs: &ValueLossInputs<'_>) -> Result
         Some(c) => {
             let v_clip = old.f_add(&values.f_sub(&old)?.f_clamp(-c, c)?)?;
             let clipped = v_clip.f_sub(&returns)?.f_square()?;
-            let active = clipped.f_gt_tensor(&unclipped)?.f_to_kind(values.kind())?;
+            let active = clipped
+                .f_gt_tensor(&unclipped)?
+                .f_to_kind(values.f_kind()?)?;
             (unclipped.f_maximum(&clipped)?, mean_on(&m, &active, None)?)
         }
-        None => (unclipped, Tensor::f_zeros([], (Kind::Double, values.device()))?),
+        None => (
+            unclipped,
+            Tensor::f_zeros([], (Kind::Double, values.device()))?,
+        ),
     };
     let loss = aggregate_on(&m, &per_token, cfg.agg)?.f_mul_scalar(0.5)?;
 
     let v = values.f_detach()?;
     let residual_var = var_on(&m, &returns.f_sub(&v)?)?;
-    let explained = residual_var.f_div(&var_on(&m, &returns)?.f_add_scalar(1e-8)?)?.f_neg()?.f_add_scalar(1.0)?;
-    let extra = [loss.f_detach()?, clip_frac, explained, mean_on(&m, &v, None)?, mean_on(&m, &returns, None)?];
+    let explained = residual_var
+        .f_div(&var_on(&m, &returns)?.f_add_scalar(1e-8)?)?
+        .f_neg()?
+        .f_add_scalar(1.0)?;
+    let extra = [
+        loss.f_detach()?,
+        clip_frac,
+        explained,
+        mean_on(&m, &v, None)?,
+        mean_on(&m, &returns, None)?,
+    ];
     let refs: Vec<&Tensor> = extra.iter().collect();
     let host = checks.run(&refs)?;
     let at = |i: usize| host.get(i).copied().unwrap_or(f64::NAN);
@@ -404,7 +469,10 @@ mod tests {
         assert_eq!(v(LossAgg::SeqMeanTokenSum), (6.0 + 4.0) / 2.0);
         assert_eq!(v(LossAgg::SeqMeanTokenMean), (2.0 + 4.0) / 2.0);
         let empty = t2(&[&[1.0, 1.0, 1.0], &[0.0, 0.0, 0.0]]);
-        assert!(matches!(aggregate(&x, &empty, LossAgg::TokenMean), Err(AlgoError::EmptyRow { row: 1, .. })));
+        assert!(matches!(
+            aggregate(&x, &empty, LossAgg::TokenMean),
+            Err(AlgoError::EmptyRow { row: 1, .. })
+        ));
     }
 
     #[test]
@@ -447,11 +515,23 @@ mod tests {
             entropy: None,
             ref_logprobs: None,
         };
-        let cfg = PolicyLossConfig { dual_clip: Some(3.0), agg: LossAgg::SeqMeanTokenSum, ..Default::default() };
+        let cfg = PolicyLossConfig {
+            dual_clip: Some(3.0),
+            agg: LossAgg::SeqMeanTokenSum,
+            ..Default::default()
+        };
         let out = policy_loss(&cfg, &inputs, None).unwrap();
         // Token 0: max(5, 1.2) = 5 capped at 3; token 1: max(-5, -1.2) = -1.2.
         assert!((out.loss.double_value(&[]) - (3.0 - 1.2)).abs() < 1e-12);
-        let no_dual = policy_loss(&PolicyLossConfig { dual_clip: None, ..cfg }, &inputs, None).unwrap();
+        let no_dual = policy_loss(
+            &PolicyLossConfig {
+                dual_clip: None,
+                ..cfg
+            },
+            &inputs,
+            None,
+        )
+        .unwrap();
         assert!((no_dual.loss.double_value(&[]) - (5.0 - 1.2)).abs() < 1e-12);
     }
 
@@ -471,8 +551,14 @@ mod tests {
             entropy: Some(&ent),
             ref_logprobs: Some(&rf),
         };
-        let cfg = PolicyLossConfig { entropy_coef: 0.1, ..Default::default() };
-        let kl = KlLossTerm { estimator: KlEstimator::K1, coef: 0.5 };
+        let cfg = PolicyLossConfig {
+            entropy_coef: 0.1,
+            ..Default::default()
+        };
+        let kl = KlLossTerm {
+            estimator: KlEstimator::K1,
+            coef: 0.5,
+        };
         let out = policy_loss(&cfg, &inputs, Some(kl)).unwrap();
         // pg = 0, entropy mean 3, k1 mean (0.5 + 0) / 2.
         assert!((out.loss.double_value(&[]) - (-0.3 + 0.5 * 0.25)).abs() < 1e-12);
@@ -481,14 +567,34 @@ mod tests {
         assert_eq!(out.metrics.approx_kl, 0.0);
         let g = grad_of(&lp, &out.loss);
         assert!((g[0][0] - 0.25).abs() < 1e-12 && (g[0][1] - 0.25).abs() < 1e-12);
-        let no_ref = PolicyLossInputs { ref_logprobs: None, ..inputs };
-        assert!(matches!(policy_loss(&cfg, &no_ref, Some(kl)), Err(AlgoError::MissingField { field: "ref_logprobs", .. })));
+        let no_entropy = PolicyLossInputs {
+            entropy: None,
+            ..inputs
+        };
+        assert!(matches!(
+            policy_loss(&cfg, &no_entropy, None),
+            Err(AlgoError::MissingField {
+                field: "entropy",
+                ..
+            })
+        ));
+        let no_ref = PolicyLossInputs {
+            ref_logprobs: None,
+            ..inputs
+        };
+        assert!(matches!(
+            policy_loss(&cfg, &no_ref, Some(kl)),
+            Err(AlgoError::MissingField {
+                field: "ref_logprobs",
+                ..
+            })
+        ));
     }
 
     #[test]
     fn garbage_on_masked_tokens_reaches_neither_loss_nor_gradient() {
         let lp = t2(&[&[f64::NAN, -1.0, f64::NEG_INFINITY]]).set_requires_grad(true);
-        let old = t2(&[&[f64::INFINITY, -1.2, 0.0]]);
+        let old = t2(&[&[f64::INFINITY, -1.1, 0.0]]);
         let adv = t2(&[&[f64::NAN, 0.7, 1.0]]);
         let mask = t2(&[&[0.0, 1.0, 0.0]]);
         let inputs = PolicyLossInputs {
@@ -499,8 +605,16 @@ mod tests {
             entropy: None,
             ref_logprobs: None,
         };
-        for agg in [LossAgg::TokenMean, LossAgg::SeqMeanTokenSum, LossAgg::SeqMeanTokenMean] {
-            let cfg = PolicyLossConfig { agg, dual_clip: Some(3.0), ..Default::default() };
+        for agg in [
+            LossAgg::TokenMean,
+            LossAgg::SeqMeanTokenSum,
+            LossAgg::SeqMeanTokenMean,
+        ] {
+            let cfg = PolicyLossConfig {
+                agg,
+                dual_clip: Some(3.0),
+                ..Default::default()
+            };
             let out = policy_loss(&cfg, &inputs, None).unwrap();
             assert!(out.loss.double_value(&[]).is_finite());
             let g = grad_of(&lp, &out.loss);
@@ -538,7 +652,12 @@ mod tests {
         let old = t2(&[&[0.0, 0.0]]);
         let ret = t2(&[&[2.0, 1.0]]);
         let mask = t2(&[&[1.0, 1.0]]);
-        let inputs = ValueLossInputs { values: &v, old_values: &old, returns: &ret, response_mask: &mask };
+        let inputs = ValueLossInputs {
+            values: &v,
+            old_values: &old,
+            returns: &ret,
+            response_mask: &mask,
+        };
         let out = value_loss(&ValueLossConfig::default(), &inputs).unwrap();
         // Token 0: max((1-2)^2, (0.2-2)^2) = 3.24; token 1: max(1, 1) = 1.
         assert!((out.loss.double_value(&[]) - 0.5 * (3.24 + 1.0) / 2.0).abs() < 1e-12);
@@ -553,11 +672,32 @@ mod tests {
     fn explained_variance_of_a_perfect_and_a_constant_critic() {
         let ret = t2(&[&[1.0, 2.0, 3.0, 4.0]]);
         let mask = t2(&[&[1.0, 1.0, 1.0, 1.0]]);
-        let cfg = ValueLossConfig { clip: None, ..Default::default() };
-        let perfect = ValueLossInputs { values: &ret, old_values: &ret, returns: &ret, response_mask: &mask };
-        assert!((value_loss(&cfg, &perfect).unwrap().metrics.explained_variance - 1.0).abs() < 1e-9);
+        let cfg = ValueLossConfig {
+            clip: None,
+            ..Default::default()
+        };
+        let perfect = ValueLossInputs {
+            values: &ret,
+            old_values: &ret,
+            returns: &ret,
+            response_mask: &mask,
+        };
+        assert!(
+            (value_loss(&cfg, &perfect)
+                .unwrap()
+                .metrics
+                .explained_variance
+                - 1.0)
+                .abs()
+                < 1e-9
+        );
         let c = t2(&[&[2.5, 2.5, 2.5, 2.5]]);
-        let constant = ValueLossInputs { values: &c, old_values: &c, returns: &ret, response_mask: &mask };
+        let constant = ValueLossInputs {
+            values: &c,
+            old_values: &c,
+            returns: &ret,
+            response_mask: &mask,
+        };
         let m = value_loss(&cfg, &constant).unwrap().metrics;
         assert!(m.explained_variance.abs() < 1e-8);
         assert_eq!((m.value_mean, m.return_mean, m.clip_frac), (2.5, 2.5, 0.0));
@@ -565,14 +705,45 @@ mod tests {
 
     #[test]
     fn config_errors_name_the_key_and_unknown_fields_fail() {
-        let bad = PolicyLossConfig { clip_eps: 0.0, ..Default::default() };
-        assert!(matches!(bad.validate(), Err(AlgoError::Config { key: "policy_loss.clip_eps", .. })));
-        let bad = PolicyLossConfig { dual_clip: Some(0.5), ..Default::default() };
-        assert!(matches!(bad.validate(), Err(AlgoError::Config { key: "policy_loss.dual_clip", .. })));
-        let bad = ValueLossConfig { clip: Some(-1.0), ..Default::default() };
-        assert!(matches!(bad.validate(), Err(AlgoError::Config { key: "value_loss.clip", .. })));
+        let bad = PolicyLossConfig {
+            clip_eps: 0.0,
+            ..Default::default()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(AlgoError::Config {
+                key: "policy_loss.clip_eps",
+                ..
+            })
+        ));
+        let bad = PolicyLossConfig {
+            dual_clip: Some(0.5),
+            ..Default::default()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(AlgoError::Config {
+                key: "policy_loss.dual_clip",
+                ..
+            })
+        ));
+        let bad = ValueLossConfig {
+            clip: Some(-1.0),
+            ..Default::default()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(AlgoError::Config {
+                key: "value_loss.clip",
+                ..
+            })
+        ));
         assert!(serde_json::from_str::<PolicyLossConfig>(r#"{"clip": 0.1}"#).is_err());
-        let cfg: PolicyLossConfig = serde_json::from_str(r#"{"agg": "seq-mean-token-mean", "kind": "pg"}"#).unwrap();
-        assert_eq!((cfg.agg, cfg.kind, cfg.clip_eps), (LossAgg::SeqMeanTokenMean, PolicyLossKind::Pg, 0.2));
+        let cfg: PolicyLossConfig =
+            serde_json::from_str(r#"{"agg": "seq-mean-token-mean", "kind": "pg"}"#).unwrap();
+        assert_eq!(
+            (cfg.agg, cfg.kind, cfg.clip_eps),
+            (LossAgg::SeqMeanTokenMean, PolicyLossKind::Pg, 0.2)
+        );
     }
 }

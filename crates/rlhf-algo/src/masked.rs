@@ -57,7 +57,11 @@ impl Mask {
 pub(crate) fn float_kind(name: &'static str, x: &Tensor) -> Result<Kind> {
     match x.f_kind()? {
         k @ (Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double) => Ok(k),
-        actual => Err(AlgoError::Kind { tensor: name, actual, expected: "a floating-point dtype" }),
+        actual => Err(AlgoError::Kind {
+            tensor: name,
+            actual,
+            expected: "a floating-point dtype",
+        }),
     }
 }
 
@@ -74,12 +78,21 @@ pub(crate) fn dims2(name: &'static str, x: &Tensor) -> Result<(i64, i64)> {
 }
 
 /// Fails unless `x` has exactly `shape`; `like` names what the shape comes from.
-pub(crate) fn expect_shape(name: &'static str, x: &Tensor, shape: &[i64], like: &str) -> Result<()> {
+pub(crate) fn expect_shape(
+    name: &'static str,
+    x: &Tensor,
+    shape: &[i64],
+    like: &str,
+) -> Result<()> {
     let actual = x.size();
     if actual == shape {
         Ok(())
     } else {
-        Err(AlgoError::Shape { tensor: name, actual, expected: format!("{shape:?} like `{like}`") })
+        Err(AlgoError::Shape {
+            tensor: name,
+            actual,
+            expected: format!("{shape:?} like `{like}`"),
+        })
     }
 }
 
@@ -164,11 +177,18 @@ pub(crate) struct Checks {
 
 impl Checks {
     pub(crate) fn new() -> Self {
-        Checks { entries: Vec::new() }
+        Checks {
+            entries: Vec::new(),
+        }
     }
 
     /// Flags NaN and infinities in `x` ((b,) or (b, t)); with a mask only unmasked positions count.
-    pub(crate) fn finite(&mut self, name: &'static str, x: &Tensor, mask: Option<&Mask>) -> Result<()> {
+    pub(crate) fn finite(
+        &mut self,
+        name: &'static str,
+        x: &Tensor,
+        mask: Option<&Mask>,
+    ) -> Result<()> {
         let x = x.f_detach()?;
         let mut bad = x.f_isfinite()?.f_logical_not()?;
         if let Some(m) = mask {
@@ -177,9 +197,11 @@ impl Checks {
         let flags = match x.dim() {
             1 => bad.shallow_clone(),
             2 => bad.f_any_dim(1, false)?,
+            // (b, ...) -> (b, rest) -> (b,)
             _ => bad.f_flatten(1, -1)?.f_any_dim(1, false)?,
         };
-        self.entries.push((name, flags, Failure::NonFinite { values: x, bad }));
+        self.entries
+            .push((name, flags, Failure::NonFinite { values: x, bad }));
         Ok(())
     }
 
@@ -201,6 +223,7 @@ impl Checks {
             parts.push(flags.f_to_kind(Kind::Double)?);
         }
         for x in extra {
+            // any shape -> (numel,)
             parts.push(x.f_detach()?.f_reshape([-1])?.f_to_kind(Kind::Double)?);
         }
         let host = Vec::<f64>::try_from(Tensor::f_cat(&parts, 0)?)?;
@@ -223,12 +246,30 @@ fn describe(name: &'static str, row: i64, failure: &Failure) -> Result<AlgoError
         Failure::NonFinite { values, bad } => {
             if values.dim() == 1 {
                 let value = values.f_double_value(&[row])?;
-                AlgoError::NonFinite { tensor: name, at: Location { row, column: None }, value }
+                AlgoError::NonFinite {
+                    tensor: name,
+                    at: Location { row, column: None },
+                    value,
+                }
             } else {
-                let bad_row = Vec::<f64>::try_from(bad.f_select(0, row)?.f_flatten(0, -1)?.f_to_kind(Kind::Double)?)?;
+                let bad_row = Vec::<f64>::try_from(
+                    bad.f_select(0, row)?
+                        .f_flatten(0, -1)?
+                        .f_to_kind(Kind::Double)?,
+                )?;
                 let col = bad_row.iter().position(|&f| f != 0.0).unwrap_or(0) as i64;
-                let value = values.f_select(0, row)?.f_flatten(0, -1)?.f_double_value(&[col])?;
-                AlgoError::NonFinite { tensor: name, at: Location { row, column: Some(col) }, value }
+                let value = values
+                    .f_select(0, row)?
+                    .f_flatten(0, -1)?
+                    .f_double_value(&[col])?;
+                AlgoError::NonFinite {
+                    tensor: name,
+                    at: Location {
+                        row,
+                        column: Some(col),
+                    },
+                    value,
+                }
             }
         }
     })
@@ -255,7 +296,10 @@ mod tests {
         assert_eq!(scalar(&masked_mean(&x, &m, None).unwrap()), 13.0 / 4.0);
         let rows = Vec::<f64>::try_from(masked_mean(&x, &m, Some(1)).unwrap()).unwrap();
         assert_eq!(rows, vec![1.5, 5.0]);
-        assert_eq!(scalar(&masked_sum(&x, &m.to_kind(Kind::Bool), None).unwrap()), 13.0);
+        assert_eq!(
+            scalar(&masked_sum(&x, &m.to_kind(Kind::Bool), None).unwrap()),
+            13.0
+        );
     }
 
     #[test]
@@ -283,33 +327,58 @@ mod tests {
     #[test]
     fn checks_name_the_first_bad_row_and_token() {
         let x = t2(&[&[1.0, 2.0, 3.0], &[4.0, f64::NAN, 6.0]]);
-        let m = Mask::new("mask", &t2(&[&[1.0, 1.0, 1.0], &[1.0, 1.0, 0.0]]), Kind::Double).unwrap();
+        let m = Mask::new(
+            "mask",
+            &t2(&[&[1.0, 1.0, 1.0], &[1.0, 1.0, 0.0]]),
+            Kind::Double,
+        )
+        .unwrap();
         let mut c = Checks::new();
         c.finite("rewards", &x, Some(&m)).unwrap();
         match c.run(&[]) {
             Err(AlgoError::NonFinite { tensor, at, value }) => {
                 assert_eq!(tensor, "rewards");
-                assert_eq!(at, Location { row: 1, column: Some(1) });
+                assert_eq!(
+                    at,
+                    Location {
+                        row: 1,
+                        column: Some(1)
+                    }
+                );
                 assert!(value.is_nan());
             }
             other => panic!("expected a non-finite error, got {other:?}"),
         }
         // The same NaN under the mask's zero is fine, and extras come back in order.
-        let m2 = Mask::new("mask", &t2(&[&[1.0, 1.0, 1.0], &[1.0, 0.0, 1.0]]), Kind::Double).unwrap();
+        let m2 = Mask::new(
+            "mask",
+            &t2(&[&[1.0, 1.0, 1.0], &[1.0, 0.0, 1.0]]),
+            Kind::Double,
+        )
+        .unwrap();
         let mut c = Checks::new();
         c.finite("rewards", &x, Some(&m2)).unwrap();
         c.nonempty("mask", &m2).unwrap();
-        let extra = c.run(&[&Tensor::from(2.5f64), &Tensor::from(-1.0f64)]).unwrap();
+        let extra = c
+            .run(&[&Tensor::from(2.5f64), &Tensor::from(-1.0f64)])
+            .unwrap();
         assert_eq!(extra, vec![2.5, -1.0]);
     }
 
     #[test]
     fn empty_rows_are_reported() {
-        let m = Mask::new("response_mask", &t2(&[&[1.0, 0.0], &[0.0, 0.0]]), Kind::Double).unwrap();
+        let m = Mask::new(
+            "response_mask",
+            &t2(&[&[1.0, 0.0], &[0.0, 0.0]]),
+            Kind::Double,
+        )
+        .unwrap();
         let mut c = Checks::new();
         c.nonempty("response_mask", &m).unwrap();
         match c.run(&[]) {
-            Err(AlgoError::EmptyRow { tensor, row }) => assert_eq!((tensor, row), ("response_mask", 1)),
+            Err(AlgoError::EmptyRow { tensor, row }) => {
+                assert_eq!((tensor, row), ("response_mask", 1))
+            }
             other => panic!("expected an empty-row error, got {other:?}"),
         }
     }

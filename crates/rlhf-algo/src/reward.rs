@@ -15,7 +15,13 @@ use crate::error::{AlgoError, Result};
 use crate::masked::{dims2, expect_shape, float_kind, Checks, Mask};
 
 /// The five HelpSteer2 attributes, in the order SteerLM regression heads emit them.
-pub const HELPSTEER2_ATTRIBUTES: [&str; 5] = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"];
+pub const HELPSTEER2_ATTRIBUTES: [&str; 5] = [
+    "helpfulness",
+    "correctness",
+    "coherence",
+    "complexity",
+    "verbosity",
+];
 
 /// Reward shaping settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,7 +49,11 @@ impl Default for RewardConfig {
     fn default() -> Self {
         let weights = [0.65, 0.8, 0.45, 0.0, 0.0];
         RewardConfig {
-            attribute_weights: HELPSTEER2_ATTRIBUTES.iter().map(|n| n.to_string()).zip(weights).collect(),
+            attribute_weights: HELPSTEER2_ATTRIBUTES
+                .iter()
+                .map(|n| n.to_string())
+                .zip(weights)
+                .collect(),
             mean: 0.0,
             std: 1.0,
             truncation_penalty: None,
@@ -57,7 +67,10 @@ impl RewardConfig {
     pub fn validate(&self) -> Result<()> {
         for (name, w) in &self.attribute_weights {
             if !w.is_finite() {
-                return Err(AlgoError::Attribute { name: name.clone(), reason: "has a non-finite weight" });
+                return Err(AlgoError::Attribute {
+                    name: name.clone(),
+                    reason: "has a non-finite weight",
+                });
             }
         }
         if !self.mean.is_finite() {
@@ -81,7 +94,11 @@ impl RewardConfig {
 }
 
 fn cfg_err(key: &'static str, value: f64, reason: &'static str) -> AlgoError {
-    AlgoError::Config { key, value: value.to_string(), reason }
+    AlgoError::Config {
+        key,
+        value: value.to_string(),
+        reason,
+    }
 }
 
 /// Weighted sum of attribute scores (b, a) whose columns are `attribute_names`, with weights
@@ -97,7 +114,10 @@ pub fn combine_attributes(
         return Err(AlgoError::Shape {
             tensor: "attribute_scores",
             actual: attribute_scores.size(),
-            expected: format!("(batch, {}), one column per attribute name", attribute_names.len()),
+            expected: format!(
+                "(batch, {}), one column per attribute name",
+                attribute_names.len()
+            ),
         });
     }
     let mut w = Vec::with_capacity(attribute_names.len());
@@ -112,35 +132,48 @@ pub fn combine_attributes(
             }
         }
     }
-    if let Some(extra) = weights.keys().find(|k| !attribute_names.contains(&k.as_str())) {
+    if let Some(extra) = weights
+        .keys()
+        .find(|k| !attribute_names.contains(&k.as_str()))
+    {
         return Err(AlgoError::Attribute {
             name: extra.clone(),
-            reason: "has a weight but the reward model does not emit it; check reward.attribute_weights",
+            reason:
+                "has a weight but the reward model does not emit it; check reward.attribute_weights",
         });
     }
     let kind = float_kind("attribute_scores", attribute_scores)?;
     let mut checks = Checks::new();
     checks.finite("attribute_scores", attribute_scores, None)?;
     checks.run(&[])?;
-    let w = Tensor::f_from_slice(&w)?.f_to_kind(kind)?.f_to_device(attribute_scores.device())?;
+    let w = Tensor::f_from_slice(&w)?
+        .f_to_kind(kind)?
+        .f_to_device(attribute_scores.device())?;
     // (b, a) x (a,) -> (b,)
     Ok(attribute_scores.f_detach()?.f_mv(&w)?)
 }
 
 /// Shapes per-sequence rewards (b,): `(r - mean) / std`, minus the truncation penalty where
 /// `truncated` (b,) is set, then clipped. Non-finite inputs are an error naming the row.
-pub fn shape_rewards(cfg: &RewardConfig, rewards: &Tensor, truncated: Option<&Tensor>) -> Result<Tensor> {
+pub fn shape_rewards(
+    cfg: &RewardConfig,
+    rewards: &Tensor,
+    truncated: Option<&Tensor>,
+) -> Result<Tensor> {
     cfg.validate()?;
     let b = rows_1d("rewards", rewards)?;
     float_kind("rewards", rewards)?;
     let mut checks = Checks::new();
     checks.finite("rewards", rewards, None)?;
     checks.run(&[])?;
-    let mut r = rewards.f_detach()?.f_sub_scalar(cfg.mean)?.f_div_scalar(cfg.std)?;
+    let mut r = rewards
+        .f_detach()?
+        .f_sub_scalar(cfg.mean)?
+        .f_div_scalar(cfg.std)?;
     if let (Some(p), Some(tr)) = (cfg.truncation_penalty, truncated) {
         expect_shape("truncated", tr, &[b], "rewards")?;
-        let flag = Mask::new("truncated", &tr.f_unsqueeze(1)?, r.kind())?; // (b, 1)
-        r = r.f_sub(&flag.weight.f_squeeze_dim(1)?.f_mul_scalar(p)?)?;
+        let flag = Mask::new("truncated", tr, r.f_kind()?)?;
+        r = r.f_sub(&flag.weight.f_mul_scalar(p)?)?;
     }
     if let Some(c) = cfg.clip {
         r = r.f_clamp(-c, c)?;
@@ -165,7 +198,11 @@ pub fn normalization_stats(scores: &Tensor) -> Result<(f64, f64)> {
     let host = checks.run(&[&x.f_mean(None::<Kind>)?, &x.f_std(true)?])?;
     match host.as_slice() {
         [mean, std] => Ok((*mean, *std)),
-        _ => Err(AlgoError::Shape { tensor: "scores", actual: scores.size(), expected: "(n,)".into() }),
+        _ => Err(AlgoError::Shape {
+            tensor: "scores",
+            actual: scores.size(),
+            expected: "(n,)".into(),
+        }),
     }
 }
 
@@ -182,19 +219,33 @@ pub fn last_response_index(response_mask: &Tensor) -> Result<Tensor> {
 fn last_index_on(m: &Mask, t: i64) -> Result<Tensor> {
     // Position + 1 on response tokens, 0 elsewhere; the row max is the last position + 1.
     let pos = Tensor::f_arange_start(1i64, t + 1, (Kind::Int64, m.on.device()))?;
-    Ok(m.on.f_to_kind(Kind::Int64)?.f_mul(&pos)?.f_amax(1, false)?.f_sub_scalar(1)?)
+    Ok(m.on
+        .f_to_kind(Kind::Int64)?
+        .f_mul(&pos)?
+        .f_amax(1, false)?
+        .f_sub_scalar(1)?)
 }
 
 /// Whether each row's response was cut without an EOS (b,) bool: its last response token is not
 /// one of `eos_ids`. `response_ids` is aligned with `response_mask` (b, t).
-pub fn truncated_rows(response_ids: &Tensor, response_mask: &Tensor, eos_ids: &[i64]) -> Result<Tensor> {
+pub fn truncated_rows(
+    response_ids: &Tensor,
+    response_mask: &Tensor,
+    eos_ids: &[i64],
+) -> Result<Tensor> {
     let (b, t) = dims2("response_ids", response_ids)?;
     expect_shape("response_mask", response_mask, &[b, t], "response_ids")?;
     if eos_ids.is_empty() {
-        return Err(AlgoError::Config { key: "eos_ids", value: "[]".into(), reason: "must name at least one id" });
+        return Err(AlgoError::Config {
+            key: "eos_ids",
+            value: "[]".into(),
+            reason: "must name at least one id",
+        });
     }
     let last = last_response_index(response_mask)?;
-    let tok = response_ids.f_gather(1, &last.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?; // (b,)
+    let tok = response_ids
+        .f_gather(1, &last.f_unsqueeze(1)?, false)?
+        .f_squeeze_dim(1)?; // (b,)
     let mut ends_with_eos = tok.f_eq(eos_ids[0])?;
     for id in &eos_ids[1..] {
         ends_with_eos = ends_with_eos.f_logical_or(&tok.f_eq(*id)?)?;
@@ -230,10 +281,16 @@ pub fn token_level_rewards(
     let last = last_index_on(&m, t)?;
     let pos = Tensor::f_arange(t, (Kind::Int64, scores.device()))?;
     let at_last = pos.f_unsqueeze(0)?.f_eq_tensor(&last.f_unsqueeze(1)?)?; // (b, t)
-    // (b,) -> (b, 1), broadcast over t
-    let mut r = scores.f_detach()?.f_unsqueeze(1)?.f_expand([b, t], false)?.f_where_scalarother(&at_last, 0.0)?;
+                                                                           // (b,) -> (b, 1), broadcast over t
+    let mut r = scores
+        .f_detach()?
+        .f_unsqueeze(1)?
+        .f_expand([b, t], false)?
+        .f_where_scalarother(&at_last, 0.0)?;
     if let Some(k) = kl {
-        let penalty = m.zero_out(&k.f_detach()?.f_to_kind(kind)?)?.f_mul_scalar(-kl_coef)?;
+        let penalty = m
+            .zero_out(&k.f_detach()?.f_to_kind(kind)?)?
+            .f_mul_scalar(-kl_coef)?;
         r = r.f_add(&penalty)?;
     }
     Ok(r)
@@ -242,7 +299,11 @@ pub fn token_level_rewards(
 fn rows_1d(name: &'static str, x: &Tensor) -> Result<i64> {
     match x.size().as_slice() {
         &[b] => Ok(b),
-        actual => Err(AlgoError::Shape { tensor: name, actual: actual.to_vec(), expected: "(batch,)".into() }),
+        actual => Err(AlgoError::Shape {
+            tensor: name,
+            actual: actual.to_vec(),
+            expected: "(batch,)".into(),
+        }),
     }
 }
 
@@ -256,8 +317,14 @@ mod tests {
 
     #[test]
     fn goodness_uses_the_helpsteer2_weights() {
-        let scores = Tensor::from_slice(&[4.0, 3.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 4.0, 4.0]).reshape([2, 5]);
-        let r = combine_attributes(&scores, &HELPSTEER2_ATTRIBUTES, &RewardConfig::default().attribute_weights).unwrap();
+        let scores =
+            Tensor::from_slice(&[4.0, 3.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 4.0, 4.0]).reshape([2, 5]);
+        let r = combine_attributes(
+            &scores,
+            &HELPSTEER2_ATTRIBUTES,
+            &RewardConfig::default().attribute_weights,
+        )
+        .unwrap();
         let want = [0.65 * 4.0 + 0.8 * 3.0 + 0.45 * 2.0, 0.0];
         for (a, b) in v1(&r).iter().zip(want) {
             assert!((a - b).abs() < 1e-12);
@@ -272,7 +339,8 @@ mod tests {
             Err(AlgoError::Attribute { name, .. }) => assert_eq!(name, "humor"),
             other => panic!("expected attribute error, got {other:?}"),
         }
-        let w2: BTreeMap<String, f64> = [("helpfulness".to_string(), 1.0), ("extra".to_string(), 0.0)].into();
+        let w2: BTreeMap<String, f64> =
+            [("helpfulness".to_string(), 1.0), ("extra".to_string(), 0.0)].into();
         let s1 = Tensor::zeros([1, 1], (Kind::Double, tch::Device::Cpu));
         match combine_attributes(&s1, &["helpfulness"], &w2) {
             Err(AlgoError::Attribute { name, .. }) => assert_eq!(name, "extra"),
@@ -281,7 +349,10 @@ mod tests {
         let nan = Tensor::from_slice(&[1.0, 2.0, 3.0, 4.0, f64::NAN]).reshape([1, 5]);
         match combine_attributes(&nan, &HELPSTEER2_ATTRIBUTES, &w) {
             Err(AlgoError::NonFinite { tensor, at, .. }) => {
-                assert_eq!((tensor, at.row, at.column), ("attribute_scores", 0, Some(4)))
+                assert_eq!(
+                    (tensor, at.row, at.column),
+                    ("attribute_scores", 0, Some(4))
+                )
             }
             other => panic!("expected non-finite error, got {other:?}"),
         }
@@ -289,7 +360,13 @@ mod tests {
 
     #[test]
     fn shaping_normalises_penalises_then_clips() {
-        let cfg = RewardConfig { mean: 1.0, std: 2.0, truncation_penalty: Some(0.5), clip: Some(2.0), ..Default::default() };
+        let cfg = RewardConfig {
+            mean: 1.0,
+            std: 2.0,
+            truncation_penalty: Some(0.5),
+            clip: Some(2.0),
+            ..Default::default()
+        };
         let r = Tensor::from_slice(&[3.0, 3.0, 11.0, -9.0]);
         let truncated = Tensor::from_slice(&[false, true, false, true]);
         let out = shape_rewards(&cfg, &r, Some(&truncated)).unwrap();
@@ -299,10 +376,26 @@ mod tests {
         let bad = Tensor::from_slice(&[0.0, f64::INFINITY]);
         assert!(matches!(
             shape_rewards(&cfg, &bad, None),
-            Err(AlgoError::NonFinite { tensor: "rewards", at: crate::error::Location { row: 1, column: None }, .. })
+            Err(AlgoError::NonFinite {
+                tensor: "rewards",
+                at: crate::error::Location {
+                    row: 1,
+                    column: None
+                },
+                ..
+            })
         ));
-        let cfg = RewardConfig { std: 0.0, ..Default::default() };
-        assert!(matches!(shape_rewards(&cfg, &r, None), Err(AlgoError::Config { key: "reward.std", .. })));
+        let cfg = RewardConfig {
+            std: 0.0,
+            ..Default::default()
+        };
+        assert!(matches!(
+            shape_rewards(&cfg, &r, None),
+            Err(AlgoError::Config {
+                key: "reward.std",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -317,9 +410,15 @@ mod tests {
         let ids = Tensor::from_slice(&[5i64, 6, 2, 0, 5, 6, 7, 8, 9, 2, 0, 0]).reshape([3, 4]);
         let mask = Tensor::from_slice(&[1i64, 1, 1, 0, 1, 1, 1, 1, 1, 1, 0, 0]).reshape([3, 4]);
         let tr = truncated_rows(&ids, &mask, &[2]).unwrap();
-        assert_eq!(Vec::<bool>::try_from(&tr).unwrap(), vec![false, true, false]);
+        assert_eq!(
+            Vec::<bool>::try_from(&tr).unwrap(),
+            vec![false, true, false]
+        );
         let tr = truncated_rows(&ids, &mask, &[2, 8]).unwrap();
-        assert_eq!(Vec::<bool>::try_from(&tr).unwrap(), vec![false, false, false]);
+        assert_eq!(
+            Vec::<bool>::try_from(&tr).unwrap(),
+            vec![false, false, false]
+        );
     }
 
     #[test]
@@ -329,13 +428,19 @@ mod tests {
         let kl = Tensor::from_slice(&[9.0, 0.1, 0.2, 9.0, 0.3, f64::NAN, 0.4, 0.5]).reshape([2, 4]);
         let r = token_level_rewards(&scores, &mask, Some(&kl), 0.5).unwrap();
         let r = Vec::<Vec<f64>>::try_from(&r).unwrap();
-        let want = [[0.0, -0.05, 1.0 - 0.1, 0.0], [-0.15, 0.0, -0.2, -2.0 - 0.25]];
+        let want = [
+            [0.0, -0.05, 1.0 - 0.1, 0.0],
+            [-0.15, 0.0, -0.2, -2.0 - 0.25],
+        ];
         for (row, w) in r.iter().zip(want) {
             for (a, b) in row.iter().zip(w) {
                 assert!((a - b).abs() < 1e-12, "{r:?}");
             }
         }
         let empty = Tensor::from_slice(&[0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0]).reshape([2, 4]);
-        assert!(matches!(token_level_rewards(&scores, &empty, None, 0.0), Err(AlgoError::EmptyRow { row: 0, .. })));
+        assert!(matches!(
+            token_level_rewards(&scores, &empty, None, 0.0),
+            Err(AlgoError::EmptyRow { row: 0, .. })
+        ));
     }
 }
