@@ -6,8 +6,8 @@
 
 use rlhf_algo::{
     kl_penalty, policy_loss, token_level_rewards, value_loss, AdamW, AdvantageCalculator,
-    AdvantageConfig, AdvantageEstimator, AdvantageInputs, KlEstimator, LrScheduleKind,
-    OptimConfig, PolicyLossConfig, PolicyLossInputs, ValueLossConfig, ValueLossInputs,
+    AdvantageConfig, AdvantageEstimator, AdvantageInputs, KlEstimator, LrScheduleKind, OptimConfig,
+    PolicyLossConfig, PolicyLossInputs, ValueLossConfig, ValueLossInputs,
 };
 use rlhf_model::init::{InitSpec, Preset};
 use rlhf_model::{
@@ -45,7 +45,8 @@ fn train(estimator: AdvantageEstimator) -> Vec<f64> {
     tch::manual_seed(0);
     let policy = model(HeadKind::CausalLm, 1);
     let reference = model(HeadKind::CausalLm, 1); // same seed: identical frozen copy
-    let critic = (estimator == AdvantageEstimator::Gae).then(|| model(HeadKind::Score { num_labels: 1 }, 2));
+    let critic =
+        (estimator == AdvantageEstimator::Gae).then(|| model(HeadKind::Score { num_labels: 1 }, 2));
     let mut opt = optimizer(&policy, 1e-2);
     let mut critic_opt = critic.as_ref().map(|c| optimizer(c, 1e-2));
     let mut adv = AdvantageCalculator::new(AdvantageConfig {
@@ -63,7 +64,11 @@ fn train(estimator: AdvantageEstimator) -> Vec<f64> {
     let mut history = vec![];
     for step in 0..STEPS {
         let gen_cfg = GenerationConfig {
-            sampling: Sampling::Sample { temperature: 1.0, top_k: None, top_p: None },
+            sampling: Sampling::Sample {
+                temperature: 1.0,
+                top_k: None,
+                top_p: None,
+            },
             seed: step as u64,
             ..GenerationConfig::greedy(NEW_TOKENS)
         };
@@ -81,7 +86,9 @@ fn train(estimator: AdvantageEstimator) -> Vec<f64> {
                 .logprobs
                 .narrow(1, p - 1, n);
             let v = critic.as_ref().map(|c| {
-                token_values(c, &out.sequences, &out.attention_mask).unwrap().narrow(1, p - 1, n)
+                token_values(c, &out.sequences, &out.attention_mask)
+                    .unwrap()
+                    .narrow(1, p - 1, n)
             });
             (r, v)
         });
@@ -98,7 +105,8 @@ fn train(estimator: AdvantageEstimator) -> Vec<f64> {
             .unwrap();
 
         for _epoch in 0..2 {
-            let lp = token_logprobs(&policy, &out.sequences, &out.attention_mask, 1.0, true).unwrap();
+            let lp =
+                token_logprobs(&policy, &out.sequences, &out.attention_mask, 1.0, true).unwrap();
             let new_lp = lp.logprobs.narrow(1, p - 1, n);
             let ent = lp.entropy.unwrap().narrow(1, p - 1, n);
             let loss = policy_loss(
@@ -119,10 +127,17 @@ fn train(estimator: AdvantageEstimator) -> Vec<f64> {
             opt.clip_grad_norm(Some(1.0)).unwrap();
             opt.step(1e-2).unwrap();
             if let (Some(c), Some(copt), Some(old_v)) = (&critic, critic_opt.as_mut(), &values) {
-                let v = token_values(c, &out.sequences, &out.attention_mask).unwrap().narrow(1, p - 1, n);
+                let v = token_values(c, &out.sequences, &out.attention_mask)
+                    .unwrap()
+                    .narrow(1, p - 1, n);
                 let vl = value_loss(
                     &ValueLossConfig::default(),
-                    &ValueLossInputs { values: &v, old_values: old_v, returns: &a.returns, response_mask: &mask },
+                    &ValueLossInputs {
+                        values: &v,
+                        old_values: old_v,
+                        returns: &a.returns,
+                        response_mask: &mask,
+                    },
                 )
                 .unwrap();
                 copt.zero_grad().unwrap();

@@ -119,9 +119,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let texts: Vec<String> = prompts
         .iter()
         .map(|p| match p {
-            Prompt::Text(t) if a.chat => {
-                md.tokenizer.render_chat(&[ChatMessage::new("user", t)], true)
-            }
+            Prompt::Text(t) if a.chat => md
+                .tokenizer
+                .render_chat(&[ChatMessage::new("user", t)], true),
             Prompt::Text(t) => Ok(t.clone()),
             Prompt::Chat(m) => md.tokenizer.render_chat(m, true),
         })

@@ -30,7 +30,13 @@ fn init_model_then_generate_json_and_plain() {
     let tmp = tempfile::tempdir().unwrap();
     let m = tmp.path().join("m");
     init(&m, "qwen2");
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         assert!(m.join(f).exists(), "{f} missing");
     }
     let prompts = tmp.path().join("p.jsonl");
@@ -44,18 +50,38 @@ fn init_model_then_generate_json_and_plain() {
         .arg(&m)
         .arg("--prompts")
         .arg(&prompts)
-        .args(["--chat", "--temperature", "0.9", "--top-p", "0.95", "--max-new-tokens", "6", "--json", "--seed", "4"])
+        .args([
+            "--chat",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.95",
+            "--max-new-tokens",
+            "6",
+            "--json",
+            "--seed",
+            "4",
+        ])
         .output()
         .unwrap());
-    let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rows.len(), 2);
     for (i, r) in rows.iter().enumerate() {
         assert_eq!(r["index"], i);
         let ids = r["token_ids"].as_array().unwrap();
         let lps = r["logprobs"].as_array().unwrap();
-        assert!(!ids.is_empty() && ids.len() <= 6 && ids.len() == lps.len(), "{r}");
+        assert!(
+            !ids.is_empty() && ids.len() <= 6 && ids.len() == lps.len(),
+            "{r}"
+        );
         assert!(lps.iter().all(|x| x.as_f64().unwrap() <= 0.0));
-        assert!(r["prompt"].as_str().unwrap().starts_with("<|im_start|>user\n"));
+        assert!(r["prompt"]
+            .as_str()
+            .unwrap()
+            .starts_with("<|im_start|>user\n"));
     }
     // Same seed, same output: the CLI is reproducible.
     let again = ok(bin()
@@ -63,7 +89,18 @@ fn init_model_then_generate_json_and_plain() {
         .arg(&m)
         .arg("--prompts")
         .arg(&prompts)
-        .args(["--chat", "--temperature", "0.9", "--top-p", "0.95", "--max-new-tokens", "6", "--json", "--seed", "4"])
+        .args([
+            "--chat",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.95",
+            "--max-new-tokens",
+            "6",
+            "--json",
+            "--seed",
+            "4",
+        ])
         .output()
         .unwrap());
     assert_eq!(out, again);
@@ -83,11 +120,24 @@ fn bad_prompt_file_and_model_dir_are_named() {
     let m = tmp.path().join("m");
     init(&m, "llama");
     let prompts = tmp.path().join("bad.jsonl");
-    std::fs::write(&prompts, "{\"prompt\": \"ok\"}\n{\"text\": \"no prompt key\"}\n").unwrap();
-    let out = bin().arg("generate").arg(&m).arg("--prompts").arg(&prompts).output().unwrap();
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"ok\"}\n{\"text\": \"no prompt key\"}\n",
+    )
+    .unwrap();
+    let out = bin()
+        .arg("generate")
+        .arg(&m)
+        .arg("--prompts")
+        .arg(&prompts)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.jsonl:2") && err.contains("prompt"), "{err}");
+    assert!(
+        err.contains("bad.jsonl:2") && err.contains("prompt"),
+        "{err}"
+    );
 
     let out = bin()
         .arg("generate")

@@ -13,7 +13,11 @@ use tch::{nn::OptimizerConfig, Kind, Tensor};
 fn prompts(batch: usize, len: usize, vocab: i64) -> Vec<Vec<i64>> {
     // The same deterministic ids the Python side builds: (i * 7919 + j * 104729) % (vocab - 3) + 3.
     (0..batch)
-        .map(|i| (0..len).map(|j| ((i * 7919 + j * 104_729) as i64) % (vocab - 3) + 3).collect())
+        .map(|i| {
+            (0..len)
+                .map(|j| ((i * 7919 + j * 104_729) as i64) % (vocab - 3) + 3)
+                .collect()
+        })
         .collect()
 }
 
@@ -24,7 +28,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let dir = PathBuf::from(&a[0]);
     let n = |i: usize| a[i].parse::<usize>();
-    let (batch, plen, new, tb, ts, iters, threads) = (n(1)?, n(2)?, n(3)?, n(4)?, n(5)?, n(6)?, n(7)?);
+    let (batch, plen, new, tb, ts, iters, threads) =
+        (n(1)?, n(2)?, n(3)?, n(4)?, n(5)?, n(6)?, n(7)?);
     tch::set_num_threads(threads as i32);
     let mut model = Model::load(&dir, &LoadOptions::default())?;
     let vocab = model.config.vocab_size as i64;
@@ -32,7 +37,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ps = prompts(batch, plen, vocab);
     let greedy = GenerationConfig::greedy(new);
     let sampled = GenerationConfig {
-        sampling: Sampling::Sample { temperature: 1.0, top_k: None, top_p: Some(0.9) },
+        sampling: Sampling::Sample {
+            temperature: 1.0,
+            top_k: None,
+            top_p: Some(0.9),
+        },
         ..GenerationConfig::greedy(new)
     };
     let mut gen_greedy = f64::MAX;

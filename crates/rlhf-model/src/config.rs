@@ -65,7 +65,9 @@ impl HeadKind {
 pub enum RopeScaling {
     None,
     /// Position interpolation: every frequency divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1's piecewise scaling (long wavelengths divided by `factor`, short ones kept,
     /// a smooth blend between `low_freq_factor` and `high_freq_factor`).
     Llama3 {
@@ -179,10 +181,9 @@ pub fn kind_to_str(k: Kind) -> &'static str {
 fn token_ids(v: &Option<Value>, path: &Path, key: &str) -> Result<Vec<i64>> {
     match v {
         None | Some(Value::Null) => Ok(vec![]),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .map(|x| vec![x])
-            .ok_or_else(|| ModelError::config(path, key, format!("expected a token id, found {n}"))),
+        Some(Value::Number(n)) => n.as_i64().map(|x| vec![x]).ok_or_else(|| {
+            ModelError::config(path, key, format!("expected a token id, found {n}"))
+        }),
         Some(Value::Array(a)) => a
             .iter()
             .map(|x| {
@@ -368,9 +369,7 @@ impl HfConfig {
             _ => None,
         };
         let rms_norm_eps = self.rms_norm_eps.unwrap_or(1e-6);
-        let rope_theta = rope_theta_in_params
-            .or(self.rope_theta)
-            .unwrap_or(10000.0);
+        let rope_theta = rope_theta_in_params.or(self.rope_theta).unwrap_or(10000.0);
         if !(rms_norm_eps > 0.0) {
             return Err(ModelError::config(
                 path,
@@ -428,9 +427,9 @@ fn parse_rope_scaling(v: Option<&Value>, path: &Path, key: &str) -> Result<RopeS
     if v.is_null() {
         return Ok(RopeScaling::None);
     }
-    let obj = v.as_object().ok_or_else(|| {
-        ModelError::config(path, key, format!("expected an object, found {v}"))
-    })?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ModelError::config(path, key, format!("expected an object, found {v}")))?;
     let ty = obj
         .get("rope_type")
         .or_else(|| obj.get("type"))
@@ -568,7 +567,10 @@ mod tests {
         let mut v = base();
         v["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
         let e = resolve(v).unwrap_err().to_string();
-        assert!(e.contains("unknown architecture") && e.contains("GPT2"), "{e}");
+        assert!(
+            e.contains("unknown architecture") && e.contains("GPT2"),
+            "{e}"
+        );
 
         let mut v = base();
         v.as_object_mut().unwrap().remove("hidden_size");
@@ -578,7 +580,10 @@ mod tests {
         let mut v = base();
         v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 2.0});
         let e = resolve(v).unwrap_err().to_string();
-        assert!(e.contains("rope_scaling.rope_type") && e.contains("yarn"), "{e}");
+        assert!(
+            e.contains("rope_scaling.rope_type") && e.contains("yarn"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -46,7 +46,11 @@ pub enum ModelError {
         "prompt {index} has {len} tokens but the model's context is {max} tokens \
          (max_position_embeddings); shorten the prompt"
     )]
-    PromptTooLong { index: usize, len: usize, max: usize },
+    PromptTooLong {
+        index: usize,
+        len: usize,
+        max: usize,
+    },
 
     #[error("invalid argument `{key}` = {value}: {msg}")]
     InvalidArgument {

@@ -124,12 +124,20 @@ impl GenerationOutput {
 }
 
 /// Generates continuations of `prompts` (token ids, any lengths) in one batch with a KV cache.
-pub fn generate(model: &Model, prompts: &[Vec<i64>], cfg: &GenerationConfig) -> Result<GenerationOutput> {
+pub fn generate(
+    model: &Model,
+    prompts: &[Vec<i64>],
+    cfg: &GenerationConfig,
+) -> Result<GenerationOutput> {
     cfg.validate()?;
     let _guard = tch::no_grad_guard();
     let ctx = model.config.max_position_embeddings;
     if prompts.is_empty() {
-        return Err(ModelError::invalid("prompts", "[]", "need at least one prompt"));
+        return Err(ModelError::invalid(
+            "prompts",
+            "[]",
+            "need at least one prompt",
+        ));
     }
     for (i, p) in prompts.iter().enumerate() {
         if p.is_empty() {
@@ -146,7 +154,10 @@ pub fn generate(model: &Model, prompts: &[Vec<i64>], cfg: &GenerationConfig) -> 
                 max: ctx,
             });
         }
-        if let Some(&bad) = p.iter().find(|&&t| t < 0 || t as usize >= model.config.vocab_size) {
+        if let Some(&bad) = p
+            .iter()
+            .find(|&&t| t < 0 || t as usize >= model.config.vocab_size)
+        {
             return Err(ModelError::invalid(
                 "prompts",
                 format!("#{i} token {bad}"),
@@ -172,9 +183,16 @@ pub fn generate(model: &Model, prompts: &[Vec<i64>], cfg: &GenerationConfig) -> 
     // Keys valid over the whole cache: prompt mask, then every generated slot.
     let mut key_valid = padded.as_ref().map(|_| prompt_mask.ne(0));
     let mut cache = model.new_cache(b, width + max_new.max(1))?;
-    let hidden = model.forward_hidden(&prompt_ids, &positions, key_valid.as_ref(), Some(&mut cache))?;
+    let hidden = model.forward_hidden(
+        &prompt_ids,
+        &positions,
+        key_valid.as_ref(),
+        Some(&mut cache),
+    )?;
     // Only the last column is needed to pick the next token.
-    let mut logits = model.logits(&hidden.narrow(1, width - 1, 1))?.squeeze_dim(1);
+    let mut logits = model
+        .logits(&hidden.narrow(1, width - 1, 1))?
+        .squeeze_dim(1);
     drop(hidden);
     let mut next_pos = positions.narrow(1, width - 1, 1) + 1; // (b, 1)
 
@@ -201,7 +219,12 @@ pub fn generate(model: &Model, prompts: &[Vec<i64>], cfg: &GenerationConfig) -> 
             Sampling::Greedy => logits.argmax(-1, false),
             Sampling::Sample { top_k, top_p, .. } => {
                 let u: Vec<f32> = (0..b).map(|_| rng.random::<f32>()).collect();
-                sample(&logp, *top_k, *top_p, &Tensor::from_slice(&u).to_device(device))?
+                sample(
+                    &logp,
+                    *top_k,
+                    *top_p,
+                    &Tensor::from_slice(&u).to_device(device),
+                )?
             }
         };
         let active = finished.logical_not();
@@ -214,16 +237,31 @@ pub fn generate(model: &Model, prompts: &[Vec<i64>], cfg: &GenerationConfig) -> 
         out_lps.push(lp);
         out_mask.push(active.to_kind(Kind::Int64));
         if let Some(stop) = &stop {
-            finished = finished.logical_or(&tok.unsqueeze(1).eq_tensor(&stop.unsqueeze(0)).any_dim(1, false));
+            finished = finished.logical_or(
+                &tok.unsqueeze(1)
+                    .eq_tensor(&stop.unsqueeze(0))
+                    .any_dim(1, false),
+            );
         }
         // One host sync per step: stop as soon as every row is done.
         if step + 1 == max_new || bool::try_from(finished.all())? {
             break;
         }
         if let Some(kv) = key_valid.as_mut() {
-            *kv = Tensor::cat(&[kv.shallow_clone(), Tensor::ones([b, 1], (Kind::Bool, device))], 1);
+            *kv = Tensor::cat(
+                &[
+                    kv.shallow_clone(),
+                    Tensor::ones([b, 1], (Kind::Bool, device)),
+                ],
+                1,
+            );
         }
-        let hidden = model.forward_hidden(&tok.unsqueeze(1), &next_pos, key_valid.as_ref(), Some(&mut cache))?;
+        let hidden = model.forward_hidden(
+            &tok.unsqueeze(1),
+            &next_pos,
+            key_valid.as_ref(),
+            Some(&mut cache),
+        )?;
         logits = model.logits(&hidden)?.squeeze_dim(1);
         next_pos += 1;
     }
@@ -278,7 +316,9 @@ fn sample(logp: &Tensor, top_k: Option<usize>, top_p: Option<f64>, u: &Tensor) -
     let total = cdf.narrow(1, vocab - 1, 1);
     let target = u.unsqueeze(1) * total;
     // Index of the first CDF entry above the target; clamp guards the float edge at u → 1.
-    let idx = cdf.le_tensor(&target).sum_dim_intlist([1].as_slice(), false, Kind::Int64);
+    let idx = cdf
+        .le_tensor(&target)
+        .sum_dim_intlist([1].as_slice(), false, Kind::Int64);
     let idx = idx.clamp_max(vocab - 1);
     Ok(order.gather(1, &idx.unsqueeze(1), false).squeeze_dim(1))
 }
@@ -310,7 +350,11 @@ pub fn token_logprobs(
         ));
     }
     if t < 2 {
-        return Err(ModelError::invalid("input_ids", t, "need at least 2 tokens"));
+        return Err(ModelError::invalid(
+            "input_ids",
+            t,
+            "need at least 2 tokens",
+        ));
     }
     let hidden = model.forward_padded(input_ids, attention_mask)?;
     let mut logits = model.logits(&hidden.narrow(1, 0, t - 1))?;
@@ -321,7 +365,9 @@ pub fn token_logprobs(
     let targets = input_ids.narrow(1, 1, t - 1);
     // log p = logit[target] - logsumexp(logits): avoids a second (b, t, V) tensor.
     let lse = logits.logsumexp([-1].as_slice(), false);
-    let picked = logits.gather(2, &targets.unsqueeze(2), false).squeeze_dim(2);
+    let picked = logits
+        .gather(2, &targets.unsqueeze(2), false)
+        .squeeze_dim(2);
     let logprobs = picked - &lse;
     let entropy = if with_entropy {
         let logp = logits.log_softmax(-1, Kind::Float);
@@ -348,14 +394,20 @@ pub fn token_values(model: &Model, input_ids: &Tensor, attention_mask: &Tensor) 
 
 /// Score-head outputs read at each row's last real token (b, num_labels): the reward-model
 /// forward (1 label: Bradley-Terry; N: multi-attribute regression).
-pub fn sequence_scores(model: &Model, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+pub fn sequence_scores(
+    model: &Model,
+    input_ids: &Tensor,
+    attention_mask: &Tensor,
+) -> Result<Tensor> {
     let (_, t) = input_ids.size2()?;
     let hidden = model.forward_padded(input_ids, attention_mask)?;
     let s = model.score(&hidden)?;
     let last = last_token_index(attention_mask, t)?;
     let n = s.size()[2];
-    Ok(s.gather(1, &last.view([-1, 1, 1]).expand([-1, 1, n], false), false)
-        .squeeze_dim(1))
+    Ok(
+        s.gather(1, &last.view([-1, 1, 1]).expand([-1, 1, n], false), false)
+            .squeeze_dim(1),
+    )
 }
 
 /// Index of the last 1 in each row of a 0/1 mask (works for left and right padding). A row with

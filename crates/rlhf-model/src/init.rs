@@ -200,7 +200,11 @@ mod tests {
         let tk = train_tokenizer(384).unwrap();
         let text = "<|im_start|>user\nWhat is two plus two?<|im_end|>";
         let enc = tk.encode(text, false).unwrap();
-        assert_eq!(enc.get_ids()[0], 1, "<|im_start|> must be one token with id 1");
+        assert_eq!(
+            enc.get_ids()[0],
+            1,
+            "<|im_start|> must be one token with id 1"
+        );
         assert_eq!(*enc.get_ids().last().unwrap(), 2);
         assert_eq!(tk.decode(enc.get_ids(), false).unwrap(), text);
         assert!(tk.get_vocab_size(true) <= 384);

@@ -71,14 +71,23 @@ impl ModelDir {
             }
             pad = g.get("pad_token_id").and_then(serde_json::Value::as_i64);
         }
-        if let Some(id) = tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
+        if let Some(id) = tokenizer
+            .eos_token
+            .as_deref()
+            .and_then(|t| tokenizer.token_to_id(t))
+        {
             stop_ids.push(id);
         }
         stop_ids.sort_unstable();
         stop_ids.dedup();
         let pad_id = pad
             .or(model.config.pad_token_id)
-            .or_else(|| tokenizer.pad_token.as_deref().and_then(|t| tokenizer.token_to_id(t)))
+            .or_else(|| {
+                tokenizer
+                    .pad_token
+                    .as_deref()
+                    .and_then(|t| tokenizer.token_to_id(t))
+            })
             .or_else(|| stop_ids.first().copied())
             .unwrap_or(0);
         Ok(ModelDir {

@@ -109,6 +109,33 @@ fn linear(p: nn::Path, i: i64, o: i64, bias: bool, std: f64) -> nn::Linear {
     )
 }
 
+/// Rows at or below which a linear layer computes `(W x^T)^T` instead of `x W^T`. For a few rows
+/// (decode steps) the weight-streaming GEMM is memory-bound, and MKL packs the transposed weight
+/// on every call, reading it twice; with the weight as the left operand only the small
+/// activation is packed. Measured on the 2-core dev machine: 14% less time per decode GEMM at
+/// 16 rows, slower from 64 rows on (see docs/benchmarks.md).
+const SMALL_M_ROWS: i64 = 32;
+
+/// `x W^T + b` over the last dimension, picking the faster GEMM form for few rows.
+fn linear_fwd(l: &nn::Linear, x: &Tensor) -> Tensor {
+    let size = x.size();
+    let k = size[size.len() - 1];
+    let rows = x.numel() as i64 / k.max(1);
+    if rows > SMALL_M_ROWS || rows == 0 {
+        return l.forward(x);
+    }
+    let x2 = x.reshape([rows, k]);
+    // (out, k) @ (k, rows) -> (rows, out)
+    let mut y = l.ws.mm(&x2.tr()).tr();
+    if let Some(b) = &l.bs {
+        y = y + b;
+    }
+    let mut out_shape = size;
+    let last = out_shape.len() - 1;
+    out_shape[last] = l.ws.size()[0];
+    y.contiguous().view(out_shape.as_slice())
+}
+
 struct Attention {
     q_proj: nn::Linear,
     k_proj: nn::Linear,
@@ -122,10 +149,7 @@ struct Attention {
 impl Attention {
     fn new(p: nn::Path, c: &Config) -> Self {
         let (h, hd) = (c.hidden_size as i64, c.head_dim as i64);
-        let (nh, nkv) = (
-            c.num_attention_heads as i64,
-            c.num_key_value_heads as i64,
-        );
+        let (nh, nkv) = (c.num_attention_heads as i64, c.num_key_value_heads as i64);
         let std = c.initializer_range;
         Attention {
             q_proj: linear(&p / "q_proj", h, nh * hd, c.qkv_bias, std),
@@ -148,20 +172,14 @@ impl Attention {
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap_or((0, 0, 0));
         // (b, t, n_heads * head_dim) -> (b, n_heads, t, head_dim)
-        let q = self
-            .q_proj
-            .forward(x)
+        let q = linear_fwd(&self.q_proj, x)
             .view([b, t, self.n_heads, self.head_dim])
             .transpose(1, 2);
         // (b, n_kv, t, head_dim)
-        let k = self
-            .k_proj
-            .forward(x)
+        let k = linear_fwd(&self.k_proj, x)
             .view([b, t, self.n_kv, self.head_dim])
             .transpose(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
+        let v = linear_fwd(&self.v_proj, x)
             .view([b, t, self.n_kv, self.head_dim])
             .transpose(1, 2);
         let q = apply_rotary(&q, cos, sin);
@@ -179,10 +197,24 @@ impl Attention {
         let gqa = self.n_kv != self.n_heads;
         let y = match mask {
             AttnMask::Causal => Tensor::scaled_dot_product_attention(
-                &q, &k, &v, None::<Tensor>, 0.0, true, None, gqa,
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                true,
+                None,
+                gqa,
             ),
             AttnMask::All => Tensor::scaled_dot_product_attention(
-                &q, &k, &v, None::<Tensor>, 0.0, false, None, gqa,
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                false,
+                None,
+                gqa,
             ),
             AttnMask::Explicit(m) => {
                 Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, gqa)
@@ -193,7 +225,7 @@ impl Attention {
             .transpose(1, 2)
             .contiguous()
             .view([b, t, self.n_heads * self.head_dim]);
-        self.o_proj.forward(&y)
+        linear_fwd(&self.o_proj, &y)
     }
 }
 
@@ -227,8 +259,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let gate = self.gate_proj.forward(x).silu();
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)))
+        let gate = linear_fwd(&self.gate_proj, x).silu();
+        linear_fwd(&self.down_proj, &(gate * linear_fwd(&self.up_proj, x)))
     }
 }
 
@@ -291,13 +323,12 @@ impl Rope {
                 let low_freq_wavelen = old / low_freq_factor;
                 let high_freq_wavelen = old / high_freq_factor;
                 let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
-                let scaled = inv_freq.where_self(
-                    &wavelen.le(low_freq_wavelen),
-                    &(&inv_freq / *factor),
-                );
+                let scaled =
+                    inv_freq.where_self(&wavelen.le(low_freq_wavelen), &(&inv_freq / *factor));
                 let smooth = (wavelen.reciprocal() * *old - *low_freq_factor)
                     / (high_freq_factor - low_freq_factor);
-                let smoothed = (smooth.ones_like() - &smooth) * &scaled / *factor + &smooth * &scaled;
+                let smoothed =
+                    (smooth.ones_like() - &smooth) * &scaled / *factor + &smooth * &scaled;
                 let is_medium = wavelen
                     .ge(high_freq_wavelen)
                     .logical_and(&wavelen.le(low_freq_wavelen));
@@ -621,7 +652,21 @@ impl Model {
                 ))
             }
         };
-        Ok(hidden.f_linear(w, None::<Tensor>)?.f_to_kind(Kind::Float)?)
+        let size = hidden.size();
+        let k = size[size.len() - 1];
+        let rows = hidden.numel() as i64 / k.max(1);
+        let logits = if rows > 0 && rows <= SMALL_M_ROWS {
+            // See SMALL_M_ROWS: the (vocab, hidden) weight is the biggest one streamed per step.
+            let mut shape = size.clone();
+            shape[size.len() - 1] = w.size()[0];
+            w.f_mm(&hidden.f_reshape([rows, k])?.tr())?
+                .tr()
+                .f_contiguous()?
+                .f_view(shape.as_slice())?
+        } else {
+            hidden.f_linear(w, None::<Tensor>)?
+        };
+        Ok(logits.f_to_kind(Kind::Float)?)
     }
 
     /// Score-head outputs (b, t, num_labels) in f32 from hidden states.
@@ -675,8 +720,14 @@ mod tests {
         let names: Vec<String> = m.named_tensors().into_iter().map(|(n, _)| n).collect();
         assert!(names.contains(&"model.layers.1.self_attn.q_proj.bias".to_string()));
         assert!(names.contains(&"model.embed_tokens.weight".to_string()));
-        assert!(!names.iter().any(|n| n.contains("lm_head")), "tied: no lm_head");
-        assert!(!names.iter().any(|n| n.contains("__")), "tch renamed a duplicate: {names:?}");
+        assert!(
+            !names.iter().any(|n| n.contains("lm_head")),
+            "tied: no lm_head"
+        );
+        assert!(
+            !names.iter().any(|n| n.contains("__")),
+            "tch renamed a duplicate: {names:?}"
+        );
         assert!(!names.contains(&"model.layers.0.self_attn.o_proj.bias".to_string()));
     }
 

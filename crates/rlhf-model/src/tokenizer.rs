@@ -54,10 +54,11 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Tokenizer> {
         let path = dir.join("tokenizer.json");
         let bytes = read_file(&path)?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| ModelError::Tokenizer {
-            path: path.clone(),
-            msg: format!("not a valid tokenizer.json: {e}"),
-        })?;
+        let inner =
+            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| ModelError::Tokenizer {
+                path: path.clone(),
+                msg: format!("not a valid tokenizer.json: {e}"),
+            })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = if cfg_path.exists() {
             read_json(&cfg_path)?
@@ -169,7 +170,11 @@ impl Tokenizer {
 
     /// Renders the chat template over `messages` (what `apply_chat_template(tokenize=False)`
     /// returns).
-    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.chat_template.as_deref().ok_or_else(|| {
             self.tok_err(
                 "this tokenizer has no chat template (no chat_template.jinja and no \
@@ -187,7 +192,11 @@ impl Tokenizer {
 
     /// Renders and tokenizes a chat without adding special tokens again (the template already
     /// holds them), as `apply_chat_template(tokenize=True)` does.
-    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<i64>> {
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<i64>> {
         let text = self.render_chat(messages, add_generation_prompt)?;
         self.encode(&text, false)
     }
@@ -237,7 +246,10 @@ mod tests {
         let t = crate::init::CHATML_TEMPLATE;
         let out = render_template(
             t,
-            &[ChatMessage::new("user", "hi"), ChatMessage::new("assistant", "yo")],
+            &[
+                ChatMessage::new("user", "hi"),
+                ChatMessage::new("assistant", "yo"),
+            ],
             true,
             "",
             "",

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use rlhf_model::{
     generate, sequence_scores, token_logprobs, token_values, Family, GenerationConfig, HeadKind,
-    LoadOptions, Model, ModelDir, ModelError, SaveOptions, Sampling,
+    LoadOptions, Model, ModelDir, ModelError, Sampling, SaveOptions,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -29,7 +29,11 @@ fn kv_cache_generation_equals_full_recompute() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny(&tmp.path().join("m"), Family::Llama, None, None, 7);
     let m = load(&dir);
-    let prompts = vec![vec![5i64, 9, 13, 200, 31], vec![8i64, 2_i64.pow(7)], vec![77i64; 9]];
+    let prompts = vec![
+        vec![5i64, 9, 13, 200, 31],
+        vec![8i64, 2_i64.pow(7)],
+        vec![77i64; 9],
+    ];
     let cfg = GenerationConfig {
         sampling: Sampling::Sample {
             temperature: 0.7,
@@ -46,8 +50,14 @@ fn kv_cache_generation_equals_full_recompute() {
     let p = out.prompt_width;
     let n = out.response_ids.size()[1];
     let recomputed = full.logprobs.narrow(1, p - 1, n) * &out.response_mask;
-    let diff = (recomputed - &out.response_logprobs).abs().max().double_value(&[]);
-    assert!(diff < 1e-4, "cached decoding differs from full recompute by {diff}");
+    let diff = (recomputed - &out.response_logprobs)
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(
+        diff < 1e-4,
+        "cached decoding differs from full recompute by {diff}"
+    );
 }
 
 #[test]
@@ -58,12 +68,17 @@ fn greedy_cache_matches_argmax_of_full_forward() {
     let prompts = vec![vec![5i64, 9, 13], vec![8i64, 100, 3, 4, 5, 6]];
     let out = generate(&m, &prompts, &GenerationConfig::greedy(16)).unwrap();
     let _g = tch::no_grad_guard();
-    let hidden = m.forward_padded(&out.sequences, &out.attention_mask).unwrap();
+    let hidden = m
+        .forward_padded(&out.sequences, &out.attention_mask)
+        .unwrap();
     let argmax = m.logits(&hidden).unwrap().argmax(-1, false);
     let p = out.prompt_width;
     let n = out.response_ids.size()[1];
     let expect = argmax.narrow(1, p - 1, n);
-    assert!(expect.equal(&out.response_ids), "cached greedy != argmax of full forward");
+    assert!(
+        expect.equal(&out.response_ids),
+        "cached greedy != argmax of full forward"
+    );
 }
 
 #[test]
@@ -74,7 +89,10 @@ fn save_load_save_is_byte_identical_single_and_sharded() {
     let m = load(&dir);
     let b = tmp.path().join("b");
     m.save(&b, &SaveOptions::default()).unwrap();
-    assert_eq!(std::fs::read(b.join("model.safetensors")).unwrap(), original);
+    assert_eq!(
+        std::fs::read(b.join("model.safetensors")).unwrap(),
+        original
+    );
 
     // Sharded save, then load it and save as one file again.
     let c = tmp.path().join("c");
@@ -84,31 +102,49 @@ fn save_load_save_is_byte_identical_single_and_sharded() {
     };
     m.save(&c, &sharded).unwrap();
     let index = std::fs::read_to_string(c.join("model.safetensors.index.json")).unwrap();
-    assert!(index.contains("model-00002-of-"), "expected several shards: {index}");
+    assert!(
+        index.contains("model-00002-of-"),
+        "expected several shards: {index}"
+    );
     assert!(!c.join("model.safetensors").exists());
     let m2 = load(&c);
     let d = tmp.path().join("d");
     m2.save(&d, &SaveOptions::default()).unwrap();
-    assert_eq!(std::fs::read(d.join("model.safetensors")).unwrap(), original);
+    assert_eq!(
+        std::fs::read(d.join("model.safetensors")).unwrap(),
+        original
+    );
 
     // Re-saving a sharded directory as one file removes the stale shards and index.
     m2.save(&c, &SaveOptions::default()).unwrap();
     assert!(!c.join("model.safetensors.index.json").exists());
-    assert!(std::fs::read_dir(&c)
+    assert!(std::fs::read_dir(&c).unwrap().all(|e| !e
         .unwrap()
-        .all(|e| !e.unwrap().file_name().to_string_lossy().starts_with("model-")));
+        .file_name()
+        .to_string_lossy()
+        .starts_with("model-")));
 }
 
 #[test]
 fn varstore_names_equal_checkpoint_keys() {
     let tmp = tempfile::tempdir().unwrap();
     for (family, tied) in [(Family::Llama, false), (Family::Qwen2, true)] {
-        let dir = common::tiny(&tmp.path().join(format!("{family:?}")), family, Some(tied), None, 1);
+        let dir = common::tiny(
+            &tmp.path().join(format!("{family:?}")),
+            family,
+            Some(tied),
+            None,
+            1,
+        );
         let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let mut keys: Vec<String> = st.names().into_iter().map(str::to_string).collect();
         keys.sort();
-        let names: Vec<String> = load(&dir).named_tensors().into_iter().map(|x| x.0).collect();
+        let names: Vec<String> = load(&dir)
+            .named_tensors()
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
         assert_eq!(names, keys);
     }
 }
@@ -204,7 +240,10 @@ fn score_heads_read_the_last_real_token_and_values_cover_every_token() {
     let out = tmp.path().join("rm");
     rm.save(&out, &SaveOptions::default()).unwrap();
     let cfg = std::fs::read_to_string(out.join("config.json")).unwrap();
-    assert!(cfg.contains("LlamaForSequenceClassification") && cfg.contains("LABEL_4"), "{cfg}");
+    assert!(
+        cfg.contains("LlamaForSequenceClassification") && cfg.contains("LABEL_4"),
+        "{cfg}"
+    );
     let again = load(&out);
     assert_eq!(again.config.head, HeadKind::Score { num_labels: 5 });
     let err = sequence_scores(&rm, &ids_left, &ids_left.zeros_like()).unwrap_err();
@@ -222,7 +261,10 @@ fn training_forward_has_gradients_and_entropy() {
     assert_eq!(out.logprobs.size(), [1, 5]);
     let max_ent = (m.config.vocab_size as f64).ln();
     let e = ent.max().double_value(&[]);
-    assert!(e > 0.0 && e <= max_ent + 1e-4, "entropy {e} out of (0, ln V]");
+    assert!(
+        e > 0.0 && e <= max_ent + 1e-4,
+        "entropy {e} out of (0, ln V]"
+    );
     out.logprobs.sum(Kind::Float).backward();
     let grads: f64 = m
         .named_tensors()
@@ -261,22 +303,34 @@ fn bad_inputs_name_what_is_wrong() {
     let dir = common::tiny(&tmp.path().join("m"), Family::Llama, None, None, 1);
 
     // Missing config.json.
-    let e = err_of(Model::load(&tmp.path().join("nope"), &LoadOptions::default()));
+    let e = err_of(Model::load(
+        &tmp.path().join("nope"),
+        &LoadOptions::default(),
+    ));
     assert!(e.contains("nope/config.json"), "{e}");
 
     // Malformed config.json: file and line.
     let bad = tmp.path().join("bad");
     std::fs::create_dir_all(&bad).unwrap();
-    std::fs::write(bad.join("config.json"), "{\n  \"vocab_size\": 10,\n  oops\n}").unwrap();
+    std::fs::write(
+        bad.join("config.json"),
+        "{\n  \"vocab_size\": 10,\n  oops\n}",
+    )
+    .unwrap();
     let e = err_of(Model::load(&bad, &LoadOptions::default()));
     assert!(e.contains("bad/config.json") && e.contains("line 3"), "{e}");
 
     // Unknown architecture.
     let arch = tmp.path().join("arch");
     common::tiny(&arch, Family::Llama, None, None, 1);
-    common::edit_config(&arch, |c| c["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]));
+    common::edit_config(&arch, |c| {
+        c["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"])
+    });
     let e = err_of(Model::load(&arch, &LoadOptions::default()));
-    assert!(e.contains("architectures") && e.contains("GPTNeoXForCausalLM"), "{e}");
+    assert!(
+        e.contains("architectures") && e.contains("GPTNeoXForCausalLM"),
+        "{e}"
+    );
 
     // Wrong shape: config says a different intermediate size than the weights.
     let shape = tmp.path().join("shape");
@@ -284,7 +338,10 @@ fn bad_inputs_name_what_is_wrong() {
     common::edit_config(&shape, |c| c["intermediate_size"] = serde_json::json!(100));
     let e = err_of(Model::load(&shape, &LoadOptions::default()));
     assert!(
-        e.contains("model.safetensors") && e.contains("mlp") && e.contains("[64, 100]") && e.contains("[64, 176]"),
+        e.contains("model.safetensors")
+            && e.contains("mlp")
+            && e.contains("[64, 100]")
+            && e.contains("[64, 176]"),
         "{e}"
     );
 
@@ -293,7 +350,10 @@ fn bad_inputs_name_what_is_wrong() {
     common::tiny(&missing, Family::Llama, None, None, 1);
     common::edit_config(&missing, |c| c["num_hidden_layers"] = serde_json::json!(3));
     let e = err_of(Model::load(&missing, &LoadOptions::default()));
-    assert!(e.contains("model.layers.2.") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("model.layers.2.") && e.contains("missing"),
+        "{e}"
+    );
 
     // Tokenizer larger than the embedding.
     let vocab = tmp.path().join("vocab");
@@ -307,7 +367,10 @@ fn bad_inputs_name_what_is_wrong() {
         Ok(_) => panic!("expected a vocab error"),
         Err(e) => e.to_string(),
     };
-    assert!(e.contains("tokenizer.json") && e.contains("100 rows"), "{e}");
+    assert!(
+        e.contains("tokenizer.json") && e.contains("100 rows"),
+        "{e}"
+    );
 
     // Prompt longer than the context.
     let m = load(&dir);
@@ -315,7 +378,17 @@ fn bad_inputs_name_what_is_wrong() {
     let Err(e) = generate(&m, &long, &GenerationConfig::greedy(4)) else {
         panic!("expected PromptTooLong")
     };
-    assert!(matches!(e, ModelError::PromptTooLong { len: 600, max: 512, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            ModelError::PromptTooLong {
+                len: 600,
+                max: 512,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("600 tokens") && e.to_string().contains("512"));
 
     // Token ids outside the vocabulary, bad sampling parameters.
@@ -339,5 +412,33 @@ fn bad_inputs_name_what_is_wrong() {
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
     let e = err_of(Model::load(&trunc, &LoadOptions::default()));
-    assert!(e.contains("model.safetensors") && e.contains("safetensors"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("safetensors"),
+        "{e}"
+    );
+}
+
+#[test]
+fn chat_template_jinja_file_takes_precedence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tiny(&tmp.path().join("m"), Family::Llama, None, None, 1);
+    let msgs = [rlhf_model::ChatMessage::new("user", "hi")];
+    let tok = rlhf_model::Tokenizer::from_dir(&dir).unwrap();
+    assert!(tok.render_chat(&msgs, true).unwrap().starts_with("<|im_start|>user"));
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}",
+    )
+    .unwrap();
+    let tok = rlhf_model::Tokenizer::from_dir(&dir).unwrap();
+    assert_eq!(tok.render_chat(&msgs, true).unwrap(), "[user] hi\n[assistant] ");
+    std::fs::write(dir.join("chat_template.jinja"), "{% for m in messages %}").unwrap();
+    let e = tok_err(&dir);
+    assert!(e.contains("chat template"), "{e}");
+}
+
+fn tok_err(dir: &Path) -> String {
+    let tok = rlhf_model::Tokenizer::from_dir(dir).unwrap();
+    let msgs = [rlhf_model::ChatMessage::new("user", "hi")];
+    tok.render_chat(&msgs, false).unwrap_err().to_string()
 }

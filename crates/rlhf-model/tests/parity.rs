@@ -40,24 +40,48 @@ struct Case {
 fn cases(root: &Path) -> Vec<Case> {
     let mut v = vec![];
     // Llama with grouped-query attention (4 heads over 2 KV heads), untied.
-    let d = common::tiny(&root.join("llama_gqa"), Family::Llama, Some(false), Some(2), 1);
-    v.push(Case { name: "llama_gqa", dir: d });
+    let d = common::tiny(
+        &root.join("llama_gqa"),
+        Family::Llama,
+        Some(false),
+        Some(2),
+        1,
+    );
+    v.push(Case {
+        name: "llama_gqa",
+        dir: d,
+    });
     // Llama, tied embeddings, attention bias, Llama 3 rope scaling, plain MHA.
-    let d = common::tiny(&root.join("llama_tied"), Family::Llama, Some(true), Some(4), 2);
+    let d = common::tiny(
+        &root.join("llama_tied"),
+        Family::Llama,
+        Some(true),
+        Some(4),
+        2,
+    );
     rebuild(&d, 2, |c| {
         c["attention_bias"] = json!(true);
         c["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16});
     });
-    v.push(Case { name: "llama_tied_bias_rope3", dir: d });
+    v.push(Case {
+        name: "llama_tied_bias_rope3",
+        dir: d,
+    });
     // Qwen2: q/k/v bias, tied embeddings, GQA.
     let d = common::tiny(&root.join("qwen2"), Family::Qwen2, None, None, 3);
     rebuild(&d, 3, |_| {});
-    v.push(Case { name: "qwen2", dir: d });
+    v.push(Case {
+        name: "qwen2",
+        dir: d,
+    });
     // Mistral with a sliding window shorter than the sequences.
     let d = common::tiny(&root.join("mistral"), Family::Mistral, None, None, 4);
     common::edit_config(&d, |c| c["sliding_window"] = json!(8));
-    v.push(Case { name: "mistral_window8", dir: d });
+    v.push(Case {
+        name: "mistral_window8",
+        dir: d,
+    });
     v
 }
 
@@ -74,11 +98,19 @@ fn padded(prompts: &[Vec<i64>], pad: i64) -> (Vec<Vec<i64>>, Vec<Vec<i64>>) {
     let w = prompts.iter().map(Vec::len).max().unwrap();
     let ids = prompts
         .iter()
-        .map(|p| std::iter::repeat_n(pad, w - p.len()).chain(p.iter().copied()).collect())
+        .map(|p| {
+            std::iter::repeat_n(pad, w - p.len())
+                .chain(p.iter().copied())
+                .collect()
+        })
         .collect();
     let mask = prompts
         .iter()
-        .map(|p| std::iter::repeat_n(0, w - p.len()).chain(std::iter::repeat_n(1, p.len())).collect())
+        .map(|p| {
+            std::iter::repeat_n(0, w - p.len())
+                .chain(std::iter::repeat_n(1, p.len()))
+                .collect()
+        })
         .collect();
     (ids, mask)
 }
@@ -132,16 +164,29 @@ fn matches_transformers() {
         // Padding positions hold garbage in both; compare real tokens only.
         let real = mask_t.ne(0).unsqueeze(2);
         let diff = ((&ours - &theirs).abs() * real).max().double_value(&[]);
-        assert!(diff < 1e-4, "{}: logits differ from transformers by {diff}", case.name);
+        assert!(
+            diff < 1e-4,
+            "{}: logits differ from transformers by {diff}",
+            case.name
+        );
 
         let gen = generate(&md.model, &prompts(), &GenerationConfig::greedy(NEW_TOKENS)).unwrap();
         let ours_greedy: Vec<Vec<i64>> = gen.rows().unwrap().into_iter().map(|r| r.0).collect();
         let theirs_greedy: Vec<Vec<i64>> = serde_json::from_value(res["greedy"].clone()).unwrap();
-        assert_eq!(ours_greedy, theirs_greedy, "{}: greedy tokens differ", case.name);
+        assert_eq!(
+            ours_greedy, theirs_greedy,
+            "{}: greedy tokens differ",
+            case.name
+        );
 
         let tok = Tokenizer::from_dir(&case.dir).unwrap();
         let enc: Vec<i64> = serde_json::from_value(res["encoded"].clone()).unwrap();
-        assert_eq!(tok.encode(text, false).unwrap(), enc, "{}: encoding", case.name);
+        assert_eq!(
+            tok.encode(text, false).unwrap(),
+            enc,
+            "{}: encoding",
+            case.name
+        );
         assert_eq!(
             tok.render_chat(&messages, true).unwrap(),
             res["chat"].as_str().unwrap(),
@@ -157,8 +202,16 @@ fn matches_transformers() {
             case.name
         );
         let m2 = Model::load(&hf_dir, &LoadOptions::default()).unwrap();
-        let again = m2.logits(&m2.forward_padded(&ids_t, &mask_t).unwrap()).unwrap();
-        let d2 = ((&ours - &again).abs() * mask_t.ne(0).unsqueeze(2)).max().double_value(&[]);
-        assert_eq!(d2, 0.0, "{}: HF-saved shards load to different weights", case.name);
+        let again = m2
+            .logits(&m2.forward_padded(&ids_t, &mask_t).unwrap())
+            .unwrap();
+        let d2 = ((&ours - &again).abs() * mask_t.ne(0).unsqueeze(2))
+            .max()
+            .double_value(&[]);
+        assert_eq!(
+            d2, 0.0,
+            "{}: HF-saved shards load to different weights",
+            case.name
+        );
     }
 }

@@ -41,7 +41,13 @@ pub fn run_python(script: &str, args: &[&Path]) {
     );
 }
 
-pub fn tiny(dir: &Path, family: Family, tied: Option<bool>, kv: Option<usize>, seed: i64) -> PathBuf {
+pub fn tiny(
+    dir: &Path,
+    family: Family,
+    tied: Option<bool>,
+    kv: Option<usize>,
+    seed: i64,
+) -> PathBuf {
     let mut spec = InitSpec::new(family, Preset::Tiny);
     spec.tie_word_embeddings = tied;
     spec.num_key_value_heads = kv;
