@@ -370,14 +370,14 @@ impl HfConfig {
         };
         let rms_norm_eps = self.rms_norm_eps.unwrap_or(1e-6);
         let rope_theta = rope_theta_in_params.or(self.rope_theta).unwrap_or(10000.0);
-        if !(rms_norm_eps > 0.0) {
+        if rms_norm_eps.is_nan() || rms_norm_eps <= 0.0 {
             return Err(ModelError::config(
                 path,
                 "rms_norm_eps",
                 format!("must be > 0, found {rms_norm_eps}"),
             ));
         }
-        if !(rope_theta > 0.0) {
+        if rope_theta.is_nan() || rope_theta <= 0.0 {
             return Err(ModelError::config(
                 path,
                 "rope_theta",

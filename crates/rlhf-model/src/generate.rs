@@ -208,6 +208,8 @@ pub fn generate(
     let mut out_lps: Vec<Tensor> = Vec::with_capacity(max_new as usize);
     let mut out_mask: Vec<Tensor> = Vec::with_capacity(max_new as usize);
     let pad = Tensor::full([b], cfg.pad_id, (Kind::Int64, device));
+    // `next_pos` is a tensor advanced alongside `step`, not a plain counter.
+    #[allow(clippy::explicit_counter_loop)]
     for step in 0..max_new {
         let scaled = if temperature == 1.0 {
             logits.shallow_clone()

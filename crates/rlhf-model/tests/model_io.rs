@@ -424,14 +424,20 @@ fn chat_template_jinja_file_takes_precedence() {
     let dir = common::tiny(&tmp.path().join("m"), Family::Llama, None, None, 1);
     let msgs = [rlhf_model::ChatMessage::new("user", "hi")];
     let tok = rlhf_model::Tokenizer::from_dir(&dir).unwrap();
-    assert!(tok.render_chat(&msgs, true).unwrap().starts_with("<|im_start|>user"));
+    assert!(tok
+        .render_chat(&msgs, true)
+        .unwrap()
+        .starts_with("<|im_start|>user"));
     std::fs::write(
         dir.join("chat_template.jinja"),
         "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}",
     )
     .unwrap();
     let tok = rlhf_model::Tokenizer::from_dir(&dir).unwrap();
-    assert_eq!(tok.render_chat(&msgs, true).unwrap(), "[user] hi\n[assistant] ");
+    assert_eq!(
+        tok.render_chat(&msgs, true).unwrap(),
+        "[user] hi\n[assistant] "
+    );
     std::fs::write(dir.join("chat_template.jinja"), "{% for m in messages %}").unwrap();
     let e = tok_err(&dir);
     assert!(e.contains("chat template"), "{e}");
