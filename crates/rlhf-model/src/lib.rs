@@ -13,6 +13,7 @@ pub mod error;
 pub mod generate;
 pub mod init;
 pub mod llama;
+pub mod reward_spec;
 pub mod tokenizer;
 pub mod weights;
 
@@ -25,6 +26,7 @@ pub use generate::{
     GenerationOutput, Sampling, TokenLogProbs,
 };
 pub use llama::{KvCache, LoadOptions, Model, SaveOptions};
+pub use reward_spec::{RewardHead, RewardSpec};
 pub use tokenizer::{ChatMessage, Tokenizer};
 
 use error::read_json;

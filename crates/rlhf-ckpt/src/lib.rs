@@ -1,0 +1,1 @@
+//! `rlhf-ckpt`: placeholder until the checkpoint format lands.

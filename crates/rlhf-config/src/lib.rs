@@ -1,0 +1,1 @@
+//! `rlhf-config`: placeholder until the schema lands.

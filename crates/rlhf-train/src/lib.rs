@@ -1,0 +1,1 @@
+//! `rlhf-train`: placeholder until the reward-model jobs land.
