@@ -1,0 +1,878 @@
+//! The run file schema: one struct per YAML section, every field with its default.
+//!
+//! Every struct denies unknown keys and defaults each missing field (`#[serde(default)]` over the
+//! `Default` impl), so a file names only what it changes. Fields marked "required" default to an
+//! empty value that [`crate::validate`] rejects with the key's name. Enum values are snake_case.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A whole RLHF run: what to train, with what, where the workers run and how to log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Run identity and run directory. `run.name` is required.
+    pub run: RunSection,
+    /// How worker daemons are started (local processes or Slurm) and watched.
+    pub launcher: LauncherConfig,
+    /// Placement of role instances onto worker daemons. Default: one worker per role, named
+    /// after it: `[{name: actor, roles: [actor]}, {name: critic, roles: [critic]},
+    /// {name: reward, roles: [reward]}, {name: reference, roles: [reference]}]`.
+    pub workers: Vec<WorkerConfig>,
+    /// Model directories and the reward source. `models.policy` is required.
+    pub models: ModelsConfig,
+    /// The RL algorithm and its hyper-parameters.
+    pub algorithm: AlgorithmConfig,
+    /// Prompts and sampling. `rollout.prompts` is required.
+    pub rollout: RolloutConfig,
+    /// Optimisation: steps, epochs, minibatching, optimizers.
+    pub train: TrainConfig,
+    /// Logging and run-directory artefacts.
+    pub logging: LoggingConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            run: RunSection::default(),
+            launcher: LauncherConfig::default(),
+            workers: WorkerConfig::one_per_role(),
+            models: ModelsConfig::default(),
+            algorithm: AlgorithmConfig::default(),
+            rollout: RolloutConfig::default(),
+            train: TrainConfig::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
+impl RunConfig {
+    /// The run directory, `run.dir/run.name`, where checkpoints, metrics and
+    /// `config.resolved.yaml` live.
+    pub fn run_dir(&self) -> PathBuf {
+        self.run.dir.join(&self.run.name)
+    }
+
+    /// The rollout batch in sequences: `rollout.batch_size * rollout.samples_per_prompt`.
+    pub fn rollout_sequences(&self) -> usize {
+        self.rollout
+            .batch_size
+            .saturating_mul(self.rollout.samples_per_prompt)
+    }
+
+    /// The minibatch size in sequences: `train.minibatch_size`, or the whole rollout batch.
+    pub fn minibatch_size(&self) -> usize {
+        self.train
+            .minibatch_size
+            .unwrap_or_else(|| self.rollout_sequences())
+    }
+}
+
+/// `run:` — identity of the run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunSection {
+    /// Required. The run's name, `[A-Za-z0-9._-]+`; the run directory is `dir/name`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub name: String,
+    /// Parent directory of run directories. Default: `runs` (relative to the working directory
+    /// when not set in the file).
+    pub dir: PathBuf,
+    /// Seed for prompt shuffling, sampling and initialisation. Default: 0.
+    pub seed: u64,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        RunSection {
+            name: String::new(),
+            dir: PathBuf::from("runs"),
+            seed: 0,
+        }
+    }
+}
+
+/// How worker daemons are started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LauncherKind {
+    /// Spawn the workers as child processes on this machine.
+    #[default]
+    Local,
+    /// Submit (or, inside an allocation, `srun`) one worker per node with Slurm.
+    Slurm,
+}
+
+/// `launcher:` — starting and supervising worker daemons.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LauncherConfig {
+    /// `local` or `slurm`. Default: `local`.
+    pub kind: LauncherKind,
+    /// Path to the `rlhf-worker` binary. Default: null, meaning the `rlhf-worker` next to the
+    /// `rlhf-coord` executable.
+    pub worker_bin: Option<PathBuf>,
+    /// Interface (IP address) the coordinator and workers listen on. Default: `127.0.0.1`
+    /// (loopback unless named).
+    pub bind: IpAddr,
+    /// Seconds within which every worker must register; > 0. Default: 60.
+    pub startup_timeout_s: f64,
+    /// Milliseconds between worker heartbeats; >= 1. Default: 500.
+    pub heartbeat_interval_ms: u64,
+    /// Milliseconds without a heartbeat after which a worker is declared lost; must be greater
+    /// than `heartbeat_interval_ms`. Default: 5000.
+    pub heartbeat_timeout_ms: u64,
+    /// Deadline in seconds on every worker call; > 0. Default: 600.
+    pub rpc_timeout_s: f64,
+    /// Slurm settings, used only with `kind: slurm`.
+    pub slurm: SlurmConfig,
+}
+
+impl Default for LauncherConfig {
+    fn default() -> Self {
+        LauncherConfig {
+            kind: LauncherKind::Local,
+            worker_bin: None,
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            startup_timeout_s: 60.0,
+            heartbeat_interval_ms: 500,
+            heartbeat_timeout_ms: 5000,
+            rpc_timeout_s: 600.0,
+            slurm: SlurmConfig::default(),
+        }
+    }
+}
+
+/// `launcher.slurm:` — the sbatch directives of a Slurm launch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SlurmConfig {
+    /// `--partition`. Default: null (the cluster's default partition).
+    #[serde(deserialize_with = "lenient_opt_string")]
+    pub partition: Option<String>,
+    /// `--account`. Default: null.
+    #[serde(deserialize_with = "lenient_opt_string")]
+    pub account: Option<String>,
+    /// `--time` limit, `HH:MM:SS` or `D-HH:MM:SS`. Default: null (the partition's limit).
+    #[serde(deserialize_with = "lenient_opt_string")]
+    pub time: Option<String>,
+    /// `--nodes`; >= 1. Default: 1.
+    pub nodes: u32,
+    /// `--gpus-per-node`. Default: 0.
+    pub gpus_per_node: u32,
+    /// `--cpus-per-task`; >= 1 when set. Default: null.
+    pub cpus_per_task: Option<u32>,
+    /// Seconds between Slurm's `USR1` warning and the kill (`--signal=B:USR1@N`): the time to
+    /// write a checkpoint. Default: 120.
+    pub signal_grace_s: u64,
+    /// Extra `#SBATCH` lines, written verbatim. Default: `[]`.
+    pub extra_directives: Vec<String>,
+}
+
+impl Default for SlurmConfig {
+    fn default() -> Self {
+        SlurmConfig {
+            partition: None,
+            account: None,
+            time: None,
+            nodes: 1,
+            gpus_per_node: 0,
+            cpus_per_task: None,
+            signal_grace_s: 120,
+            extra_directives: Vec::new(),
+        }
+    }
+}
+
+/// A role a worker hosts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The policy: generates and trains.
+    Actor,
+    /// The value model (PPO).
+    Critic,
+    /// The reward model or rule.
+    Reward,
+    /// The frozen initial policy, for the KL term.
+    Reference,
+}
+
+impl Role {
+    /// All roles, in the order the default placement lists them.
+    pub const ALL: [Role; 4] = [Role::Actor, Role::Critic, Role::Reward, Role::Reference];
+
+    /// The snake_case name used in YAML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Actor => "actor",
+            Role::Critic => "critic",
+            Role::Reward => "reward",
+            Role::Reference => "reference",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A torch device: `cpu`, `cuda` (device 0) or `cuda:N`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Device {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// A CUDA device; `None` is written `cuda` and means the first visible device.
+    Cuda(Option<u32>),
+}
+
+impl FromStr for Device {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(None)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<u32>().ok())
+                .map(|n| Device::Cuda(Some(n)))
+                .ok_or_else(|| format!("invalid device `{s}`: expected cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(None) => f.write_str("cuda"),
+            Device::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl Serialize for Device {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Device {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One entry of `workers:` — a worker daemon and the role instances it hosts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Required. Unique worker name, `[A-Za-z0-9._-]+`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub name: String,
+    /// Required, non-empty, no duplicates: the roles this worker hosts (colocation when more
+    /// than one).
+    pub roles: Vec<Role>,
+    /// Torch device of the worker's models: `cpu`, `cuda` or `cuda:N`. Default: `cpu`.
+    pub device: Device,
+    /// libtorch intra-op threads; >= 1. Default: 1.
+    pub threads: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            name: String::new(),
+            roles: Vec::new(),
+            device: Device::Cpu,
+            threads: 1,
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// The default placement: one CPU worker per role, named after the role.
+    pub fn one_per_role() -> Vec<WorkerConfig> {
+        Role::ALL
+            .iter()
+            .map(|&role| WorkerConfig {
+                name: role.as_str().to_owned(),
+                roles: vec![role],
+                ..WorkerConfig::default()
+            })
+            .collect()
+    }
+}
+
+/// Floating-point type models are held and trained in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dtype {
+    /// 32-bit float.
+    #[default]
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+/// `models:` — model directories (HF layout: config.json, safetensors, tokenizer.json).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// Required. The initial policy's model directory; must contain `config.json`.
+    pub policy: PathBuf,
+    /// Reference model directory. Default: null, meaning the policy directory.
+    pub reference: Option<PathBuf>,
+    /// Critic trunk directory (the value head is initialised fresh). Default: null, meaning the
+    /// policy directory.
+    pub critic: Option<PathBuf>,
+    /// `f32`, `bf16` or `f16`. Default: `f32`.
+    pub dtype: Dtype,
+    /// Where rewards come from.
+    pub reward: RewardConfig,
+}
+
+impl ModelsConfig {
+    /// The reference model directory: `models.reference`, or the policy's.
+    pub fn reference_dir(&self) -> &Path {
+        self.reference.as_deref().unwrap_or(&self.policy)
+    }
+
+    /// The critic trunk directory: `models.critic`, or the policy's.
+    pub fn critic_dir(&self) -> &Path {
+        self.critic.as_deref().unwrap_or(&self.policy)
+    }
+}
+
+/// The source of rewards.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardKind {
+    /// A reward model directory (Bradley-Terry or SteerLM multi-attribute head).
+    #[default]
+    Model,
+    /// A rule: the response's answer equals the prompt row's `answer` field.
+    ExactMatch,
+}
+
+/// How `exact_match` takes the answer out of a response.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerExtract {
+    /// The last number in the response.
+    #[default]
+    LastNumber,
+    /// The text after the last `marker`, trimmed.
+    AfterMarker,
+    /// The whole response, trimmed.
+    Full,
+}
+
+/// `models.reward:` — the reward model or rule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardConfig {
+    /// `model` or `exact_match`. Default: `model`.
+    pub kind: RewardKind,
+    /// Reward model directory; required (with `config.json`) when `kind: model`. Default: null.
+    pub path: Option<PathBuf>,
+    /// `exact_match` only: `last_number`, `after_marker` or `full`. Default: `last_number`.
+    pub extract: AnswerExtract,
+    /// `after_marker` only: the marker that precedes the answer. Default: `"####"` (GSM8K).
+    pub marker: String,
+    /// `exact_match` only: reward for a match. Default: 1.0.
+    pub correct: f64,
+    /// `exact_match` only: reward otherwise. Default: 0.0.
+    pub incorrect: f64,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        RewardConfig {
+            kind: RewardKind::Model,
+            path: None,
+            extract: AnswerExtract::LastNumber,
+            marker: "####".to_owned(),
+            correct: 1.0,
+            incorrect: 0.0,
+        }
+    }
+}
+
+/// The policy-optimisation algorithm.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlgorithmName {
+    /// PPO with a critic and GAE.
+    #[default]
+    Ppo,
+    /// REINFORCE with a running-mean baseline.
+    Reinforce,
+    /// REINFORCE leave-one-out (needs >= 2 samples per prompt).
+    Rloo,
+    /// Group-relative policy optimisation (needs >= 2 samples per prompt).
+    Grpo,
+    /// REINFORCE++ (batch-whitened returns).
+    ReinforcePp,
+}
+
+impl AlgorithmName {
+    /// The snake_case name used in YAML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlgorithmName::Ppo => "ppo",
+            AlgorithmName::Reinforce => "reinforce",
+            AlgorithmName::Rloo => "rloo",
+            AlgorithmName::Grpo => "grpo",
+            AlgorithmName::ReinforcePp => "reinforce_pp",
+        }
+    }
+
+    /// Whether the advantage estimator compares samples of the same prompt.
+    pub fn needs_groups(self) -> bool {
+        matches!(self, AlgorithmName::Rloo | AlgorithmName::Grpo)
+    }
+}
+
+/// How per-token losses are reduced to a scalar.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossAgg {
+    /// Mean over all response tokens of the minibatch.
+    #[default]
+    TokenMean,
+    /// Sum over each sequence's tokens, mean over sequences.
+    SeqMeanTokenSum,
+    /// Mean over each sequence's tokens, mean over sequences.
+    SeqMeanTokenMean,
+}
+
+/// `algorithm:` — the RL objective.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlgorithmConfig {
+    /// `ppo`, `reinforce`, `rloo`, `grpo` or `reinforce_pp`. Default: `ppo`.
+    pub name: AlgorithmName,
+    /// Discount factor, in [0, 1]. Default: 1.0.
+    pub gamma: f64,
+    /// GAE lambda, in [0, 1]. Default: 0.95.
+    pub lam: f64,
+    /// PPO ratio clip epsilon; > 0. Default: 0.2.
+    pub clip_eps: f64,
+    /// Dual-clip bound for negative advantages; > 1 when set. Default: null (off).
+    pub dual_clip: Option<f64>,
+    /// Value-function clip; > 0 when set. Default: 0.2.
+    pub value_clip: Option<f64>,
+    /// Entropy bonus coefficient; >= 0. Default: 0.0.
+    pub entropy_coef: f64,
+    /// `token_mean`, `seq_mean_token_sum` or `seq_mean_token_mean`. Default: `token_mean`.
+    pub loss_agg: LossAgg,
+    /// Whiten advantages over the batch. Default: null (the estimator's own default).
+    pub whiten_advantages: Option<bool>,
+    /// GRPO: divide group-centred rewards by the group's std. Default: true.
+    pub grpo_scale_by_std: bool,
+    /// REINFORCE running-mean baseline decay, in [0, 1). Default: 0.9.
+    pub baseline_decay: f64,
+    /// The KL penalty against the reference model.
+    pub kl: KlConfig,
+    /// Reward shaping: attribute weighting and normalisation.
+    pub reward: RewardShapingConfig,
+}
+
+impl Default for AlgorithmConfig {
+    fn default() -> Self {
+        AlgorithmConfig {
+            name: AlgorithmName::Ppo,
+            gamma: 1.0,
+            lam: 0.95,
+            clip_eps: 0.2,
+            dual_clip: None,
+            value_clip: Some(0.2),
+            entropy_coef: 0.0,
+            loss_agg: LossAgg::TokenMean,
+            whiten_advantages: None,
+            grpo_scale_by_std: true,
+            baseline_decay: 0.9,
+            kl: KlConfig::default(),
+            reward: RewardShapingConfig::default(),
+        }
+    }
+}
+
+/// Estimator of the per-token KL divergence from the reference.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlEstimator {
+    /// `log p - log q`.
+    #[default]
+    K1,
+    /// `(log p - log q)^2 / 2`.
+    K2,
+    /// `exp(log q - log p) - 1 - (log q - log p)` (unbiased, non-negative).
+    K3,
+}
+
+/// Where the KL penalty enters the objective.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlMode {
+    /// Subtracted from the per-token reward (`-coef * kl(t)`).
+    #[default]
+    Reward,
+    /// Added to the policy loss.
+    Loss,
+}
+
+/// `algorithm.kl:` — the KL penalty.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KlConfig {
+    /// KL coefficient (initial value when adaptive); >= 0. Default: 0.003 (HelpSteer2's PPO).
+    pub coef: f64,
+    /// `k1`, `k2` or `k3`. Default: `k1`.
+    pub estimator: KlEstimator,
+    /// `reward` or `loss`. Default: `reward`.
+    pub mode: KlMode,
+    /// Target KL of the adaptive controller; > 0 when set. Default: null (fixed coefficient).
+    pub target: Option<f64>,
+    /// Adaptive controller horizon in samples; >= 1. Default: 10000.
+    pub horizon: u64,
+}
+
+impl Default for KlConfig {
+    fn default() -> Self {
+        KlConfig {
+            coef: 0.003,
+            estimator: KlEstimator::K1,
+            mode: KlMode::Reward,
+            target: None,
+            horizon: 10_000,
+        }
+    }
+}
+
+/// `algorithm.reward:` — turning reward-model outputs into the scalar reward.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardShapingConfig {
+    /// Weights of a multi-attribute reward model's outputs, by attribute name. A file, variable
+    /// or `--set` that names this map replaces it whole. Default: HelpSteer2's "goodness",
+    /// `{coherence: 0.45, correctness: 0.8, helpfulness: 0.65}`.
+    pub attribute_weights: BTreeMap<String, f64>,
+    /// Subtracted from the weighted reward before dividing by `std`. Default: 0.0.
+    pub mean: f64,
+    /// Divides the centred reward; > 0. Default: 1.0.
+    pub std: f64,
+    /// Clip the normalised reward to [-clip, clip]; > 0 when set. Default: null (off).
+    pub clip: Option<f64>,
+    /// Reward given to responses that hit `max_new_tokens` without EOS. Default: null (scored
+    /// like any other response).
+    pub truncation_penalty: Option<f64>,
+}
+
+impl Default for RewardShapingConfig {
+    fn default() -> Self {
+        // HelpSteer2 (Wang et al., 2024), §4: goodness = 0.65*helpfulness + 0.8*correctness
+        // + 0.45*coherence.
+        let attribute_weights = [
+            ("helpfulness", 0.65),
+            ("correctness", 0.8),
+            ("coherence", 0.45),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        RewardShapingConfig {
+            attribute_weights,
+            mean: 0.0,
+            std: 1.0,
+            clip: None,
+            truncation_penalty: None,
+        }
+    }
+}
+
+/// `rollout:` — prompts and sampling.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RolloutConfig {
+    /// Required. JSONL prompts file: one object per line with a `prompt` string or a chat
+    /// `messages` list, and optionally an `answer` (for `exact_match`).
+    pub prompts: PathBuf,
+    /// Prompts per step; >= 1. Default: 8.
+    pub batch_size: usize,
+    /// Responses sampled per prompt; >= 1, and >= 2 for `rloo` and `grpo`. Default: 1.
+    pub samples_per_prompt: usize,
+    /// Maximum generated tokens per response; >= 1. Default: 64.
+    pub max_new_tokens: usize,
+    /// Maximum prompt length in tokens; >= 1. Longer prompts are an error when the prompts are
+    /// loaded, never truncated silently. Default: 512.
+    pub max_prompt_tokens: usize,
+    /// Sampling temperature; > 0. Default: 1.0.
+    pub temperature: f64,
+    /// Top-k sampling; 0 = off. Default: 0.
+    pub top_k: usize,
+    /// Nucleus sampling, in (0, 1]; 1 = off. Default: 1.0.
+    pub top_p: f64,
+    /// Shuffle the prompts (seeded by `run.seed`) each pass. Default: true.
+    pub shuffle: bool,
+    /// Apply the policy tokenizer's chat template to prompts. Default: true.
+    pub chat_template: bool,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        RolloutConfig {
+            prompts: PathBuf::new(),
+            batch_size: 8,
+            samples_per_prompt: 1,
+            max_new_tokens: 64,
+            max_prompt_tokens: 512,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            shuffle: true,
+            chat_template: true,
+        }
+    }
+}
+
+/// Learning-rate schedule.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// `lr` throughout.
+    #[default]
+    Constant,
+    /// Linear warm-up over `warmup_steps`, then constant.
+    Warmup,
+    /// Linear warm-up, then cosine decay to `min_lr_ratio * lr` at `train.steps`.
+    Cosine,
+}
+
+/// `train.actor:` / `train.critic:` — an AdamW optimizer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerConfig {
+    /// Learning rate; > 0. Default: 1e-6 for the actor, 1e-5 for the critic.
+    pub lr: f64,
+    /// Decoupled weight decay; >= 0. Default: 0.0.
+    pub weight_decay: f64,
+    /// Gradient-norm clip; > 0 when set. Default: 1.0 (null = off).
+    pub max_grad_norm: Option<f64>,
+    /// Adam beta1, in [0, 1). Default: 0.9.
+    pub beta1: f64,
+    /// Adam beta2, in [0, 1). Default: 0.999.
+    pub beta2: f64,
+    /// Adam epsilon; > 0. Default: 1e-8.
+    pub eps: f64,
+    /// `constant`, `warmup` or `cosine`. Default: `constant`.
+    pub schedule: LrSchedule,
+    /// Warm-up steps for `warmup` and `cosine`. Default: 0.
+    pub warmup_steps: u64,
+    /// `cosine` only: final lr as a fraction of `lr`, in [0, 1]. Default: 0.0.
+    pub min_lr_ratio: f64,
+}
+
+impl OptimizerConfig {
+    /// The actor's defaults (`lr: 1e-6`).
+    pub fn actor() -> Self {
+        OptimizerConfig {
+            lr: 1e-6,
+            weight_decay: 0.0,
+            max_grad_norm: Some(1.0),
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+            min_lr_ratio: 0.0,
+        }
+    }
+
+    /// The critic's defaults (`lr: 1e-5`, the rest as the actor's).
+    pub fn critic() -> Self {
+        OptimizerConfig {
+            lr: 1e-5,
+            ..OptimizerConfig::actor()
+        }
+    }
+}
+
+impl Default for OptimizerConfig {
+    /// The actor's defaults. Through the loader, `train.critic` fields default to
+    /// [`OptimizerConfig::critic`]; only a bare serde deserialisation uses this for both.
+    fn default() -> Self {
+        OptimizerConfig::actor()
+    }
+}
+
+/// `train:` — optimisation schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Training steps (rollout + update); >= 1. Default: 100.
+    pub steps: u64,
+    /// Passes over each rollout batch; >= 1. Default: 1.
+    pub epochs: usize,
+    /// Sequences per optimizer step; must divide `batch_size * samples_per_prompt`. Default:
+    /// null (the whole rollout batch, one optimizer step per epoch).
+    pub minibatch_size: Option<usize>,
+    /// Sequences per forward/backward (gradient accumulation); >= 1, must divide the
+    /// minibatch size. Default: 8.
+    pub micro_batch_size: usize,
+    /// The actor's optimizer.
+    pub actor: OptimizerConfig,
+    /// The critic's optimizer.
+    pub critic: OptimizerConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 100,
+            epochs: 1,
+            minibatch_size: None,
+            micro_batch_size: 8,
+            actor: OptimizerConfig::actor(),
+            critic: OptimizerConfig::critic(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `logging:` — what the run reports and where.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// Default tracing filter for the run (`RLHF_LOG` still wins). Default: `info`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub level: String,
+    /// `plain` or `json`. Default: `plain`.
+    pub format: LogFormat,
+    /// Show a progress bar on stderr. Default: true.
+    pub progress: bool,
+    /// Write a reward/KL plot (PNG) to the run directory. Default: true.
+    pub plot: bool,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".to_owned(),
+            format: LogFormat::Plain,
+            progress: true,
+            plot: true,
+        }
+    }
+}
+
+/// A string that may have been written as a bare number or boolean (`name: 2024`, or
+/// `--set run.name=2024`, which YAML reads as an integer): names are text, so take its text.
+fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    d.deserialize_any(LenientString)
+}
+
+fn lenient_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct Opt;
+    impl<'de> serde::de::Visitor<'de> for Opt {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string or null")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            lenient_string(d).map(Some)
+        }
+    }
+    d.deserialize_option(Opt)
+}
+
+struct LenientString;
+
+impl serde::de::Visitor<'_> for LenientString {
+    type Value = String;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_owned())
+    }
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<String, E> {
+        Ok(v)
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_parses_and_prints() {
+        for s in ["cpu", "cuda", "cuda:3"] {
+            assert_eq!(s.parse::<Device>().unwrap().to_string(), s);
+        }
+        let err = "gpu".parse::<Device>().unwrap_err();
+        assert!(err.contains("`gpu`") && err.contains("cuda:N"), "{err}");
+        assert!("cuda:x".parse::<Device>().is_err());
+    }
+
+    #[test]
+    fn default_placement_has_one_worker_per_role() {
+        let workers = RunConfig::default().workers;
+        let names: Vec<_> = workers.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["actor", "critic", "reward", "reference"]);
+        for w in &workers {
+            assert_eq!(w.roles.len(), 1);
+            assert_eq!(w.roles[0].as_str(), w.name);
+        }
+    }
+
+    #[test]
+    fn run_dir_joins_dir_and_name() {
+        let mut cfg = RunConfig::default();
+        cfg.run.name = "exp1".into();
+        cfg.run.dir = "/data/runs".into();
+        assert_eq!(cfg.run_dir(), Path::new("/data/runs/exp1"));
+        assert_eq!(cfg.minibatch_size(), 8);
+    }
+}

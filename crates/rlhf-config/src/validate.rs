@@ -1,0 +1,407 @@
+//! `RunConfig`'s checks beyond types: ranges, cross-field rules, placement and the files the run
+//! needs. Each failure names its key; the source (file line, variable, `--set`) comes from the
+//! [`Provenance`].
+
+use std::path::{Path, PathBuf};
+
+use crate::error::ConfigError;
+use crate::load::{ConfigSchema, Provenance};
+use crate::schema::{AnswerExtract, OptimizerConfig, RewardKind, Role, RunConfig};
+
+impl ConfigSchema for RunConfig {
+    const REPLACED_MAPS: &'static [&'static str] = &["algorithm.reward.attribute_weights"];
+
+    fn visit_paths(&mut self, visit: &mut dyn FnMut(&str, &mut PathBuf)) {
+        visit("run.dir", &mut self.run.dir);
+        if let Some(p) = &mut self.launcher.worker_bin {
+            visit("launcher.worker_bin", p);
+        }
+        visit("models.policy", &mut self.models.policy);
+        if let Some(p) = &mut self.models.reference {
+            visit("models.reference", p);
+        }
+        if let Some(p) = &mut self.models.critic {
+            visit("models.critic", p);
+        }
+        if let Some(p) = &mut self.models.reward.path {
+            visit("models.reward.path", p);
+        }
+        visit("rollout.prompts", &mut self.rollout.prompts);
+    }
+
+    fn validate(&self, provenance: &Provenance) -> Result<(), ConfigError> {
+        let c = Check(provenance);
+        self.check_run(&c)?;
+        self.check_launcher(&c)?;
+        self.check_workers(&c)?;
+        self.check_algorithm(&c)?;
+        self.check_rollout_and_train(&c)?;
+        // The file system last: a typo in a number is cheaper to report than a missing model.
+        self.check_files(&c)
+    }
+}
+
+/// Range checks that build errors through the provenance. Float checks are written so that NaN
+/// fails them.
+struct Check<'a>(&'a Provenance);
+
+impl Check<'_> {
+    fn fail(&self, key: &str, message: impl Into<String>) -> Result<(), ConfigError> {
+        Err(self.0.error_at(key, message))
+    }
+
+    fn positive(&self, key: &str, v: f64) -> Result<(), ConfigError> {
+        if v > 0.0 && v.is_finite() {
+            return Ok(());
+        }
+        self.fail(key, format!("must be a number > 0, got {v}"))
+    }
+
+    fn non_negative(&self, key: &str, v: f64) -> Result<(), ConfigError> {
+        if v >= 0.0 && v.is_finite() {
+            return Ok(());
+        }
+        self.fail(key, format!("must be a number >= 0, got {v}"))
+    }
+
+    fn finite(&self, key: &str, v: f64) -> Result<(), ConfigError> {
+        if v.is_finite() {
+            return Ok(());
+        }
+        self.fail(key, format!("must be a finite number, got {v}"))
+    }
+
+    /// `v` in [lo, hi] (or [lo, hi) when `hi_open`).
+    fn within(&self, key: &str, v: f64, lo: f64, hi: f64, hi_open: bool) -> Result<(), ConfigError> {
+        let ok = v >= lo && if hi_open { v < hi } else { v <= hi };
+        if ok {
+            return Ok(());
+        }
+        let close = if hi_open { ')' } else { ']' };
+        self.fail(key, format!("must be in [{lo}, {hi}{close}, got {v}"))
+    }
+
+    fn at_least(&self, key: &str, v: u64, min: u64) -> Result<(), ConfigError> {
+        if v >= min {
+            return Ok(());
+        }
+        self.fail(key, format!("must be >= {min}, got {v}"))
+    }
+
+    fn name(&self, key: &str, name: &str, what: &str) -> Result<(), ConfigError> {
+        if name.is_empty() {
+            return self.fail(key, format!("required: set {what} (letters, digits, `.`, `_`, `-`)"));
+        }
+        if !is_name(name) {
+            return self.fail(
+                key,
+                format!("`{name}` is not a valid {what}: use only letters, digits, `.`, `_` and `-` (and not `.` or `..`)"),
+            );
+        }
+        Ok(())
+    }
+
+    fn optimizer(&self, prefix: &str, o: &OptimizerConfig) -> Result<(), ConfigError> {
+        let key = |field: &str| format!("{prefix}.{field}");
+        self.positive(&key("lr"), o.lr)?;
+        self.non_negative(&key("weight_decay"), o.weight_decay)?;
+        if let Some(norm) = o.max_grad_norm {
+            self.positive(&key("max_grad_norm"), norm)?;
+        }
+        self.within(&key("beta1"), o.beta1, 0.0, 1.0, true)?;
+        self.within(&key("beta2"), o.beta2, 0.0, 1.0, true)?;
+        self.positive(&key("eps"), o.eps)?;
+        self.within(&key("min_lr_ratio"), o.min_lr_ratio, 0.0, 1.0, false)
+    }
+
+    /// `dir` exists and holds a `config.json` (a Hugging Face-layout model directory).
+    fn model_dir(&self, key: &str, dir: &Path) -> Result<(), ConfigError> {
+        if dir.as_os_str().is_empty() {
+            return self.fail(key, "required: set it to a model directory (Hugging Face layout, with config.json)");
+        }
+        if !dir.is_dir() {
+            return self.fail(
+                key,
+                format!("model directory {} does not exist; check the path (relative paths in the file are relative to the file's directory)", dir.display()),
+            );
+        }
+        if !dir.join("config.json").is_file() {
+            return self.fail(
+                key,
+                format!("{} has no config.json; point it at a Hugging Face-layout model directory", dir.display()),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `[A-Za-z0-9._-]+`, and not `.` or `..`, which would escape the run directory's parent.
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Slurm `--time` in `HH:MM:SS` or `D-HH:MM:SS`.
+fn is_slurm_time(s: &str) -> bool {
+    let (days, clock) = match s.split_once('-') {
+        Some((d, rest)) => (Some(d), rest),
+        None => (None, s),
+    };
+    let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    if days.is_some_and(|d| !digits(d)) {
+        return false;
+    }
+    let parts: Vec<&str> = clock.split(':').collect();
+    let [h, m, sec] = parts.as_slice() else {
+        return false;
+    };
+    let two = |p: &str, max: u32| p.len() == 2 && digits(p) && p.parse::<u32>().is_ok_and(|v| v < max);
+    let hours_ok = digits(h) && (days.is_none() || h.parse::<u32>().is_ok_and(|v| v < 24));
+    hours_ok && two(m, 60) && two(sec, 60)
+}
+
+impl RunConfig {
+    fn check_run(&self, c: &Check) -> Result<(), ConfigError> {
+        c.name("run.name", &self.run.name, "run name")?;
+        if self.run.dir.as_os_str().is_empty() {
+            return c.fail("run.dir", "must not be empty; the default is `runs`");
+        }
+        Ok(())
+    }
+
+    fn check_launcher(&self, c: &Check) -> Result<(), ConfigError> {
+        let l = &self.launcher;
+        c.positive("launcher.startup_timeout_s", l.startup_timeout_s)?;
+        c.positive("launcher.rpc_timeout_s", l.rpc_timeout_s)?;
+        c.at_least("launcher.heartbeat_interval_ms", l.heartbeat_interval_ms, 1)?;
+        if l.heartbeat_timeout_ms <= l.heartbeat_interval_ms {
+            return c.fail(
+                "launcher.heartbeat_timeout_ms",
+                format!(
+                    "must be greater than launcher.heartbeat_interval_ms ({}), got {}",
+                    l.heartbeat_interval_ms, l.heartbeat_timeout_ms
+                ),
+            );
+        }
+        let s = &l.slurm;
+        c.at_least("launcher.slurm.nodes", s.nodes.into(), 1)?;
+        if let Some(cpus) = s.cpus_per_task {
+            c.at_least("launcher.slurm.cpus_per_task", cpus.into(), 1)?;
+        }
+        if let Some(time) = &s.time {
+            if !is_slurm_time(time) {
+                return c.fail(
+                    "launcher.slurm.time",
+                    format!("`{time}` is not a Slurm time limit; write HH:MM:SS or D-HH:MM:SS (e.g. 12:00:00, 2-00:00:00)"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn check_workers(&self, c: &Check) -> Result<(), ConfigError> {
+        for (i, w) in self.workers.iter().enumerate() {
+            c.name(&format!("workers.{i}.name"), &w.name, "worker name")?;
+            let roles_key = format!("workers.{i}.roles");
+            if w.roles.is_empty() {
+                return c.fail(&roles_key, "must list at least one of actor, critic, reward, reference");
+            }
+            for (j, role) in w.roles.iter().enumerate() {
+                if w.roles[..j].contains(role) {
+                    return c.fail(&roles_key, format!("role {role} is listed twice; list each role once"));
+                }
+            }
+            c.at_least(&format!("workers.{i}.threads"), w.threads as u64, 1)?;
+            if let Some(j) = self.workers[..i].iter().position(|o| o.name == w.name) {
+                return c.fail(
+                    &format!("workers.{i}.name"),
+                    format!("duplicate worker name `{}` (also workers[{j}]); worker names must be unique", w.name),
+                );
+            }
+        }
+        for role in Role::ALL {
+            let hosts: Vec<String> = self
+                .workers
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| w.roles.contains(&role))
+                .map(|(i, w)| format!("workers[{i}] ({})", w.name))
+                .collect();
+            match hosts.len() {
+                1 => {}
+                0 => {
+                    return c.fail(
+                        "workers",
+                        format!("role {role} is placed on no worker; add `{role}` to one worker's roles (each of actor, critic, reward, reference on exactly one)"),
+                    )
+                }
+                _ => {
+                    return c.fail(
+                        "workers",
+                        format!("role {role} is placed on {}; keep it on exactly one worker", hosts.join(" and ")),
+                    )
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_algorithm(&self, c: &Check) -> Result<(), ConfigError> {
+        let a = &self.algorithm;
+        c.within("algorithm.gamma", a.gamma, 0.0, 1.0, false)?;
+        c.within("algorithm.lam", a.lam, 0.0, 1.0, false)?;
+        c.positive("algorithm.clip_eps", a.clip_eps)?;
+        if let Some(dual) = a.dual_clip {
+            if !(dual > 1.0 && dual.is_finite()) {
+                return c.fail("algorithm.dual_clip", format!("must be > 1 when set (null turns it off), got {dual}"));
+            }
+        }
+        if let Some(clip) = a.value_clip {
+            c.positive("algorithm.value_clip", clip)?;
+        }
+        c.non_negative("algorithm.entropy_coef", a.entropy_coef)?;
+        c.within("algorithm.baseline_decay", a.baseline_decay, 0.0, 1.0, true)?;
+        c.non_negative("algorithm.kl.coef", a.kl.coef)?;
+        if let Some(target) = a.kl.target {
+            c.positive("algorithm.kl.target", target)?;
+        }
+        c.at_least("algorithm.kl.horizon", a.kl.horizon, 1)?;
+        let r = &a.reward;
+        for (name, weight) in &r.attribute_weights {
+            c.finite(&format!("algorithm.reward.attribute_weights.{name}"), *weight)?;
+        }
+        c.finite("algorithm.reward.mean", r.mean)?;
+        c.positive("algorithm.reward.std", r.std)?;
+        if let Some(clip) = r.clip {
+            c.positive("algorithm.reward.clip", clip)?;
+        }
+        if let Some(penalty) = r.truncation_penalty {
+            c.finite("algorithm.reward.truncation_penalty", penalty)?;
+        }
+        let m = &self.models.reward;
+        c.finite("models.reward.correct", m.correct)?;
+        c.finite("models.reward.incorrect", m.incorrect)?;
+        if m.kind == RewardKind::ExactMatch
+            && m.extract == AnswerExtract::AfterMarker
+            && m.marker.is_empty()
+        {
+            return c.fail("models.reward.marker", "must not be empty with extract: after_marker");
+        }
+        Ok(())
+    }
+
+    fn check_rollout_and_train(&self, c: &Check) -> Result<(), ConfigError> {
+        let r = &self.rollout;
+        c.at_least("rollout.batch_size", r.batch_size as u64, 1)?;
+        c.at_least("rollout.samples_per_prompt", r.samples_per_prompt as u64, 1)?;
+        if self.algorithm.name.needs_groups() && r.samples_per_prompt < 2 {
+            return c.fail(
+                "rollout.samples_per_prompt",
+                format!(
+                    "algorithm {} compares samples of the same prompt, so it needs at least 2, got {}; raise it or choose another algorithm",
+                    self.algorithm.name.as_str(),
+                    r.samples_per_prompt
+                ),
+            );
+        }
+        c.at_least("rollout.max_new_tokens", r.max_new_tokens as u64, 1)?;
+        c.at_least("rollout.max_prompt_tokens", r.max_prompt_tokens as u64, 1)?;
+        c.positive("rollout.temperature", r.temperature)?;
+        if !(r.top_p > 0.0 && r.top_p <= 1.0) {
+            return c.fail("rollout.top_p", format!("must be in (0, 1], got {}", r.top_p));
+        }
+
+        let t = &self.train;
+        c.at_least("train.steps", t.steps, 1)?;
+        c.at_least("train.epochs", t.epochs as u64, 1)?;
+        let sequences = self.rollout_sequences();
+        if let Some(mb) = t.minibatch_size {
+            c.at_least("train.minibatch_size", mb as u64, 1)?;
+            if sequences % mb != 0 {
+                return c.fail(
+                    "train.minibatch_size",
+                    format!(
+                        "{mb} does not divide the rollout batch of {sequences} sequences (rollout.batch_size {} x rollout.samples_per_prompt {}); pick a divisor or null for the whole batch",
+                        r.batch_size, r.samples_per_prompt
+                    ),
+                );
+            }
+        }
+        c.at_least("train.micro_batch_size", t.micro_batch_size as u64, 1)?;
+        let mb = self.minibatch_size();
+        if mb % t.micro_batch_size != 0 {
+            let of = if t.minibatch_size.is_some() {
+                "train.minibatch_size"
+            } else {
+                "the whole rollout batch, as train.minibatch_size is null"
+            };
+            return c.fail(
+                "train.micro_batch_size",
+                format!("{} does not divide the minibatch size {mb} ({of}); pick a divisor", t.micro_batch_size),
+            );
+        }
+        c.optimizer("train.actor", &t.actor)?;
+        c.optimizer("train.critic", &t.critic)
+    }
+
+    fn check_files(&self, c: &Check) -> Result<(), ConfigError> {
+        let m = &self.models;
+        c.model_dir("models.policy", &m.policy)?;
+        if let Some(dir) = &m.reference {
+            c.model_dir("models.reference", dir)?;
+        }
+        if let Some(dir) = &m.critic {
+            c.model_dir("models.critic", dir)?;
+        }
+        if m.reward.kind == RewardKind::Model {
+            match &m.reward.path {
+                Some(dir) => c.model_dir("models.reward.path", dir)?,
+                None => {
+                    return c.fail(
+                        "models.reward.path",
+                        "required with models.reward.kind: model; set it to the reward model directory, or use kind: exact_match",
+                    )
+                }
+            }
+        }
+        let prompts = &self.rollout.prompts;
+        if prompts.as_os_str().is_empty() {
+            return c.fail("rollout.prompts", "required: set it to a JSONL prompts file");
+        }
+        if !prompts.is_file() {
+            return c.fail(
+                "rollout.prompts",
+                format!("prompts file {} does not exist; check the path (relative paths in the file are relative to the file's directory)", prompts.display()),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_allow_only_safe_characters() {
+        for ok in ["a", "run-1.b_c", "2024"] {
+            assert!(is_name(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "ü"] {
+            assert!(!is_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn slurm_times_take_the_two_documented_forms() {
+        for ok in ["12:00:00", "0:30:00", "48:00:00", "2-00:00:00", "1-23:59:59"] {
+            assert!(is_slurm_time(ok), "{ok}");
+        }
+        for bad in ["12:00", "1-24:00:00", "12:60:00", "12:00:0", "x-1:00:00", "", "1:2:3:4"] {
+            assert!(!is_slurm_time(bad), "{bad}");
+        }
+    }
+}
