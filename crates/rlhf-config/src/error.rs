@@ -39,7 +39,7 @@ impl fmt::Display for Origin {
             Origin::File { file, line: None } => write!(f, "in {}", file.display()),
             Origin::Env { var } => write!(f, "from environment variable {var}"),
             Origin::Set { arg } => write!(f, "from --set {arg}"),
-            Origin::Default => f.write_str("the default value"),
+            Origin::Default => f.write_str("the default, as nothing sets it"),
         }
     }
 }

@@ -31,9 +31,13 @@ impl LineMap {
             .load(&mut builder, false)
             .map_err(|e| SyntaxError {
                 line: e.marker().line(),
-                column: e.marker().col(),
+                // yaml-rust2 counts columns from 0 whatever its docs say.
+                column: e.marker().col() + 1,
                 message: e.info().to_owned(),
             })?;
+        if let Some(duplicate) = builder.duplicate {
+            return Err(duplicate);
+        }
         Ok(LineMap {
             lines: builder.lines,
         })
@@ -64,17 +68,29 @@ struct Builder {
     /// Segments of the enclosing collections (only those with a segment).
     path: Vec<String>,
     lines: HashMap<String, usize>,
+    /// The first key that occurs twice in one mapping (serde_yaml rejects those too, but
+    /// points at the mapping rather than the key).
+    duplicate: Option<SyntaxError>,
 }
 
 impl Builder {
-    fn record(&mut self, last: &str, mark: Marker) {
+    fn record(&mut self, last: &str, mark: Marker, is_key: bool) {
         let mut key = self.path.join(".");
         if !key.is_empty() {
             key.push('.');
         }
         key.push_str(last);
-        // First occurrence wins: with duplicate keys serde_yaml fails anyway.
-        self.lines.entry(key).or_insert(mark.line());
+        if self.lines.contains_key(&key) {
+            if is_key && last != "?" && self.duplicate.is_none() {
+                self.duplicate = Some(SyntaxError {
+                    line: mark.line(),
+                    column: mark.col() + 1,
+                    message: format!("duplicate key `{last}`"),
+                });
+            }
+            return;
+        }
+        self.lines.insert(key, mark.line());
     }
 
     /// A node starts; returns the path segment it sits at, None when it is a mapping key (or
@@ -84,13 +100,13 @@ impl Builder {
             None => NodeRole::Value(None),
             Some(Frame::Mapping { key: None, .. }) => {
                 let name = scalar_key.unwrap_or("?").to_owned();
-                self.record(&name, mark);
+                self.record(&name, mark, true);
                 NodeRole::Key(name)
             }
             Some(Frame::Mapping { key: Some(k), .. }) => NodeRole::Value(Some(k.clone())),
             Some(Frame::Sequence { next_index, .. }) => {
                 let index = next_index.to_string();
-                self.record(&index, mark);
+                self.record(&index, mark, false);
                 NodeRole::Value(Some(index))
             }
         }
@@ -227,5 +243,14 @@ models: {policy: p, reward: {kind: model}}
         let err = LineMap::parse("run:\n  name: [x\nmodels: 1\n").unwrap_err();
         assert!(err.line >= 2, "{err:?}");
         assert!(!err.message.is_empty());
+    }
+
+    #[test]
+    fn duplicate_keys_point_at_the_second_one() {
+        let err = LineMap::parse("run:\n  name: a\nmodels: {}\nrun:\n  dir: x\n").unwrap_err();
+        assert_eq!((err.line, err.column), (4, 1), "{err:?}");
+        assert!(err.message.contains("duplicate key `run`"), "{err:?}");
+        // The same key in different mappings is fine.
+        assert!(LineMap::parse("a: {name: x}\nb: {name: y}\n").is_ok());
     }
 }

@@ -4,14 +4,15 @@
 //! figment merges dictionaries but replaces lists whole, so an override that addresses a list
 //! item (`--set workers.0.threads=2`, `RLHF_WORKERS__0__THREADS=2`) is applied to a copy of the
 //! list from the layers below; the copied items keep their figment tags, so an error in an
-//! untouched item still points at the file. Env and `--set` share one provider type
-//! ([`Overrides`]) because figment's `Env` reads only the process environment, and tests need to
-//! inject theirs.
+//! untouched item still points at the file. The file, env and `--set` layers share one provider
+//! type ([`Layer`]): figment's `Env` reads only the process environment (tests inject theirs),
+//! and the file's data is adjusted before merging (a section left empty, `slurm:` with its keys
+//! commented out, means "defaults", not null).
 
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Format, Serialized, Yaml};
-use figment::value::{Dict, Map, Tag, Value};
+use figment::providers::Serialized;
+use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider, Source};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -22,6 +23,7 @@ use crate::lines::LineMap;
 /// The prefix of environment variables that may be config.
 pub const ENV_PREFIX: &str = "RLHF_";
 
+const FILE_PROVIDER: &str = "YAML file";
 const ENV_PROVIDER: &str = "RLHF_ environment variables";
 const SET_PROVIDER: &str = "--set arguments";
 
@@ -210,7 +212,7 @@ impl Provenance {
             .unwrap_or(Origin::Default)
     }
 
-    fn from_figment_error(&self, error: figment::Error) -> ConfigError {
+    fn map_figment_error(&self, error: figment::Error) -> ConfigError {
         use figment::error::Kind;
         let mut segments = error.path.clone();
         let message = match &error.kind {
@@ -223,7 +225,10 @@ impl Provenance {
                 "missing required key; add it".to_owned()
             }
             Kind::UnknownVariant(variant, expected) => {
-                format!("invalid value `{variant}`; expected one of {}", one_of(expected))
+                format!(
+                    "invalid value `{variant}`; expected one of {}",
+                    one_of(expected)
+                )
             }
             Kind::InvalidType(actual, expected) => {
                 format!("expected {expected}, found {actual}")
@@ -300,20 +305,19 @@ pub fn load_as<T: ConfigSchema>(
         column: e.column,
         message: e.message,
     })?;
-    // yaml-rust2 accepts a few documents serde_yaml (figment's parser) rejects, such as
-    // duplicate keys; parse with serde_yaml too so those fail here with a position.
-    let document: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| {
-        let location = e.location();
-        ConfigError::Malformed {
-            file: file.to_owned(),
-            line: location.as_ref().map_or(1, |l| l.line()),
-            column: location.as_ref().map_or(1, |l| l.column()),
-            message: e.to_string(),
-        }
-    })?;
+    // serde_yaml (figment's YAML parser) rejects a few documents yaml-rust2 accepts, such as
+    // multiple documents or non-string keys; it reports those with a position too.
+    let malformed = |e: serde_yaml::Error| ConfigError::Malformed {
+        file: file.to_owned(),
+        line: e.location().map_or(1, |l| l.line()),
+        column: e.location().map_or(1, |l| l.column()),
+        message: e.to_string(),
+    };
+    let document: serde_yaml::Value = serde_yaml::from_str(&text).map_err(malformed)?;
     let set_args = parse_set_args(overrides)?;
 
-    let defaults = Value::serialize(T::default()).map_err(|e| ConfigError::Serialize(e.to_string()))?;
+    let defaults =
+        Value::serialize(T::default()).map_err(|e| ConfigError::Serialize(e.to_string()))?;
     let Value::Dict(_, mut defaults) = defaults else {
         return Err(ConfigError::Serialize(
             "the config type must serialize to a mapping of sections".to_owned(),
@@ -321,21 +325,30 @@ pub fn load_as<T: ConfigSchema>(
     };
     let sections: Vec<String> = defaults.keys().cloned().collect();
     let env_vars = parse_env(env.pairs(), &sections)?;
-    for key in T::REPLACED_MAPS {
-        remove_key(&mut defaults, &key_segments(key));
-    }
 
-    let mut figment = Figment::from(Serialized::defaults(defaults));
-    match document {
-        serde_yaml::Value::Null => {}
-        serde_yaml::Value::Mapping(_) => figment = figment.merge(Yaml::file_exact(file)),
+    let file_data = match document {
+        serde_yaml::Value::Null => Dict::new(),
+        serde_yaml::Value::Mapping(_) => {
+            let mut data: Dict = serde_yaml::from_str(&text).map_err(malformed)?;
+            drop_empty_sections(&mut data, &defaults);
+            data
+        }
         other => {
             return Err(ConfigError::NotAMapping {
                 file: file.to_owned(),
                 found: yaml_kind(&other).to_owned(),
             })
         }
+    };
+
+    for key in T::REPLACED_MAPS {
+        remove_key(&mut defaults, &key_segments(key));
     }
+    let mut figment = Figment::from(Serialized::defaults(defaults)).merge(Layer {
+        name: FILE_PROVIDER,
+        file: Some(file.to_owned()),
+        dict: file_data,
+    });
     let mut entries = Vec::new();
     figment = merge_overrides(figment, ENV_PROVIDER, env_vars, &mut entries)?;
     figment = merge_overrides(figment, SET_PROVIDER, set_args, &mut entries)?;
@@ -355,11 +368,11 @@ pub fn load_as<T: ConfigSchema>(
     provenance.root = provenance
         .figment
         .find_value("")
-        .map_err(|e| provenance.from_figment_error(e))?;
+        .map_err(|e| provenance.map_figment_error(e))?;
     let mut config: T = provenance
         .figment
         .extract()
-        .map_err(|e| provenance.from_figment_error(e))?;
+        .map_err(|e| provenance.map_figment_error(e))?;
     config.visit_paths(&mut |key, path| provenance.resolve_path(key, path));
     config.validate(&provenance)?;
     Ok(Loaded { config, provenance })
@@ -400,6 +413,24 @@ fn yaml_kind(value: &serde_yaml::Value) -> &'static str {
     }
 }
 
+/// Removes null values from `data` where `defaults` has a section: YAML reads a section whose
+/// keys are all commented out as null, and the user means "the defaults".
+fn drop_empty_sections(data: &mut Dict, defaults: &Dict) {
+    data.retain(|key, value| {
+        !matches!(
+            (&*value, defaults.get(key)),
+            (Value::Empty(..), Some(Value::Dict(..)))
+        )
+    });
+    for (key, value) in data.iter_mut() {
+        if let (Value::Dict(_, child), Some(Value::Dict(_, child_defaults))) =
+            (value, defaults.get(key))
+        {
+            drop_empty_sections(child, child_defaults);
+        }
+    }
+}
+
 fn remove_key(dict: &mut Dict, segments: &[String]) {
     match segments {
         [] => {}
@@ -415,6 +446,7 @@ fn remove_key(dict: &mut Dict, segments: &[String]) {
 }
 
 /// One override: key segments, the value's text, and the source to name in errors.
+#[derive(Debug)]
 struct RawOverride {
     segments: Vec<String>,
     text: String,
@@ -503,15 +535,19 @@ fn parse_value(text: &str) -> Value {
     serde_yaml::from_str::<Value>(text).unwrap_or_else(|_| Value::from(text.to_owned()))
 }
 
-/// A layer of key-path overrides (env or `--set`), provided to figment under `name`.
-struct Overrides {
+/// One source's data (the file, env or `--set`), provided to figment under `name`.
+struct Layer {
     name: &'static str,
+    file: Option<PathBuf>,
     dict: Dict,
 }
 
-impl Provider for Overrides {
+impl Provider for Layer {
     fn metadata(&self) -> Metadata {
-        Metadata::named(self.name)
+        match &self.file {
+            Some(file) => Metadata::from(self.name, file.as_path()),
+            None => Metadata::named(self.name),
+        }
     }
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
@@ -556,7 +592,11 @@ fn merge_overrides(
     let Value::Dict(_, dict) = patch else {
         unreachable!("the patch root is created as a dict and only its children change")
     };
-    Ok(figment.merge(Overrides { name, dict }))
+    Ok(figment.merge(Layer {
+        name,
+        file: None,
+        dict,
+    }))
 }
 
 /// Sets `segments[depth..]` under `node` (the patch) to `value`. Where the layers below hold a
@@ -578,10 +618,20 @@ fn set_path(
                 dict.insert(head.clone(), value);
                 return Ok(());
             }
-            let entry = dict.entry(head.clone()).or_insert_with(|| match child_base {
-                Some(list @ Value::Array(..)) => list.clone(),
-                _ => Value::from(Dict::new()),
-            });
+            if let Some(Value::String(..) | Value::Num(..) | Value::Bool(..) | Value::Char(..)) =
+                child_base
+            {
+                return Err(format!(
+                    "`{}` is a single value, not a section",
+                    display_key(&segments[..=depth])
+                ));
+            }
+            let entry = dict
+                .entry(head.clone())
+                .or_insert_with(|| match child_base {
+                    Some(list @ Value::Array(..)) => list.clone(),
+                    _ => Value::from(Dict::new()),
+                });
             if !matches!(entry, Value::Dict(..) | Value::Array(..)) {
                 // An earlier override set this key to a scalar; a deeper one makes it a section.
                 *entry = Value::from(Dict::new());
@@ -631,6 +681,14 @@ fn deepest_child<'a>(value: &'a Value, segment: &str) -> Option<&'a Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loaded_configs_can_cross_threads() {
+        // The coordinator shares the loaded config (and its provenance, for later errors)
+        // with its tasks.
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Loaded<crate::RunConfig>>();
+    }
 
     #[test]
     fn set_args_split_on_the_first_equals_sign() {

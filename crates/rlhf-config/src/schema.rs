@@ -2,7 +2,7 @@
 //!
 //! Every struct denies unknown keys and defaults each missing field (`#[serde(default)]` over the
 //! `Default` impl), so a file names only what it changes. Fields marked "required" default to an
-//! empty value that [`crate::validate`] rejects with the key's name. Enum values are snake_case.
+//! empty value that the loader's validation rejects with the key's name. Enum values are snake_case.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -839,6 +839,14 @@ impl serde::de::Visitor<'_> for LenientString {
     }
     fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
         Ok(v.to_string())
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<String, E> {
+        Err(E::custom(
+            "expected a string, found nothing (null or empty)",
+        ))
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<String, E> {
+        self.visit_none()
     }
 }
 

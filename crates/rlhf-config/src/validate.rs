@@ -72,7 +72,14 @@ impl Check<'_> {
     }
 
     /// `v` in [lo, hi] (or [lo, hi) when `hi_open`).
-    fn within(&self, key: &str, v: f64, lo: f64, hi: f64, hi_open: bool) -> Result<(), ConfigError> {
+    fn within(
+        &self,
+        key: &str,
+        v: f64,
+        lo: f64,
+        hi: f64,
+        hi_open: bool,
+    ) -> Result<(), ConfigError> {
         let ok = v >= lo && if hi_open { v < hi } else { v <= hi };
         if ok {
             return Ok(());
@@ -90,7 +97,10 @@ impl Check<'_> {
 
     fn name(&self, key: &str, name: &str, what: &str) -> Result<(), ConfigError> {
         if name.is_empty() {
-            return self.fail(key, format!("required: set {what} (letters, digits, `.`, `_`, `-`)"));
+            return self.fail(
+                key,
+                format!("required: give a {what} (letters, digits, `.`, `_`, `-`)"),
+            );
         }
         if !is_name(name) {
             return self.fail(
@@ -117,7 +127,10 @@ impl Check<'_> {
     /// `dir` exists and holds a `config.json` (a Hugging Face-layout model directory).
     fn model_dir(&self, key: &str, dir: &Path) -> Result<(), ConfigError> {
         if dir.as_os_str().is_empty() {
-            return self.fail(key, "required: set it to a model directory (Hugging Face layout, with config.json)");
+            return self.fail(
+                key,
+                "required: set it to a model directory (Hugging Face layout, with config.json)",
+            );
         }
         if !dir.is_dir() {
             return self.fail(
@@ -128,7 +141,10 @@ impl Check<'_> {
         if !dir.join("config.json").is_file() {
             return self.fail(
                 key,
-                format!("{} has no config.json; point it at a Hugging Face-layout model directory", dir.display()),
+                format!(
+                    "{} has no config.json; point it at a Hugging Face-layout model directory",
+                    dir.display()
+                ),
             );
         }
         Ok(())
@@ -158,7 +174,8 @@ fn is_slurm_time(s: &str) -> bool {
     let [h, m, sec] = parts.as_slice() else {
         return false;
     };
-    let two = |p: &str, max: u32| p.len() == 2 && digits(p) && p.parse::<u32>().is_ok_and(|v| v < max);
+    let two =
+        |p: &str, max: u32| p.len() == 2 && digits(p) && p.parse::<u32>().is_ok_and(|v| v < max);
     let hours_ok = digits(h) && (days.is_none() || h.parse::<u32>().is_ok_and(|v| v < 24));
     hours_ok && two(m, 60) && two(sec, 60)
 }
@@ -207,11 +224,17 @@ impl RunConfig {
             c.name(&format!("workers.{i}.name"), &w.name, "worker name")?;
             let roles_key = format!("workers.{i}.roles");
             if w.roles.is_empty() {
-                return c.fail(&roles_key, "must list at least one of actor, critic, reward, reference");
+                return c.fail(
+                    &roles_key,
+                    "must list at least one of actor, critic, reward, reference",
+                );
             }
             for (j, role) in w.roles.iter().enumerate() {
                 if w.roles[..j].contains(role) {
-                    return c.fail(&roles_key, format!("role {role} is listed twice; list each role once"));
+                    return c.fail(
+                        &roles_key,
+                        format!("role {role} is listed twice; list each role once"),
+                    );
                 }
             }
             c.at_least(&format!("workers.{i}.threads"), w.threads as u64, 1)?;
@@ -256,7 +279,10 @@ impl RunConfig {
         c.positive("algorithm.clip_eps", a.clip_eps)?;
         if let Some(dual) = a.dual_clip {
             if !(dual > 1.0 && dual.is_finite()) {
-                return c.fail("algorithm.dual_clip", format!("must be > 1 when set (null turns it off), got {dual}"));
+                return c.fail(
+                    "algorithm.dual_clip",
+                    format!("must be > 1 when set (null turns it off), got {dual}"),
+                );
             }
         }
         if let Some(clip) = a.value_clip {
@@ -271,7 +297,10 @@ impl RunConfig {
         c.at_least("algorithm.kl.horizon", a.kl.horizon, 1)?;
         let r = &a.reward;
         for (name, weight) in &r.attribute_weights {
-            c.finite(&format!("algorithm.reward.attribute_weights.{name}"), *weight)?;
+            c.finite(
+                &format!("algorithm.reward.attribute_weights.{name}"),
+                *weight,
+            )?;
         }
         c.finite("algorithm.reward.mean", r.mean)?;
         c.positive("algorithm.reward.std", r.std)?;
@@ -288,7 +317,10 @@ impl RunConfig {
             && m.extract == AnswerExtract::AfterMarker
             && m.marker.is_empty()
         {
-            return c.fail("models.reward.marker", "must not be empty with extract: after_marker");
+            return c.fail(
+                "models.reward.marker",
+                "must not be empty with extract: after_marker",
+            );
         }
         Ok(())
     }
@@ -311,7 +343,10 @@ impl RunConfig {
         c.at_least("rollout.max_prompt_tokens", r.max_prompt_tokens as u64, 1)?;
         c.positive("rollout.temperature", r.temperature)?;
         if !(r.top_p > 0.0 && r.top_p <= 1.0) {
-            return c.fail("rollout.top_p", format!("must be in (0, 1], got {}", r.top_p));
+            return c.fail(
+                "rollout.top_p",
+                format!("must be in (0, 1], got {}", r.top_p),
+            );
         }
 
         let t = &self.train;
@@ -340,7 +375,10 @@ impl RunConfig {
             };
             return c.fail(
                 "train.micro_batch_size",
-                format!("{} does not divide the minibatch size {mb} ({of}); pick a divisor", t.micro_batch_size),
+                format!(
+                    "{} does not divide the minibatch size {mb} ({of}); pick a divisor",
+                    t.micro_batch_size
+                ),
             );
         }
         c.optimizer("train.actor", &t.actor)?;
@@ -369,7 +407,10 @@ impl RunConfig {
         }
         let prompts = &self.rollout.prompts;
         if prompts.as_os_str().is_empty() {
-            return c.fail("rollout.prompts", "required: set it to a JSONL prompts file");
+            return c.fail(
+                "rollout.prompts",
+                "required: set it to a JSONL prompts file",
+            );
         }
         if !prompts.is_file() {
             return c.fail(
@@ -397,10 +438,24 @@ mod tests {
 
     #[test]
     fn slurm_times_take_the_two_documented_forms() {
-        for ok in ["12:00:00", "0:30:00", "48:00:00", "2-00:00:00", "1-23:59:59"] {
+        for ok in [
+            "12:00:00",
+            "0:30:00",
+            "48:00:00",
+            "2-00:00:00",
+            "1-23:59:59",
+        ] {
             assert!(is_slurm_time(ok), "{ok}");
         }
-        for bad in ["12:00", "1-24:00:00", "12:60:00", "12:00:0", "x-1:00:00", "", "1:2:3:4"] {
+        for bad in [
+            "12:00",
+            "1-24:00:00",
+            "12:60:00",
+            "12:00:0",
+            "x-1:00:00",
+            "",
+            "1:2:3:4",
+        ] {
             assert!(!is_slurm_time(bad), "{bad}");
         }
     }

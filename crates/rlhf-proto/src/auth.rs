@@ -103,7 +103,10 @@ mod tests {
         assert!(e.message().contains(TOKEN_HEADER));
         let other = RunToken::new("0".repeat(32)).unwrap();
         let req = AddToken(other).call(Request::new(())).unwrap();
-        assert_eq!(check.call(req).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            check.call(req).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
         let req = AddToken(t).call(Request::new(())).unwrap();
         assert!(check.call(req).is_ok());
         assert!(RunToken::new("has space".into()).is_err());

@@ -161,7 +161,11 @@ pub fn optional(field: &str, t: Option<&pb::Tensor>) -> Result<Option<Tensor>, W
 
 /// Cuts one named tensor into chunks of at most `chunk_bytes` bytes (one chunk for an empty
 /// tensor, so every tensor announces itself).
-pub fn chunks(name: &str, t: &Tensor, chunk_bytes: usize) -> Result<Vec<pb::WeightChunk>, WireError> {
+pub fn chunks(
+    name: &str,
+    t: &Tensor,
+    chunk_bytes: usize,
+) -> Result<Vec<pb::WeightChunk>, WireError> {
     let (kind, shape, data) = tensor_bytes(name, t)?;
     let dtype = dtype_of(kind).map(|d| d as i32).unwrap_or_default();
     let total = data.len() as u64;
@@ -306,9 +310,14 @@ mod tests {
         }
         // Non-contiguous input and an empty tensor.
         let tt = base.tr();
-        assert!(from_wire("t", &to_wire("t", &tt).unwrap()).unwrap().equal(&tt));
+        assert!(from_wire("t", &to_wire("t", &tt).unwrap())
+            .unwrap()
+            .equal(&tt));
         let e = Tensor::zeros([0, 4], (Kind::Float, Device::Cpu));
-        assert_eq!(from_wire("e", &to_wire("e", &e).unwrap()).unwrap().size(), [0, 4]);
+        assert_eq!(
+            from_wire("e", &to_wire("e", &e).unwrap()).unwrap().size(),
+            [0, 4]
+        );
     }
 
     #[test]
@@ -318,8 +327,14 @@ mod tests {
         let e = from_wire("advantages", &m).unwrap_err().to_string();
         assert!(e.contains("advantages") && e.contains("16 bytes"), "{e}");
         m.dtype = 0;
-        assert!(from_wire("x", &m).unwrap_err().to_string().contains("dtype"));
-        assert!(required("old_logprobs", None).unwrap_err().to_string().contains("old_logprobs"));
+        assert!(from_wire("x", &m)
+            .unwrap_err()
+            .to_string()
+            .contains("dtype"));
+        assert!(required("old_logprobs", None)
+            .unwrap_err()
+            .to_string()
+            .contains("old_logprobs"));
     }
 
     #[test]
@@ -347,6 +362,10 @@ mod tests {
         for c in all.into_iter().take(5) {
             asm.push(c).unwrap();
         }
-        assert!(asm.finish().unwrap_err().to_string().contains("ended after"));
+        assert!(asm
+            .finish()
+            .unwrap_err()
+            .to_string()
+            .contains("ended after"));
     }
 }

@@ -1,1 +1,19 @@
-//! `rlhf-worker`: placeholder.
+//! `rlhf-worker`: the per-node worker daemon.
+//!
+//! Owns: role instances (actor, critic, reward, reference) and their tch computations
+//! ([`roles`], with rule rewards in [`reward_rules`]), one OS thread per role that owns its
+//! tensors ([`host`]), the gRPC `Worker` service over them ([`service`]), and the daemon's life:
+//! register with the coordinator, heartbeat, serve, stop on SIGTERM ([`daemon`]).
+//!
+//! May use: rlhf-model, rlhf-algo, rlhf-proto, tch, tonic, tokio. Knows nothing of the
+//! controller's internals: everything it learns arrives through the proto, and the coordinator
+//! never reaches into a worker's memory except through it.
+
+pub mod daemon;
+pub mod error;
+pub mod host;
+pub mod reward_rules;
+pub mod roles;
+pub mod service;
+
+pub use error::{RoleError, RoleResult};

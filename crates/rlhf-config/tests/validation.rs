@@ -1,0 +1,247 @@
+//! Validation after extraction: cross-field rules, role placement, worker names and the files a
+//! run needs, each error naming the key and FILE:LINE; plus `error_at`/`locate` for callers.
+
+mod common;
+use common::*;
+
+use rlhf_config::{ConfigError, Origin};
+
+#[test]
+fn the_base_fixture_is_valid() {
+    let f = Fixture::new();
+    let loaded = f.load(BASE, &[], &[]).unwrap();
+    assert_eq!(loaded.config.run.name, "t");
+}
+
+#[test]
+fn rloo_with_one_sample_per_prompt_is_rejected_at_its_line() {
+    let f = Fixture::new();
+    let yaml = format!("{BASE}algorithm:\n  name: rloo\n");
+    // Defaulted samples_per_prompt: the key is named, its source is the default.
+    let msg = err(f.load(&yaml, &[], &[]));
+    assert!(msg.starts_with("rollout.samples_per_prompt:"), "{msg}");
+    assert!(msg.contains("rloo") && msg.contains("at least 2"), "{msg}");
+    assert!(msg.ends_with("(the default, as nothing sets it)"), "{msg}");
+
+    let yaml = yaml.replace("rollout:\n", "rollout:\n  samples_per_prompt: 1\n");
+    let msg = err(f.load(&yaml, &[], &[]));
+    assert!(msg.starts_with("rollout.samples_per_prompt:"), "{msg}");
+    assert!(
+        msg.contains(&f.at(line_of(&yaml, "samples_per_prompt"))),
+        "{msg}"
+    );
+
+    // grpo too; 2 samples pass.
+    let yaml = yaml.replace("rloo", "grpo");
+    assert!(err(f.load(&yaml, &[], &[])).contains("grpo"));
+    f.load(&yaml, &["rollout.samples_per_prompt=2"], &[])
+        .unwrap();
+}
+
+#[test]
+fn a_duplicated_role_names_both_workers() {
+    let f = Fixture::new();
+    let yaml = format!(
+        "{BASE}workers:\n  - name: a\n    roles: [actor, critic]\n  - name: b\n    roles: [reward, reference, actor]\n"
+    );
+    let msg = err(f.load(&yaml, &[], &[]));
+    assert!(
+        msg.starts_with("workers: role actor is placed on workers[0] (a) and workers[1] (b)"),
+        "{msg}"
+    );
+    assert!(msg.contains(&f.at(line_of(&yaml, "workers:"))), "{msg}");
+}
+
+#[test]
+fn a_role_listed_twice_on_one_worker_names_its_roles() {
+    let f = Fixture::new();
+    let yaml = format!(
+        "{BASE}workers:\n  - name: a\n    roles: [actor, critic]\n  - name: b\n    roles: [reward, reward, reference]\n"
+    );
+    let msg = err(f.load(&yaml, &[], &[]));
+    assert!(
+        msg.starts_with("workers[1].roles: role reward is listed twice"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&f.at(line_of(&yaml, "[reward, reward"))),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_missing_role_is_named() {
+    let f = Fixture::new();
+    let yaml = format!(
+        "{BASE}workers:\n  - name: a\n    roles: [actor, reference]\n  - name: b\n    roles: [reward]\n"
+    );
+    let msg = err(f.load(&yaml, &[], &[]));
+    assert!(
+        msg.starts_with("workers: role critic is placed on no worker"),
+        "{msg}"
+    );
+    assert!(msg.contains(&f.at(line_of(&yaml, "workers:"))), "{msg}");
+}
+
+#[test]
+fn worker_names_are_required_unique_and_safe() {
+    let f = Fixture::new();
+    let yaml = format!(
+        "{BASE}workers:\n  - name: a\n    roles: [actor, critic]\n  - name: a\n    roles: [reward, reference]\n"
+    );
+    let msg = err(f.load(&yaml, &[], &[]));
+    assert!(
+        msg.starts_with("workers[1].name: duplicate worker name `a`"),
+        "{msg}"
+    );
+    let second = yaml
+        .lines()
+        .collect::<Vec<_>>()
+        .iter()
+        .rposition(|l| l.contains("name: a"))
+        .unwrap()
+        + 1;
+    assert!(msg.contains(&f.at(second)), "{msg}");
+
+    let yaml = format!(
+        "{BASE}workers:\n  - name: a\n    roles: [actor, critic]\n  - roles: [reward, reference]\n"
+    );
+    let msg = err(f.load(&yaml, &[], &[]));
+    assert!(msg.starts_with("workers[1].name: required"), "{msg}");
+    // No `name:` line: the item's own line is the nearest the file has.
+    assert!(msg.contains(&f.at(line_of(&yaml, "- roles"))), "{msg}");
+
+    let msg = err(f.load(BASE, &["workers.0.name=a/b"], &[]));
+    assert!(
+        msg.starts_with("workers[0].name: `a/b` is not a valid worker name"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_missing_model_dir_names_the_key_and_the_path() {
+    let f = Fixture::new();
+    let yaml = BASE.replace("models/policy", "models/missing");
+    let msg = err(f.load(&yaml, &[], &[]));
+    assert!(msg.starts_with("models.policy: model directory"), "{msg}");
+    assert!(
+        msg.contains(&f.path().join("models/missing").display().to_string()),
+        "{msg}"
+    );
+    assert!(msg.contains(&f.at(line_of(&yaml, "policy:"))), "{msg}");
+
+    // A directory without config.json.
+    std::fs::create_dir_all(f.path().join("models/empty")).unwrap();
+    let yaml = BASE.replace("models:\n", "models:\n  critic: models/empty\n");
+    let msg = err(f.load(&yaml, &[], &[]));
+    assert!(
+        msg.starts_with("models.critic:") && msg.contains("no config.json"),
+        "{msg}"
+    );
+    assert!(msg.contains(&f.at(line_of(&yaml, "critic:"))), "{msg}");
+}
+
+#[test]
+fn the_reward_model_is_required_unless_the_reward_is_a_rule() {
+    let f = Fixture::new();
+    let yaml = BASE.replace("  reward:\n    path: models/rm\n", "");
+    let msg = err(f.load(&yaml, &[], &[]));
+    assert!(msg.starts_with("models.reward.path: required"), "{msg}");
+    let loaded = f
+        .load(&yaml, &["models.reward.kind=exact_match"], &[])
+        .unwrap();
+    assert_eq!(loaded.config.models.reward.path, None);
+}
+
+#[test]
+fn a_missing_prompts_file_is_named() {
+    let f = Fixture::new();
+    let yaml = BASE.replace("data/prompts.jsonl", "data/nope.jsonl");
+    let msg = err(f.load(&yaml, &[], &[]));
+    assert!(msg.starts_with("rollout.prompts: prompts file"), "{msg}");
+    assert!(msg.contains(&f.at(line_of(&yaml, "prompts:"))), "{msg}");
+}
+
+#[test]
+fn a_minibatch_that_does_not_divide_the_rollout_batch() {
+    let f = Fixture::new();
+    let yaml = format!("{BASE}train:\n  minibatch_size: 3\n");
+    let msg = err(f.load(&yaml, &[], &[]));
+    assert!(
+        msg.starts_with("train.minibatch_size: 3 does not divide the rollout batch of 8"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&f.at(line_of(&yaml, "minibatch_size"))),
+        "{msg}"
+    );
+
+    // 4 divides 8, but the default micro batch of 8 does not divide 4.
+    let yaml = format!("{BASE}train:\n  minibatch_size: 4\n");
+    let msg = err(f.load(&yaml, &[], &[]));
+    assert!(
+        msg.starts_with("train.micro_batch_size: 8 does not divide the minibatch size 4"),
+        "{msg}"
+    );
+    let loaded = f.load(&yaml, &["train.micro_batch_size=2"], &[]).unwrap();
+    assert_eq!(loaded.config.minibatch_size(), 4);
+}
+
+#[test]
+fn range_and_cross_field_rules() {
+    let f = Fixture::new();
+    for (set, key) in [
+        (
+            "launcher.heartbeat_timeout_ms=500",
+            "launcher.heartbeat_timeout_ms",
+        ),
+        ("launcher.startup_timeout_s=0", "launcher.startup_timeout_s"),
+        ("algorithm.gamma=1.5", "algorithm.gamma"),
+        ("algorithm.dual_clip=1.0", "algorithm.dual_clip"),
+        ("algorithm.baseline_decay=1", "algorithm.baseline_decay"),
+        ("algorithm.kl.coef=-1", "algorithm.kl.coef"),
+        ("algorithm.reward.std=0", "algorithm.reward.std"),
+        ("rollout.temperature=.nan", "rollout.temperature"),
+        ("rollout.top_p=1.5", "rollout.top_p"),
+        ("train.critic.beta2=1", "train.critic.beta2"),
+        ("workers.2.threads=0", "workers[2].threads"),
+        ("launcher.slurm.time=12:00", "launcher.slurm.time"),
+        ("run.name=..", "run.name"),
+    ] {
+        let msg = err(f.load(BASE, &[set], &[]));
+        assert!(msg.starts_with(&format!("{key}: ")), "{set}: {msg}");
+        assert!(msg.contains(&format!("from --set {set}")), "{msg}");
+    }
+}
+
+#[test]
+fn callers_report_their_own_checks_the_same_way() {
+    let f = Fixture::new();
+    let yaml = format!("{BASE}algorithm:\n  kl:\n    coef: 0.01\n");
+    let loaded = f.load(&yaml, &[], &[("RLHF_TRAIN__STEPS", "3")]).unwrap();
+    let line = line_of(&yaml, "coef");
+    assert_eq!(loaded.locate("algorithm.kl.coef"), Some(f.at(line)));
+    assert_eq!(loaded.locate("algorithm.kl.target"), None);
+    assert_eq!(loaded.provenance.line("workers.0.name"), None);
+
+    let e = loaded.error_at("algorithm.kl.coef", "too large for this model");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "algorithm.kl.coef: too large for this model (at {})",
+            f.at(line)
+        )
+    );
+    let ConfigError::Invalid { key, origin, .. } = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(key, "algorithm.kl.coef");
+    assert!(matches!(origin, Origin::File { line: Some(l), .. } if *l == line));
+
+    let e = loaded.error_at("train.steps", "no");
+    assert!(
+        e.to_string()
+            .ends_with("(from environment variable RLHF_TRAIN__STEPS)"),
+        "{e}"
+    );
+}

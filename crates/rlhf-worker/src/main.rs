@@ -1,0 +1,90 @@
+//! `rlhf-worker`: the per-node worker daemon binary. Started by `rlhf-coord launch` (locally or
+//! through `srun`), which passes the coordinator's address, the worker's name and the run token
+//! in the environment; flags override the environment for manual runs. This binary owns the
+//! tracing subscriber (`RLHF_LOG` filter, `RLHF_LOG_FORMAT=json`) and the libtorch thread count;
+//! all logic lives in the library.
+
+use std::net::IpAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use rlhf_proto::auth::RunToken;
+use rlhf_worker::daemon::{run, DaemonArgs};
+
+#[derive(Parser)]
+#[command(name = "rlhf-worker", version, about = "rlhf-coord worker daemon")]
+struct Cli {
+    /// Coordinator address, host:port.
+    #[arg(long, env = "RLHF_COORD_ADDR")]
+    coordinator: String,
+    /// This worker's name from the placement.
+    #[arg(long, env = "RLHF_WORKER_NAME")]
+    name: String,
+    /// Interface to listen on.
+    #[arg(long, env = "RLHF_WORKER_BIND", default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// Port to listen on (0: any free port).
+    #[arg(long, env = "RLHF_WORKER_PORT", default_value_t = 0)]
+    port: u16,
+    /// libtorch intra-op threads.
+    #[arg(long, env = "RLHF_WORKER_THREADS", default_value_t = 1)]
+    threads: i32,
+    /// Seconds to keep trying to register.
+    #[arg(long, env = "RLHF_REGISTER_TIMEOUT_S", default_value_t = 60.0)]
+    register_timeout_s: f64,
+    /// Stop when the coordinator has not answered heartbeats for this many seconds.
+    #[arg(long, env = "RLHF_ORPHAN_TIMEOUT_S", default_value_t = 30.0)]
+    orphan_timeout_s: f64,
+}
+
+fn init_tracing(name: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RLHF_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("RLHF_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.with_target(false).init();
+    }
+    tracing::debug!(worker = name, "tracing initialised");
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.name);
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rlhf-worker: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    let token = RunToken::from_env().map_err(anyhow::Error::msg)?;
+    if cli.threads < 1 {
+        anyhow::bail!("--threads must be >= 1, found {}", cli.threads);
+    }
+    tch::set_num_threads(cli.threads);
+    tch::set_num_interop_threads(1);
+    let args = DaemonArgs {
+        coordinator: cli.coordinator,
+        name: cli.name,
+        bind: cli.bind,
+        port: cli.port,
+        token,
+        register_timeout: Duration::from_secs_f64(cli.register_timeout_s.max(0.1)),
+        orphan_timeout: Duration::from_secs_f64(cli.orphan_timeout_s.max(0.1)),
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(args))
+}

@@ -1,0 +1,889 @@
+//! Role instances: what an actor, critic, reward or reference worker holds and computes. Plain
+//! tch code over domain types (no tonic): every method runs on the role's own OS thread (see
+//! [`crate::host`]), which owns all of the role's tensors.
+//!
+//! Token-level conventions (shared with the coordinator, see proto/rlhf/v1/worker.proto): a batch
+//! is left-padded prompts of width `P` followed by responses of width `N`; per-token results are
+//! (b, N) where column k belongs to response token k. Next-token log-probs and values of response
+//! token k are read at sequence column `P - 1 + k`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rlhf_algo::{
+    policy_loss, value_loss, AdamW, KlEstimator, KlLossTerm, LossAgg, LrSchedule, OptimConfig,
+    PolicyLossConfig, PolicyLossInputs, ValueLossConfig, ValueLossInputs,
+};
+use rlhf_model::{
+    generate, sequence_scores, token_logprobs, token_values, ChatMessage, GenerationConfig,
+    HeadKind, LoadOptions, ModelDir, RewardHead, RewardSpec, Sampling, SaveOptions,
+};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{RoleError, RoleResult};
+use crate::reward_rules::ExactMatch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoleKind {
+    Actor,
+    Critic,
+    Reward,
+    Reference,
+}
+
+impl RoleKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RoleKind::Actor => "actor",
+            RoleKind::Critic => "critic",
+            RoleKind::Reward => "reward",
+            RoleKind::Reference => "reference",
+        }
+    }
+}
+
+/// Training settings of an actor or critic.
+#[derive(Debug, Clone)]
+pub struct TrainerSpec {
+    /// Actor loss (ignored by critics).
+    pub policy_loss: PolicyLossConfig,
+    /// Critic loss (ignored by actors).
+    pub value_loss: ValueLossConfig,
+    pub optim: OptimConfig,
+    pub micro_batch_size: i64,
+    /// Sampling temperature; training forwards divide logits by it.
+    pub temperature: f64,
+    /// KL term in the actor loss (KL mode "loss").
+    pub kl_loss: Option<KlLossTerm>,
+}
+
+/// How a reward role scores.
+#[derive(Debug, Clone)]
+pub enum RewardKindSpec {
+    /// A reward model; `fallback` says how to combine its outputs when its directory has no
+    /// `rlhf_reward.json`.
+    Model {
+        attribute_weights: BTreeMap<String, f64>,
+        mean: f64,
+        std: f64,
+    },
+    ExactMatch(ExactMatch),
+}
+
+#[derive(Debug, Clone)]
+pub enum RoleDetail {
+    Actor(TrainerSpec),
+    Critic(TrainerSpec),
+    Reward(RewardKindSpec),
+    Reference,
+}
+
+/// Everything needed to create a role instance.
+#[derive(Debug, Clone)]
+pub struct RoleSpec {
+    pub role_id: String,
+    pub model_path: PathBuf,
+    pub device: Device,
+    pub dtype: Kind,
+    pub seed: u64,
+    pub detail: RoleDetail,
+}
+
+impl RoleSpec {
+    pub fn kind(&self) -> RoleKind {
+        match self.detail {
+            RoleDetail::Actor(_) => RoleKind::Actor,
+            RoleDetail::Critic(_) => RoleKind::Critic,
+            RoleDetail::Reward(_) => RoleKind::Reward,
+            RoleDetail::Reference => RoleKind::Reference,
+        }
+    }
+}
+
+/// What a created role reports back.
+#[derive(Debug, Clone)]
+pub struct RoleInfo {
+    pub parameters: u64,
+    pub attribute_names: Vec<String>,
+}
+
+pub struct GenerateArgs {
+    pub prompts: Vec<Vec<i64>>,
+    pub samples_per_prompt: usize,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+pub struct Generated {
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    pub prompt_width: i64,
+    pub response_mask: Tensor,
+    pub response_logprobs: Tensor,
+    pub finished: Vec<bool>,
+}
+
+/// A padded batch of prompt + response sequences.
+pub struct Seqs {
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    pub prompt_width: i64,
+    pub response_len: i64,
+}
+
+impl Seqs {
+    fn check(&self) -> RoleResult<i64> {
+        let size = self.input_ids.size();
+        if size.len() != 2 {
+            return Err(RoleError::bad(
+                "sequences.input_ids",
+                format!("must be (b, s), found {size:?}"),
+            ));
+        }
+        if self.attention_mask.size() != size {
+            return Err(RoleError::bad(
+                "sequences.attention_mask",
+                format!(
+                    "shape {:?} differs from input_ids {size:?}",
+                    self.attention_mask.size()
+                ),
+            ));
+        }
+        if self.prompt_width < 1
+            || self.response_len < 1
+            || self.prompt_width + self.response_len != size[1]
+        {
+            return Err(RoleError::bad(
+                "sequences.prompt_width",
+                format!(
+                    "prompt_width {} + response_len {} must equal the sequence width {} (both >= 1)",
+                    self.prompt_width, self.response_len, size[1]
+                ),
+            ));
+        }
+        Ok(size[0])
+    }
+
+    fn rows(&self, start: i64, n: i64) -> RoleResult<Seqs> {
+        Ok(Seqs {
+            input_ids: self.input_ids.f_narrow(0, start, n)?,
+            attention_mask: self.attention_mask.f_narrow(0, start, n)?,
+            prompt_width: self.prompt_width,
+            response_len: self.response_len,
+        })
+    }
+
+    fn to(&self, device: Device) -> RoleResult<Seqs> {
+        Ok(Seqs {
+            input_ids: self.input_ids.f_to_device(device)?,
+            attention_mask: self.attention_mask.f_to_device(device)?,
+            prompt_width: self.prompt_width,
+            response_len: self.response_len,
+        })
+    }
+}
+
+/// One minibatch for a `TrainStep`.
+pub struct TrainBatch {
+    pub seqs: Seqs,
+    pub response_mask: Tensor,
+    pub advantages: Option<Tensor>,
+    pub old_logprobs: Option<Tensor>,
+    pub ref_logprobs: Option<Tensor>,
+    pub old_values: Option<Tensor>,
+    pub returns: Option<Tensor>,
+}
+
+pub struct ScoreItem {
+    pub prompt: Vec<ChatMessage>,
+    pub response: String,
+    pub answer: String,
+}
+
+pub struct Scores {
+    /// (b,) f32.
+    pub rewards: Tensor,
+    /// (b, a) f32 raw head outputs, for reward models.
+    pub attributes: Option<Tensor>,
+    pub attribute_names: Vec<String>,
+}
+
+/// A model with an optimizer: the actor or the critic.
+pub struct Trainer {
+    pub dir: ModelDir,
+    source: PathBuf,
+    spec: TrainerSpec,
+    opt: AdamW,
+    schedule: LrSchedule,
+    step: u64,
+}
+
+pub struct RewardModel {
+    dir: ModelDir,
+    spec: RewardSpec,
+}
+
+pub enum Role {
+    Actor(Trainer),
+    Critic(Trainer),
+    RewardModel(RewardModel),
+    RewardRule(ExactMatch),
+    Reference(ModelDir),
+}
+
+/// Rows scored per forward by reward and reference roles when no micro-batch size applies.
+const INFER_ROWS: i64 = 16;
+
+fn load_dir(spec: &RoleSpec, head: Option<HeadKind>) -> RoleResult<ModelDir> {
+    let opts = LoadOptions {
+        device: spec.device,
+        dtype: Some(spec.dtype),
+        head,
+        seed: spec.seed as i64,
+    };
+    Ok(ModelDir::load(&spec.model_path, &opts)?)
+}
+
+fn count_params(dir: &ModelDir) -> u64 {
+    dir.model
+        .named_tensors()
+        .iter()
+        .map(|(_, t)| t.numel() as u64)
+        .sum()
+}
+
+impl Role {
+    /// Loads the model and builds the role's state.
+    pub fn create(spec: &RoleSpec) -> RoleResult<(Role, RoleInfo)> {
+        let mut names = vec![];
+        let role = match &spec.detail {
+            RoleDetail::Actor(t) => {
+                let dir = load_dir(spec, Some(HeadKind::CausalLm))?;
+                Role::Actor(Trainer::new(dir, &spec.model_path, t.clone())?)
+            }
+            RoleDetail::Critic(t) => {
+                let dir = load_dir(spec, Some(HeadKind::Score { num_labels: 1 }))?;
+                Role::Critic(Trainer::new(dir, &spec.model_path, t.clone())?)
+            }
+            RoleDetail::Reference => {
+                let dir = load_dir(spec, Some(HeadKind::CausalLm))?;
+                freeze(&dir);
+                Role::Reference(dir)
+            }
+            RoleDetail::Reward(RewardKindSpec::ExactMatch(rule)) => {
+                names.push("exact_match".to_string());
+                Role::RewardRule(rule.clone())
+            }
+            RoleDetail::Reward(RewardKindSpec::Model {
+                attribute_weights,
+                mean,
+                std,
+            }) => {
+                let dir = load_dir(spec, None)?;
+                freeze(&dir);
+                let n = match dir.model.config.head {
+                    HeadKind::Score { num_labels } => num_labels,
+                    HeadKind::CausalLm => {
+                        return Err(RoleError::bad(
+                            "models.reward.path",
+                            format!(
+                                "{} is a causal LM; a reward model needs a score head \
+                                 (*ForSequenceClassification in config.json)",
+                                spec.model_path.display()
+                            ),
+                        ))
+                    }
+                };
+                let rs = match RewardSpec::load(&spec.model_path)? {
+                    Some(s) => s,
+                    None => {
+                        fallback_spec(n as i64, attribute_weights, *mean, *std, &spec.model_path)?
+                    }
+                };
+                if rs.attributes.len() != n {
+                    return Err(RoleError::bad(
+                        "models.reward.path",
+                        format!(
+                            "{} names {} attributes but the score head has {n} outputs",
+                            spec.model_path.join(RewardSpec::FILE).display(),
+                            rs.attributes.len()
+                        ),
+                    ));
+                }
+                names = rs.attributes.clone();
+                Role::RewardModel(RewardModel { dir, spec: rs })
+            }
+        };
+        let parameters = match &role {
+            Role::Actor(t) | Role::Critic(t) => count_params(&t.dir),
+            Role::RewardModel(r) => count_params(&r.dir),
+            Role::Reference(d) => count_params(d),
+            Role::RewardRule(_) => 0,
+        };
+        Ok((
+            role,
+            RoleInfo {
+                parameters,
+                attribute_names: names,
+            },
+        ))
+    }
+
+    pub fn kind(&self) -> RoleKind {
+        match self {
+            Role::Actor(_) => RoleKind::Actor,
+            Role::Critic(_) => RoleKind::Critic,
+            Role::RewardModel(_) | Role::RewardRule(_) => RoleKind::Reward,
+            Role::Reference(_) => RoleKind::Reference,
+        }
+    }
+
+    fn wrong(&self, op: &str) -> RoleError {
+        RoleError::WrongRole {
+            op: op.to_string(),
+            kind: self.kind().name(),
+        }
+    }
+
+    pub fn generate(&mut self, a: GenerateArgs) -> RoleResult<Generated> {
+        let Role::Actor(t) = self else {
+            return Err(self.wrong("Generate"));
+        };
+        if a.prompts.is_empty() || a.samples_per_prompt == 0 {
+            return Err(RoleError::bad(
+                "prompts",
+                "need at least one prompt and one sample".into(),
+            ));
+        }
+        let rows: Vec<Vec<i64>> = a
+            .prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), a.samples_per_prompt))
+            .collect();
+        let cfg = GenerationConfig {
+            max_new_tokens: a.max_new_tokens,
+            sampling: Sampling::Sample {
+                temperature: a.temperature,
+                top_k: (a.top_k > 0).then_some(a.top_k),
+                top_p: (a.top_p < 1.0).then_some(a.top_p),
+            },
+            stop_ids: t.dir.stop_ids.clone(),
+            pad_id: t.dir.pad_id,
+            seed: a.seed,
+        };
+        let _g = tch::no_grad_guard();
+        let out = generate(&t.dir.model, &rows, &cfg)?;
+        Ok(Generated {
+            input_ids: out.sequences,
+            attention_mask: out.attention_mask,
+            prompt_width: out.prompt_width,
+            response_mask: out.response_mask,
+            response_logprobs: out.response_logprobs,
+            finished: out.finished,
+        })
+    }
+
+    /// Log-probs of the response tokens (b, N) at `temperature` (actor or reference).
+    pub fn logprobs(&mut self, s: Seqs, temperature: f64) -> RoleResult<Tensor> {
+        let dir = match self {
+            Role::Actor(t) => &t.dir,
+            Role::Reference(d) => d,
+            _ => return Err(self.wrong("LogProbs")),
+        };
+        let b = s.check()?;
+        let s = s.to(dir.model.device())?;
+        let _g = tch::no_grad_guard();
+        let mut parts = vec![];
+        for start in (0..b).step_by(INFER_ROWS as usize) {
+            let part = s.rows(start, INFER_ROWS.min(b - start))?;
+            let lp = token_logprobs(
+                &dir.model,
+                &part.input_ids,
+                &part.attention_mask,
+                temperature,
+                false,
+            )?;
+            parts.push(
+                lp.logprobs
+                    .f_narrow(1, s.prompt_width - 1, s.response_len)?,
+            );
+        }
+        Ok(Tensor::f_cat(&parts, 0)?.f_to_device(Device::Cpu)?)
+    }
+
+    /// Critic values at the response tokens (b, N).
+    pub fn values(&mut self, s: Seqs) -> RoleResult<Tensor> {
+        let Role::Critic(t) = self else {
+            return Err(self.wrong("Values"));
+        };
+        let b = s.check()?;
+        let s = s.to(t.dir.model.device())?;
+        let _g = tch::no_grad_guard();
+        let mut parts = vec![];
+        for start in (0..b).step_by(INFER_ROWS as usize) {
+            let part = s.rows(start, INFER_ROWS.min(b - start))?;
+            let v = token_values(&t.dir.model, &part.input_ids, &part.attention_mask)?;
+            parts.push(v.f_narrow(1, s.prompt_width - 1, s.response_len)?);
+        }
+        Ok(Tensor::f_cat(&parts, 0)?
+            .f_to_kind(Kind::Float)?
+            .f_to_device(Device::Cpu)?)
+    }
+
+    pub fn score(&mut self, items: Vec<ScoreItem>) -> RoleResult<Scores> {
+        match self {
+            Role::RewardRule(rule) => {
+                let r: Vec<f32> = items
+                    .iter()
+                    .map(|it| rule.score(&it.response, &it.answer) as f32)
+                    .collect();
+                Ok(Scores {
+                    rewards: Tensor::f_from_slice(&r)?,
+                    attributes: None,
+                    attribute_names: vec!["exact_match".into()],
+                })
+            }
+            Role::RewardModel(rm) => rm.score(&items),
+            _ => Err(self.wrong("Score")),
+        }
+    }
+
+    pub fn train_step(&mut self, b: TrainBatch) -> RoleResult<(BTreeMap<String, f64>, u64)> {
+        match self {
+            Role::Actor(t) => t.step_actor(b),
+            Role::Critic(t) => t.step_critic(b),
+            _ => Err(self.wrong("TrainStep")),
+        }
+    }
+
+    fn weights_dir(&self) -> Option<&ModelDir> {
+        match self {
+            Role::Actor(t) | Role::Critic(t) => Some(&t.dir),
+            Role::RewardModel(r) => Some(&r.dir),
+            Role::Reference(d) => Some(d),
+            Role::RewardRule(_) => None,
+        }
+    }
+
+    /// Named weights, sorted by name (CPU copies are made by the wire layer).
+    pub fn export_weights(&self) -> RoleResult<Vec<(String, Tensor)>> {
+        let dir = self
+            .weights_dir()
+            .ok_or_else(|| self.wrong("ExportWeights"))?;
+        Ok(dir.model.named_tensors())
+    }
+
+    /// Replaces every weight; names and shapes must match the role's model exactly.
+    pub fn import_weights(&mut self, new: Vec<(String, Tensor)>) -> RoleResult<()> {
+        let dir = self
+            .weights_dir()
+            .ok_or_else(|| self.wrong("ImportWeights"))?;
+        let mut vars = dir.model.named_tensors();
+        if new.len() != vars.len() {
+            return Err(RoleError::bad(
+                "weights",
+                format!(
+                    "{} tensors received, the model has {}",
+                    new.len(),
+                    vars.len()
+                ),
+            ));
+        }
+        let by_name: BTreeMap<&str, &Tensor> = new.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        for (name, var) in &vars {
+            let src = by_name
+                .get(name.as_str())
+                .ok_or_else(|| RoleError::bad("weights", format!("tensor `{name}` missing")))?;
+            if src.size() != var.size() {
+                return Err(RoleError::bad(
+                    "weights",
+                    format!(
+                        "tensor `{name}`: shape {:?}, the model has {:?}",
+                        src.size(),
+                        var.size()
+                    ),
+                ));
+            }
+        }
+        let _g = tch::no_grad_guard();
+        for (name, var) in vars.iter_mut() {
+            let src = by_name[name.as_str()];
+            var.f_copy_(&src.f_to_device(var.device())?.f_to_kind(var.kind())?)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the role's trainable state into `dir`; frozen roles write nothing.
+    pub fn save_state(&self, dir: &Path) -> RoleResult<Vec<String>> {
+        match self {
+            Role::Actor(t) | Role::Critic(t) => t.save(dir),
+            _ => Ok(vec![]),
+        }
+    }
+
+    /// Restores what [`Role::save_state`] wrote.
+    pub fn load_state(&mut self, dir: &Path) -> RoleResult<Vec<String>> {
+        match self {
+            Role::Actor(t) | Role::Critic(t) => t.load(dir),
+            _ => Ok(vec![]),
+        }
+    }
+}
+
+fn freeze(dir: &ModelDir) {
+    for (_, t) in dir.model.named_tensors() {
+        let _ = t.set_requires_grad(false);
+    }
+}
+
+fn fallback_spec(
+    n: i64,
+    weights: &BTreeMap<String, f64>,
+    mean: f64,
+    std: f64,
+    path: &Path,
+) -> RoleResult<RewardSpec> {
+    let spec = if n == 1 {
+        RewardSpec {
+            format: 1,
+            head: RewardHead::BradleyTerry,
+            attributes: vec!["reward".into()],
+            goodness_weights: BTreeMap::new(),
+            mean,
+            std,
+        }
+    } else if n as usize == rlhf_algo::HELPSTEER2_ATTRIBUTES.len() {
+        RewardSpec {
+            format: 1,
+            head: RewardHead::Regression,
+            attributes: rlhf_algo::HELPSTEER2_ATTRIBUTES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            goodness_weights: weights.clone(),
+            mean,
+            std,
+        }
+    } else {
+        return Err(RoleError::bad(
+            "models.reward.path",
+            format!(
+                "{}: the score head has {n} outputs and there is no {}; write one naming the \
+                 attributes (rlhf-coord train-rm does)",
+                path.display(),
+                RewardSpec::FILE
+            ),
+        ));
+    };
+    spec.validate(&path.join(RewardSpec::FILE))?;
+    Ok(spec)
+}
+
+impl RewardModel {
+    fn score(&self, items: &[ScoreItem]) -> RoleResult<Scores> {
+        let tok = &self.dir.tokenizer;
+        let mut seqs = Vec::with_capacity(items.len());
+        for (i, it) in items.iter().enumerate() {
+            let mut msgs = it.prompt.clone();
+            msgs.push(ChatMessage::new("assistant", &it.response));
+            let ids = if tok.chat_template().is_some() {
+                tok.encode_chat(&msgs, false)?
+            } else {
+                let text: String = msgs
+                    .iter()
+                    .map(|m| m.content.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                tok.encode(&text, true)?
+            };
+            if ids.is_empty() {
+                return Err(RoleError::bad(
+                    "items",
+                    format!("item {i} tokenizes to nothing"),
+                ));
+            }
+            seqs.push(ids);
+        }
+        let device = self.dir.model.device();
+        let _g = tch::no_grad_guard();
+        let mut outs = vec![];
+        for chunk in seqs.chunks(INFER_ROWS as usize) {
+            let (ids, mask) = right_pad(chunk, self.dir.pad_id, device)?;
+            outs.push(sequence_scores(&self.dir.model, &ids, &mask)?.f_to_kind(Kind::Float)?);
+        }
+        let attrs = Tensor::f_cat(&outs, 0)?.f_to_device(Device::Cpu)?;
+        let rows = Vec::<Vec<f32>>::try_from(&attrs)?;
+        let rewards: Vec<f32> = rows
+            .iter()
+            .map(|r| {
+                let r64: Vec<f64> = r.iter().map(|&x| x as f64).collect();
+                self.spec.reward(&r64) as f32
+            })
+            .collect();
+        Ok(Scores {
+            rewards: Tensor::f_from_slice(&rewards)?,
+            attributes: Some(attrs),
+            attribute_names: self.spec.attributes.clone(),
+        })
+    }
+}
+
+fn right_pad(rows: &[Vec<i64>], pad: i64, device: Device) -> RoleResult<(Tensor, Tensor)> {
+    let w = rows.iter().map(Vec::len).max().unwrap_or(1);
+    let mut ids = Vec::with_capacity(rows.len() * w);
+    let mut mask = Vec::with_capacity(rows.len() * w);
+    for r in rows {
+        ids.extend_from_slice(r);
+        ids.extend(std::iter::repeat_n(pad, w - r.len()));
+        mask.extend(std::iter::repeat_n(1i64, r.len()));
+        mask.extend(std::iter::repeat_n(0i64, w - r.len()));
+    }
+    let shape = [rows.len() as i64, w as i64];
+    Ok((
+        Tensor::f_from_slice(&ids)?
+            .f_view(shape)?
+            .f_to_device(device)?,
+        Tensor::f_from_slice(&mask)?
+            .f_view(shape)?
+            .f_to_device(device)?,
+    ))
+}
+
+/// Per micro-batch `[start, start + n)`: its loss scale (share of the minibatch's tokens or rows,
+/// per `agg`), so accumulated gradients equal the whole minibatch's.
+fn micro_batches(mask: &Tensor, micro: i64, agg: LossAgg) -> RoleResult<Vec<(i64, i64, f64)>> {
+    let counts = Vec::<f64>::try_from(mask.f_to_kind(Kind::Double)?.f_sum_dim_intlist(
+        [1].as_slice(),
+        false,
+        Kind::Double,
+    )?)?;
+    let rows = counts.len() as i64;
+    let total: f64 = counts.iter().sum();
+    if total <= 0.0 {
+        return Err(RoleError::bad(
+            "response_mask",
+            "the minibatch has no response tokens".into(),
+        ));
+    }
+    let micro = micro.clamp(1, rows.max(1));
+    let mut out = vec![];
+    let mut start = 0;
+    while start < rows {
+        let n = micro.min(rows - start);
+        let tokens: f64 = counts[start as usize..(start + n) as usize].iter().sum();
+        let scale = match agg {
+            LossAgg::TokenMean => tokens / total,
+            LossAgg::SeqMeanTokenSum | LossAgg::SeqMeanTokenMean => n as f64 / rows as f64,
+        };
+        out.push((start, n, scale));
+        start += n;
+    }
+    Ok(out)
+}
+
+fn need<'a>(t: &'a Option<Tensor>, field: &'static str, op: &str) -> RoleResult<&'a Tensor> {
+    t.as_ref()
+        .ok_or_else(|| RoleError::bad(field, format!("required by {op}")))
+}
+
+impl Trainer {
+    fn new(dir: ModelDir, source: &Path, spec: TrainerSpec) -> RoleResult<Trainer> {
+        let opt = AdamW::new(dir.model.named_tensors(), &spec.optim)?;
+        let schedule = LrSchedule::new(&spec.optim)?;
+        Ok(Trainer {
+            dir,
+            source: source.to_path_buf(),
+            spec,
+            opt,
+            schedule,
+            step: 0,
+        })
+    }
+
+    fn finish_step(&mut self, metrics: &mut BTreeMap<String, f64>) -> RoleResult<u64> {
+        let norm = self.opt.clip_grad_norm(self.spec.optim.max_grad_norm)?;
+        let lr = self.schedule.lr_at(self.step);
+        self.opt.step(lr)?;
+        self.opt.zero_grad()?;
+        self.step += 1;
+        metrics.insert("grad_norm".into(), norm);
+        metrics.insert("lr".into(), lr);
+        Ok(self.step)
+    }
+
+    fn step_actor(&mut self, b: TrainBatch) -> RoleResult<(BTreeMap<String, f64>, u64)> {
+        b.seqs.check()?;
+        let dev = self.dir.model.device();
+        let adv = need(&b.advantages, "advantages", "the actor's TrainStep")?;
+        let old = need(&b.old_logprobs, "old_logprobs", "the actor's TrainStep")?;
+        if self.spec.kl_loss.is_some() {
+            need(&b.ref_logprobs, "ref_logprobs", "a KL loss term")?;
+        }
+        let cfg = self.spec.policy_loss.clone();
+        let with_entropy = true;
+        let parts = micro_batches(&b.response_mask, self.spec.micro_batch_size, cfg.agg)?;
+        let mut m: BTreeMap<String, f64> = BTreeMap::new();
+        self.opt.zero_grad()?;
+        for (start, n, scale) in parts {
+            let s = b.seqs.rows(start, n)?.to(dev)?;
+            let rows = |t: &Tensor| -> RoleResult<Tensor> {
+                Ok(t.f_narrow(0, start, n)?.f_to_device(dev)?)
+            };
+            let (mask, adv, old) = (rows(&b.response_mask)?, rows(adv)?, rows(old)?);
+            let reference = b.ref_logprobs.as_ref().map(rows).transpose()?;
+            let lp = token_logprobs(
+                &self.dir.model,
+                &s.input_ids,
+                &s.attention_mask,
+                self.spec.temperature,
+                with_entropy,
+            )?;
+            let new_lp = lp
+                .logprobs
+                .f_narrow(1, s.prompt_width - 1, s.response_len)?;
+            let ent = lp
+                .entropy
+                .map(|e| e.f_narrow(1, s.prompt_width - 1, s.response_len))
+                .transpose()?;
+            let out = policy_loss(
+                &cfg,
+                &PolicyLossInputs {
+                    logprobs: &new_lp,
+                    old_logprobs: &old,
+                    advantages: &adv,
+                    response_mask: &mask.f_to_kind(new_lp.kind())?,
+                    entropy: ent.as_ref(),
+                    ref_logprobs: reference.as_ref(),
+                },
+                self.spec.kl_loss,
+            )?;
+            (out.loss * scale).f_backward()?;
+            let pm = out.metrics;
+            *m.entry("pg_loss".into()).or_default() += scale * pm.pg_loss;
+            *m.entry("clip_frac".into()).or_default() += scale * pm.clip_frac;
+            *m.entry("approx_kl".into()).or_default() += scale * pm.approx_kl;
+            if let Some(e) = pm.entropy {
+                *m.entry("entropy".into()).or_default() += scale * e;
+            }
+            if let Some(k) = pm.ref_kl {
+                *m.entry("ref_kl".into()).or_default() += scale * k;
+            }
+        }
+        let step = self.finish_step(&mut m)?;
+        Ok((m, step))
+    }
+
+    fn step_critic(&mut self, b: TrainBatch) -> RoleResult<(BTreeMap<String, f64>, u64)> {
+        b.seqs.check()?;
+        let dev = self.dir.model.device();
+        let old_v = need(&b.old_values, "old_values", "the critic's TrainStep")?;
+        let ret = need(&b.returns, "returns", "the critic's TrainStep")?;
+        let cfg = self.spec.value_loss.clone();
+        let parts = micro_batches(&b.response_mask, self.spec.micro_batch_size, cfg.agg)?;
+        let mut m: BTreeMap<String, f64> = BTreeMap::new();
+        self.opt.zero_grad()?;
+        for (start, n, scale) in parts {
+            let s = b.seqs.rows(start, n)?.to(dev)?;
+            let rows = |t: &Tensor| -> RoleResult<Tensor> {
+                Ok(t.f_narrow(0, start, n)?.f_to_device(dev)?)
+            };
+            let (mask, old_v, ret) = (rows(&b.response_mask)?, rows(old_v)?, rows(ret)?);
+            let v = token_values(&self.dir.model, &s.input_ids, &s.attention_mask)?
+                .f_narrow(1, s.prompt_width - 1, s.response_len)?
+                .f_to_kind(Kind::Float)?;
+            let out = value_loss(
+                &cfg,
+                &ValueLossInputs {
+                    values: &v,
+                    old_values: &old_v,
+                    returns: &ret,
+                    response_mask: &mask.f_to_kind(Kind::Float)?,
+                },
+            )?;
+            (out.loss * scale).f_backward()?;
+            let vm = out.metrics;
+            *m.entry("value_loss".into()).or_default() += scale * vm.value_loss;
+            *m.entry("value_clip_frac".into()).or_default() += scale * vm.clip_frac;
+            *m.entry("explained_variance".into()).or_default() += scale * vm.explained_variance;
+            *m.entry("value_mean".into()).or_default() += scale * vm.value_mean;
+        }
+        let step = self.finish_step(&mut m)?;
+        Ok((m, step))
+    }
+
+    const OPTIMIZER_FILE: &'static str = "optimizer.safetensors";
+    const STATE_FILE: &'static str = "trainer_state.json";
+
+    fn save(&self, dir: &Path) -> RoleResult<Vec<String>> {
+        std::fs::create_dir_all(dir).map_err(|e| RoleError::io(dir, e))?;
+        self.dir.save(&self.source, dir, &SaveOptions::default())?;
+        self.opt.save(&dir.join(Self::OPTIMIZER_FILE))?;
+        let state = serde_json::json!({ "optimizer_step": self.step });
+        std::fs::write(dir.join(Self::STATE_FILE), state.to_string())
+            .map_err(|e| RoleError::io(&dir.join(Self::STATE_FILE), e))?;
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .map_err(|e| RoleError::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+
+    fn load(&mut self, dir: &Path) -> RoleResult<Vec<String>> {
+        let opts = LoadOptions {
+            device: self.dir.model.device(),
+            dtype: Some(self.dir.model.kind()),
+            head: Some(self.dir.model.config.head),
+            seed: 0,
+        };
+        let loaded = rlhf_model::Model::load(dir, &opts)?;
+        let new: Vec<(String, Tensor)> = loaded.named_tensors();
+        let mut vars = self.dir.model.named_tensors();
+        let _g = tch::no_grad_guard();
+        for ((name, var), (n2, src)) in vars.iter_mut().zip(&new) {
+            if name != n2 {
+                return Err(RoleError::bad(
+                    "state",
+                    format!(
+                        "{}: tensor `{n2}` where `{name}` was expected",
+                        dir.display()
+                    ),
+                ));
+            }
+            var.f_copy_(src)?;
+        }
+        drop(_g);
+        self.opt.load(&dir.join(Self::OPTIMIZER_FILE))?;
+        let path = dir.join(Self::STATE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| RoleError::io(&path, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| RoleError::bad("state", format!("{}: {e}", path.display())))?;
+        self.step = v["optimizer_step"].as_u64().ok_or_else(|| {
+            RoleError::bad(
+                "state",
+                format!("{}: `optimizer_step` missing", path.display()),
+            )
+        })?;
+        Ok(vec![
+            "config.json".into(),
+            Self::OPTIMIZER_FILE.into(),
+            Self::STATE_FILE.into(),
+        ])
+    }
+}
+
+/// Parses a `k1`/`k2`/`k3` estimator name.
+pub fn kl_estimator(name: &str) -> RoleResult<KlEstimator> {
+    match name {
+        "k1" => Ok(KlEstimator::K1),
+        "k2" => Ok(KlEstimator::K2),
+        "k3" => Ok(KlEstimator::K3),
+        other => Err(RoleError::bad(
+            "kl_estimator",
+            format!("`{other}`: expected k1, k2 or k3"),
+        )),
+    }
+}

@@ -1,0 +1,508 @@
+//! The gRPC `Worker` service: decodes requests, runs them on the addressed role's thread, encodes
+//! the answers. Tensors are decoded and encoded inside the role thread's closure, so the async
+//! side only ever moves protobuf bytes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use rlhf_algo::{KlLossTerm, OptimConfig, PolicyLossConfig, ValueLossConfig};
+use rlhf_model::ChatMessage;
+use rlhf_proto::limits::WEIGHT_CHUNK_BYTES;
+use rlhf_proto::pb::{self, worker_server::Worker};
+use rlhf_proto::wire::{self, optional, required, to_wire};
+use tch::{Device, Kind};
+use tokio::sync::{watch, RwLock};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, instrument};
+
+use crate::error::{RoleError, RoleResult};
+use crate::host::RoleHandle;
+use crate::reward_rules::{ExactMatch, Extract};
+use crate::roles::{
+    kl_estimator, GenerateArgs, RewardKindSpec, RoleDetail, RoleSpec, ScoreItem, Seqs, TrainBatch,
+    TrainerSpec,
+};
+
+/// The service state: the roles this worker hosts and the shutdown signal.
+pub struct WorkerService {
+    roles: RwLock<HashMap<String, Arc<RoleHandle>>>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl WorkerService {
+    pub fn new(shutdown: watch::Sender<bool>) -> WorkerService {
+        WorkerService {
+            roles: RwLock::new(HashMap::new()),
+            shutdown,
+        }
+    }
+
+    async fn role(&self, id: &str) -> Result<Arc<RoleHandle>, Status> {
+        self.roles
+            .read()
+            .await
+            .get(id)
+            .cloned()
+            .ok_or_else(|| RoleError::NoRole(id.to_string()).into())
+    }
+}
+
+/// Parses "cpu", "cuda" or "cuda:N".
+pub fn parse_device(s: &str) -> RoleResult<Device> {
+    match s {
+        "" | "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| {
+                RoleError::bad("device", format!("`{s}`: expected cpu, cuda or cuda:N"))
+            }),
+    }
+}
+
+fn parse_dtype(s: &str) -> RoleResult<Kind> {
+    match s {
+        "" | "f32" => Ok(Kind::Float),
+        "bf16" => Ok(Kind::BFloat16),
+        "f16" => Ok(Kind::Half),
+        _ => Err(RoleError::bad(
+            "dtype",
+            format!("`{s}`: expected f32, bf16 or f16"),
+        )),
+    }
+}
+
+fn json<T: serde::de::DeserializeOwned>(field: &str, s: &str) -> RoleResult<T> {
+    serde_json::from_str(s).map_err(|e| RoleError::bad(field, e.to_string()))
+}
+
+fn trainer_spec(t: pb::TrainerSpec, actor: bool) -> RoleResult<TrainerSpec> {
+    let pb::TrainerSpec {
+        loss_json,
+        optim_json,
+        micro_batch_size,
+        temperature,
+        kl_loss_coef,
+        kl_estimator: est,
+    } = t;
+    let (policy_loss, value_loss) = if actor {
+        (
+            json::<PolicyLossConfig>("loss_json", &loss_json)?,
+            ValueLossConfig::default(),
+        )
+    } else {
+        (
+            PolicyLossConfig::default(),
+            json::<ValueLossConfig>("loss_json", &loss_json)?,
+        )
+    };
+    let optim: OptimConfig = json("optim_json", &optim_json)?;
+    optim.validate()?;
+    if micro_batch_size < 1 {
+        return Err(RoleError::bad(
+            "micro_batch_size",
+            format!("{micro_batch_size}: must be >= 1"),
+        ));
+    }
+    let temperature = if temperature == 0.0 { 1.0 } else { temperature };
+    let kl_loss = (actor && kl_loss_coef > 0.0)
+        .then(|| -> RoleResult<KlLossTerm> {
+            Ok(KlLossTerm {
+                estimator: kl_estimator(&est)?,
+                coef: kl_loss_coef,
+            })
+        })
+        .transpose()?;
+    Ok(TrainerSpec {
+        policy_loss,
+        value_loss,
+        optim,
+        micro_batch_size,
+        temperature,
+        kl_loss,
+    })
+}
+
+impl TryFrom<pb::CreateRoleRequest> for RoleSpec {
+    type Error = RoleError;
+
+    fn try_from(r: pb::CreateRoleRequest) -> RoleResult<RoleSpec> {
+        let pb::CreateRoleRequest {
+            role_id,
+            kind,
+            model_path,
+            device,
+            dtype,
+            seed,
+            spec,
+        } = r;
+        if role_id.is_empty() {
+            return Err(RoleError::bad("role_id", "must not be empty".into()));
+        }
+        let kind = pb::RoleKind::try_from(kind).unwrap_or(pb::RoleKind::Unspecified);
+        let detail = match (kind, spec) {
+            (pb::RoleKind::Actor, Some(pb::create_role_request::Spec::Actor(t))) => {
+                RoleDetail::Actor(trainer_spec(t, true)?)
+            }
+            (pb::RoleKind::Critic, Some(pb::create_role_request::Spec::Critic(t))) => {
+                RoleDetail::Critic(trainer_spec(t, false)?)
+            }
+            (pb::RoleKind::Reference, Some(pb::create_role_request::Spec::Reference(_)) | None) => {
+                RoleDetail::Reference
+            }
+            (pb::RoleKind::Reward, Some(pb::create_role_request::Spec::Reward(r))) => {
+                RoleDetail::Reward(match r.kind {
+                    Some(pb::reward_role_spec::Kind::Model(m)) => {
+                        let pb::ModelReward {
+                            attribute_weights,
+                            mean,
+                            std,
+                        } = m;
+                        RewardKindSpec::Model {
+                            attribute_weights: attribute_weights
+                                .into_iter()
+                                .collect::<BTreeMap<_, _>>(),
+                            mean,
+                            std,
+                        }
+                    }
+                    Some(pb::reward_role_spec::Kind::ExactMatch(e)) => {
+                        let pb::ExactMatchReward {
+                            extract,
+                            marker,
+                            correct,
+                            incorrect,
+                        } = e;
+                        RewardKindSpec::ExactMatch(ExactMatch {
+                            extract: Extract::parse(&extract)
+                                .map_err(|m| RoleError::bad("extract", m))?,
+                            marker,
+                            correct,
+                            incorrect,
+                        })
+                    }
+                    None => return Err(RoleError::bad("spec.reward.kind", "missing".into())),
+                })
+            }
+            (k, _) => {
+                return Err(RoleError::bad(
+                    "spec",
+                    format!("role kind {} needs its matching spec", k.as_str_name()),
+                ))
+            }
+        };
+        let needs_model = !matches!(detail, RoleDetail::Reward(RewardKindSpec::ExactMatch(_)));
+        if needs_model && model_path.is_empty() {
+            return Err(RoleError::bad(
+                "model_path",
+                "must name a model directory".into(),
+            ));
+        }
+        Ok(RoleSpec {
+            role_id,
+            model_path: PathBuf::from(model_path),
+            device: parse_device(&device)?,
+            dtype: parse_dtype(&dtype)?,
+            seed,
+            detail,
+        })
+    }
+}
+
+fn seqs(s: Option<pb::Sequences>) -> RoleResult<Seqs> {
+    let pb::Sequences {
+        input_ids,
+        attention_mask,
+        prompt_width,
+        response_len,
+    } = s.ok_or_else(|| RoleError::bad("sequences", "missing".into()))?;
+    Ok(Seqs {
+        input_ids: required("sequences.input_ids", input_ids.as_ref())?,
+        attention_mask: required("sequences.attention_mask", attention_mask.as_ref())?,
+        prompt_width,
+        response_len,
+    })
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::WeightChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    #[instrument(skip_all, fields(role = %req.get_ref().role_id))]
+    async fn create_role(
+        &self,
+        req: Request<pb::CreateRoleRequest>,
+    ) -> Result<Response<pb::CreateRoleResponse>, Status> {
+        let spec = RoleSpec::try_from(req.into_inner())?;
+        let id = spec.role_id.clone();
+        if self.roles.read().await.contains_key(&id) {
+            return Err(RoleError::RoleExists(id).into());
+        }
+        let (handle, info) = RoleHandle::spawn(spec).await?;
+        info!(role = %id, kind = handle.kind.name(), parameters = info.parameters, "role created");
+        let mut roles = self.roles.write().await;
+        if roles.contains_key(&id) {
+            return Err(RoleError::RoleExists(id).into());
+        }
+        roles.insert(id, Arc::new(handle));
+        Ok(Response::new(pb::CreateRoleResponse {
+            parameters: info.parameters,
+            attribute_names: info.attribute_names,
+        }))
+    }
+
+    async fn destroy_role(&self, req: Request<pb::RoleRef>) -> Result<Response<pb::Empty>, Status> {
+        let id = req.into_inner().role_id;
+        self.roles
+            .write()
+            .await
+            .remove(&id)
+            .ok_or(RoleError::NoRole(id))?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    #[instrument(skip_all, fields(role = %req.get_ref().role_id))]
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let pb::GenerateRequest {
+            role_id,
+            prompts,
+            samples_per_prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        } = req.into_inner();
+        let args = GenerateArgs {
+            prompts: prompts.into_iter().map(|p| p.ids).collect(),
+            samples_per_prompt: samples_per_prompt as usize,
+            max_new_tokens: max_new_tokens as usize,
+            temperature,
+            top_k: top_k as usize,
+            top_p: if top_p == 0.0 { 1.0 } else { top_p },
+            seed,
+        };
+        let role = self.role(&role_id).await?;
+        let out = role
+            .run(move |r| {
+                let g = r.generate(args)?;
+                Ok(pb::GenerateResponse {
+                    input_ids: Some(to_wire("input_ids", &g.input_ids)?),
+                    attention_mask: Some(to_wire("attention_mask", &g.attention_mask)?),
+                    prompt_width: g.prompt_width,
+                    response_mask: Some(to_wire("response_mask", &g.response_mask)?),
+                    response_logprobs: Some(to_wire("response_logprobs", &g.response_logprobs)?),
+                    finished: g.finished,
+                })
+            })
+            .await?;
+        Ok(Response::new(out))
+    }
+
+    #[instrument(skip_all, fields(role = %req.get_ref().role_id))]
+    async fn log_probs(
+        &self,
+        req: Request<pb::SequencesRequest>,
+    ) -> Result<Response<pb::TensorResponse>, Status> {
+        let pb::SequencesRequest {
+            role_id,
+            sequences,
+            temperature,
+        } = req.into_inner();
+        let temperature = if temperature == 0.0 { 1.0 } else { temperature };
+        let role = self.role(&role_id).await?;
+        let t = role
+            .run(move |r| {
+                let lp = r.logprobs(seqs(sequences)?, temperature)?;
+                Ok(to_wire("logprobs", &lp)?)
+            })
+            .await?;
+        Ok(Response::new(pb::TensorResponse { tensor: Some(t) }))
+    }
+
+    #[instrument(skip_all, fields(role = %req.get_ref().role_id))]
+    async fn values(
+        &self,
+        req: Request<pb::SequencesRequest>,
+    ) -> Result<Response<pb::TensorResponse>, Status> {
+        let pb::SequencesRequest {
+            role_id,
+            sequences,
+            temperature: _,
+        } = req.into_inner();
+        let role = self.role(&role_id).await?;
+        let t = role
+            .run(move |r| Ok(to_wire("values", &r.values(seqs(sequences)?)?)?))
+            .await?;
+        Ok(Response::new(pb::TensorResponse { tensor: Some(t) }))
+    }
+
+    #[instrument(skip_all, fields(role = %req.get_ref().role_id))]
+    async fn score(
+        &self,
+        req: Request<pb::ScoreRequest>,
+    ) -> Result<Response<pb::ScoreResponse>, Status> {
+        let pb::ScoreRequest { role_id, items } = req.into_inner();
+        let items: Vec<ScoreItem> = items
+            .into_iter()
+            .map(|it| {
+                let pb::ScoreItem {
+                    prompt,
+                    response,
+                    answer,
+                } = it;
+                ScoreItem {
+                    prompt: prompt
+                        .into_iter()
+                        .map(|m| ChatMessage {
+                            role: m.role,
+                            content: m.content,
+                        })
+                        .collect(),
+                    response,
+                    answer,
+                }
+            })
+            .collect();
+        let role = self.role(&role_id).await?;
+        let out = role
+            .run(move |r| {
+                let s = r.score(items)?;
+                Ok(pb::ScoreResponse {
+                    rewards: Some(to_wire("rewards", &s.rewards)?),
+                    attributes: s
+                        .attributes
+                        .map(|a| to_wire("attributes", &a))
+                        .transpose()?,
+                    attribute_names: s.attribute_names,
+                })
+            })
+            .await?;
+        Ok(Response::new(out))
+    }
+
+    #[instrument(skip_all, fields(role = %req.get_ref().role_id))]
+    async fn train_step(
+        &self,
+        req: Request<pb::TrainStepRequest>,
+    ) -> Result<Response<pb::TrainStepResponse>, Status> {
+        let pb::TrainStepRequest {
+            role_id,
+            sequences,
+            response_mask,
+            advantages,
+            old_logprobs,
+            ref_logprobs,
+            old_values,
+            returns,
+        } = req.into_inner();
+        let role = self.role(&role_id).await?;
+        let (metrics, step) = role
+            .run(move |r| {
+                let batch = TrainBatch {
+                    seqs: seqs(sequences)?,
+                    response_mask: required("response_mask", response_mask.as_ref())?,
+                    advantages: optional("advantages", advantages.as_ref())?,
+                    old_logprobs: optional("old_logprobs", old_logprobs.as_ref())?,
+                    ref_logprobs: optional("ref_logprobs", ref_logprobs.as_ref())?,
+                    old_values: optional("old_values", old_values.as_ref())?,
+                    returns: optional("returns", returns.as_ref())?,
+                };
+                r.train_step(batch)
+            })
+            .await?;
+        Ok(Response::new(pb::TrainStepResponse {
+            metrics: metrics.into_iter().collect(),
+            optimizer_step: step,
+        }))
+    }
+
+    type ExportWeightsStream = ChunkStream;
+
+    async fn export_weights(
+        &self,
+        req: Request<pb::RoleRef>,
+    ) -> Result<Response<Self::ExportWeightsStream>, Status> {
+        let role = self.role(&req.into_inner().role_id).await?;
+        // Serialise on the role thread (a consistent snapshot), stream from here.
+        let chunks = role
+            .run(|r| {
+                let mut out = vec![];
+                for (name, t) in r.export_weights()? {
+                    out.extend(wire::chunks(&name, &t, WEIGHT_CHUNK_BYTES)?);
+                }
+                Ok(out)
+            })
+            .await?;
+        let s = tokio_stream::iter(chunks.into_iter().map(Ok));
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn import_weights(
+        &self,
+        req: Request<Streaming<pb::WeightChunk>>,
+    ) -> Result<Response<pb::ImportWeightsResponse>, Status> {
+        let mut stream = req.into_inner();
+        let mut asm = wire::WeightAssembler::new();
+        let mut role_id = None;
+        while let Some(c) = stream.message().await? {
+            if role_id.is_none() {
+                if c.role_id.is_empty() {
+                    return Err(RoleError::bad(
+                        "role_id",
+                        "the first chunk must name the role".into(),
+                    )
+                    .into());
+                }
+                role_id = Some(c.role_id.clone());
+            }
+            asm.push(c).map_err(RoleError::from)?;
+        }
+        let role_id =
+            role_id.ok_or_else(|| RoleError::bad("chunks", "the stream was empty".into()))?;
+        let role = self.role(&role_id).await?;
+        let (tensors, bytes) = role
+            .run(move |r| {
+                let (ts, bytes) = asm.finish()?;
+                let n = ts.len() as u64;
+                r.import_weights(ts)?;
+                Ok((n, bytes))
+            })
+            .await?;
+        Ok(Response::new(pb::ImportWeightsResponse { tensors, bytes }))
+    }
+
+    async fn save_state(
+        &self,
+        req: Request<pb::StateRequest>,
+    ) -> Result<Response<pb::StateResponse>, Status> {
+        let pb::StateRequest { role_id, dir } = req.into_inner();
+        let role = self.role(&role_id).await?;
+        let files = role.run(move |r| r.save_state(&PathBuf::from(dir))).await?;
+        Ok(Response::new(pb::StateResponse { files }))
+    }
+
+    async fn load_state(
+        &self,
+        req: Request<pb::StateRequest>,
+    ) -> Result<Response<pb::StateResponse>, Status> {
+        let pb::StateRequest { role_id, dir } = req.into_inner();
+        let role = self.role(&role_id).await?;
+        let files = role.run(move |r| r.load_state(&PathBuf::from(dir))).await?;
+        Ok(Response::new(pb::StateResponse { files }))
+    }
+
+    async fn shutdown(&self, _req: Request<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
+        info!("shutdown requested by the coordinator");
+        let _ = self.shutdown.send(true);
+        Ok(Response::new(pb::Empty {}))
+    }
+}
