@@ -5,7 +5,16 @@
 //! subscriber (`RLHF_LOG` filter, `RLHF_LOG_FORMAT=json`), argument parsing and exit codes; all
 //! model logic lives in `rlhf-model`.
 
+mod cluster;
 mod generate_cmd;
+mod launch;
+mod launcher;
+mod metrics;
+mod plot;
+mod prompts;
+mod rl;
+mod train_cmds;
+mod workers;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +62,18 @@ enum Cmd {
     },
     /// Generate completions for one prompt or a JSONL file of prompts.
     Generate(generate_cmd::GenerateArgs),
+    /// Run an RLHF job: start the worker daemons and train per the run file.
+    Launch(launch::LaunchArgs),
+    /// Train a reward model (regression, Bradley-Terry, scaled BT) from a job file.
+    TrainRm(train_cmds::JobArgs),
+    /// Supervised fine-tuning on chat data from a job file.
+    Sft(train_cmds::JobArgs),
+    /// Score prompt + response rows with a reward model.
+    Score(train_cmds::ScoreArgs),
+    /// Evaluate a reward model on RewardBench-format data.
+    EvalRm(train_cmds::EvalArgs),
+    /// Derive preference pairs from HelpSteer2 ratings (higher helpfulness is chosen).
+    DerivePairs(train_cmds::DerivePairsArgs),
 }
 
 fn parse_family(s: &str) -> Result<Family> {
@@ -84,7 +105,8 @@ fn init_tracing() {
     let filter = EnvFilter::try_from_env("RLHF_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if std::env::var("RLHF_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {
@@ -129,6 +151,12 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Generate(args) => generate_cmd::run(args),
+        Cmd::Launch(args) => launch::run(args),
+        Cmd::TrainRm(args) => train_cmds::train_rm(args),
+        Cmd::Sft(args) => train_cmds::sft(args),
+        Cmd::Score(args) => train_cmds::score(args),
+        Cmd::EvalRm(args) => train_cmds::eval_rm(args),
+        Cmd::DerivePairs(args) => train_cmds::derive_pairs(args),
     }
 }
 

@@ -44,7 +44,8 @@ fn init_tracing(name: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if std::env::var("RLHF_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {

@@ -1,0 +1,277 @@
+//! The coordinator's side of the cluster: its gRPC service (workers register and heartbeat), the
+//! registry of live workers, and the liveness watch that turns missed heartbeats into a run
+//! failure naming the worker and its roles.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rlhf_proto::auth::{CheckToken, RunToken};
+use rlhf_proto::limits::MAX_MESSAGE_BYTES;
+use rlhf_proto::pb::{
+    self, coordinator_server::Coordinator, coordinator_server::CoordinatorServer,
+};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tonic::codegen::InterceptedService;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+/// Why the run must stop because of a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerFailure {
+    pub worker: String,
+    pub roles: Vec<String>,
+    pub cause: String,
+}
+
+impl std::fmt::Display for WorkerFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "worker `{}` (roles: {}) {}",
+            self.worker,
+            self.roles.join(", "),
+            self.cause
+        )
+    }
+}
+
+/// A registered worker.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    pub name: String,
+    pub address: String,
+    pub host: String,
+    pub pid: u32,
+    pub devices: Vec<String>,
+    pub last_seen: Instant,
+    pub rss_bytes: u64,
+}
+
+/// Who is expected, who registered, and when each was last heard from.
+pub struct Registry {
+    run_name: String,
+    /// Worker name -> its roles, from the placement.
+    expected: BTreeMap<String, Vec<String>>,
+    workers: Mutex<HashMap<String, WorkerInfo>>,
+    heartbeat_interval: Duration,
+    shutdown: watch::Receiver<bool>,
+    registered: watch::Sender<usize>,
+}
+
+impl Registry {
+    pub fn new(
+        run_name: &str,
+        expected: BTreeMap<String, Vec<String>>,
+        heartbeat_interval: Duration,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<Registry> {
+        Arc::new(Registry {
+            run_name: run_name.to_string(),
+            expected,
+            workers: Mutex::new(HashMap::new()),
+            heartbeat_interval,
+            shutdown,
+            registered: watch::channel(0).0,
+        })
+    }
+
+    pub fn roles_of(&self, worker: &str) -> Vec<String> {
+        self.expected.get(worker).cloned().unwrap_or_default()
+    }
+
+    pub fn get(&self, worker: &str) -> Option<WorkerInfo> {
+        self.workers.lock().ok()?.get(worker).cloned()
+    }
+
+    /// Waits until every expected worker registered, or `timeout` passes (an error listing the
+    /// missing ones).
+    pub async fn wait_all(&self, timeout: Duration) -> Result<()> {
+        let mut rx = self.registered.subscribe();
+        let want = self.expected.len();
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|n| *n >= want)).await;
+        if waited.is_err() {
+            let have = self
+                .workers
+                .lock()
+                .map(|w| w.keys().cloned().collect::<Vec<_>>())
+                .unwrap_or_default();
+            let missing: Vec<&String> =
+                self.expected.keys().filter(|k| !have.contains(k)).collect();
+            anyhow::bail!(
+                "workers {missing:?} did not register within {:.0} s (launcher.startup_timeout_s); \
+                 see their logs under the run directory's logs/",
+                timeout.as_secs_f64()
+            );
+        }
+        Ok(())
+    }
+
+    /// The first worker silent for longer than `timeout`, if any.
+    pub fn silent_worker(&self, timeout: Duration) -> Option<WorkerFailure> {
+        let workers = self.workers.lock().ok()?;
+        workers.values().find_map(|w| {
+            let quiet = w.last_seen.elapsed();
+            (quiet > timeout).then(|| WorkerFailure {
+                worker: w.name.clone(),
+                roles: self.roles_of(&w.name),
+                cause: format!(
+                    "missed heartbeats for {:.1} s (launcher.heartbeat_timeout_ms = {}); \
+                     it is presumed dead",
+                    quiet.as_secs_f64(),
+                    timeout.as_millis()
+                ),
+            })
+        })
+    }
+}
+
+/// The gRPC service workers call.
+pub struct CoordinatorService {
+    registry: Arc<Registry>,
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let pb::RegisterRequest {
+            worker_name,
+            host,
+            address,
+            devices,
+            pid,
+            version,
+        } = req.into_inner();
+        let r = &self.registry;
+        if !r.expected.contains_key(&worker_name) {
+            return Err(Status::invalid_argument(format!(
+                "worker_name `{worker_name}` is not in this run's placement (workers: {:?})",
+                r.expected.keys().collect::<Vec<_>>()
+            )));
+        }
+        if version != env!("CARGO_PKG_VERSION") {
+            return Err(Status::failed_precondition(format!(
+                "version: rlhf-worker {version} cannot serve rlhf-coord {}; install matching builds",
+                env!("CARGO_PKG_VERSION")
+            )));
+        }
+        address
+            .parse::<SocketAddr>()
+            .map_err(|_| Status::invalid_argument(format!("address `{address}` is not ip:port")))?;
+        let n = {
+            let mut w = r
+                .workers
+                .lock()
+                .map_err(|_| Status::internal("registry lock poisoned"))?;
+            if w.contains_key(&worker_name) {
+                return Err(Status::already_exists(format!(
+                    "worker_name `{worker_name}` registered twice; is another daemon using the name?"
+                )));
+            }
+            w.insert(
+                worker_name.clone(),
+                WorkerInfo {
+                    name: worker_name.clone(),
+                    address: address.clone(),
+                    host: host.clone(),
+                    pid,
+                    devices: devices.iter().map(|d| d.name.clone()).collect(),
+                    last_seen: Instant::now(),
+                    rss_bytes: 0,
+                },
+            );
+            w.len()
+        };
+        info!(worker = %worker_name, %address, %host, pid, "worker registered");
+        r.registered.send_replace(n);
+        Ok(Response::new(pb::RegisterResponse {
+            heartbeat_interval_ms: r.heartbeat_interval.as_millis() as u64,
+            run_name: r.run_name.clone(),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let pb::HeartbeatRequest {
+            worker_name,
+            seq: _,
+            rss_bytes,
+        } = req.into_inner();
+        let mut w = self
+            .registry
+            .workers
+            .lock()
+            .map_err(|_| Status::internal("registry lock poisoned"))?;
+        let info = w.get_mut(&worker_name).ok_or_else(|| {
+            Status::not_found(format!("worker_name `{worker_name}` has not registered"))
+        })?;
+        info.last_seen = Instant::now();
+        info.rss_bytes = rss_bytes;
+        Ok(Response::new(pb::HeartbeatResponse {
+            shutdown: *self.registry.shutdown.borrow(),
+        }))
+    }
+}
+
+/// Starts the coordinator service on `addr` (port 0: any free port); returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    token: RunToken,
+    mut stop: watch::Receiver<bool>,
+) -> Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "the coordinator cannot listen on {addr}: is the port in use? choose a free one or 0"
+        )
+    })?;
+    let local = listener.local_addr()?;
+    let svc = CoordinatorServer::new(CoordinatorService { registry })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let guarded = InterceptedService::new(svc, CheckToken(token));
+    tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(guarded)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )
+            .await;
+        if let Err(e) = r {
+            warn!(error = %e, "coordinator service stopped with an error");
+        }
+    });
+    Ok(local)
+}
+
+/// Watches heartbeats: sends a failure on `tx` as soon as a registered worker is silent for
+/// longer than `timeout`, checking every `timeout / 10` (so detection takes at most 1.1x the
+/// timeout).
+pub fn watch_heartbeats(
+    registry: Arc<Registry>,
+    timeout: Duration,
+    tx: mpsc::UnboundedSender<WorkerFailure>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval((timeout / 10).max(Duration::from_millis(10)));
+        loop {
+            tick.tick().await;
+            if let Some(f) = registry.silent_worker(timeout) {
+                let _ = tx.send(f);
+                return;
+            }
+        }
+    })
+}

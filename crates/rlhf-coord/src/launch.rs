@@ -1,0 +1,544 @@
+//! `rlhf-coord launch FILE.yaml`: load and check everything that can be checked up front
+//! (config, models, prompts, the worker binary), start the coordinator service and the worker
+//! daemons, create the role instances per the placement, and run the training loop of
+//! shared/DESIGN.md until `train.steps`, a worker failure, or a signal. Whatever happens, the
+//! workers are told to stop and reaped before this returns.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use rlhf_algo::shuffled_indices;
+use rlhf_config::{EnvSource, LauncherKind, LoadedConfig, RewardKind, Role, RunConfig};
+use rlhf_model::Tokenizer;
+use rlhf_proto::auth::RunToken;
+use rlhf_proto::pb;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::cluster::{self, Registry, WorkerFailure};
+use crate::launcher;
+use crate::metrics::{MetricsWriter, Progress};
+use crate::prompts::{self, PromptCursor, PromptOptions, PromptSet};
+use crate::rl::{self, AlgoSettings, Shaper};
+use crate::workers::{self, RoleClient};
+
+#[derive(clap::Args, Debug)]
+pub struct LaunchArgs {
+    /// The run file (YAML).
+    pub file: PathBuf,
+    /// Override a config value: `--set train.steps=10` (repeatable; highest precedence).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+/// Everything prepared before any process starts.
+struct Prepared {
+    loaded: LoadedConfig,
+    run_dir: PathBuf,
+    settings: AlgoSettings,
+    prompts: PromptSet,
+    tokenizer: Tokenizer,
+    worker_bin: PathBuf,
+}
+
+fn prepare(args: &LaunchArgs) -> Result<Prepared> {
+    let loaded = rlhf_config::load(&args.file, &args.set, EnvSource::Process)?;
+    let cfg = &loaded.config;
+    if cfg.launcher.kind == LauncherKind::Slurm {
+        bail!(
+            "{}: launcher.kind = slurm is not supported by this build yet; use local",
+            loaded.locate("launcher.kind").unwrap_or_default()
+        );
+    }
+    let settings = AlgoSettings::from_config(cfg)?;
+    let tokenizer = Tokenizer::from_dir(&cfg.models.policy).with_context(|| {
+        format!(
+            "models.policy: loading the tokenizer of {}",
+            cfg.models.policy.display()
+        )
+    })?;
+    let prompts = prompts::load(
+        &cfg.rollout.prompts,
+        &PromptOptions {
+            tokenizer: &tokenizer,
+            chat_template: cfg.rollout.chat_template,
+            max_prompt_tokens: cfg.rollout.max_prompt_tokens,
+            need_answer: cfg.models.reward.kind == RewardKind::ExactMatch,
+        },
+    )?;
+    if prompts.rows.len() < cfg.rollout.batch_size {
+        return Err(loaded
+            .error_at(
+                "rollout.batch_size",
+                format!(
+                    "{} prompts per step but {} has only {} prompts",
+                    cfg.rollout.batch_size,
+                    prompts.file.display(),
+                    prompts.rows.len()
+                ),
+            )
+            .into());
+    }
+    let worker_bin = launcher::worker_binary(cfg)?;
+    let run_dir = cfg.run_dir();
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
+    let yaml = loaded.to_yaml()?;
+    let resolved = run_dir.join("config.resolved.yaml");
+    write_atomic(&resolved, yaml.as_bytes())?;
+    Ok(Prepared {
+        loaded,
+        run_dir,
+        settings,
+        prompts,
+        tokenizer,
+        worker_bin,
+    })
+}
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))
+}
+
+/// Runs `launch`; returns when the run ends.
+pub fn run(args: LaunchArgs) -> Result<()> {
+    let p = prepare(&args)?;
+    info!(run_dir = %p.run_dir.display(), "run directory ready");
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run_async(p))
+}
+
+/// The role clients of a run.
+struct Roles {
+    actor: RoleClient,
+    critic: Option<RoleClient>,
+    reward: RoleClient,
+    reference: Option<RoleClient>,
+}
+
+async fn run_async(p: Prepared) -> Result<()> {
+    let cfg = p.loaded.config.clone();
+    let token = RunToken::generate().context("reading random bytes for the run token")?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let expected: BTreeMap<String, Vec<String>> = cfg
+        .workers
+        .iter()
+        .map(|w| {
+            (
+                w.name.clone(),
+                w.roles.iter().map(|r| r.as_str().to_string()).collect(),
+            )
+        })
+        .collect();
+    let registry = Registry::new(
+        &cfg.run.name,
+        expected,
+        Duration::from_millis(cfg.launcher.heartbeat_interval_ms),
+        stop_rx.clone(),
+    );
+    let addr = cluster::serve(
+        SocketAddr::new(cfg.launcher.bind, 0),
+        registry.clone(),
+        token.clone(),
+        stop_rx.clone(),
+    )
+    .await?;
+    info!(%addr, "coordinator listening");
+    let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<WorkerFailure>();
+    let children = launcher::spawn_all(&cfg, &p.worker_bin, &addr.to_string(), &token, &p.run_dir)?;
+    let reg = registry.clone();
+    let reaper = launcher::watch_children(
+        children,
+        move |w| reg.roles_of(w),
+        fail_tx.clone(),
+        stop_rx.clone(),
+    );
+
+    let result = async {
+        let startup = Duration::from_secs_f64(cfg.launcher.startup_timeout_s);
+        tokio::select! {
+            r = registry.wait_all(startup) => r?,
+            Some(f) = fail_rx.recv() => bail!("start-up failed: {f}"),
+        }
+        let hb = cluster::watch_heartbeats(
+            registry.clone(),
+            Duration::from_millis(cfg.launcher.heartbeat_timeout_ms),
+            fail_tx.clone(),
+        );
+        let r = tokio::select! {
+            r = train(&p, &registry, &token) => r,
+            Some(f) = fail_rx.recv() => Err(anyhow!("{f}; stopping the run")),
+        };
+        hb.abort();
+        r
+    }
+    .await;
+
+    // Tear down: heartbeats now answer "shutdown", each worker is asked to stop, and the reaper
+    // waits for (or kills) every child.
+    let _ = stop_tx.send(true);
+    for w in &cfg.workers {
+        if let Some(info) = registry.get(&w.name) {
+            if let Ok(c) = workers::connect(&info.address, &token).await {
+                workers::shutdown(c).await;
+            }
+        }
+    }
+    if tokio::time::timeout(Duration::from_secs(15), reaper)
+        .await
+        .is_err()
+    {
+        warn!("workers did not stop within 15 s");
+    }
+    result
+}
+
+fn dtype_name(d: rlhf_config::Dtype) -> &'static str {
+    match d {
+        rlhf_config::Dtype::F32 => "f32",
+        rlhf_config::Dtype::Bf16 => "bf16",
+        rlhf_config::Dtype::F16 => "f16",
+    }
+}
+
+async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Result<Roles> {
+    let cfg = &p.loaded.config;
+    let s = &p.settings;
+    let timeout = Duration::from_secs_f64(cfg.launcher.rpc_timeout_s);
+    let mut clients: BTreeMap<Role, (RoleClient, String)> = BTreeMap::new();
+    for w in &cfg.workers {
+        let info = registry
+            .get(&w.name)
+            .ok_or_else(|| anyhow!("worker `{}` is not registered", w.name))?;
+        let conn = workers::connect(&info.address, token)
+            .await
+            .with_context(|| format!("worker `{}`", w.name))?;
+        for role in &w.roles {
+            let c = RoleClient::new(&w.name, role.as_str(), conn.clone(), timeout);
+            clients.insert(*role, (c, w.device.to_string()));
+        }
+    }
+    let dtype = dtype_name(cfg.models.dtype).to_string();
+    let seed = cfg.run.seed;
+    let kl_in_loss = s.kl.mode == rlhf_algo::KlMode::Loss;
+    let use_reference = s.kl.coef > 0.0 || s.kl.target.is_some();
+    let trainer = |loss_json: String,
+                   optim: &rlhf_algo::OptimConfig,
+                   actor: bool|
+     -> Result<pb::TrainerSpec> {
+        Ok(pb::TrainerSpec {
+            loss_json,
+            optim_json: serde_json::to_string(optim)?,
+            micro_batch_size: cfg.train.micro_batch_size as i64,
+            temperature: cfg.rollout.temperature,
+            kl_loss_coef: if actor && kl_in_loss { s.kl.coef } else { 0.0 },
+            kl_estimator: rl::kl_estimator_name(cfg.algorithm.kl.estimator).into(),
+        })
+    };
+    let get = |r: Role| {
+        clients
+            .get(&r)
+            .cloned()
+            .ok_or_else(|| anyhow!("role {r} is not placed on any worker (workers[].roles)"))
+    };
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+
+    let (actor, actor_dev) = get(Role::Actor)?;
+    let actor_req = pb::CreateRoleRequest {
+        role_id: String::new(),
+        kind: pb::RoleKind::Actor as i32,
+        model_path: path(&cfg.models.policy),
+        device: actor_dev,
+        dtype: dtype.clone(),
+        seed,
+        spec: Some(pb::create_role_request::Spec::Actor(trainer(
+            serde_json::to_string(&s.policy_loss)?,
+            &s.actor_optim,
+            true,
+        )?)),
+    };
+    let (reward, reward_dev) = get(Role::Reward)?;
+    let r = &cfg.models.reward;
+    let reward_spec = match r.kind {
+        RewardKind::Model => pb::reward_role_spec::Kind::Model(pb::ModelReward {
+            attribute_weights: cfg
+                .algorithm
+                .reward
+                .attribute_weights
+                .clone()
+                .into_iter()
+                .collect(),
+            mean: cfg.algorithm.reward.mean,
+            std: cfg.algorithm.reward.std,
+        }),
+        RewardKind::ExactMatch => pb::reward_role_spec::Kind::ExactMatch(pb::ExactMatchReward {
+            extract: match r.extract {
+                rlhf_config::AnswerExtract::LastNumber => "last_number",
+                rlhf_config::AnswerExtract::AfterMarker => "after_marker",
+                rlhf_config::AnswerExtract::Full => "full",
+            }
+            .into(),
+            marker: r.marker.clone(),
+            correct: r.correct,
+            incorrect: r.incorrect,
+        }),
+    };
+    let reward_req = pb::CreateRoleRequest {
+        role_id: String::new(),
+        kind: pb::RoleKind::Reward as i32,
+        model_path: r.path.as_deref().map(path).unwrap_or_default(),
+        device: reward_dev,
+        dtype: dtype.clone(),
+        seed,
+        spec: Some(pb::create_role_request::Spec::Reward(pb::RewardRoleSpec {
+            kind: Some(reward_spec),
+        })),
+    };
+    let critic = if s.uses_critic {
+        let (c, dev) = get(Role::Critic)?;
+        let req = pb::CreateRoleRequest {
+            role_id: String::new(),
+            kind: pb::RoleKind::Critic as i32,
+            model_path: path(cfg.models.critic_dir()),
+            device: dev,
+            dtype: dtype.clone(),
+            seed: seed.wrapping_add(1),
+            spec: Some(pb::create_role_request::Spec::Critic(trainer(
+                serde_json::to_string(&s.value_loss)?,
+                &s.critic_optim,
+                false,
+            )?)),
+        };
+        Some((c, req))
+    } else {
+        if clients.contains_key(&Role::Critic) {
+            info!(
+                "algorithm {} needs no critic; the placed critic role stays idle",
+                cfg.algorithm.name.as_str()
+            );
+        }
+        None
+    };
+    let reference = if use_reference {
+        let (c, dev) = get(Role::Reference)?;
+        let req = pb::CreateRoleRequest {
+            role_id: String::new(),
+            kind: pb::RoleKind::Reference as i32,
+            model_path: path(cfg.models.reference_dir()),
+            device: dev,
+            dtype,
+            seed,
+            spec: Some(pb::create_role_request::Spec::Reference(
+                pb::ReferenceSpec {},
+            )),
+        };
+        Some((c, req))
+    } else {
+        None
+    };
+    // Load all models in parallel.
+    let (a, rw, cr, rf) = tokio::join!(
+        actor.create(actor_req),
+        reward.create(reward_req),
+        async {
+            match &critic {
+                Some((c, req)) => c.create(req.clone()).await.map(Some),
+                None => Ok(None),
+            }
+        },
+        async {
+            match &reference {
+                Some((c, req)) => c.create(req.clone()).await.map(Some),
+                None => Ok(None),
+            }
+        },
+    );
+    let a = a?;
+    let rw = rw?;
+    cr?;
+    rf?;
+    info!(
+        parameters = a.parameters,
+        reward_outputs = ?rw.attribute_names,
+        "roles created"
+    );
+    Ok(Roles {
+        actor,
+        critic: critic.map(|c| c.0),
+        reward,
+        reference: reference.map(|c| c.0),
+    })
+}
+
+/// Per-step seed for sampling, derived from the run seed (splitmix64 of seed + step).
+pub fn step_seed(seed: u64, step: u64) -> u64 {
+    let mut z = seed.wrapping_add(step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+async fn train(p: &Prepared, registry: &Arc<Registry>, token: &RunToken) -> Result<()> {
+    let cfg: &RunConfig = &p.loaded.config;
+    let roles = create_roles(p, registry, token).await?;
+    let group = cfg.rollout.samples_per_prompt as i64;
+    let mut shaper = Shaper::new(p.settings.clone(), group)?;
+    let mut cursor = PromptCursor::new(cfg.run.seed, cfg.rollout.shuffle);
+    let mut metrics = MetricsWriter::create(&p.run_dir.join("metrics.jsonl"))?;
+    let progress = Progress::new(cfg.train.steps, cfg.logging.progress);
+    let kl_in_loss = p.settings.kl.mode == rlhf_algo::KlMode::Loss;
+    let minibatch = cfg.minibatch_size() as i64;
+    for step in 1..=cfg.train.steps {
+        let t0 = Instant::now();
+        let batch = cursor.next_batch(p.prompts.rows.len(), cfg.rollout.batch_size);
+        let rows: Vec<&prompts::PromptRow> = batch.iter().map(|&i| &p.prompts.rows[i]).collect();
+        let gen_req = pb::GenerateRequest {
+            role_id: String::new(),
+            prompts: rows
+                .iter()
+                .map(|r| pb::PromptIds { ids: r.ids.clone() })
+                .collect(),
+            samples_per_prompt: cfg.rollout.samples_per_prompt as u32,
+            max_new_tokens: cfg.rollout.max_new_tokens as u32,
+            temperature: cfg.rollout.temperature,
+            top_k: cfg.rollout.top_k as u32,
+            top_p: cfg.rollout.top_p,
+            seed: step_seed(cfg.run.seed, step),
+        };
+        let gen = roles.actor.generate(gen_req).await?;
+        let t_gen = t0.elapsed();
+
+        let t1 = Instant::now();
+        let texts = rl::decode_responses(&gen, &p.tokenizer)?;
+        let items: Vec<pb::ScoreItem> = texts
+            .into_iter()
+            .enumerate()
+            .map(|(i, response)| {
+                let row = rows[i / group as usize];
+                pb::ScoreItem {
+                    prompt: row
+                        .messages
+                        .iter()
+                        .map(|m| pb::ChatMessage {
+                            role: m.role.clone(),
+                            content: m.content.clone(),
+                        })
+                        .collect(),
+                    response,
+                    answer: row.answer.clone().unwrap_or_default(),
+                }
+            })
+            .collect();
+        let seqs = rl::sequences(&gen)?;
+        let ctl_1 = t1.elapsed();
+        let t2 = Instant::now();
+        let (scores, ref_lp, values) = tokio::join!(
+            roles.reward.score(items),
+            async {
+                match &roles.reference {
+                    Some(r) => r
+                        .log_probs(seqs.clone(), cfg.rollout.temperature)
+                        .await
+                        .map(Some),
+                    None => Ok(None),
+                }
+            },
+            async {
+                match &roles.critic {
+                    Some(c) => c.values(seqs.clone()).await.map(Some),
+                    None => Ok(None),
+                }
+            },
+        );
+        let (scores, ref_lp, values) = (scores?, ref_lp?, values?);
+        let t_score = t2.elapsed();
+
+        let t3 = Instant::now();
+        let (rollout, stats) = shaper.shape(&gen, &scores, ref_lp.as_ref(), values.as_ref())?;
+        let mut ctl = ctl_1 + t3.elapsed();
+
+        let mut t_train = Duration::ZERO;
+        let mut train_metrics: BTreeMap<String, f64> = BTreeMap::new();
+        let mut n_mb = 0.0;
+        for epoch in 0..cfg.train.epochs as u64 {
+            let order = shuffled_indices(rollout.rows as usize, cfg.run.seed, step * 1000 + epoch);
+            for chunk in order.chunks(minibatch as usize) {
+                let tc = Instant::now();
+                let (a_req, c_req) =
+                    rl::minibatch(&rollout, chunk, kl_in_loss, roles.critic.is_some())?;
+                ctl += tc.elapsed();
+                let tt = Instant::now();
+                let (a, c) = tokio::join!(roles.actor.train_step(a_req), async {
+                    match (&roles.critic, c_req) {
+                        (Some(cl), Some(req)) => cl.train_step(req).await.map(Some),
+                        _ => Ok(None),
+                    }
+                });
+                t_train += tt.elapsed();
+                for (k, v) in a?.metrics {
+                    *train_metrics.entry(format!("actor/{k}")).or_default() += v;
+                }
+                if let Some(c) = c? {
+                    for (k, v) in c.metrics {
+                        *train_metrics.entry(format!("critic/{k}")).or_default() += v;
+                    }
+                }
+                n_mb += 1.0;
+            }
+        }
+        for v in train_metrics.values_mut() {
+            *v /= n_mb;
+        }
+        let total = t0.elapsed();
+        let mut m: BTreeMap<String, f64> = BTreeMap::new();
+        m.insert("reward_mean".into(), stats.reward_mean);
+        m.insert("reward_std".into(), stats.reward_std);
+        m.insert("score_mean".into(), stats.score_mean);
+        m.insert("kl_mean".into(), stats.kl_mean);
+        m.insert("kl_coef".into(), stats.kl_coef);
+        m.insert("response_len_mean".into(), stats.response_len_mean);
+        m.insert("truncated_frac".into(), stats.truncated_frac);
+        m.insert("advantage_mean".into(), stats.advantage_mean);
+        for (k, v) in &stats.attribute_means {
+            m.insert(format!("attribute/{k}"), *v);
+        }
+        m.extend(train_metrics);
+        let secs = total.as_secs_f64();
+        m.insert(
+            "tokens_per_s".into(),
+            stats.response_tokens / t_gen.as_secs_f64().max(1e-9),
+        );
+        m.insert("time/step_s".into(), secs);
+        m.insert("time/generate_s".into(), t_gen.as_secs_f64());
+        m.insert("time/score_s".into(), t_score.as_secs_f64());
+        m.insert("time/train_s".into(), t_train.as_secs_f64());
+        m.insert("time/sync_s".into(), 0.0);
+        let overhead = (total.saturating_sub(t_gen + t_score + t_train)).as_secs_f64();
+        m.insert("time/controller_s".into(), overhead);
+        m.insert("time/controller_compute_s".into(), ctl.as_secs_f64());
+        metrics.write(step, &m)?;
+        progress.step(step, &m);
+    }
+    progress.finish();
+    metrics.flush()?;
+    if cfg.logging.plot {
+        let png = p.run_dir.join("metrics.png");
+        if let Err(e) = crate::plot::write_plot(&p.run_dir.join("metrics.jsonl"), &png) {
+            warn!(error = %e, "could not write the metrics plot");
+        } else {
+            info!(plot = %png.display(), "plot written");
+        }
+    }
+    info!(steps = cfg.train.steps, run_dir = %p.run_dir.display(), "run finished");
+    Ok(())
+}

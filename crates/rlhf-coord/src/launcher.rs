@@ -1,0 +1,160 @@
+//! The local launcher: starts one `rlhf-worker` process per placed worker on this machine, hands
+//! each the coordinator's address, its name and the run token through the environment, sends
+//! its output to `RUN_DIR/logs/NAME.log`, and reports a worker that exits before it is told to
+//! stop as a failure (with the tail of its log).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use rlhf_config::RunConfig;
+use rlhf_proto::auth::{RunToken, TOKEN_ENV};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::cluster::WorkerFailure;
+
+/// Where the worker binary is: `launcher.worker_bin`, else `rlhf-worker` next to this executable.
+pub fn worker_binary(cfg: &RunConfig) -> Result<PathBuf> {
+    let path = match &cfg.launcher.worker_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("locating the rlhf-coord executable")?
+            .with_file_name("rlhf-worker"),
+    };
+    if !path.is_file() {
+        bail!(
+            "worker binary not found at {} (launcher.worker_bin); build it with \
+             `cargo build --release -p rlhf-worker` or set launcher.worker_bin",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A started worker process.
+pub struct LocalWorker {
+    pub name: String,
+    pub log: PathBuf,
+    pub child: Child,
+}
+
+/// The last `n` lines of a log file, for error messages.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Starts every placed worker.
+pub fn spawn_all(
+    cfg: &RunConfig,
+    bin: &Path,
+    coordinator: &str,
+    token: &RunToken,
+    run_dir: &Path,
+) -> Result<Vec<LocalWorker>> {
+    let logs = run_dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    // A worker outlives a vanished coordinator by at most this long.
+    let orphan_s = (cfg.launcher.heartbeat_timeout_ms as f64 / 1000.0 * 2.0).max(5.0);
+    let mut out = vec![];
+    for w in &cfg.workers {
+        let log = logs.join(format!("{}.log", w.name));
+        let file =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = file.try_clone()?;
+        let mut cmd = Command::new(bin);
+        cmd.env("RLHF_COORD_ADDR", coordinator)
+            .env("RLHF_WORKER_NAME", &w.name)
+            .env("RLHF_WORKER_BIND", cfg.launcher.bind.to_string())
+            .env("RLHF_WORKER_THREADS", w.threads.to_string())
+            .env(
+                "RLHF_REGISTER_TIMEOUT_S",
+                cfg.launcher.startup_timeout_s.to_string(),
+            )
+            .env("RLHF_ORPHAN_TIMEOUT_S", orphan_s.to_string())
+            .env(TOKEN_ENV, token.expose())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting worker `{}` from {}", w.name, bin.display()))?;
+        info!(worker = %w.name, pid = child.id().unwrap_or(0), log = %log.display(), "worker started");
+        out.push(LocalWorker {
+            name: w.name.clone(),
+            log,
+            child,
+        });
+    }
+    Ok(out)
+}
+
+/// Watches the children: an exit before `stopping` is set becomes a failure on `tx`. Returns the
+/// handles to stop them later.
+pub fn watch_children(
+    workers: Vec<LocalWorker>,
+    roles: impl Fn(&str) -> Vec<String> + Send + 'static,
+    tx: mpsc::UnboundedSender<WorkerFailure>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for mut w in workers {
+            let tx = tx.clone();
+            let roles = roles(&w.name);
+            let mut stopping = stopping.clone();
+            tasks.spawn(async move {
+                tokio::select! {
+                    status = w.child.wait() => {
+                        let asked_to_stop = *stopping.borrow();
+                        if asked_to_stop {
+                            return;
+                        }
+                        let status = match status {
+                            Ok(s) => describe(s),
+                            Err(e) => format!("could not be waited for: {e}"),
+                        };
+                        let tail = log_tail(&w.log, 15);
+                        let _ = tx.send(WorkerFailure {
+                            worker: w.name.clone(),
+                            roles,
+                            cause: format!(
+                                "exited unexpectedly ({status}); log {}:\n{tail}",
+                                w.log.display()
+                            ),
+                        });
+                    }
+                    _ = async { let _ = stopping.wait_for(|s| *s).await; } => {
+                        // Asked to stop: give it time to exit cleanly, then kill it.
+                        match tokio::time::timeout(Duration::from_secs(10), w.child.wait()).await {
+                            Ok(_) => {}
+                            Err(_) => {
+                                warn!(worker = %w.name, "did not exit within 10 s of the stop; killing it");
+                                let _ = w.child.kill().await;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        let _ = stopping.changed().await;
+        while tasks.join_next().await.is_some() {}
+    })
+}
+
+fn describe(s: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(sig)) => format!(
+            "killed by signal {sig}{}",
+            if sig == 9 { " (SIGKILL)" } else { "" }
+        ),
+        _ => s.to_string(),
+    }
+}

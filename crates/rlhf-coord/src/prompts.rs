@@ -1,0 +1,241 @@
+//! The prompt set: a JSONL file with one object per line holding a `prompt` string or a chat
+//! `messages` list, and optionally a reference `answer` (for rule rewards). Everything is read,
+//! checked and tokenized before training starts, so a bad line is an error naming its number
+//! instead of a crash at step 300. Batches come from a resumable cursor over seeded per-epoch
+//! permutations.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rlhf_algo::shuffled_indices;
+use rlhf_model::{ChatMessage, Tokenizer};
+use serde::{Deserialize, Serialize};
+
+/// One prompt row.
+#[derive(Debug, Clone)]
+pub struct PromptRow {
+    /// 1-based line number in the file.
+    pub line: usize,
+    pub messages: Vec<ChatMessage>,
+    pub answer: Option<String>,
+    pub ids: Vec<i64>,
+}
+
+pub struct PromptSet {
+    pub file: PathBuf,
+    pub rows: Vec<PromptRow>,
+}
+
+/// How rows are read.
+pub struct PromptOptions<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub chat_template: bool,
+    pub max_prompt_tokens: usize,
+    /// Every row must carry `answer` (rule rewards).
+    pub need_answer: bool,
+}
+
+fn parse_messages(v: &serde_json::Value) -> std::result::Result<Vec<ChatMessage>, String> {
+    let list = v
+        .as_array()
+        .ok_or("`messages` must be a list of {role, content} objects")?;
+    if list.is_empty() {
+        return Err("`messages` is empty".into());
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = m.get("role").and_then(|r| r.as_str());
+            let content = m.get("content").and_then(|c| c.as_str());
+            match (role, content) {
+                (Some(r), Some(c)) => Ok(ChatMessage::new(r, c)),
+                _ => Err(format!("`messages[{i}]` needs string `role` and `content`")),
+            }
+        })
+        .collect()
+}
+
+fn parse_row(text: &str) -> std::result::Result<(Vec<ChatMessage>, Option<String>), String> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let obj = v.as_object().ok_or("each line must be a JSON object")?;
+    let messages = match (obj.get("prompt"), obj.get("messages")) {
+        (Some(_), Some(_)) => return Err("has both `prompt` and `messages`; keep one".into()),
+        (Some(p), None) => {
+            let p = p.as_str().ok_or("`prompt` must be a string")?;
+            if p.is_empty() {
+                return Err("`prompt` is empty".into());
+            }
+            vec![ChatMessage::new("user", p)]
+        }
+        (None, Some(m)) => parse_messages(m)?,
+        (None, None) => return Err("needs a `prompt` string or a `messages` list".into()),
+    };
+    let answer = match obj.get("answer") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        Some(_) => return Err("`answer` must be a string or a number".into()),
+    };
+    Ok((messages, answer))
+}
+
+/// Reads, checks and tokenizes the whole file.
+pub fn load(file: &Path, opts: &PromptOptions<'_>) -> Result<PromptSet> {
+    let f = std::fs::File::open(file)
+        .with_context(|| format!("rollout.prompts: cannot open {}", file.display()))?;
+    let mut rows = vec![];
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let n = i + 1;
+        let line = line.with_context(|| format!("{}:{n}: unreadable line", file.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (messages, answer) =
+            parse_row(&line).map_err(|e| anyhow::anyhow!("{}:{n}: {e}", file.display()))?;
+        if opts.need_answer && answer.is_none() {
+            bail!(
+                "{}:{n}: no `answer`, which the exact_match reward (models.reward.kind) needs on every row",
+                file.display()
+            );
+        }
+        let ids = if opts.chat_template {
+            opts.tokenizer
+                .encode_chat(&messages, true)
+                .with_context(|| {
+                    format!(
+                    "{}:{n}: applying the policy's chat template (set rollout.chat_template: false \
+                     for plain prompts)",
+                    file.display()
+                )
+                })?
+        } else {
+            let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+            opts.tokenizer.encode(&text.join("\n"), true)?
+        };
+        if ids.is_empty() {
+            bail!("{}:{n}: the prompt tokenizes to nothing", file.display());
+        }
+        if ids.len() > opts.max_prompt_tokens {
+            bail!(
+                "{}:{n}: the prompt has {} tokens, more than rollout.max_prompt_tokens = {}; \
+                 shorten it or raise the limit (prompts are never truncated silently)",
+                file.display(),
+                ids.len(),
+                opts.max_prompt_tokens
+            );
+        }
+        rows.push(PromptRow {
+            line: n,
+            messages,
+            answer,
+            ids,
+        });
+    }
+    if rows.is_empty() {
+        bail!("rollout.prompts: {} has no prompts", file.display());
+    }
+    Ok(PromptSet {
+        file: file.to_path_buf(),
+        rows,
+    })
+}
+
+/// Position in the prompt stream: epoch `epoch`'s permutation, next index `pos`. Checkpointed so
+/// a resumed run continues with exactly the prompts it would have seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptCursor {
+    pub seed: u64,
+    pub shuffle: bool,
+    pub epoch: u64,
+    pub pos: usize,
+}
+
+impl PromptCursor {
+    pub fn new(seed: u64, shuffle: bool) -> Self {
+        PromptCursor {
+            seed,
+            shuffle,
+            epoch: 0,
+            pos: 0,
+        }
+    }
+
+    fn order(&self, n: usize) -> Vec<usize> {
+        if self.shuffle {
+            shuffled_indices(n, self.seed, self.epoch)
+                .into_iter()
+                .map(|i| i as usize)
+                .collect()
+        } else {
+            (0..n).collect()
+        }
+    }
+
+    /// The next `k` row indices, continuing into the next epoch's permutation at the end.
+    pub fn next_batch(&mut self, n: usize, k: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(k);
+        let mut order = self.order(n);
+        while out.len() < k {
+            if self.pos >= n {
+                self.epoch += 1;
+                self.pos = 0;
+                order = self.order(n);
+            }
+            out.push(order[self.pos]);
+            self.pos += 1;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_parse_or_say_why_not() {
+        assert_eq!(
+            parse_row(r#"{"prompt": "hi", "answer": 3}"#)
+                .unwrap()
+                .1
+                .as_deref(),
+            Some("3")
+        );
+        let (m, a) = parse_row(r#"{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}"#).unwrap();
+        assert_eq!((m.len(), a), (2, None));
+        for (bad, why) in [
+            ("[1]", "JSON object"),
+            ("{\"prompt\": 1}", "must be a string"),
+            ("{}", "needs a `prompt`"),
+            ("{\"prompt\": \"a\", \"messages\": []}", "both"),
+            ("{\"messages\": [{\"role\": \"user\"}]}", "messages[0]"),
+            ("{\"prompt\": \"a\", \"answer\": [1]}", "`answer`"),
+            ("{not json", "not valid JSON"),
+        ] {
+            let e = parse_row(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn cursor_covers_each_epoch_once_and_resumes() {
+        let mut c = PromptCursor::new(7, true);
+        let a = c.next_batch(10, 4);
+        let b = c.next_batch(10, 4);
+        let mut first: Vec<usize> = a.iter().chain(&b).copied().collect();
+        let saved = c;
+        let d = c.next_batch(10, 4); // crosses into epoch 1
+        first.extend(&d[..2]);
+        first.sort();
+        assert_eq!(first, (0..10).collect::<Vec<_>>());
+        assert_eq!(c.epoch, 1);
+        let mut r = saved;
+        assert_eq!(r.next_batch(10, 4), d);
+        assert_ne!(
+            PromptCursor::new(8, true).next_batch(10, 10),
+            PromptCursor::new(7, true).next_batch(10, 10)
+        );
+    }
+}

@@ -1,0 +1,399 @@
+//! The controller's share of a training step, as synchronous functions over wire tensors: turn a
+//! generation, its rewards, reference log-probs and values into KL-shaped rewards, advantages and
+//! returns (with `rlhf-algo`), and cut the rollout into minibatch `TrainStep` requests. tch
+//! tensors exist only inside these functions, so the async step loop never holds one across an
+//! `.await`. Also the mapping from the user-facing config to the algorithm crate's types.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use rlhf_algo::{
+    kl_penalty, shape_rewards, token_level_rewards, AdvantageCalculator, AdvantageConfig,
+    AdvantageEstimator, AdvantageInputs, KlConfig, KlController, KlEstimator, KlMode, LossAgg,
+    LrScheduleKind, OptimConfig, PolicyLossConfig, PolicyLossKind, RewardConfig, ValueLossConfig,
+};
+use rlhf_config::{self as schema, RunConfig};
+use rlhf_model::Tokenizer;
+use rlhf_proto::pb;
+use rlhf_proto::wire::{from_wire, to_wire};
+use tch::{Kind, Tensor};
+
+/// The algorithm settings of a run, in `rlhf-algo`'s types.
+#[derive(Debug, Clone)]
+pub struct AlgoSettings {
+    pub advantage: AdvantageConfig,
+    pub policy_loss: PolicyLossConfig,
+    pub value_loss: ValueLossConfig,
+    pub kl: KlConfig,
+    /// Controller-side shaping: clip and truncation penalty (the reward role already normalised).
+    pub reward: RewardConfig,
+    pub actor_optim: OptimConfig,
+    pub critic_optim: OptimConfig,
+    pub uses_critic: bool,
+}
+
+fn agg(a: schema::LossAgg) -> LossAgg {
+    match a {
+        schema::LossAgg::TokenMean => LossAgg::TokenMean,
+        schema::LossAgg::SeqMeanTokenSum => LossAgg::SeqMeanTokenSum,
+        schema::LossAgg::SeqMeanTokenMean => LossAgg::SeqMeanTokenMean,
+    }
+}
+
+pub fn kl_estimator(e: schema::KlEstimator) -> KlEstimator {
+    match e {
+        schema::KlEstimator::K1 => KlEstimator::K1,
+        schema::KlEstimator::K2 => KlEstimator::K2,
+        schema::KlEstimator::K3 => KlEstimator::K3,
+    }
+}
+
+pub fn kl_estimator_name(e: schema::KlEstimator) -> &'static str {
+    match e {
+        schema::KlEstimator::K1 => "k1",
+        schema::KlEstimator::K2 => "k2",
+        schema::KlEstimator::K3 => "k3",
+    }
+}
+
+fn optim(o: &schema::OptimizerConfig, total_steps: u64) -> OptimConfig {
+    OptimConfig {
+        lr: o.lr,
+        beta1: o.beta1,
+        beta2: o.beta2,
+        eps: o.eps,
+        weight_decay: o.weight_decay,
+        max_grad_norm: o.max_grad_norm,
+        schedule: match o.schedule {
+            schema::LrSchedule::Constant => LrScheduleKind::Constant,
+            schema::LrSchedule::Warmup => LrScheduleKind::Warmup,
+            schema::LrSchedule::Cosine => LrScheduleKind::Cosine,
+        },
+        warmup_steps: o.warmup_steps,
+        total_steps,
+        min_lr_ratio: o.min_lr_ratio,
+    }
+}
+
+impl AlgoSettings {
+    pub fn from_config(c: &RunConfig) -> Result<AlgoSettings> {
+        let a = &c.algorithm;
+        let estimator = match a.name {
+            schema::AlgorithmName::Ppo => AdvantageEstimator::Gae,
+            schema::AlgorithmName::Reinforce => AdvantageEstimator::Reinforce,
+            schema::AlgorithmName::Rloo => AdvantageEstimator::Rloo,
+            schema::AlgorithmName::Grpo => AdvantageEstimator::Grpo,
+            schema::AlgorithmName::ReinforcePp => AdvantageEstimator::ReinforcePlusPlus,
+        };
+        let defaults = AdvantageConfig::default();
+        let advantage = AdvantageConfig {
+            estimator,
+            gamma: a.gamma,
+            lam: a.lam,
+            whiten: a.whiten_advantages,
+            grpo_scale_by_std: a.grpo_scale_by_std,
+            grpo_eps: defaults.grpo_eps,
+            baseline_decay: a.baseline_decay,
+        };
+        let policy_loss = PolicyLossConfig {
+            // Every estimator trains through the clipped surrogate; with one pass over fresh
+            // samples the ratio is 1 and it reduces to the plain policy gradient.
+            kind: PolicyLossKind::Ppo,
+            clip_eps: a.clip_eps,
+            dual_clip: a.dual_clip,
+            entropy_coef: a.entropy_coef,
+            agg: agg(a.loss_agg),
+        };
+        let value_loss = ValueLossConfig {
+            clip: a.value_clip,
+            agg: agg(a.loss_agg),
+        };
+        let kl = KlConfig {
+            estimator: kl_estimator(a.kl.estimator),
+            mode: match a.kl.mode {
+                schema::KlMode::Reward => KlMode::Reward,
+                schema::KlMode::Loss => KlMode::Loss,
+            },
+            coef: a.kl.coef,
+            target: a.kl.target,
+            horizon: a.kl.horizon,
+        };
+        let reward = RewardConfig {
+            attribute_weights: a.reward.attribute_weights.clone(),
+            mean: 0.0,
+            std: 1.0,
+            truncation_penalty: a.reward.truncation_penalty,
+            clip: a.reward.clip,
+        };
+        let minibatches = (c.rollout_sequences() / c.minibatch_size().max(1)).max(1) as u64;
+        let total = c.train.steps * c.train.epochs as u64 * minibatches;
+        let s = AlgoSettings {
+            advantage,
+            policy_loss,
+            value_loss,
+            kl,
+            reward,
+            actor_optim: optim(&c.train.actor, total),
+            critic_optim: optim(&c.train.critic, total),
+            uses_critic: estimator == AdvantageEstimator::Gae,
+        };
+        s.advantage.validate().context("algorithm")?;
+        s.policy_loss.validate().context("algorithm")?;
+        s.value_loss.validate().context("algorithm")?;
+        s.kl.validate().context("algorithm.kl")?;
+        s.actor_optim.validate().context("train.actor")?;
+        s.critic_optim.validate().context("train.critic")?;
+        Ok(s)
+    }
+}
+
+/// The rollout of one step, as wire tensors.
+pub struct Rollout {
+    pub seqs: pb::Sequences,
+    pub response_mask: pb::Tensor,
+    pub old_logprobs: pb::Tensor,
+    pub ref_logprobs: Option<pb::Tensor>,
+    pub values: Option<pb::Tensor>,
+    pub advantages: pb::Tensor,
+    pub returns: pb::Tensor,
+    pub rows: i64,
+}
+
+/// Step statistics computed by the controller.
+#[derive(Debug, Default, Clone)]
+pub struct RolloutStats {
+    pub reward_mean: f64,
+    pub reward_std: f64,
+    pub score_mean: f64,
+    pub kl_mean: f64,
+    pub kl_coef: f64,
+    pub response_len_mean: f64,
+    pub truncated_frac: f64,
+    pub response_tokens: f64,
+    pub advantage_mean: f64,
+    pub attribute_means: BTreeMap<String, f64>,
+}
+
+/// The sequences of a generation, for LogProbs/Values requests.
+pub fn sequences(g: &pb::GenerateResponse) -> Result<pb::Sequences> {
+    let ids = g
+        .input_ids
+        .clone()
+        .context("Generate answer has no input_ids")?;
+    let width = ids.shape.get(1).copied().unwrap_or(0);
+    Ok(pb::Sequences {
+        input_ids: Some(ids),
+        attention_mask: g.attention_mask.clone(),
+        prompt_width: g.prompt_width,
+        response_len: width - g.prompt_width,
+    })
+}
+
+/// The generated responses as text (special tokens skipped), one per row.
+pub fn decode_responses(g: &pb::GenerateResponse, tok: &Tokenizer) -> Result<Vec<String>> {
+    let ids = from_wire("input_ids", g.input_ids.as_ref().context("no input_ids")?)?;
+    let mask = from_wire(
+        "response_mask",
+        g.response_mask.as_ref().context("no response_mask")?,
+    )?;
+    let (_, w) = ids.size2()?;
+    let resp = ids.f_narrow(1, g.prompt_width, w - g.prompt_width)?;
+    let lens = Vec::<i64>::try_from(mask.f_sum_dim_intlist([1].as_slice(), false, Kind::Int64)?)?;
+    let rows = Vec::<Vec<i64>>::try_from(&resp)?;
+    rows.iter()
+        .zip(lens)
+        .map(|(r, n)| Ok(tok.decode(&r[..n as usize], true)?))
+        .collect()
+}
+
+/// Rewards, KL, advantages and returns for one generation.
+pub struct Shaper {
+    pub settings: AlgoSettings,
+    pub kl: KlController,
+    pub adv: AdvantageCalculator,
+    pub group_size: i64,
+}
+
+impl Shaper {
+    pub fn new(settings: AlgoSettings, group_size: i64) -> Result<Shaper> {
+        Ok(Shaper {
+            kl: KlController::new(&settings.kl)?,
+            adv: AdvantageCalculator::new(settings.advantage.clone())?,
+            settings,
+            group_size,
+        })
+    }
+
+    pub fn shape(
+        &mut self,
+        g: &pb::GenerateResponse,
+        scores: &pb::ScoreResponse,
+        ref_lp: Option<&pb::Tensor>,
+        values: Option<&pb::Tensor>,
+    ) -> Result<(Rollout, RolloutStats)> {
+        let mask = from_wire(
+            "response_mask",
+            g.response_mask.as_ref().context("no response_mask")?,
+        )?
+        .f_to_kind(Kind::Float)?;
+        let old = from_wire(
+            "response_logprobs",
+            g.response_logprobs
+                .as_ref()
+                .context("no response_logprobs")?,
+        )?;
+        let raw = from_wire(
+            "rewards",
+            scores
+                .rewards
+                .as_ref()
+                .context("Score answer has no rewards")?,
+        )?
+        .f_to_kind(Kind::Float)?;
+        let (b, _) = mask.size2()?;
+        if raw.size() != [b] {
+            anyhow::bail!(
+                "the reward role returned {:?} rewards for {b} responses",
+                raw.size()
+            );
+        }
+        let truncated: Vec<f32> = g
+            .finished
+            .iter()
+            .map(|&f| if f { 0.0 } else { 1.0 })
+            .collect();
+        let truncated = Tensor::f_from_slice(&truncated)?;
+        let r = shape_rewards(&self.settings.reward, &raw, Some(&truncated))?;
+        let reference = ref_lp.map(|t| from_wire("ref_logprobs", t)).transpose()?;
+        let kl = reference
+            .as_ref()
+            .map(|r| kl_penalty(&old, r, &mask, self.settings.kl.estimator))
+            .transpose()?;
+        // Observed KL per sequence (sum over tokens), the quantity the adaptive controller tracks.
+        let kl_seq = match &kl {
+            Some(k) => rlhf_algo::mean_sequence_kl(k, &mask)?,
+            None => 0.0,
+        };
+        let coef = self.kl.coef();
+        let in_reward = self.settings.kl.mode == KlMode::Reward;
+        let token_rewards =
+            token_level_rewards(&r, &mask, kl.as_ref().filter(|_| in_reward), coef)?;
+        let v = values.map(|t| from_wire("values", t)).transpose()?;
+        let a = self.adv.compute(&AdvantageInputs {
+            token_rewards: &token_rewards,
+            values: v.as_ref(),
+            response_mask: &mask,
+            group_size: self.group_size,
+        })?;
+        self.kl.update(kl_seq, b as u64)?;
+        let lens = mask.f_sum_dim_intlist([1].as_slice(), false, Kind::Float)?;
+        let mut attribute_means = BTreeMap::new();
+        if let Some(at) = &scores.attributes {
+            let at = from_wire("attributes", at)?;
+            if at.dim() == 2 && at.size()[0] == b {
+                let means = Vec::<f64>::try_from(at.f_to_kind(Kind::Double)?.f_mean_dim(
+                    [0].as_slice(),
+                    false,
+                    Kind::Double,
+                )?)?;
+                for (n, m) in scores.attribute_names.iter().zip(means) {
+                    attribute_means.insert(n.clone(), m);
+                }
+            }
+        }
+        let stats = RolloutStats {
+            reward_mean: r.f_mean(Kind::Double)?.double_value(&[]),
+            reward_std: if b > 1 {
+                r.f_std(true)?.double_value(&[])
+            } else {
+                0.0
+            },
+            score_mean: raw.f_mean(Kind::Double)?.double_value(&[]),
+            kl_mean: kl_seq,
+            kl_coef: coef,
+            response_len_mean: lens.f_mean(Kind::Double)?.double_value(&[]),
+            truncated_frac: truncated.f_mean(Kind::Double)?.double_value(&[]),
+            response_tokens: lens.f_sum(Kind::Double)?.double_value(&[]),
+            advantage_mean: rlhf_algo::masked_mean(&a.advantages, &mask, None)?.double_value(&[]),
+            attribute_means,
+        };
+        let rollout = Rollout {
+            seqs: sequences(g)?,
+            response_mask: to_wire("response_mask", &mask)?,
+            old_logprobs: to_wire("old_logprobs", &old)?,
+            ref_logprobs: reference
+                .as_ref()
+                .map(|t| to_wire("ref_logprobs", t))
+                .transpose()?,
+            values: v.as_ref().map(|t| to_wire("values", t)).transpose()?,
+            advantages: to_wire("advantages", &a.advantages)?,
+            returns: to_wire("returns", &a.returns)?,
+            rows: b,
+        };
+        Ok((rollout, stats))
+    }
+}
+
+fn take(field: &str, t: &pb::Tensor, idx: &Tensor) -> Result<pb::Tensor> {
+    Ok(to_wire(
+        field,
+        &from_wire(field, t)?.f_index_select(0, idx)?,
+    )?)
+}
+
+/// The actor's and (when `critic`) the critic's TrainStep requests for rows `rows`.
+pub fn minibatch(
+    r: &Rollout,
+    rows: &[i64],
+    ref_for_actor: bool,
+    critic: bool,
+) -> Result<(pb::TrainStepRequest, Option<pb::TrainStepRequest>)> {
+    let idx = Tensor::f_from_slice(rows)?;
+    let ids = take(
+        "input_ids",
+        r.seqs.input_ids.as_ref().context("no input_ids")?,
+        &idx,
+    )?;
+    let am = take(
+        "attention_mask",
+        r.seqs
+            .attention_mask
+            .as_ref()
+            .context("no attention_mask")?,
+        &idx,
+    )?;
+    let seqs = pb::Sequences {
+        input_ids: Some(ids),
+        attention_mask: Some(am),
+        prompt_width: r.seqs.prompt_width,
+        response_len: r.seqs.response_len,
+    };
+    let mask = take("response_mask", &r.response_mask, &idx)?;
+    let actor = pb::TrainStepRequest {
+        role_id: String::new(),
+        sequences: Some(seqs.clone()),
+        response_mask: Some(mask.clone()),
+        advantages: Some(take("advantages", &r.advantages, &idx)?),
+        old_logprobs: Some(take("old_logprobs", &r.old_logprobs, &idx)?),
+        ref_logprobs: match (&r.ref_logprobs, ref_for_actor) {
+            (Some(t), true) => Some(take("ref_logprobs", t, &idx)?),
+            _ => None,
+        },
+        old_values: None,
+        returns: None,
+    };
+    let critic = match (critic, &r.values) {
+        (true, Some(v)) => Some(pb::TrainStepRequest {
+            role_id: String::new(),
+            sequences: Some(seqs),
+            response_mask: Some(mask),
+            advantages: None,
+            old_logprobs: None,
+            ref_logprobs: None,
+            old_values: Some(take("old_values", v, &idx)?),
+            returns: Some(take("returns", &r.returns, &idx)?),
+        }),
+        _ => None,
+    };
+    Ok((actor, critic))
+}

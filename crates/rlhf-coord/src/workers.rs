@@ -1,0 +1,143 @@
+//! Clients of the worker daemons. Every call has a deadline (`launcher.rpc_timeout_s`) and every
+//! error names the worker and role it went to, so a failure reads "worker `w1` (role reward):
+//! Score: ..." instead of a bare transport error.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use rlhf_proto::auth::{AddToken, RunToken};
+use rlhf_proto::limits::MAX_MESSAGE_BYTES;
+use rlhf_proto::pb::{self, worker_client::WorkerClient};
+use tonic::codegen::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+type Inner = WorkerClient<InterceptedService<Channel, AddToken>>;
+
+/// One role instance on one worker.
+#[derive(Clone)]
+pub struct RoleClient {
+    pub worker: String,
+    pub role: String,
+    client: Inner,
+    timeout: Duration,
+}
+
+/// Opens a connection to a worker's service.
+pub async fn connect(address: &str, token: &RunToken) -> Result<Inner> {
+    let ch = Endpoint::from_shared(format!("http://{address}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| anyhow!("connecting to the worker at {address}: {e}"))?;
+    Ok(WorkerClient::with_interceptor(ch, AddToken(token.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+impl RoleClient {
+    pub fn new(worker: &str, role: &str, client: Inner, timeout: Duration) -> RoleClient {
+        RoleClient {
+            worker: worker.to_string(),
+            role: role.to_string(),
+            client,
+            timeout,
+        }
+    }
+
+    fn err(&self, op: &str, e: impl std::fmt::Display) -> anyhow::Error {
+        anyhow!("worker `{}` (role {}): {op}: {e}", self.worker, self.role)
+    }
+
+    async fn call<T, F>(&self, op: &str, f: F) -> Result<T>
+    where
+        F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(self.err(op, format!("{} ({:?})", s.message(), s.code()))),
+            Err(_) => Err(self.err(
+                op,
+                format!(
+                    "no answer within {:.0} s (launcher.rpc_timeout_s)",
+                    self.timeout.as_secs_f64()
+                ),
+            )),
+        }
+    }
+
+    pub async fn create(&self, mut req: pb::CreateRoleRequest) -> Result<pb::CreateRoleResponse> {
+        req.role_id = self.role.clone();
+        let mut c = self.client.clone();
+        self.call("CreateRole", c.create_role(req)).await
+    }
+
+    pub async fn generate(&self, mut req: pb::GenerateRequest) -> Result<pb::GenerateResponse> {
+        req.role_id = self.role.clone();
+        let mut c = self.client.clone();
+        self.call("Generate", c.generate(req)).await
+    }
+
+    pub async fn log_probs(&self, seqs: pb::Sequences, temperature: f64) -> Result<pb::Tensor> {
+        let mut c = self.client.clone();
+        let req = pb::SequencesRequest {
+            role_id: self.role.clone(),
+            sequences: Some(seqs),
+            temperature,
+        };
+        let r = self.call("LogProbs", c.log_probs(req)).await?;
+        r.tensor
+            .ok_or_else(|| self.err("LogProbs", "answer has no tensor"))
+    }
+
+    pub async fn values(&self, seqs: pb::Sequences) -> Result<pb::Tensor> {
+        let mut c = self.client.clone();
+        let req = pb::SequencesRequest {
+            role_id: self.role.clone(),
+            sequences: Some(seqs),
+            temperature: 1.0,
+        };
+        let r = self.call("Values", c.values(req)).await?;
+        r.tensor
+            .ok_or_else(|| self.err("Values", "answer has no tensor"))
+    }
+
+    pub async fn score(&self, items: Vec<pb::ScoreItem>) -> Result<pb::ScoreResponse> {
+        let mut c = self.client.clone();
+        let req = pb::ScoreRequest {
+            role_id: self.role.clone(),
+            items,
+        };
+        self.call("Score", c.score(req)).await
+    }
+
+    pub async fn train_step(&self, mut req: pb::TrainStepRequest) -> Result<pb::TrainStepResponse> {
+        req.role_id = self.role.clone();
+        let mut c = self.client.clone();
+        self.call("TrainStep", c.train_step(req)).await
+    }
+
+    pub async fn save_state(&self, dir: &str) -> Result<Vec<String>> {
+        let mut c = self.client.clone();
+        let req = pb::StateRequest {
+            role_id: self.role.clone(),
+            dir: dir.to_string(),
+        };
+        Ok(self.call("SaveState", c.save_state(req)).await?.files)
+    }
+
+    pub async fn load_state(&self, dir: &str) -> Result<Vec<String>> {
+        let mut c = self.client.clone();
+        let req = pb::StateRequest {
+            role_id: self.role.clone(),
+            dir: dir.to_string(),
+        };
+        Ok(self.call("LoadState", c.load_state(req)).await?.files)
+    }
+}
+
+/// Asks a worker to stop; best effort, short deadline.
+pub async fn shutdown(mut client: Inner) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown(pb::Empty {})).await;
+}

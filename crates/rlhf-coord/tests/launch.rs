@@ -1,0 +1,320 @@
+//! `rlhf-coord launch` end to end with real `rlhf-worker` processes on loopback: PPO with every
+//! role in its own process, RLOO with colocated roles, a worker killed with SIGKILL mid-run (the
+//! run stops non-zero naming the worker and role, without hanging), a frozen worker caught by
+//! missed heartbeats, and bad inputs stopped before any training.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn coord() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rlhf-coord"));
+    c.env("RLHF_LOG", "info");
+    c
+}
+
+fn worker_bin() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_rlhf-coord")).with_file_name("rlhf-worker");
+    assert!(
+        p.exists(),
+        "{} missing: build it with `cargo build -p rlhf-worker` (cargo test --workspace does)",
+        p.display()
+    );
+    p
+}
+
+/// A tiny policy, an arithmetic prompt file, and a run file with the given extra YAML.
+fn setup(dir: &Path, extra: &str) -> PathBuf {
+    let out = coord()
+        .args(["init-model", "--preset", "tiny", "--out"])
+        .arg(dir.join("policy"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut prompts = String::new();
+    for a in 0..4 {
+        for b in 0..4 {
+            prompts.push_str(&format!(
+                "{{\"prompt\": \"{a}+{b}=\", \"answer\": \"{}\"}}\n",
+                a + b
+            ));
+        }
+    }
+    std::fs::write(dir.join("prompts.jsonl"), prompts).unwrap();
+    let yaml = format!(
+        "run: {{name: t, dir: runs, seed: 3}}\n\
+         launcher: {{worker_bin: {}, heartbeat_interval_ms: 100, heartbeat_timeout_ms: 1500, startup_timeout_s: 60}}\n\
+         models:\n  policy: policy\n  reward: {{kind: exact_match}}\n\
+         rollout: {{prompts: prompts.jsonl, batch_size: 4, samples_per_prompt: 2, max_new_tokens: 6}}\n\
+         train: {{steps: 3, micro_batch_size: 4, actor: {{lr: 1.0e-3}}, critic: {{lr: 1.0e-3}}}}\n\
+         logging: {{progress: false}}\n{extra}",
+        worker_bin().display()
+    );
+    let f = dir.join("run.yaml");
+    std::fs::write(&f, yaml).unwrap();
+    f
+}
+
+fn launch(file: &Path, set: &[&str]) -> Output {
+    let mut c = coord();
+    c.arg("launch").arg(file);
+    for s in set {
+        c.args(["--set", s]);
+    }
+    c.output().unwrap()
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("runs/t/metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "launch failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn ppo_with_every_role_in_its_own_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = setup(tmp.path(), "algorithm: {name: ppo, kl: {coef: 0.01}}\n");
+    let out = launch(&f, &[]);
+    assert_ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    for w in ["actor", "critic", "reward", "reference"] {
+        assert!(
+            err.contains(&format!("worker registered worker={w}")) || err.contains(w),
+            "{err}"
+        );
+        assert!(tmp.path().join(format!("runs/t/logs/{w}.log")).exists());
+    }
+    let m = metrics(tmp.path());
+    assert_eq!(m.len(), 3);
+    for (i, row) in m.iter().enumerate() {
+        assert_eq!(row["step"], i as u64 + 1);
+        for k in [
+            "reward_mean",
+            "kl_mean",
+            "actor/pg_loss",
+            "critic/value_loss",
+            "time/generate_s",
+        ] {
+            assert!(row[k].is_number(), "step {}: `{k}` missing in {row}", i + 1);
+        }
+    }
+    let resolved = std::fs::read_to_string(tmp.path().join("runs/t/config.resolved.yaml")).unwrap();
+    assert!(resolved.contains("name: ppo"), "{resolved}");
+    let png = std::fs::read(tmp.path().join("runs/t/metrics.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+}
+
+#[test]
+fn rloo_with_colocated_roles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = setup(
+        tmp.path(),
+        "algorithm: {name: rloo, kl: {coef: 0.01, estimator: k3}}\n\
+         workers:\n  - {name: policy-host, roles: [actor, reference]}\n  - {name: judge, roles: [reward, critic]}\n",
+    );
+    let out = launch(&f, &["train.steps=2"]);
+    assert_ok(&out);
+    let m = metrics(tmp.path());
+    assert_eq!(m.len(), 2);
+    assert!(
+        m[1]["critic/value_loss"].is_null(),
+        "rloo trains no critic: {}",
+        m[1]
+    );
+    assert!(m[1]["actor/pg_loss"].is_number());
+    assert!(!tmp.path().join("runs/t/logs/actor.log").exists());
+    assert!(tmp.path().join("runs/t/logs/policy-host.log").exists());
+}
+
+/// Starts a long run in the background and returns it once a step has completed.
+fn start_long_run(dir: &Path) -> Child {
+    let f = setup(dir, "algorithm: {name: grpo}\n");
+    let mut child = coord()
+        .env("RLHF_LOG_FORMAT", "json")
+        .args(["launch"])
+        .arg(&f)
+        .args(["--set", "train.steps=100000"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while metrics(dir).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no step completed within 60 s"
+        );
+        if let Some(s) = child.try_wait().unwrap() {
+            let mut e = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut e).unwrap();
+            panic!("run ended early ({s}): {e}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+/// The pid of a worker, from the coordinator's JSON log lines read so far.
+fn worker_pid(lines: &mut impl Iterator<Item = String>, name: &str) -> i32 {
+    for l in lines {
+        let v: serde_json::Value = match serde_json::from_str(&l) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        let f = &v["fields"];
+        if f["message"] == "worker started" && f["worker"] == name {
+            return f["pid"].as_i64().unwrap() as i32;
+        }
+    }
+    panic!("no `worker started` line for {name}");
+}
+
+fn finish(
+    mut child: Child,
+    rest: impl Iterator<Item = String>,
+    limit: Duration,
+) -> (i32, String, Duration) {
+    let t0 = Instant::now();
+    let text: Vec<String> = rest.collect(); // reads until the coordinator closes stderr
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            panic!(
+                "the coordinator did not exit within {limit:?}:\n{}",
+                text.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.code().unwrap_or(-1), text.join("\n"), t0.elapsed())
+}
+
+#[test]
+fn sigkill_of_a_worker_stops_the_run_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = start_long_run(tmp.path());
+    let mut lines = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    let pid = worker_pid(&mut lines, "reward");
+    let killed = Instant::now();
+    unsafe_kill(pid, 9);
+    let (code, log, _) = finish(child, lines, Duration::from_secs(30));
+    let took = killed.elapsed();
+    assert_ne!(code, 0, "{log}");
+    assert!(log.contains("worker `reward` (roles: reward)"), "{log}");
+    assert!(log.contains("SIGKILL"), "{log}");
+    // Reported within the heartbeat timeout (1.5 s) plus tear-down.
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}
+
+#[test]
+fn a_frozen_worker_is_caught_by_missed_heartbeats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = start_long_run(tmp.path());
+    let mut lines = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    let pid = worker_pid(&mut lines, "reference");
+    unsafe_kill(pid, 19); // SIGSTOP: alive but silent
+    let (code, log, _) = finish(child, lines, Duration::from_secs(40));
+    unsafe_kill(pid, 9);
+    assert_ne!(code, 0, "{log}");
+    assert!(
+        log.contains("worker `reference` (roles: reference)"),
+        "{log}"
+    );
+    assert!(log.contains("missed heartbeats"), "{log}");
+}
+
+fn unsafe_kill(pid: i32, sig: i32) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success();
+    // SIGKILL after the run ended may find the worker already reaped.
+    assert!(ok || sig == 9, "kill -{sig} {pid} failed");
+}
+
+#[test]
+fn bad_inputs_stop_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = setup(tmp.path(), "");
+    // A prompt file with a bad line names the line.
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"1+1=\", \"answer\": \"2\"}\n{\"prompt\": 5}\n",
+    )
+    .unwrap();
+    let out = launch(&f, &[&format!("rollout.prompts={}", bad.display())]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bad.jsonl:2") && err.contains("must be a string"),
+        "{err}"
+    );
+    // A row without the answer the exact-match reward needs.
+    std::fs::write(&bad, "{\"prompt\": \"1+1=\"}\n").unwrap();
+    let err = String::from_utf8_lossy(
+        &launch(&f, &[&format!("rollout.prompts={}", bad.display())]).stderr,
+    )
+    .to_string();
+    assert!(
+        err.contains("bad.jsonl:1") && err.contains("answer"),
+        "{err}"
+    );
+    // A missing worker binary.
+    let err = String::from_utf8_lossy(
+        &launch(&f, &["launcher.worker_bin=/nonexistent/rlhf-worker"]).stderr,
+    )
+    .to_string();
+    assert!(
+        err.contains("worker binary not found at /nonexistent/rlhf-worker"),
+        "{err}"
+    );
+    // A worker that dies during start-up: its exit and log tail are reported.
+    let script = tmp.path().join("dying-worker.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho 'cannot open device' >&2\nexit 3\n",
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
+    let out = launch(&f, &[&format!("launcher.worker_bin={}", script.display())]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("exit code 3") && err.contains("cannot open device"),
+        "{err}"
+    );
+    // A missing model directory names the key and the line.
+    let out = launch(&f, &["models.policy=/nonexistent/model"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("models.policy"), "{err}");
+    assert!(metrics(tmp.path()).is_empty());
+}
