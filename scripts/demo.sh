@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# The main job, for now: make a small random Llama-family model in HF layout and generate from
-# it through the chat template. Installs PyTorch (libtorch) and builds on first use.
-#   DEMO_DIR  where the model goes (default: runs/demo-model)
+# The main job: a real RLHF run on this machine. Installs PyTorch (libtorch) and builds on first
+# use, makes a tiny Llama and the arithmetic data (scripts/demo-data.sh), warms the model up
+# with a short SFT (configs/demo-warmup.yaml), then runs `rlhf-coord launch configs/local.yaml`:
+# RLOO with an exact-match reward over three worker processes, with a progress bar. Results:
+# runs/demo/metrics.jsonl and runs/demo/metrics.png (reward and KL per step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/setup-torch.sh)"
-cargo build --release -p rlhf-coord
-dir=${DEMO_DIR:-runs/demo-model}
-[ -f "$dir/config.json" ] || target/release/rlhf-coord init-model --arch llama --preset small --out "$dir"
-target/release/rlhf-coord generate "$dir" --prompt "What is reinforcement learning from human feedback?" \
-  --chat --temperature 0.8 --top-p 0.95 --max-new-tokens 48 --seed 1
+cargo build --release -p rlhf-coord -p rlhf-worker
+bin=target/release/rlhf-coord
+assets=runs/demo-assets
+scripts/demo-data.sh "$assets"
+[ -f "$assets/base/config.json" ] || $bin init-model --arch llama --preset tiny --seed 0 --out "$assets/base"
+[ -f "$assets/warm/config.json" ] || $bin sft configs/demo-warmup.yaml
+rm -rf runs/demo
+$bin launch configs/local.yaml "$@"
+echo "metrics: runs/demo/metrics.jsonl   plot: runs/demo/metrics.png"
