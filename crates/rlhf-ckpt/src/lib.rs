@@ -753,7 +753,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let info = commit(tmp.path(), 7, b"weights");
         assert_eq!(info.dir, tmp.path().join("checkpoints/step-000007"));
-        assert_eq!(read_latest(tmp.path()).unwrap().as_deref(), Some("step-000007"));
+        assert_eq!(
+            read_latest(tmp.path()).unwrap().as_deref(),
+            Some("step-000007")
+        );
         let m = verify(&info.dir).unwrap();
         assert_eq!(m.step, 7);
         let paths: Vec<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
@@ -815,18 +818,29 @@ mod tests {
         // Same size, different bytes: only the hash can tell.
         fs::write(bad.dir.join("policy/model.safetensors"), b"more weightz").unwrap();
         let e = verify(&bad.dir).unwrap_err().to_string();
-        assert!(e.contains("policy/model.safetensors") && e.contains("corrupted"), "{e}");
+        assert!(
+            e.contains("policy/model.safetensors") && e.contains("corrupted"),
+            "{e}"
+        );
         let r = latest_valid(tmp.path()).unwrap().unwrap();
         assert_eq!((r.checkpoint.step, r.source), (10, Source::Scan));
         assert_eq!(r.rejected[0].dir, bad.dir);
         let msg = r.to_string();
-        assert!(msg.contains("step-000010") && msg.contains("rejected"), "{msg}");
+        assert!(
+            msg.contains("step-000010") && msg.contains("rejected"),
+            "{msg}"
+        );
         // A truncated file is caught by size.
+        fs::write(bad.dir.join("policy/model.safetensors"), b"more weights").unwrap();
+        verify(&bad.dir).unwrap();
         fs::write(bad.dir.join("trainer_state.json"), b"{").unwrap();
         assert!(verify(&bad.dir).unwrap_err().to_string().contains("bytes"));
         // A missing file too.
         fs::remove_file(bad.dir.join("trainer_state.json")).unwrap();
-        assert!(verify(&bad.dir).unwrap_err().to_string().contains("missing"));
+        assert!(verify(&bad.dir)
+            .unwrap_err()
+            .to_string()
+            .contains("missing"));
     }
 
     #[test]
@@ -834,11 +848,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         commit(tmp.path(), 3, b"a");
         commit(tmp.path(), 4, b"b");
-        write_atomic(
-            &checkpoints_dir(tmp.path()).join(LATEST),
-            b"step-000009\n",
-        )
-        .unwrap();
+        write_atomic(&checkpoints_dir(tmp.path()).join(LATEST), b"step-000009\n").unwrap();
         let r = latest_valid(tmp.path()).unwrap().unwrap();
         assert_eq!((r.checkpoint.step, r.source), (4, Source::Scan));
         assert!(r.rejected[0].reason.contains("does not exist"));
@@ -879,12 +889,19 @@ mod tests {
             .map(|d| d.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, ["step-000001", "step-000003"]);
-        let left: Vec<u64> = list(tmp.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        let left: Vec<u64> = list(tmp.path())
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
         assert_eq!(left, [2, 4, 5]);
         // LATEST pointing at an old checkpoint keeps it.
         write_atomic(&checkpoints_dir(tmp.path()).join(LATEST), b"step-000002").unwrap();
         unprotect(&checkpoints_dir(tmp.path()).join("step-000002")).unwrap();
-        assert!(prune(tmp.path(), 1).unwrap().iter().all(|d| !d.ends_with("step-000002")));
+        assert!(prune(tmp.path(), 1)
+            .unwrap()
+            .iter()
+            .all(|d| !d.ends_with("step-000002")));
         assert!(prune(tmp.path(), 0).is_err());
         // Protection survives verification: the marker is not part of the manifest.
         let d = checkpoints_dir(tmp.path()).join("step-000005");

@@ -120,6 +120,9 @@ pub struct LauncherConfig {
     /// Interface (IP address) the coordinator and workers listen on. Default: `127.0.0.1`
     /// (loopback unless named).
     pub bind: IpAddr,
+    /// Port of the coordinator's service (workers pick free ports themselves). Default: 0, any
+    /// free port; name one when a firewall needs it.
+    pub port: u16,
     /// Seconds within which every worker must register; > 0. Default: 60.
     pub startup_timeout_s: f64,
     /// Milliseconds between worker heartbeats; >= 1. Default: 500.
@@ -139,6 +142,7 @@ impl Default for LauncherConfig {
             kind: LauncherKind::Local,
             worker_bin: None,
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: 0,
             startup_timeout_s: 60.0,
             heartbeat_interval_ms: 500,
             heartbeat_timeout_ms: 5000,

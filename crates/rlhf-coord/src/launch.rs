@@ -147,7 +147,7 @@ async fn run_async(p: Prepared) -> Result<()> {
         stop_rx.clone(),
     );
     let addr = cluster::serve(
-        SocketAddr::new(cfg.launcher.bind, 0),
+        SocketAddr::new(cfg.launcher.bind, cfg.launcher.port),
         registry.clone(),
         token.clone(),
         stop_rx.clone(),
@@ -220,6 +220,14 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
         let info = registry
             .get(&w.name)
             .ok_or_else(|| anyhow!("worker `{}` is not registered", w.name))?;
+        info!(
+            worker = %info.name,
+            host = %info.host,
+            pid = info.pid,
+            devices = ?info.devices,
+            roles = ?w.roles,
+            "placing roles"
+        );
         let conn = workers::connect(&info.address, token)
             .await
             .with_context(|| format!("worker `{}`", w.name))?;

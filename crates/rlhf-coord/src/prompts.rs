@@ -15,8 +15,6 @@ use serde::{Deserialize, Serialize};
 /// One prompt row.
 #[derive(Debug, Clone)]
 pub struct PromptRow {
-    /// 1-based line number in the file.
-    pub line: usize,
     pub messages: Vec<ChatMessage>,
     pub answer: Option<String>,
     pub ids: Vec<i64>,
@@ -127,7 +125,6 @@ pub fn load(file: &Path, opts: &PromptOptions<'_>) -> Result<PromptSet> {
             );
         }
         rows.push(PromptRow {
-            line: n,
             messages,
             answer,
             ids,

@@ -117,24 +117,6 @@ impl RoleClient {
         let mut c = self.client.clone();
         self.call("TrainStep", c.train_step(req)).await
     }
-
-    pub async fn save_state(&self, dir: &str) -> Result<Vec<String>> {
-        let mut c = self.client.clone();
-        let req = pb::StateRequest {
-            role_id: self.role.clone(),
-            dir: dir.to_string(),
-        };
-        Ok(self.call("SaveState", c.save_state(req)).await?.files)
-    }
-
-    pub async fn load_state(&self, dir: &str) -> Result<Vec<String>> {
-        let mut c = self.client.clone();
-        let req = pb::StateRequest {
-            role_id: self.role.clone(),
-            dir: dir.to_string(),
-        };
-        Ok(self.call("LoadState", c.load_state(req)).await?.files)
-    }
 }
 
 /// Asks a worker to stop; best effort, short deadline.

@@ -26,9 +26,20 @@ fn embedded_default_raises_the_reward() {
     let t = tmp.path();
     let coord = env!("CARGO_BIN_EXE_rlhf-coord");
     let worker = Path::new(coord).with_file_name("rlhf-worker");
-    run(Command::new("bash").arg(repo().join("scripts/demo-data.sh")).arg(t));
+    run(Command::new("bash")
+        .arg(repo().join("scripts/demo-data.sh"))
+        .arg(t));
     run(Command::new(coord)
-        .args(["init-model", "--arch", "llama", "--preset", "tiny", "--seed", "0", "--out"])
+        .args([
+            "init-model",
+            "--arch",
+            "llama",
+            "--preset",
+            "tiny",
+            "--seed",
+            "0",
+            "--out",
+        ])
         .arg(t.join("base")));
     let set = |k: &str, v: &Path| format!("{k}={}", v.display());
     run(Command::new(coord)
@@ -49,7 +60,11 @@ fn embedded_default_raises_the_reward() {
     let rewards: Vec<f64> = std::fs::read_to_string(t.join("runs/demo/metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["reward_mean"].as_f64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["reward_mean"]
+                .as_f64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(rewards.len(), 300);
     let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;

@@ -312,6 +312,16 @@ fn bad_inputs_stop_before_training() {
         err.contains("exit code 3") && err.contains("cannot open device"),
         "{err}"
     );
+    // A coordinator port in use.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let err = String::from_utf8_lossy(&launch(&f, &[&format!("launcher.port={port}")]).stderr)
+        .to_string();
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port}")) && err.contains("in use"),
+        "{err}"
+    );
+    drop(busy);
     // A missing model directory names the key and the line.
     let out = launch(&f, &["models.policy=/nonexistent/model"]);
     let err = String::from_utf8_lossy(&out.stderr);

@@ -196,9 +196,12 @@ pub fn chunks(
 /// Reassembles tensors from a chunk stream. Chunks of one tensor must arrive in order and
 /// contiguously; a gap, an overlap, a changed dtype/shape or a tensor left incomplete is an error
 /// naming the tensor.
+/// A tensor being received: name, dtype, shape, bytes so far, total bytes.
+type Partial = (String, Kind, Vec<i64>, Vec<u8>, u64);
+
 #[derive(Default)]
 pub struct WeightAssembler {
-    current: Option<(String, Kind, Vec<i64>, Vec<u8>, u64)>,
+    current: Option<Partial>,
     done: Vec<(String, Tensor)>,
     bytes: u64,
 }

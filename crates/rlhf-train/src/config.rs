@@ -155,8 +155,12 @@ impl TrainConfig {
     }
 
     pub fn device(&self) -> Result<Device> {
-        parse_device(&self.device)
-            .ok_or_else(|| TrainError::config("train.device", format!("{:?}: expected cpu, cuda or cuda:N", self.device)))
+        parse_device(&self.device).ok_or_else(|| {
+            TrainError::config(
+                "train.device",
+                format!("{:?}: expected cpu, cuda or cuda:N", self.device),
+            )
+        })
     }
 
     pub fn kind(&self) -> Result<Kind> {
@@ -231,7 +235,10 @@ pub struct RegressionConfig {
 impl Default for RegressionConfig {
     fn default() -> Self {
         RegressionConfig {
-            attributes: HELPSTEER2_ATTRIBUTES.iter().map(|s| s.to_string()).collect(),
+            attributes: HELPSTEER2_ATTRIBUTES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             goodness_weights: None,
         }
     }
@@ -361,12 +368,14 @@ fn check_format(key: &str, src: &DataSource, allowed: &[DataFormat]) -> Result<(
             let names: Vec<&str> = allowed.iter().map(|f| f.name()).collect();
             return Err(TrainError::config(
                 format!("{key}.format"),
-                format!("`{}` does not fit this objective; expected one of {names:?}", f.name()),
+                format!(
+                    "`{}` does not fit this objective; expected one of {names:?}",
+                    f.name()
+                ),
             ));
         }
     }
-    if src.split.is_some() && src.format.unwrap_or(allowed[0]) != DataFormat::Helpsteer2Preference
-    {
+    if src.split.is_some() && src.format.unwrap_or(allowed[0]) != DataFormat::Helpsteer2Preference {
         return Err(TrainError::config(
             format!("{key}.split"),
             "only helpsteer2_preference rows carry a `split` field",
@@ -380,7 +389,7 @@ impl RmJobConfig {
     pub fn validate(&self) -> Result<()> {
         self.train.validate()?;
         self.checkpoint.validate()?;
-        self.optim.validate()?;
+        validate_optim(&self.optim)?;
         let allowed: &[DataFormat] = match self.objective {
             RmObjective::Regression => &[DataFormat::Helpsteer2],
             RmObjective::BradleyTerry => {
@@ -400,7 +409,15 @@ impl RmJobConfig {
             check_format("data.eval", e, &allowed)?;
         }
         match self.objective {
-            RmObjective::Regression => self.regression.validate()?,
+            RmObjective::Regression => {
+                self.regression.validate()?;
+                if self.bradley_terry.init_from_attribute.is_some() {
+                    return Err(TrainError::config(
+                        "bradley_terry.init_from_attribute",
+                        "only for the bradley_terry and scaled_bradley_terry objectives",
+                    ));
+                }
+            }
             _ => {
                 let bt = &self.bradley_terry;
                 if !bt.margin.is_finite() || bt.margin < 0.0 {
@@ -463,7 +480,7 @@ impl SftJobConfig {
     pub fn validate(&self) -> Result<()> {
         self.train.validate()?;
         self.checkpoint.validate()?;
-        self.optim.validate()?;
+        validate_optim(&self.optim)?;
         check_format("data.train", &self.data.train, &[DataFormat::Chat])?;
         if let Some(e) = &self.data.eval {
             check_format("data.eval", e, &[DataFormat::Chat])?;
@@ -479,6 +496,16 @@ impl SftJobConfig {
             .clone()
             .unwrap_or_else(|| self.run_dir.join("model"))
     }
+}
+
+/// Validates the optimizer settings; a cosine schedule without `total_steps` is allowed (the
+/// job fills in its own length).
+fn validate_optim(o: &OptimConfig) -> Result<()> {
+    let mut o = o.clone();
+    if o.schedule == rlhf_algo::LrScheduleKind::Cosine && o.total_steps == 0 {
+        o.total_steps = o.warmup_steps + 1;
+    }
+    Ok(o.validate()?)
 }
 
 /// Paths that must exist before a job starts, with the key that names them.
@@ -534,10 +561,18 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("data.train.format"), "{e}");
         let c = rm(serde_json::json!({"train": {"device": "tpu"}})).unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("train.device"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("train.device"));
         let c = rm(serde_json::json!({"objective": "bradley_terry",
             "data": {"train": {"path": "t", "split": "train"}}}))
         .unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("data.train.split"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("data.train.split"));
     }
 }

@@ -150,14 +150,14 @@ impl JsonlReader {
     pub fn next_row(&mut self) -> Result<Option<(u64, std::result::Result<Value, String>)>> {
         loop {
             self.buf.clear();
-            let n = self
-                .inner
-                .read_until(b'\n', &mut self.buf)
-                .map_err(|e| TrainError::BadRow {
-                    path: self.path.clone(),
-                    line: self.line + 1,
-                    msg: format!("cannot read (truncated or corrupt gzip?): {e}"),
-                })?;
+            let n =
+                self.inner
+                    .read_until(b'\n', &mut self.buf)
+                    .map_err(|e| TrainError::BadRow {
+                        path: self.path.clone(),
+                        line: self.line + 1,
+                        msg: format!("cannot read (truncated or corrupt gzip?): {e}"),
+                    })?;
             if n == 0 {
                 return Ok(None);
             }
@@ -531,7 +531,10 @@ mod tests {
                 ChatMessage::new("user", "And 3+3?"),
             ]
         );
-        assert_eq!(parse_prompt("c#").unwrap(), vec![ChatMessage::new("user", "c#")]);
+        assert_eq!(
+            parse_prompt("c#").unwrap(),
+            vec![ChatMessage::new("user", "c#")]
+        );
         assert!(parse_prompt("hi<extra_id_1>Robot\nx")
             .unwrap_err()
             .contains("`User` or `Assistant`"));
@@ -549,7 +552,9 @@ mod tests {
         let r = parse_rating(&ok, &attrs).unwrap();
         assert_eq!(r.ratings, vec![3.0, 1.5]);
         let bad = json!({"prompt": "p", "response": "r", "helpfulness": 5, "verbosity": 1});
-        assert!(parse_rating(&bad, &attrs).unwrap_err().contains("outside 0..4"));
+        assert!(parse_rating(&bad, &attrs)
+            .unwrap_err()
+            .contains("outside 0..4"));
         let missing = json!({"prompt": "p", "response": "r", "helpfulness": 2});
         assert!(parse_rating(&missing, &attrs)
             .unwrap_err()
@@ -638,7 +643,10 @@ mod tests {
         .err()
         .unwrap()
         .to_string();
-        assert!(e.contains("d.jsonl.gz:3:") && e.contains("on_bad_row"), "{e}");
+        assert!(
+            e.contains("d.jsonl.gz:3:") && e.contains("on_bad_row"),
+            "{e}"
+        );
         let (rows, stats) = read_rows(&path, OnBadRow::Skip, |v| {
             parse_prompt_response(v).map(RowOutcome::Use)
         })

@@ -107,8 +107,12 @@ pub fn pad_batch(seqs: &[&[u32]], pad_id: i64, device: Device) -> Result<(Tensor
     }
     let shape = [b as i64, t as i64];
     Ok((
-        Tensor::f_from_slice(&ids)?.f_view(shape)?.f_to_device(device)?,
-        Tensor::f_from_slice(&mask)?.f_view(shape)?.f_to_device(device)?,
+        Tensor::f_from_slice(&ids)?
+            .f_view(shape)?
+            .f_to_device(device)?,
+        Tensor::f_from_slice(&mask)?
+            .f_view(shape)?
+            .f_to_device(device)?,
     ))
 }
 

@@ -77,7 +77,9 @@ impl Default for CategoryMap {
                 .map(|(c, subs)| {
                     (
                         c.to_string(),
-                        subs.iter().map(|(s, w)| (s.to_string(), Some(*w))).collect(),
+                        subs.iter()
+                            .map(|(s, w)| (s.to_string(), Some(*w)))
+                            .collect(),
                     )
                 })
                 .collect(),
@@ -278,6 +280,9 @@ mod tests {
         let r = aggregate(s, &m, RowStats::default());
         assert_eq!(r.categories["A"], 0.25);
         std::fs::write(&p, r#"{"A": 3}"#).unwrap();
-        assert!(CategoryMap::load(&p).unwrap_err().to_string().contains("c.json:1"));
+        assert!(CategoryMap::load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("c.json:1"));
     }
 }

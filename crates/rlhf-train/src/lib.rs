@@ -31,6 +31,6 @@ pub use error::{Result, TrainError};
 pub use eval::{eval_reward_bench, BenchReport, CategoryMap};
 pub use pairs::{derive_pairs, DerivedPairs};
 pub use reward::{RewardModel, Scored};
-pub use rm::{train_reward_model, JobReport};
+pub use rm::train_reward_model;
 pub use sft::train_sft;
-pub use trainer::JobControl;
+pub use trainer::{JobControl, JobReport};

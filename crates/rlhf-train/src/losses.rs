@@ -21,22 +21,36 @@ fn check_same(a: &Tensor, an: &str, b: &Tensor, bn: &str) -> Result<()> {
     if a.size() != b.size() {
         return Err(TrainError::config(
             "loss inputs",
-            format!("`{an}` has shape {:?} but `{bn}` has {:?}", a.size(), b.size()),
+            format!(
+                "`{an}` has shape {:?} but `{bn}` has {:?}",
+                a.size(),
+                b.size()
+            ),
         ));
     }
     Ok(())
 }
 
-/// Per-example MSE over attributes: `mean_a (pred - target)^2`, (b,) f32. `pred`, `target`:
+/// Losses run in f64 for f64 inputs and in f32 otherwise (reduced-precision scores are promoted).
+fn promote(t: &Tensor) -> Result<Tensor> {
+    let k = if t.kind() == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    };
+    Ok(t.f_to_kind(k)?)
+}
+
+/// Per-example MSE over attributes: `mean_a (pred - target)^2`, (b,). `pred`, `target`:
 /// (b, a).
 pub fn regression_loss(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     check_same(pred, "pred", target, "target")?;
-    let d = pred.f_to_kind(Kind::Float)? - target.f_to_kind(Kind::Float)?;
-    Ok(d.f_square()?
-        .f_mean_dim([-1].as_slice(), false, Kind::Float)?)
+    let p = promote(pred)?;
+    let d = &p - target.f_to_kind(p.kind())?;
+    Ok(d.f_square()?.f_mean_dim([-1].as_slice(), false, p.kind())?)
 }
 
-/// Per-pair Bradley-Terry loss `w * -log σ(r_c - r_r - m)`, (b,) f32. `chosen`, `rejected`,
+/// Per-pair Bradley-Terry loss `w * -log σ(r_c - r_r - m)`, (b,). `chosen`, `rejected`,
 /// and when given `margin` and `weight`: (b,).
 pub fn bradley_terry_loss(
     chosen: &Tensor,
@@ -45,16 +59,18 @@ pub fn bradley_terry_loss(
     weight: Option<&Tensor>,
 ) -> Result<Tensor> {
     check_same(chosen, "chosen", rejected, "rejected")?;
-    let mut diff = chosen.f_to_kind(Kind::Float)? - rejected.f_to_kind(Kind::Float)?;
+    let c = promote(chosen)?;
+    let k = c.kind();
+    let mut diff = &c - rejected.f_to_kind(k)?;
     if let Some(m) = margin {
         check_same(chosen, "chosen", m, "margin")?;
-        diff = diff - m.f_to_kind(Kind::Float)?;
+        diff = diff - m.f_to_kind(k)?;
     }
     // -log σ(x) = softplus(-x), computed stably by log_sigmoid.
     let mut loss = diff.f_log_sigmoid()?.f_neg()?;
     if let Some(w) = weight {
         check_same(chosen, "chosen", w, "weight")?;
-        loss = loss * w.f_to_kind(Kind::Float)?;
+        loss = loss * w.f_to_kind(k)?;
     }
     Ok(loss)
 }
@@ -103,8 +119,8 @@ mod tests {
         assert!((v[1] - 2f32.ln()).abs() < 1e-6);
         let m = Tensor::from_slice(&[1.0f32, 0.0]);
         let w = Tensor::from_slice(&[3.0f32, 2.0]);
-        let v = Vec::<f32>::try_from(bradley_terry_loss(&c, &r, Some(&m), Some(&w)).unwrap())
-            .unwrap();
+        let v =
+            Vec::<f32>::try_from(bradley_terry_loss(&c, &r, Some(&m), Some(&w)).unwrap()).unwrap();
         assert!((v[0] - 3.0 * 2f32.ln()).abs() < 1e-6 && (v[1] - 2.0 * 2f32.ln()).abs() < 1e-6);
         let bad = Tensor::from_slice(&[1.0f32]);
         assert!(bradley_terry_loss(&c, &bad, None, None)

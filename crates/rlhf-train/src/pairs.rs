@@ -116,7 +116,10 @@ mod tests {
         std::fs::write(&p, text).unwrap();
         let mut out = Vec::new();
         let r = derive_pairs(&p, OnBadRow::Fail, &mut out).unwrap();
-        assert_eq!((r.prompts, r.pairs, r.discarded_equal, r.single_response), (3, 1, 1, 1));
+        assert_eq!(
+            (r.prompts, r.pairs, r.discarded_equal, r.single_response),
+            (3, 1, 1, 1)
+        );
         let line: Value = serde_json::from_slice(out.trim_ascii_end()).unwrap();
         assert_eq!(line["chosen"], "b");
         assert_eq!(line["rejected"], "a");

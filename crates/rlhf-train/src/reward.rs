@@ -145,7 +145,10 @@ pub fn init_head_from_attribute(model: &Model, dir: &Path, attribute: &str) -> R
             )
         })?;
     let files = WeightFiles::open(dir)?;
-    let src = files.read("score.weight")?.f_get(row as i64)?.f_unsqueeze(0)?;
+    let src = files
+        .read("score.weight")?
+        .f_get(row as i64)?
+        .f_unsqueeze(0)?;
     let (_, mut w) = model
         .named_tensors()
         .into_iter()
@@ -154,7 +157,11 @@ pub fn init_head_from_attribute(model: &Model, dir: &Path, attribute: &str) -> R
     if w.size() != src.size() {
         return Err(TrainError::config(
             key,
-            format!("head row has shape {:?}, expected {:?}", src.size(), w.size()),
+            format!(
+                "head row has shape {:?}, expected {:?}",
+                src.size(),
+                w.size()
+            ),
         ));
     }
     tch::no_grad(|| w.f_copy_(&src.f_to_kind(w.kind())?))?;

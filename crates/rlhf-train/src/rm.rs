@@ -3,7 +3,7 @@
 //! serves: HF files plus `rlhf_reward.json` carrying the head type, attribute names, goodness
 //! weights and the reward mean/std measured over the training responses.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rlhf_model::{sequence_scores, Config, HeadKind, Model, RewardHead, RewardSpec, Tokenizer};
 use serde_json::{json, Value};
@@ -18,7 +18,7 @@ use crate::encode::{encode_conversation, pad_batch};
 use crate::error::{Result, TrainError};
 use crate::losses::{bradley_terry_loss, pearson, regression_loss};
 use crate::reward::{init_head_from_attribute, load_with_head, pad_id, score_sequences};
-use crate::trainer::{fingerprint, BatchStats, JobControl, Session, SessionSpec, Task};
+use crate::trainer::{fingerprint, BatchStats, JobControl, JobReport, Session, SessionSpec, Task};
 
 /// Rated responses, tokenized.
 #[derive(Debug, Default)]
@@ -166,7 +166,12 @@ fn seqs_of<'a>(all: &'a [Vec<u32>], idx: &[usize]) -> Vec<&'a [u32]> {
 }
 
 impl RmTask {
-    fn pair_tensors(&self, set: &PairSet, idx: &[usize], dev: tch::Device) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn pair_tensors(
+        &self,
+        set: &PairSet,
+        idx: &[usize],
+        dev: tch::Device,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let strengths = || -> Result<Vec<f32>> {
             idx.iter()
                 .map(|&i| {
@@ -200,7 +205,12 @@ impl RmTask {
     }
 
     /// Per-pair losses and the chosen/rejected scores of pairs `idx` of `set`.
-    fn pair_forward(&self, model: &Model, set: &PairSet, idx: &[usize]) -> Result<(Tensor, Tensor, Tensor, u64)> {
+    fn pair_forward(
+        &self,
+        model: &Model,
+        set: &PairSet,
+        idx: &[usize],
+    ) -> Result<(Tensor, Tensor, Tensor, u64)> {
         let mut seqs = seqs_of(&set.chosen, idx);
         seqs.extend(seqs_of(&set.rejected, idx));
         let tokens = seqs.iter().map(|s| s.len() as u64).sum();
@@ -231,12 +241,7 @@ impl Task for RmTask {
                 fp
             }
             RmData::Pairs(s) => {
-                let mut fp = fingerprint(
-                    s.chosen
-                        .iter()
-                        .chain(&s.rejected)
-                        .map(Vec::as_slice),
-                );
+                let mut fp = fingerprint(s.chosen.iter().chain(&s.rejected).map(Vec::as_slice));
                 let bits: Vec<u32> = s
                     .strength
                     .iter()
@@ -279,7 +284,10 @@ impl Task for RmTask {
                 let (per, rc, rr, tokens) = self.pair_forward(model, set, idx)?;
                 let sum = per.f_sum(Kind::Float)?;
                 (&sum / denom).f_backward()?;
-                let correct = rc.f_gt_tensor(&rr)?.f_sum(Kind::Float)?.f_double_value(&[])?;
+                let correct = rc
+                    .f_gt_tensor(&rr)?
+                    .f_sum(Kind::Float)?
+                    .f_double_value(&[])?;
                 Ok(BatchStats {
                     loss_sum: sum.f_double_value(&[])?,
                     count: idx.len() as f64,
@@ -362,24 +370,6 @@ pub fn evaluate_rm(
     }
 }
 
-/// What a finished (or stopped) job reports.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct JobReport {
-    /// Optimizer steps done in all.
-    pub steps: u64,
-    /// Whether training ran to its last step (false: stopped by `stop_after`).
-    pub finished: bool,
-    pub resumed_from: Option<u64>,
-    /// The exported model (finished jobs).
-    pub output: Option<PathBuf>,
-    /// Held-out metrics at the end, when there is eval data.
-    pub eval: Option<Value>,
-    /// The reward spec written next to the model (reward-model jobs).
-    pub reward_spec: Option<RewardSpec>,
-    /// What happened to the rows of each data file.
-    pub data: Vec<RowStats>,
-}
-
 /// Runs `train-rm`: reads and tokenizes the data, resumes from the run directory's newest
 /// valid checkpoint (or starts from `cfg.model`), trains, and writes the reward model.
 pub fn train_reward_model(cfg: &RmJobConfig, control: &JobControl) -> Result<JobReport> {
@@ -449,12 +439,6 @@ pub fn train_reward_model(cfg: &RmJobConfig, control: &JobControl) -> Result<Job
     let fresh = || -> Result<Model> {
         let (mut m, fresh_head) = load_with_head(&cfg.model, head, device, kind, seed)?;
         if let Some(attr) = &cfg.bradley_terry.init_from_attribute {
-            if cfg.objective == RmObjective::Regression {
-                return Err(TrainError::config(
-                    "bradley_terry.init_from_attribute",
-                    "only for bradley_terry and scaled_bradley_terry objectives",
-                ));
-            }
             init_head_from_attribute(&m, &cfg.model, attr)?;
             tracing::info!(attribute = %attr, from = %cfg.model.display(), "head initialised from a regression head");
         } else if fresh_head {
@@ -469,7 +453,8 @@ pub fn train_reward_model(cfg: &RmJobConfig, control: &JobControl) -> Result<Job
         );
         Ok(m)
     };
-    let load = |dir: &Path| -> Result<Model> { Ok(load_with_head(dir, head, device, kind, seed)?.0) };
+    let load =
+        |dir: &Path| -> Result<Model> { Ok(load_with_head(dir, head, device, kind, seed)?.0) };
     let config_json = serde_json::to_value(cfg).unwrap_or(Value::Null);
     let spec = SessionSpec {
         run_dir: &cfg.run_dir,
@@ -531,7 +516,12 @@ fn reward_spec_for(cfg: &RmJobConfig, model: &Model, task: &RmTask) -> Result<Re
     };
     let seqs: Vec<&[u32]> = match &task.train {
         RmData::Rated(s) => s.seqs.iter().map(Vec::as_slice).collect(),
-        RmData::Pairs(s) => s.chosen.iter().chain(&s.rejected).map(Vec::as_slice).collect(),
+        RmData::Pairs(s) => s
+            .chosen
+            .iter()
+            .chain(&s.rejected)
+            .map(Vec::as_slice)
+            .collect(),
     };
     let outs = score_sequences(model, &seqs, task.pad_id, task.eval_batch.max(1))?;
     let raw: Vec<f64> = outs.iter().map(|o| spec.reward(o)).collect();
@@ -547,6 +537,11 @@ fn reward_spec_for(cfg: &RmJobConfig, model: &Model, task: &RmTask) -> Result<Re
         );
         spec.std = 1.0;
     }
-    tracing::info!(mean = spec.mean, std = spec.std, responses = raw.len(), "reward normalisation measured");
+    tracing::info!(
+        mean = spec.mean,
+        std = spec.std,
+        responses = raw.len(),
+        "reward normalisation measured"
+    );
     Ok(spec)
 }

@@ -13,8 +13,7 @@ use crate::data::{parse_chat, read_rows, OnBadRow, RowOutcome, RowStats};
 use crate::encode::{encode_chat_masked, pad_batch, pad_marks, MaskedTokens};
 use crate::error::{Result, TrainError};
 use crate::losses::sft_loss_sum;
-use crate::rm::JobReport;
-use crate::trainer::{fingerprint, BatchStats, JobControl, Session, SessionSpec, Task};
+use crate::trainer::{fingerprint, BatchStats, JobControl, JobReport, Session, SessionSpec, Task};
 
 /// Reads and tokenizes chat rows. Conversations longer than `max_len` are cut at the end (and
 /// counted); a row with no assistant token left within `max_len` is left out and counted.
@@ -65,7 +64,12 @@ fn targets(t: &MaskedTokens) -> u64 {
 
 impl SftTask {
     /// Summed NLL over the assistant tokens of `idx` and the number of such tokens.
-    fn nll(&self, model: &Model, set: &[MaskedTokens], idx: &[usize]) -> Result<(tch::Tensor, f64, u64)> {
+    fn nll(
+        &self,
+        model: &Model,
+        set: &[MaskedTokens],
+        idx: &[usize],
+    ) -> Result<(tch::Tensor, f64, u64)> {
         let seqs: Vec<&[u32]> = idx.iter().map(|&i| set[i].ids.as_slice()).collect();
         let marks: Vec<&[u8]> = idx.iter().map(|&i| set[i].assistant.as_slice()).collect();
         let tokens = seqs.iter().map(|s| s.len() as u64).sum();
@@ -124,7 +128,9 @@ impl Task for SftTask {
             n += k;
         }
         let nll = sum / n.max(1.0);
-        Ok(Some(json!({"nll": nll, "perplexity": nll.exp(), "tokens": n, "rows": eval.len()})))
+        Ok(Some(
+            json!({"nll": nll, "perplexity": nll.exp(), "tokens": n, "rows": eval.len()}),
+        ))
     }
 }
 
@@ -149,7 +155,10 @@ pub fn train_sft(cfg: &SftJobConfig, control: &JobControl) -> Result<JobReport> 
     if tok.chat_template().is_none() {
         return Err(TrainError::config(
             "model",
-            format!("{}: the tokenizer has no chat template", cfg.model.display()),
+            format!(
+                "{}: the tokenizer has no chat template",
+                cfg.model.display()
+            ),
         ));
     }
     let max_len = cfg

@@ -18,6 +18,8 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use rlhf_algo::{shuffled_indices, AdamW, LrSchedule, OptimConfig};
@@ -46,6 +48,35 @@ pub struct JobControl {
     /// Fail when the run directory has no valid checkpoint (`--resume`). Otherwise a job
     /// resumes when there is one and starts fresh when there is none.
     pub require_resume: bool,
+    /// Checked after every optimizer step: once set (by a SIGTERM / SIGUSR1 handler, e.g.
+    /// Slurm's `--signal=B:USR1@grace` before preemption), the job checkpoints and stops.
+    pub stop_flag: Option<Arc<AtomicBool>>,
+}
+
+impl JobControl {
+    fn signalled(&self) -> bool {
+        self.stop_flag
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::SeqCst))
+    }
+}
+
+/// What a finished (or stopped) job reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobReport {
+    /// Optimizer steps done in all.
+    pub steps: u64,
+    /// Whether training ran to its last step (false: stopped by `stop_after`).
+    pub finished: bool,
+    pub resumed_from: Option<u64>,
+    /// The exported model (finished jobs).
+    pub output: Option<PathBuf>,
+    /// Held-out metrics at the end, when there is eval data.
+    pub eval: Option<Value>,
+    /// The reward spec written next to the model (reward-model jobs).
+    pub reward_spec: Option<rlhf_model::RewardSpec>,
+    /// What happened to the rows of each data file.
+    pub data: Vec<crate::data::RowStats>,
 }
 
 /// Everything about the data stream and progress a resumed job needs.
@@ -223,9 +254,9 @@ impl Session {
         load: impl FnOnce(&Path) -> Result<Model>,
     ) -> Result<Session> {
         let t = spec.train;
-        let total_steps = t.max_steps.unwrap_or_else(|| {
-            t.epochs * Sampler::steps_per_epoch(spec.examples, t.batch_size)
-        });
+        let total_steps = t
+            .max_steps
+            .unwrap_or_else(|| t.epochs * Sampler::steps_per_epoch(spec.examples, t.batch_size));
         let mut optim = spec.optim.clone();
         if optim.schedule == rlhf_algo::LrScheduleKind::Cosine && optim.total_steps == 0 {
             // An unset cosine horizon means "the whole job".
@@ -327,6 +358,7 @@ impl Session {
         let mut window = BatchStats::default();
         let mut window_start = Instant::now();
         let mut window_steps = 0u64;
+        let mut window_samples = 0usize;
         let mut grad_norm_sum = 0.0;
         while self.state.step < self.state.total_steps {
             if control.stop_after.is_some_and(|k| self.state.step >= k) {
@@ -349,6 +381,7 @@ impl Session {
             self.state.tokens_seen += stats.tokens;
             window.add(&stats);
             window_steps += 1;
+            window_samples += idx.len();
             grad_norm_sum += grad_norm;
             let step = self.state.step;
             let at_end = step == self.state.total_steps;
@@ -362,7 +395,7 @@ impl Session {
                     "loss": loss,
                     "lr": lr,
                     "grad_norm": grad_norm_sum / window_steps as f64,
-                    "samples_per_s": window_steps as f64 * train.batch_size as f64 / secs,
+                    "samples_per_s": window_samples as f64 / secs,
                     "tokens_per_s": window.tokens as f64 / secs,
                 });
                 if window.pairs > 0.0 {
@@ -372,6 +405,7 @@ impl Session {
                 metrics.write(&rec)?;
                 window = BatchStats::default();
                 window_steps = 0;
+                window_samples = 0;
                 grad_norm_sum = 0.0;
                 window_start = Instant::now();
             }
@@ -381,13 +415,14 @@ impl Session {
                     metrics.write(&json!({"step": step, "eval": ev}))?;
                 }
             }
-            let stop = control.stop_after.is_some_and(|k| step >= k) && !at_end;
+            let stop =
+                (control.stop_after.is_some_and(|k| step >= k) || control.signalled()) && !at_end;
             if at_end || stop || ckpt.every.is_some_and(|e| step % e == 0) {
                 self.checkpoint(ckpt.keep_last)?;
                 window_start = Instant::now();
             }
             if stop {
-                tracing::info!("stopping after step {step} as asked; rerun the job to resume");
+                tracing::warn!("stopping after step {step} as asked; rerun the job to resume");
                 return Ok(false);
             }
         }
@@ -423,10 +458,9 @@ impl Session {
     /// Writes the final model to `out` (replacing what is there): the HF files, then `extra`
     /// (e.g. `rlhf_reward.json`), into a sibling directory renamed into place at the end.
     pub fn export(&self, out: &Path, extra: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-        let name = out
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| TrainError::config("output", format!("{}: not a directory name", out.display())))?;
+        let name = out.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+            TrainError::config("output", format!("{}: not a directory name", out.display()))
+        })?;
         let parent = out.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
         let tmp = parent.join(format!(".{name}.export-tmp"));

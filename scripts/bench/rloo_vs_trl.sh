@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Side-by-side RLOO step time: TRL's RLOOTrainer (scripts/bench/trl_rloo.py, its own venv) and
+# `rlhf-coord launch` on the same model files, prompts and settings (B prompts x N samples, T new
+# tokens, E epochs, KL beta in the reward with k1, sequence-level loss aggregation, lr, grad clip),
+# at two sizes (about 2M and 20M parameters), alternating the two ROUNDS times and keeping each
+# side's best median step time (the first step of every run is warm-up). Not part of the tests.
+#   ROUNDS (2), STEPS (5), THREADS (2): torch threads of TRL's one process and of our actor.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+eval "$(scripts/setup-torch.sh)"
+cargo build --release -q -p rlhf-coord -p rlhf-worker
+venv=${RLHF_BENCH_VENV:-$HOME/.cache/rlhf-coord/bench-venv}
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q -r scripts/bench/requirements-bench.txt
+fi
+PY=$venv/bin/python
+# With other processes on the cores, OpenMP threads that spin-wait slow both sides down badly.
+export OMP_WAIT_POLICY=PASSIVE
+rounds=${ROUNDS:-2}; steps=${STEPS:-5}; threads=${THREADS:-2}
+B=8 N=4 T=32 E=1 K=0.05 LR=1e-5
+w=target/bench/rloo
+mkdir -p "$w"
+[ -f target/bench/small-llama/config.json ] || target/release/rlhf-coord init-model --preset small --out target/bench/small-llama 2>/dev/null
+: >"$w/prompts.jsonl"
+for a in 11 12 13 14 15 16 17 18; do for b in 21 22 23 24; do
+  echo "{\"prompt\": \"$a+$b=\", \"answer\": \"$((a + b))\"}" >>"$w/prompts.jsonl"
+done; done
+out=$w/results.jsonl
+: >"$out"
+for size in 2m 20m; do
+  m=$w/llama-$size
+  [ -f "$m/config.json" ] || $PY scripts/bench/trl_rloo.py make-model --size $size --tokenizer-from target/bench/small-llama --out "$m" >/dev/null
+  cat >"$w/run-$size.yaml" <<YAML
+run: {name: bench-$size, dir: runs, seed: 0}
+workers:
+  - {name: actor, roles: [actor], threads: $threads}
+  - {name: reference, roles: [reference], threads: 1}
+  - {name: reward, roles: [reward, critic], threads: 1}
+models: {policy: llama-$size, reward: {kind: exact_match}}
+algorithm: {name: rloo, loss_agg: seq_mean_token_sum, kl: {coef: $K, estimator: k1, mode: reward}}
+rollout: {prompts: prompts.jsonl, batch_size: $B, samples_per_prompt: $N, max_new_tokens: $T}
+train: {steps: $steps, epochs: $E, micro_batch_size: $((B * N)), actor: {lr: $LR, max_grad_norm: 1.0}}
+logging: {progress: false, plot: false}
+YAML
+  for r in $(seq "$rounds"); do
+    $PY scripts/bench/trl_rloo.py --policy "$m" --reward-kind exact_match --prompts "$w/prompts.jsonl" \
+      --batch-size $B --samples $N --max-new-tokens $T --epochs $E --kl-coef $K --lr $LR \
+      --steps "$steps" --threads "$threads" --out "$w/trl.json" >/dev/null 2>&1
+    python3 -c "import json,sys; d=json.load(open('$w/trl.json')); print(json.dumps({'impl':'trl','size':'$size','step_s':d['step_time_s_median']}))" >>"$out"
+    rm -rf "$w/runs/bench-$size"
+    target/release/rlhf-coord launch "$w/run-$size.yaml" >/dev/null 2>&1
+    python3 - "$w/runs/bench-$size/metrics.jsonl" "$size" >>"$out" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])][1:]
+print(json.dumps({"impl": "rlhf-coord", "size": sys.argv[2],
+                  "step_s": statistics.median(r["time/step_s"] for r in rows),
+                  "len": statistics.mean(r["response_len_mean"] for r in rows)}))
+PY
+  done
+done
+python3 - "$out" "$rounds" "$steps" "$threads" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+best = {}
+for r in rows:
+    k = (r["impl"], r["size"])
+    best[k] = min(best.get(k, 1e9), r["step_s"])
+print(f"\nRLOO, B=8 prompts x N=4 samples, T=32, E=1, KL 0.05 (k1, in reward), {sys.argv[3]} steps "
+      f"(median of steps 2..), best of {sys.argv[2]} rounds, {sys.argv[4]} torch threads")
+print("| model | TRL RLOOTrainer (s/step) | rlhf-coord (s/step) | ratio |")
+print("| --- | ---: | ---: | ---: |")
+for size, name in [("2m", "llama 2.0M"), ("20m", "llama 20.5M")]:
+    t, o = best[("trl", size)], best[("rlhf-coord", size)]
+    print(f"| {name} | {t:.3f} | {o:.3f} | {o / t:.2f}x |")
+PY
