@@ -3,16 +3,17 @@
 # `AutoModelForSequenceClassification` in a plain PyTorch loop (scripts/bench/rm_bench.py), on
 # the same model files, pairs, batch, thread count and optimizer settings, alternating the two
 # ROUNDS times (noisy machines) and reporting each side's best round. Not part of the test suite.
-#   LAYERS (4: a ~14M-parameter cut of the `small` preset), BATCH (8 pairs = 16 sequences per
-#   step), WORDS (response words; 100 gives 116-token sequences), STEPS (9), WINDOW (3 steps per
-#   timing window; the first window is warm-up), ROUNDS (3), THREADS (2)
+#   LAYERS (4: a 16M-parameter cut of the `small` preset), BATCH (8 pairs = 16 sequences per
+#   step), WORDS (response words; 100 gives 125-token sequences), STEPS (12), WINDOW (1: steps
+#   per timing window; the first window is warm-up; on a shared machine the best single step is
+#   the steadiest estimate), ROUNDS (3), THREADS (2)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 eval "$(scripts/setup-torch.sh --test-deps)"
 cargo build --release -q -p rlhf-coord
 bin=${CARGO_TARGET_DIR:-target}/release/rlhf-coord
-layers=${LAYERS:-4}; batch=${BATCH:-8}; words=${WORDS:-100}; steps=${STEPS:-9}
-window=${WINDOW:-3}; rounds=${ROUNDS:-3}; threads=${THREADS:-2}
+layers=${LAYERS:-4}; batch=${BATCH:-8}; words=${WORDS:-100}; steps=${STEPS:-12}
+window=${WINDOW:-1}; rounds=${ROUNDS:-3}; threads=${THREADS:-2}
 dir=target/bench/rm-l$layers-w$words
 small=target/bench/small-llama
 [ -f "$small/config.json" ] || "$bin" init-model --arch llama --preset small --out "$small" 2>/dev/null
