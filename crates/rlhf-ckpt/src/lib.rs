@@ -166,11 +166,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .and_then(|n| n.to_str())
         .ok_or_else(|| CkptError::Usage(format!("{}: not a file path", path.display())))?;
     let tmp = path.with_file_name(format!("{name}{TMP_INFIX}{}", unique_suffix()));
-    let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io(path))?;
+    let written = (|| -> Result<()> {
+        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(bytes).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        drop(f);
+        fs::rename(&tmp, path).map_err(io(path))
+    })();
+    if let Err(e) = written {
+        // Best effort: the error that matters is the write's, not the clean-up's.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     if let Some(parent) = path.parent() {
         fsync_dir(parent)?;
     }

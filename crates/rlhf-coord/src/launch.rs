@@ -89,7 +89,7 @@ fn prepare(args: &LaunchArgs) -> Result<Prepared> {
         .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
     let yaml = loaded.to_yaml()?;
     let resolved = run_dir.join("config.resolved.yaml");
-    write_atomic(&resolved, yaml.as_bytes())?;
+    rlhf_ckpt::write_atomic(&resolved, yaml.as_bytes())?;
     Ok(Prepared {
         loaded,
         run_dir,
@@ -98,12 +98,6 @@ fn prepare(args: &LaunchArgs) -> Result<Prepared> {
         tokenizer,
         worker_bin,
     })
-}
-
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))
 }
 
 /// Runs `launch`; returns when the run ends.

@@ -7,9 +7,8 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
@@ -136,37 +135,12 @@ pub fn write_plot_series(
     let bytes = canvas
         .encode_png()
         .with_context(|| format!("cannot encode plot {}", out_png.display()))?;
-    write_atomically(out_png, &bytes)
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    // Unique per process and call, so concurrent writers of one plot never share a temp file.
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .with_context(|| format!("plot path {} has no file name", path.display()))?;
-    let tmp: PathBuf = path.with_file_name(format!(
-        ".{}.tmp{}-{}",
-        name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let written = File::create(&tmp).and_then(|mut file| {
-        file.write_all(bytes)?;
-        file.sync_all()
-    });
-    let renamed = written.and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = renamed {
-        // Best effort: the error that matters is the write's, not the clean-up's.
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| {
-            format!(
-                "cannot write plot {} (does its directory exist?)",
-                path.display()
-            )
-        });
-    }
-    Ok(())
+    rlhf_ckpt::write_atomic(out_png, &bytes).with_context(|| {
+        format!(
+            "cannot write plot {} (does its directory exist?)",
+            out_png.display()
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
