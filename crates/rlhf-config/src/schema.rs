@@ -34,6 +34,10 @@ pub struct RunConfig {
     pub train: TrainConfig,
     /// Logging and run-directory artefacts.
     pub logging: LoggingConfig,
+    /// When to write checkpoints and how many to keep.
+    pub checkpoint: CheckpointConfig,
+    /// MT-Bench validation: how often, with what judge.
+    pub validation: ValidationConfig,
 }
 
 impl Default for RunConfig {
@@ -47,6 +51,8 @@ impl Default for RunConfig {
             rollout: RolloutConfig::default(),
             train: TrainConfig::default(),
             logging: LoggingConfig::default(),
+            checkpoint: CheckpointConfig::default(),
+            validation: ValidationConfig::default(),
         }
     }
 }
@@ -793,6 +799,122 @@ impl Default for LoggingConfig {
     }
 }
 
+/// `checkpoint:` — full checkpoints of the run (weights, optimizer, controller state).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Write a checkpoint every N steps; 0 turns step-based saving off. The last step is always
+    /// saved. Default: 50.
+    pub every: u64,
+    /// Also write one when this many minutes have passed since the last; null for never.
+    /// Default: null.
+    pub every_minutes: Option<f64>,
+    /// Retention: keep the newest N checkpoints (what resume needs); >= 1. Default: 2.
+    pub keep_last: usize,
+    /// Also keep the best K checkpoints by validation score (`checkpoints/ranking.json`); 0 keeps
+    /// none beyond `keep_last`. Default: 1.
+    pub keep_best: usize,
+    /// Seconds after the coordinator started by which a checkpoint must exist (a known
+    /// walltime minus a margin): when the next step would end past it, the run saves and stops
+    /// as on SIGTERM. Null for no budget. Default: null.
+    pub must_save_by: Option<f64>,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            every: 50,
+            every_minutes: None,
+            keep_last: 2,
+            keep_best: 1,
+            must_save_by: None,
+        }
+    }
+}
+
+/// Who judges the MT-Bench answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JudgeKind {
+    /// The run's reward model (`models.reward.kind: model`), offline; its goodness score is
+    /// mapped to MT-Bench's 1-10 scale.
+    #[default]
+    RewardModel,
+    /// An OpenAI-compatible chat-completions endpoint with the MT-Bench judge prompts.
+    Http,
+}
+
+/// `validation.http:` — an OpenAI-compatible judge endpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpJudgeConfig {
+    /// Base URL up to `/v1`, e.g. `http://127.0.0.1:8000/v1`. Required with `judge: http`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub url: String,
+    /// The judge model's name. Default: `gpt-4`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub model: String,
+    /// Environment variable holding the API key (never logged); empty for none. Default:
+    /// `OPENAI_API_KEY`.
+    #[serde(deserialize_with = "lenient_empty_string")]
+    pub api_key_env: String,
+    /// Seconds per judge request before it counts as missing. Default: 60.
+    pub timeout_s: f64,
+    /// Judge requests in flight at once; >= 1. Default: 8.
+    pub concurrency: usize,
+}
+
+impl Default for HttpJudgeConfig {
+    fn default() -> Self {
+        HttpJudgeConfig {
+            url: String::new(),
+            model: "gpt-4".into(),
+            api_key_env: "OPENAI_API_KEY".into(),
+            timeout_s: 60.0,
+            concurrency: 8,
+        }
+    }
+}
+
+/// `validation:` — MT-Bench every N steps; checkpoints are ranked by its score.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Validate every N steps (a checkpoint is written at each validated step); 0 turns
+    /// validation off. Default: 0.
+    pub every: u64,
+    /// Directory with FastChat's MT-Bench files (`question.jsonl`, `judge_prompts.jsonl`,
+    /// `reference_answer/gpt-4.jsonl`). Required when `every` > 0.
+    pub mt_bench: PathBuf,
+    /// `reward_model` or `http`. Default: `reward_model`.
+    pub judge: JudgeKind,
+    /// The endpoint for `judge: http`.
+    pub http: HttpJudgeConfig,
+    /// New tokens per answer turn; >= 1. Default: 256.
+    pub max_new_tokens: usize,
+    /// Sampling temperature for answers; 0 is greedy. Default: 0.
+    pub temperature: f64,
+    /// Answer only the first N questions (quick checks); null for all 80. Default: null.
+    pub max_questions: Option<usize>,
+    /// Prompts answered per Generate call; >= 1. Default: 16.
+    pub batch_size: usize,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        ValidationConfig {
+            every: 0,
+            mt_bench: PathBuf::new(),
+            judge: JudgeKind::RewardModel,
+            http: HttpJudgeConfig::default(),
+            max_new_tokens: 256,
+            temperature: 0.0,
+            max_questions: None,
+            batch_size: 16,
+        }
+    }
+}
+
 /// A string that may have been written as a bare number or boolean (`name: 2024`, or
 /// `--set run.name=2024`, which YAML reads as an integer): names are text, so take its text.
 fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -817,6 +939,11 @@ fn lenient_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>,
         }
     }
     d.deserialize_option(Opt)
+}
+
+/// Like `lenient_string`, but null or empty means the empty string.
+fn lenient_empty_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(lenient_opt_string(d)?.unwrap_or_default())
 }
 
 struct LenientString;

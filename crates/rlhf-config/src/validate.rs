@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::ConfigError;
 use crate::load::{ConfigSchema, Provenance};
-use crate::schema::{AnswerExtract, OptimizerConfig, RewardKind, Role, RunConfig};
+use crate::schema::{AnswerExtract, JudgeKind, OptimizerConfig, RewardKind, Role, RunConfig};
 
 impl ConfigSchema for RunConfig {
     const REPLACED_MAPS: &'static [&'static str] = &["algorithm.reward.attribute_weights"];
@@ -27,6 +27,9 @@ impl ConfigSchema for RunConfig {
             visit("models.reward.path", p);
         }
         visit("rollout.prompts", &mut self.rollout.prompts);
+        if !self.validation.mt_bench.as_os_str().is_empty() {
+            visit("validation.mt_bench", &mut self.validation.mt_bench);
+        }
     }
 
     fn validate(&self, provenance: &Provenance) -> Result<(), ConfigError> {
@@ -36,6 +39,7 @@ impl ConfigSchema for RunConfig {
         self.check_workers(&c)?;
         self.check_algorithm(&c)?;
         self.check_rollout_and_train(&c)?;
+        self.check_checkpoint_and_validation(&c)?;
         // The file system last: a typo in a number is cheaper to report than a missing model.
         self.check_files(&c)
     }
@@ -385,6 +389,49 @@ impl RunConfig {
         c.optimizer("train.critic", &t.critic)
     }
 
+    fn check_checkpoint_and_validation(&self, c: &Check) -> Result<(), ConfigError> {
+        let k = &self.checkpoint;
+        c.at_least("checkpoint.keep_last", k.keep_last as u64, 1)?;
+        if let Some(m) = k.every_minutes {
+            c.positive("checkpoint.every_minutes", m)?;
+        }
+        if let Some(s) = k.must_save_by {
+            c.positive("checkpoint.must_save_by", s)?;
+        }
+        let v = &self.validation;
+        if v.every == 0 {
+            return Ok(());
+        }
+        c.at_least("validation.max_new_tokens", v.max_new_tokens as u64, 1)?;
+        c.at_least("validation.batch_size", v.batch_size as u64, 1)?;
+        c.non_negative("validation.temperature", v.temperature)?;
+        if let Some(n) = v.max_questions {
+            c.at_least("validation.max_questions", n as u64, 1)?;
+        }
+        match v.judge {
+            JudgeKind::RewardModel => {
+                if self.models.reward.kind != RewardKind::Model {
+                    return c.fail(
+                        "validation.judge",
+                        "reward_model judges with the run's reward model, but models.reward.kind is not `model`; use judge: http (an OpenAI-compatible endpoint) or a model reward",
+                    );
+                }
+            }
+            JudgeKind::Http => {
+                let u = &v.http.url;
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    return c.fail(
+                        "validation.http.url",
+                        format!("required with judge: http; give the endpoint's base URL up to /v1 (http:// or https://), got `{u}`"),
+                    );
+                }
+                c.positive("validation.http.timeout_s", v.http.timeout_s)?;
+                c.at_least("validation.http.concurrency", v.http.concurrency as u64, 1)?;
+            }
+        }
+        Ok(())
+    }
+
     fn check_files(&self, c: &Check) -> Result<(), ConfigError> {
         let m = &self.models;
         c.model_dir("models.policy", &m.policy)?;
@@ -416,6 +463,13 @@ impl RunConfig {
             return c.fail(
                 "rollout.prompts",
                 format!("prompts file {} does not exist; check the path (relative paths in the file are relative to the file's directory)", prompts.display()),
+            );
+        }
+        let v = &self.validation;
+        if v.every > 0 && !v.mt_bench.join("question.jsonl").is_file() {
+            return c.fail(
+                "validation.mt_bench",
+                format!("`{}` has no question.jsonl; point it at FastChat's MT-Bench data directory (fastchat/llm_judge/data/mt_bench)", v.mt_bench.display()),
             );
         }
         Ok(())

@@ -73,6 +73,35 @@ const DOCUMENTED: &[(&str, &str, &str)] = &[
     ("train.actor.eps", "OptimizerConfig", "eps"),
     ("logging.level", "LoggingConfig", "level"),
     ("logging.format", "LoggingConfig", "format"),
+    ("checkpoint.every", "CheckpointConfig", "every"),
+    (
+        "checkpoint.every_minutes",
+        "CheckpointConfig",
+        "every_minutes",
+    ),
+    ("checkpoint.keep_last", "CheckpointConfig", "keep_last"),
+    ("checkpoint.keep_best", "CheckpointConfig", "keep_best"),
+    (
+        "checkpoint.must_save_by",
+        "CheckpointConfig",
+        "must_save_by",
+    ),
+    ("validation.every", "ValidationConfig", "every"),
+    ("validation.judge", "ValidationConfig", "judge"),
+    (
+        "validation.max_new_tokens",
+        "ValidationConfig",
+        "max_new_tokens",
+    ),
+    ("validation.temperature", "ValidationConfig", "temperature"),
+    ("validation.batch_size", "ValidationConfig", "batch_size"),
+    ("validation.http.model", "HttpJudgeConfig", "model"),
+    ("validation.http.timeout_s", "HttpJudgeConfig", "timeout_s"),
+    (
+        "validation.http.concurrency",
+        "HttpJudgeConfig",
+        "concurrency",
+    ),
 ];
 
 /// The text after `Default: ` in the doc comment of `field` of `pub struct name`, up to the

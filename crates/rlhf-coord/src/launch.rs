@@ -19,6 +19,7 @@ use rlhf_proto::pb;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::checkpoint::{self, ControllerState};
 use crate::cluster::{self, Registry, WorkerFailure};
 use crate::launcher;
 use crate::metrics::{MetricsWriter, Progress};
@@ -43,9 +44,72 @@ struct Prepared {
     prompts: PromptSet,
     tokenizer: Tokenizer,
     worker_bin: PathBuf,
+    /// The checkpoint this launch continues from, if the run directory has a valid one.
+    resume: Option<ResumePoint>,
+    /// When the process started (for `checkpoint.must_save_by`).
+    started: Instant,
 }
 
-fn prepare(args: &LaunchArgs) -> Result<Prepared> {
+/// A verified checkpoint and the controller state in it.
+struct ResumePoint {
+    dir: PathBuf,
+    state: ControllerState,
+}
+
+/// Exit code of a run stopped by SIGTERM/SIGUSR1/SIGINT or `checkpoint.must_save_by` after
+/// writing its checkpoint (EX_TEMPFAIL: relaunch to continue).
+pub const EXIT_PREEMPTED: u8 = 75;
+/// Exit code when a second signal forced the exit without a checkpoint.
+pub const EXIT_FORCED: i32 = 76;
+
+/// The run stopped early on purpose, with its state saved at `step`.
+#[derive(Debug)]
+pub struct Preempted {
+    pub step: u64,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Preempted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.step == 0 {
+            write!(f, "stopped before the first step ({})", self.reason)
+        } else {
+            write!(
+                f,
+                "stopped after step {} ({}); its checkpoint is written, launch again to continue",
+                self.step, self.reason
+            )
+        }
+    }
+}
+
+impl std::error::Error for Preempted {}
+
+/// The newest valid checkpoint of `run_dir`, checked against `cfg`.
+fn find_resume(run_dir: &Path, cfg: &RunConfig) -> Result<Option<ResumePoint>> {
+    let Some(r) = rlhf_ckpt::latest_valid(run_dir)
+        .with_context(|| format!("looking for checkpoints in {}", run_dir.display()))?
+    else {
+        return Ok(None);
+    };
+    for bad in &r.rejected {
+        warn!(checkpoint = %bad.dir.display(), reason = %bad.reason, "checkpoint is not usable; falling back to an older one");
+    }
+    let dir = r.checkpoint.dir.clone();
+    let state = ControllerState::read(&dir)?;
+    let other = checkpoint::check_resume(&dir, &state.config, cfg)?;
+    for (k, then, now) in other {
+        info!(key = %k, checkpoint = %then, now = %now, "config differs from the checkpoint's (allowed)");
+    }
+    info!(
+        step = state.step,
+        checkpoint = %dir.display(),
+        "resuming from {r}"
+    );
+    Ok(Some(ResumePoint { dir, state }))
+}
+
+fn prepare(args: &LaunchArgs, started: Instant) -> Result<Prepared> {
     let loaded = rlhf_config::load(&args.file, &args.set, EnvSource::Process)?;
     let cfg = &loaded.config;
     if cfg.launcher.kind == LauncherKind::Slurm {
@@ -87,6 +151,7 @@ fn prepare(args: &LaunchArgs) -> Result<Prepared> {
     let run_dir = cfg.run_dir();
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
+    let resume = find_resume(&run_dir, cfg)?;
     let yaml = loaded.to_yaml()?;
     let resolved = run_dir.join("config.resolved.yaml");
     rlhf_ckpt::write_atomic(&resolved, yaml.as_bytes())?;
@@ -97,12 +162,15 @@ fn prepare(args: &LaunchArgs) -> Result<Prepared> {
         prompts,
         tokenizer,
         worker_bin,
+        resume,
+        started,
     })
 }
 
 /// Runs `launch`; returns when the run ends.
 pub fn run(args: LaunchArgs) -> Result<()> {
-    let p = prepare(&args)?;
+    let started = Instant::now();
+    let p = prepare(&args, started)?;
     info!(run_dir = %p.run_dir.display(), "run directory ready");
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -120,8 +188,48 @@ struct Roles {
     reference: Option<RoleClient>,
 }
 
+/// Listens for SIGTERM, SIGUSR1 (Slurm's warning) and SIGINT. The first sets the returned
+/// watch to the signal's name: the loop finishes its step, writes a checkpoint and stops. The
+/// second kills the workers and exits at once with [`EXIT_FORCED`].
+fn listen_for_signals(
+    pids: Arc<std::sync::Mutex<Vec<u32>>>,
+) -> Result<watch::Receiver<Option<String>>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = usr1.recv() => "SIGUSR1",
+                _ = int.recv() => "SIGINT",
+            };
+            seen += 1;
+            if seen == 1 {
+                warn!(signal = name, "finishing the current step, then writing a checkpoint and stopping (send it again to exit at once)");
+                let _ = tx.send(Some(name.to_string()));
+            } else {
+                warn!(
+                    signal = name,
+                    "second signal: killing the workers and exiting without a checkpoint"
+                );
+                for pid in pids.lock().map(|v| v.clone()).unwrap_or_default() {
+                    launcher::kill_hard(pid);
+                }
+                std::process::exit(EXIT_FORCED);
+            }
+        }
+    });
+    Ok(rx)
+}
+
 async fn run_async(p: Prepared) -> Result<()> {
     let cfg = p.loaded.config.clone();
+    let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop_sig = listen_for_signals(pids.clone())?;
     let token = RunToken::generate().context("reading random bytes for the run token")?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let expected: BTreeMap<String, Vec<String>> = cfg
@@ -150,6 +258,9 @@ async fn run_async(p: Prepared) -> Result<()> {
     info!(%addr, "coordinator listening");
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<WorkerFailure>();
     let children = launcher::spawn_all(&cfg, &p.worker_bin, &addr.to_string(), &token, &p.run_dir)?;
+    if let Ok(mut v) = pids.lock() {
+        v.extend(children.iter().filter_map(|c| c.child.id()));
+    }
     let reg = registry.clone();
     let reaper = launcher::watch_children(
         children,
@@ -170,7 +281,7 @@ async fn run_async(p: Prepared) -> Result<()> {
             fail_tx.clone(),
         );
         let r = tokio::select! {
-            r = train(&p, &registry, &token) => r,
+            r = train(&p, &registry, &token, stop_sig.clone()) => r,
             Some(f) = fail_rx.recv() => Err(anyhow!("{f}; stopping the run")),
         };
         hb.abort();
@@ -382,6 +493,26 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
     })
 }
 
+/// Stops at a step boundary: writes a checkpoint unless the current step is already saved,
+/// and returns [`Preempted`].
+async fn stop_now(
+    p: &Prepared,
+    roles: &Roles,
+    st: &LoopState,
+    last_saved_step: Option<u64>,
+    reason: String,
+) -> Result<()> {
+    if st.step > 0 && last_saved_step != Some(st.step) {
+        warn!(step = st.step, %reason, "writing a checkpoint before stopping");
+        save_checkpoint(p, roles, st, None).await?;
+    }
+    Err(Preempted {
+        step: st.step,
+        reason,
+    }
+    .into())
+}
+
 /// Per-step seed for sampling, derived from the run seed (splitmix64 of seed + step).
 pub fn step_seed(seed: u64, step: u64) -> u64 {
     let mut z = seed.wrapping_add(step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -390,19 +521,165 @@ pub fn step_seed(seed: u64, step: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-async fn train(p: &Prepared, registry: &Arc<Registry>, token: &RunToken) -> Result<()> {
+/// The run's state between steps: what a checkpoint holds besides the workers' role state.
+struct LoopState {
+    step: u64,
+    samples: u64,
+    cursor: PromptCursor,
+    shaper: Shaper,
+    train_seconds: f64,
+}
+
+impl LoopState {
+    fn controller(&self, cfg: &RunConfig) -> Result<ControllerState> {
+        Ok(ControllerState {
+            format: checkpoint::CONTROLLER_FORMAT,
+            step: self.step,
+            samples: self.samples,
+            cursor: self.cursor,
+            kl: self.shaper.kl.state().clone(),
+            baseline: self.shaper.adv.state().clone(),
+            train_seconds: self.train_seconds,
+            config: serde_json::to_value(cfg)?,
+        })
+    }
+}
+
+/// Writes a full checkpoint of the state after `st.step`: the trainable roles' state (written
+/// by the workers into the staging directory), the controller state and the resolved config;
+/// then commits it (manifest last, LATEST by rename) and applies retention.
+async fn save_checkpoint(
+    p: &Prepared,
+    roles: &Roles,
+    st: &LoopState,
+    score: Option<f64>,
+) -> Result<PathBuf> {
+    save_checkpoint_inner(p, roles, st, score)
+        .await
+        .with_context(|| {
+            format!(
+                "writing the checkpoint of step {} failed (the previous checkpoint, if any, is intact; fix the cause and launch again to resume from it)",
+                st.step
+            )
+        })
+}
+
+async fn save_checkpoint_inner(
+    p: &Prepared,
+    roles: &Roles,
+    st: &LoopState,
+    score: Option<f64>,
+) -> Result<PathBuf> {
+    let cfg = &p.loaded.config;
+    let t0 = Instant::now();
+    let w =
+        rlhf_ckpt::CheckpointWriter::begin(&p.run_dir, st.step).context("starting a checkpoint")?;
+    let stage = w.dir().to_path_buf();
+    let actor_dir = stage.join("actor");
+    let (a, c) = tokio::join!(roles.actor.save_state(&actor_dir), async {
+        match &roles.critic {
+            Some(c) => c.save_state(&stage.join("critic")).await.map(Some),
+            None => Ok(None),
+        }
+    });
+    a?;
+    c?;
+    w.write_json(checkpoint::CONTROLLER_FILE, &st.controller(cfg)?)?;
+    w.write_file("config.resolved.yaml", p.loaded.to_yaml()?.as_bytes())?;
+    let meta = serde_json::json!({
+        "job": "rlhf",
+        "run": cfg.run.name,
+        "samples": st.samples,
+        "validation_score": score,
+    });
+    let info = tokio::task::block_in_place(|| w.commit(meta))?;
+    let bytes: u64 = info.manifest.files.iter().map(|f| f.size).sum();
+    let pruned = rlhf_ckpt::prune(&p.run_dir, cfg.checkpoint.keep_last)?;
+    if !pruned.is_empty() {
+        let mut ranking = checkpoint::Ranking::read(&p.run_dir)?;
+        ranking.retain_existing(&p.run_dir);
+        ranking.write(&p.run_dir)?;
+    }
+    info!(
+        step = st.step,
+        dir = %info.dir.display(),
+        mib = format!("{:.1}", bytes as f64 / (1 << 20) as f64),
+        secs = format!("{:.2}", t0.elapsed().as_secs_f64()),
+        "checkpoint saved"
+    );
+    Ok(info.dir)
+}
+
+async fn train(
+    p: &Prepared,
+    registry: &Arc<Registry>,
+    token: &RunToken,
+    stop: watch::Receiver<Option<String>>,
+) -> Result<()> {
     let cfg: &RunConfig = &p.loaded.config;
     let roles = create_roles(p, registry, token).await?;
     let group = cfg.rollout.samples_per_prompt as i64;
-    let mut shaper = Shaper::new(p.settings.clone(), group)?;
-    let mut cursor = PromptCursor::new(cfg.run.seed, cfg.rollout.shuffle);
-    let mut metrics = MetricsWriter::create(&p.run_dir.join("metrics.jsonl"))?;
+    let mut st = LoopState {
+        step: 0,
+        samples: 0,
+        cursor: PromptCursor::new(cfg.run.seed, cfg.rollout.shuffle),
+        shaper: Shaper::new(p.settings.clone(), group)?,
+        train_seconds: 0.0,
+    };
+    if let Some(r) = &p.resume {
+        let actor_dir = r.dir.join("actor");
+        let (a, c) = tokio::join!(roles.actor.load_state(&actor_dir), async {
+            match &roles.critic {
+                Some(c) => c.load_state(&r.dir.join("critic")).await.map(Some),
+                None => Ok(None),
+            }
+        });
+        a.with_context(|| format!("restoring the actor from {}", r.dir.display()))?;
+        c.with_context(|| format!("restoring the critic from {}", r.dir.display()))?;
+        st.step = r.state.step;
+        st.samples = r.state.samples;
+        st.cursor = r.state.cursor;
+        st.train_seconds = r.state.train_seconds;
+        st.shaper.kl = rlhf_algo::KlController::from_state(r.state.kl.clone())?;
+        st.shaper.adv = rlhf_algo::AdvantageCalculator::from_state(
+            p.settings.advantage.clone(),
+            r.state.baseline.clone(),
+        )?;
+        info!(step = st.step, "state restored; continuing");
+    }
+    let metrics_path = p.run_dir.join("metrics.jsonl");
+    checkpoint::truncate_metrics(&metrics_path, st.step)?;
+    let mut metrics = MetricsWriter::create(&metrics_path)?;
     let progress = Progress::new(cfg.train.steps, cfg.logging.progress);
+    progress.resume_at(st.step);
     let kl_in_loss = p.settings.kl.mode == rlhf_algo::KlMode::Loss;
     let minibatch = cfg.minibatch_size() as i64;
-    for step in 1..=cfg.train.steps {
+    let ck = &cfg.checkpoint;
+    let mut last_save = Instant::now();
+    let mut last_saved_step = p.resume.as_ref().map(|r| r.state.step);
+    let mut last_step_time = Duration::ZERO;
+    while st.step < cfg.train.steps {
+        if let Some(sig) = stop.borrow().clone() {
+            return stop_now(p, &roles, &st, last_saved_step, format!("{sig} received")).await;
+        }
+        if let Some(budget) = ck.must_save_by {
+            let next_end = p.started.elapsed() + last_step_time.mul_f64(1.5);
+            if next_end.as_secs_f64() > budget {
+                return stop_now(
+                    p,
+                    &roles,
+                    &st,
+                    last_saved_step,
+                    format!("checkpoint.must_save_by = {budget} s would pass during the next step"),
+                )
+                .await;
+            }
+        }
+        let step = st.step + 1;
         let t0 = Instant::now();
-        let batch = cursor.next_batch(p.prompts.rows.len(), cfg.rollout.batch_size);
+        let batch = st
+            .cursor
+            .next_batch(p.prompts.rows.len(), cfg.rollout.batch_size);
         let rows: Vec<&prompts::PromptRow> = batch.iter().map(|&i| &p.prompts.rows[i]).collect();
         let gen_req = pb::GenerateRequest {
             role_id: String::new(),
@@ -466,7 +743,9 @@ async fn train(p: &Prepared, registry: &Arc<Registry>, token: &RunToken) -> Resu
         let t_score = t2.elapsed();
 
         let t3 = Instant::now();
-        let (rollout, stats) = shaper.shape(&gen, &scores, ref_lp.as_ref(), values.as_ref())?;
+        let (rollout, stats) = st
+            .shaper
+            .shape(&gen, &scores, ref_lp.as_ref(), values.as_ref())?;
         let mut ctl = ctl_1 + t3.elapsed();
 
         let mut t_train = Duration::ZERO;
@@ -530,6 +809,20 @@ async fn train(p: &Prepared, registry: &Arc<Registry>, token: &RunToken) -> Resu
         m.insert("time/controller_compute_s".into(), ctl.as_secs_f64());
         metrics.write(step, &m)?;
         progress.step(step, &m);
+        st.step = step;
+        st.samples += rollout.rows as u64;
+        st.train_seconds += secs;
+        last_step_time = total;
+        let due = step == cfg.train.steps
+            || (ck.every > 0 && step % ck.every == 0)
+            || ck
+                .every_minutes
+                .is_some_and(|m| last_save.elapsed().as_secs_f64() >= m * 60.0);
+        if due {
+            save_checkpoint(p, &roles, &st, None).await?;
+            last_save = Instant::now();
+            last_saved_step = Some(step);
+        }
     }
     progress.finish();
     metrics.flush()?;

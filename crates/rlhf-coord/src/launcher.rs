@@ -80,7 +80,11 @@ pub fn spawn_all(
             .stdin(Stdio::null())
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(err))
-            .kill_on_drop(true);
+            .kill_on_drop(true)
+            // Its own process group: a terminal's Ctrl-C (SIGINT to the foreground group) or a
+            // signal to the coordinator's group reaches only the coordinator, which then
+            // checkpoints with the workers' help before telling them to stop.
+            .process_group(0);
         let child = cmd
             .spawn()
             .with_context(|| format!("starting worker `{}` from {}", w.name, bin.display()))?;
@@ -92,6 +96,14 @@ pub fn spawn_all(
         });
     }
     Ok(out)
+}
+
+/// SIGKILL to a worker process (the forced exit on a second signal).
+pub fn kill_hard(pid: u32) {
+    // SAFETY: kill(2) with a pid we spawned and a constant signal; no memory is shared.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
 }
 
 /// Watches the children: an exit before `stopping` is set becomes a failure on `tx`. Returns the

@@ -5,6 +5,7 @@
 //! subscriber (`RLHF_LOG` filter, `RLHF_LOG_FORMAT=json`), argument parsing and exit codes; all
 //! model logic lives in `rlhf-model`.
 
+mod checkpoint;
 mod cluster;
 mod generate_cmd;
 mod launch;
@@ -13,6 +14,7 @@ mod metrics;
 mod plot;
 mod prompts;
 mod rl;
+mod status;
 mod train_cmds;
 mod workers;
 
@@ -62,8 +64,11 @@ enum Cmd {
     },
     /// Generate completions for one prompt or a JSONL file of prompts.
     Generate(generate_cmd::GenerateArgs),
-    /// Run an RLHF job: start the worker daemons and train per the run file.
+    /// Run an RLHF job: start the worker daemons and train per the run file (resumes from the
+    /// run directory's newest valid checkpoint).
     Launch(launch::LaunchArgs),
+    /// Show a run's progress, checkpoints and validation ranking.
+    Status(status::StatusArgs),
     /// Train a reward model (regression, Bradley-Terry, scaled BT) from a job file.
     TrainRm(train_cmds::JobArgs),
     /// Supervised fine-tuning on chat data from a job file.
@@ -152,6 +157,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Generate(args) => generate_cmd::run(args),
         Cmd::Launch(args) => launch::run(args),
+        Cmd::Status(args) => status::run(args),
         Cmd::TrainRm(args) => train_cmds::train_rm(args),
         Cmd::Sft(args) => train_cmds::sft(args),
         Cmd::Score(args) => train_cmds::score(args),
@@ -166,6 +172,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(p) = e.downcast_ref::<launch::Preempted>() {
+                eprintln!("{p}");
+                return ExitCode::from(launch::EXIT_PREEMPTED);
+            }
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }

@@ -89,6 +89,14 @@ impl Progress {
         }
     }
 
+    /// A resumed run starts the bar at the checkpoint's step.
+    pub fn resume_at(&self, step: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(step);
+            b.reset_eta();
+        }
+    }
+
     pub fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish();

@@ -112,6 +112,35 @@ impl RoleClient {
         self.call("Score", c.score(req)).await
     }
 
+    /// Writes the role's trainable state into `dir` (SaveState). Saving a large model takes
+    /// longer than a step's RPC, so the deadline is at least 10 minutes.
+    pub async fn save_state(&self, dir: &std::path::Path) -> Result<Vec<String>> {
+        self.state_call("SaveState", dir, true).await
+    }
+
+    /// Restores what [`RoleClient::save_state`] wrote (LoadState).
+    pub async fn load_state(&self, dir: &std::path::Path) -> Result<Vec<String>> {
+        self.state_call("LoadState", dir, false).await
+    }
+
+    async fn state_call(&self, op: &str, dir: &std::path::Path, save: bool) -> Result<Vec<String>> {
+        let mut c = self.client.clone();
+        let req = pb::StateRequest {
+            role_id: self.role.clone(),
+            dir: dir.to_string_lossy().into_owned(),
+        };
+        let slow = RoleClient {
+            timeout: self.timeout.max(Duration::from_secs(600)),
+            ..self.clone()
+        };
+        let r = if save {
+            slow.call(op, c.save_state(req)).await?
+        } else {
+            slow.call(op, c.load_state(req)).await?
+        };
+        Ok(r.files)
+    }
+
     pub async fn train_step(&self, mut req: pb::TrainStepRequest) -> Result<pb::TrainStepResponse> {
         req.role_id = self.role.clone();
         let mut c = self.client.clone();

@@ -1,0 +1,327 @@
+//! Checkpoints of an RLHF run, on top of `rlhf-ckpt`'s file format: what the controller saves
+//! beside the workers' role state, how a resume is checked against the current config, and the
+//! ranking of checkpoints by validation score.
+//!
+//! A checkpoint directory (`RUN/checkpoints/step-NNNNNN/`) holds:
+//!
+//! ```text
+//! actor/                 the actor's SaveState: HF-layout model (config.json, safetensors,
+//!                        tokenizer), optimizer state (exp_avg/exp_avg_sq, step), trainer state
+//! critic/                the same for the critic (PPO only)
+//! controller.json        ControllerState: step, samples, prompt cursor, KL controller,
+//!                        REINFORCE baseline, the config it ran with
+//! config.resolved.yaml   the resolved config, for people
+//! manifest.json          written last by rlhf-ckpt (sha256 of every file)
+//! ```
+//!
+//! Randomness: the controller's only random streams are derived from `(run.seed, step)` (prompt
+//! shuffling per epoch, the sampling seed of each Generate call, minibatch shuffling), and the
+//! workers draw no random numbers outside those seeded requests, so restoring the step and the
+//! cursor restores every random stream exactly.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rlhf_algo::{BaselineState, KlControllerState};
+use rlhf_config::RunConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::prompts::PromptCursor;
+
+/// File of the controller's state inside a checkpoint.
+pub const CONTROLLER_FILE: &str = "controller.json";
+/// Format version of [`ControllerState`].
+pub const CONTROLLER_FORMAT: u32 = 1;
+/// The ranking file inside `RUN/checkpoints/`.
+pub const RANKING_FILE: &str = "ranking.json";
+
+/// Everything the controller needs to continue a run exactly after `step`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerState {
+    pub format: u32,
+    /// Steps completed.
+    pub step: u64,
+    /// Sequences generated so far.
+    pub samples: u64,
+    /// Prompt loader position and shuffle seed.
+    pub cursor: PromptCursor,
+    /// KL coefficient controller.
+    pub kl: KlControllerState,
+    /// REINFORCE running-mean baseline (unused by other estimators).
+    pub baseline: BaselineState,
+    /// Seconds spent training before this checkpoint, summed over all launches.
+    pub train_seconds: f64,
+    /// The run config as it was when saved (JSON), to check a resume against.
+    pub config: serde_json::Value,
+}
+
+impl ControllerState {
+    pub fn read(dir: &Path) -> Result<ControllerState> {
+        let path = dir.join(CONTROLLER_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let s: ControllerState = serde_json::from_str(&text).with_context(|| {
+            format!("{}: not a controller state of this version", path.display())
+        })?;
+        if s.format != CONTROLLER_FORMAT {
+            bail!(
+                "{}: format {}, this build reads {CONTROLLER_FORMAT}",
+                path.display(),
+                s.format
+            );
+        }
+        Ok(s)
+    }
+}
+
+/// Keys whose change makes a checkpoint unusable: the models and the batch geometry the
+/// optimizer and cursor state were built for. A key matches itself and everything under it.
+pub const RESUME_BREAKING: &[&str] = &[
+    "models",
+    "algorithm.name",
+    "rollout.batch_size",
+    "rollout.samples_per_prompt",
+    "train.epochs",
+    "train.minibatch_size",
+];
+
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
+
+/// Keys whose values differ between two configs, as `(key, then, now)`.
+pub fn config_diff(
+    then: &serde_json::Value,
+    now: &serde_json::Value,
+) -> Vec<(String, String, String)> {
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", then, &mut a);
+    flatten("", now, &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let missing = "(absent)".to_string();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (x, y) = (a.get(k).unwrap_or(&missing), b.get(k).unwrap_or(&missing));
+            (x != y).then(|| (k.clone(), x.clone(), y.clone()))
+        })
+        .collect()
+}
+
+fn breaks_resume(key: &str) -> bool {
+    RESUME_BREAKING
+        .iter()
+        .any(|p| key == *p || key.starts_with(&format!("{p}.")))
+}
+
+/// Checks that `now` can continue from a checkpoint saved with `then`: an error listing every
+/// resume-breaking key that differs; the other differences are returned for the log.
+pub fn check_resume(
+    ckpt: &Path,
+    then: &serde_json::Value,
+    now: &RunConfig,
+) -> Result<Vec<(String, String, String)>> {
+    let now = serde_json::to_value(now)?;
+    let diff = config_diff(then, &now);
+    let (breaking, other): (Vec<_>, Vec<_>) =
+        diff.into_iter().partition(|(k, _, _)| breaks_resume(k));
+    if !breaking.is_empty() {
+        let lines: Vec<String> = breaking
+            .iter()
+            .map(|(k, a, b)| format!("  {k}: {a} in the checkpoint, {b} now"))
+            .collect();
+        bail!(
+            "cannot resume from {}: the config changed in keys a resume depends on:\n{}\nrestore those values, or start a new run (another run.name, or move {} away)",
+            ckpt.display(),
+            lines.join("\n"),
+            ckpt.parent().and_then(Path::parent).unwrap_or(ckpt).display()
+        );
+    }
+    Ok(other)
+}
+
+/// Rewrites `metrics.jsonl` so that it holds only steps `<= step` (the steps after a checkpoint
+/// are recomputed by the resumed run). A torn last line (a crash mid-write) is dropped too.
+/// Returns the number of lines kept.
+pub fn truncate_metrics(path: &Path, step: u64) -> Result<usize> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut kept = String::new();
+    let mut n = 0;
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v.get("step")
+            .and_then(|s| s.as_u64())
+            .is_some_and(|s| s <= step)
+        {
+            kept.push_str(line);
+            kept.push('\n');
+            n += 1;
+        }
+    }
+    if kept.len() != text.len() {
+        rlhf_ckpt::write_atomic(path, kept.as_bytes())
+            .with_context(|| format!("rewriting {}", path.display()))?;
+    }
+    Ok(n)
+}
+
+/// One entry of `ranking.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ranked {
+    pub step: u64,
+    pub checkpoint: String,
+    /// MT-Bench score (1-10); null when the judge gave no usable rating.
+    pub score: Option<f64>,
+    pub judge: String,
+}
+
+/// `RUN/checkpoints/ranking.json`: validated checkpoints, best first; `best` names the top one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ranking {
+    pub best: Option<String>,
+    pub entries: Vec<Ranked>,
+}
+
+impl Ranking {
+    pub fn path(run_dir: &Path) -> PathBuf {
+        rlhf_ckpt::checkpoints_dir(run_dir).join(RANKING_FILE)
+    }
+
+    pub fn read(run_dir: &Path) -> Result<Ranking> {
+        let path = Ranking::path(run_dir);
+        match std::fs::read_to_string(&path) {
+            Ok(t) => {
+                serde_json::from_str(&t).with_context(|| format!("parsing {}", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Ranking::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Adds (or replaces) the entry of `step` and sorts: score descending, missing scores last,
+    /// ties by the earlier step.
+    pub fn record(&mut self, e: Ranked) {
+        self.entries.retain(|x| x.step != e.step);
+        self.entries.push(e);
+        self.sort();
+    }
+
+    fn sort(&mut self) {
+        self.entries.sort_by(|a, b| match (a.score, b.score) {
+            (Some(x), Some(y)) => y.total_cmp(&x).then(a.step.cmp(&b.step)),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => a.step.cmp(&b.step),
+        });
+        self.best = self
+            .entries
+            .first()
+            .filter(|e| e.score.is_some())
+            .map(|e| e.checkpoint.clone());
+    }
+
+    /// Drops entries whose checkpoint directory no longer exists.
+    pub fn retain_existing(&mut self, run_dir: &Path) {
+        let root = rlhf_ckpt::checkpoints_dir(run_dir);
+        self.entries.retain(|e| root.join(&e.checkpoint).is_dir());
+        self.sort();
+    }
+
+    pub fn write(&self, run_dir: &Path) -> Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(self)?;
+        bytes.push(b'\n');
+        let path = Ranking::path(run_dir);
+        rlhf_ckpt::write_atomic(&path, &bytes)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Protects the top `k` scored checkpoints from pruning and unprotects the rest.
+    pub fn apply_protection(&self, run_dir: &Path, k: usize) -> Result<()> {
+        let root = rlhf_ckpt::checkpoints_dir(run_dir);
+        for (i, e) in self.entries.iter().enumerate() {
+            let dir = root.join(&e.checkpoint);
+            if !dir.is_dir() {
+                continue;
+            }
+            if i < k && e.score.is_some() {
+                rlhf_ckpt::protect(&dir)?;
+            } else {
+                rlhf_ckpt::unprotect(&dir)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn diff_lists_changed_keys_and_breaking_ones_refuse() {
+        let then = json!({"models": {"policy": "/a"}, "rollout": {"batch_size": 8, "max_new_tokens": 16}, "train": {"steps": 10}});
+        let now = json!({"models": {"policy": "/b"}, "rollout": {"batch_size": 4, "max_new_tokens": 16}, "train": {"steps": 20}});
+        let d = config_diff(&then, &now);
+        let keys: Vec<&str> = d.iter().map(|x| x.0.as_str()).collect();
+        assert_eq!(keys, ["models.policy", "rollout.batch_size", "train.steps"]);
+        assert!(breaks_resume("models.policy"));
+        assert!(breaks_resume("rollout.batch_size"));
+        assert!(!breaks_resume("train.steps"));
+        assert!(!breaks_resume("rollout.batch_size_x"));
+    }
+
+    #[test]
+    fn metrics_are_cut_at_the_checkpoint_and_torn_lines_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("metrics.jsonl");
+        std::fs::write(&p, "{\"step\":1}\n{\"step\":2}\n{\"step\":3}\n{\"ste").unwrap();
+        assert_eq!(truncate_metrics(&p, 2).unwrap(), 2);
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "{\"step\":1}\n{\"step\":2}\n"
+        );
+        assert_eq!(truncate_metrics(&tmp.path().join("none"), 2).unwrap(), 0);
+    }
+
+    #[test]
+    fn ranking_orders_by_score_with_missing_last() {
+        let mut r = Ranking::default();
+        let e = |step, score| Ranked {
+            step,
+            checkpoint: rlhf_ckpt::dir_name(step),
+            score,
+            judge: "rm".into(),
+        };
+        r.record(e(10, Some(5.0)));
+        r.record(e(20, None));
+        r.record(e(30, Some(7.5)));
+        r.record(e(40, Some(5.0)));
+        let steps: Vec<u64> = r.entries.iter().map(|e| e.step).collect();
+        assert_eq!(steps, [30, 10, 40, 20]);
+        assert_eq!(r.best.as_deref(), Some("step-000030"));
+        r.record(e(30, None));
+        assert_eq!(r.best.as_deref(), Some("step-000010"));
+    }
+}
