@@ -25,6 +25,7 @@ use crate::launcher;
 use crate::metrics::{MetricsWriter, Progress};
 use crate::prompts::{self, PromptCursor, PromptOptions, PromptSet};
 use crate::rl::{self, AlgoSettings, Shaper};
+use crate::validation::Validator;
 use crate::workers::{self, RoleClient};
 
 #[derive(clap::Args, Debug)]
@@ -48,6 +49,8 @@ struct Prepared {
     resume: Option<ResumePoint>,
     /// When the process started (for `checkpoint.must_save_by`).
     started: Instant,
+    /// MT-Bench validation, when `validation.every` > 0.
+    validator: Option<Validator>,
 }
 
 /// A verified checkpoint and the controller state in it.
@@ -152,6 +155,7 @@ fn prepare(args: &LaunchArgs, started: Instant) -> Result<Prepared> {
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
     let resume = find_resume(&run_dir, cfg)?;
+    let validator = Validator::new(cfg)?;
     let yaml = loaded.to_yaml()?;
     let resolved = run_dir.join("config.resolved.yaml");
     rlhf_ckpt::write_atomic(&resolved, yaml.as_bytes())?;
@@ -164,6 +168,7 @@ fn prepare(args: &LaunchArgs, started: Instant) -> Result<Prepared> {
         worker_bin,
         resume,
         started,
+        validator,
     })
 }
 
@@ -545,6 +550,12 @@ impl LoopState {
     }
 }
 
+/// A validation's result, for the ranking.
+struct Validated {
+    score: Option<f64>,
+    judge: String,
+}
+
 /// Writes a full checkpoint of the state after `st.step`: the trainable roles' state (written
 /// by the workers into the staging directory), the controller state and the resolved config;
 /// then commits it (manifest last, LATEST by rename) and applies retention.
@@ -552,9 +563,9 @@ async fn save_checkpoint(
     p: &Prepared,
     roles: &Roles,
     st: &LoopState,
-    score: Option<f64>,
+    validated: Option<&Validated>,
 ) -> Result<PathBuf> {
-    save_checkpoint_inner(p, roles, st, score)
+    save_checkpoint_inner(p, roles, st, validated)
         .await
         .with_context(|| {
             format!(
@@ -568,7 +579,7 @@ async fn save_checkpoint_inner(
     p: &Prepared,
     roles: &Roles,
     st: &LoopState,
-    score: Option<f64>,
+    validated: Option<&Validated>,
 ) -> Result<PathBuf> {
     let cfg = &p.loaded.config;
     let t0 = Instant::now();
@@ -584,27 +595,42 @@ async fn save_checkpoint_inner(
     });
     a?;
     c?;
+    let worker_secs = t0.elapsed().as_secs_f64();
     w.write_json(checkpoint::CONTROLLER_FILE, &st.controller(cfg)?)?;
     w.write_file("config.resolved.yaml", p.loaded.to_yaml()?.as_bytes())?;
     let meta = serde_json::json!({
         "job": "rlhf",
         "run": cfg.run.name,
         "samples": st.samples,
-        "validation_score": score,
+        "validation_score": validated.and_then(|v| v.score),
     });
     let info = tokio::task::block_in_place(|| w.commit(meta))?;
     let bytes: u64 = info.manifest.files.iter().map(|f| f.size).sum();
+    // Rank first (so the best are protected), then apply retention.
+    let mut ranking = checkpoint::Ranking::read(&p.run_dir)?;
+    if let Some(v) = validated {
+        ranking.record(checkpoint::Ranked {
+            step: st.step,
+            checkpoint: rlhf_ckpt::dir_name(st.step),
+            score: v.score,
+            judge: v.judge.clone(),
+        });
+        ranking.apply_protection(&p.run_dir, cfg.checkpoint.keep_best)?;
+    }
     let pruned = rlhf_ckpt::prune(&p.run_dir, cfg.checkpoint.keep_last)?;
-    if !pruned.is_empty() {
-        let mut ranking = checkpoint::Ranking::read(&p.run_dir)?;
+    if validated.is_some() || !pruned.is_empty() {
         ranking.retain_existing(&p.run_dir);
         ranking.write(&p.run_dir)?;
+        if let Some(best) = &ranking.best {
+            info!(best = %best, "best checkpoint by MT-Bench score");
+        }
     }
     info!(
         step = st.step,
         dir = %info.dir.display(),
-        mib = format!("{:.1}", bytes as f64 / (1 << 20) as f64),
-        secs = format!("{:.2}", t0.elapsed().as_secs_f64()),
+        bytes,
+        secs = t0.elapsed().as_secs_f64(),
+        worker_secs,
         "checkpoint saved"
     );
     Ok(info.dir)
@@ -627,6 +653,7 @@ async fn train(
         train_seconds: 0.0,
     };
     if let Some(r) = &p.resume {
+        let t_load = Instant::now();
         let actor_dir = r.dir.join("actor");
         let (a, c) = tokio::join!(roles.actor.load_state(&actor_dir), async {
             match &roles.critic {
@@ -645,7 +672,11 @@ async fn train(
             p.settings.advantage.clone(),
             r.state.baseline.clone(),
         )?;
-        info!(step = st.step, "state restored; continuing");
+        info!(
+            step = st.step,
+            secs = t_load.elapsed().as_secs_f64(),
+            "state restored; continuing"
+        );
     }
     let metrics_path = p.run_dir.join("metrics.jsonl");
     checkpoint::truncate_metrics(&metrics_path, st.step)?;
@@ -807,6 +838,41 @@ async fn train(
         let overhead = (total.saturating_sub(t_gen + t_score + t_train)).as_secs_f64();
         m.insert("time/controller_s".into(), overhead);
         m.insert("time/controller_compute_s".into(), ctl.as_secs_f64());
+        let validated = match &p.validator {
+            Some(v) if v.due(step) => {
+                let tv = Instant::now();
+                let r = match v
+                    .run(&roles.actor, &roles.reward, &p.tokenizer, &p.run_dir, step)
+                    .await
+                {
+                    Ok(o) => {
+                        for (cat, s) in &o.per_category {
+                            m.insert(format!("validation/{cat}"), s.unwrap_or(f64::NAN));
+                        }
+                        m.insert("validation/missing".into(), o.missing as f64);
+                        m.insert(
+                            "validation/truncated_prompts".into(),
+                            o.truncated_prompts as f64,
+                        );
+                        Validated {
+                            score: o.score,
+                            judge: o.judge,
+                        }
+                    }
+                    Err(e) => {
+                        warn!(step, error = %format!("{e:#}"), "MT-Bench validation failed; its score is missing and the run goes on");
+                        Validated {
+                            score: None,
+                            judge: "failed".into(),
+                        }
+                    }
+                };
+                m.insert("validation/mt_bench".into(), r.score.unwrap_or(f64::NAN));
+                m.insert("time/validation_s".into(), tv.elapsed().as_secs_f64());
+                Some(r)
+            }
+            _ => None,
+        };
         metrics.write(step, &m)?;
         progress.step(step, &m);
         st.step = step;
@@ -818,8 +884,8 @@ async fn train(
             || ck
                 .every_minutes
                 .is_some_and(|m| last_save.elapsed().as_secs_f64() >= m * 60.0);
-        if due {
-            save_checkpoint(p, &roles, &st, None).await?;
+        if due || validated.is_some() {
+            save_checkpoint(p, &roles, &st, validated.as_ref()).await?;
             last_save = Instant::now();
             last_saved_step = Some(step);
         }

@@ -16,6 +16,7 @@ mod prompts;
 mod rl;
 mod status;
 mod train_cmds;
+mod validation;
 mod workers;
 
 use std::path::PathBuf;

@@ -365,10 +365,15 @@ impl Role {
             .collect();
         let cfg = GenerationConfig {
             max_new_tokens: a.max_new_tokens,
-            sampling: Sampling::Sample {
-                temperature: a.temperature,
-                top_k: (a.top_k > 0).then_some(a.top_k),
-                top_p: (a.top_p < 1.0).then_some(a.top_p),
+            // Temperature 0 asks for greedy decoding (validation answers by default).
+            sampling: if a.temperature <= 0.0 {
+                Sampling::Greedy
+            } else {
+                Sampling::Sample {
+                    temperature: a.temperature,
+                    top_k: (a.top_k > 0).then_some(a.top_k),
+                    top_p: (a.top_p < 1.0).then_some(a.top_p),
+                }
             },
             stop_ids: t.dir.stop_ids.clone(),
             pad_id: t.dir.pad_id,
@@ -606,6 +611,23 @@ impl RewardModel {
                 ));
             }
             seqs.push(ids);
+        }
+        // A conversation longer than the reward model's context keeps its end (the response
+        // being judged); say how many were cut rather than fail a whole validation on one.
+        let ctx = self.dir.model.config.max_position_embeddings;
+        let mut cut = 0;
+        for ids in &mut seqs {
+            if ids.len() > ctx {
+                ids.drain(..ids.len() - ctx);
+                cut += 1;
+            }
+        }
+        if cut > 0 {
+            tracing::warn!(
+                items = cut,
+                context = ctx,
+                "conversations longer than the reward model's context were cut from the left"
+            );
         }
         let device = self.dir.model.device();
         let _g = tch::no_grad_guard();
