@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/setup-torch.sh)"
-cargo build --release -p rlhf-coord -p rlhf-worker
+cargo build --release -p rlhf-coord -p rlhf-worker --features rlhf-coord/https
 bin=target/release/rlhf-coord
 assets=runs/demo-assets
 scripts/demo-data.sh "$assets"

@@ -678,6 +678,13 @@ async fn train(
             "state restored; continuing"
         );
     }
+    if st.step >= cfg.train.steps {
+        info!(
+            step = st.step,
+            "the run is already complete (train.steps = {}); raise train.steps to continue it",
+            cfg.train.steps
+        );
+    }
     let metrics_path = p.run_dir.join("metrics.jsonl");
     checkpoint::truncate_metrics(&metrics_path, st.step)?;
     let mut metrics = MetricsWriter::create(&metrics_path)?;

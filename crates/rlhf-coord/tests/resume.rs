@@ -372,3 +372,63 @@ fn must_save_by_stops_with_a_checkpoint_before_the_budget() {
     // Stopped before the budget plus the checkpoint and teardown.
     assert!(took < Duration::from_secs(20), "{took:?}");
 }
+
+#[test]
+fn every_minutes_saves_by_wall_clock() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 0.0001 minutes (6 ms) has always passed by the end of a step: a checkpoint per step.
+    let f = setup(
+        tmp.path(),
+        3,
+        "checkpoint: {every: 0, every_minutes: 0.0001, keep_last: 5}\n",
+    );
+    assert_ok(&launch(&f, &[]));
+    for s in 1..=3 {
+        let m = run_dir(tmp.path()).join(format!("checkpoints/step-{s:06}/manifest.json"));
+        assert!(m.is_file(), "{} missing", m.display());
+    }
+}
+
+#[test]
+fn a_second_signal_exits_at_once_and_kills_the_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = setup(tmp.path(), 100_000, "checkpoint: {every: 0}\n");
+    // Longer steps, so the second signal surely arrives while the first waits for the step.
+    let child = start_until_step(
+        &f,
+        tmp.path(),
+        1,
+        &["rollout.max_new_tokens=64", "rollout.batch_size=8"],
+    );
+    let pid = child.id();
+    signal(pid, libc::SIGINT);
+    // Two signals sent back to back may be delivered as one.
+    std::thread::sleep(Duration::from_millis(100));
+    signal(pid, libc::SIGINT);
+    let (code, err) = wait_output(child, Duration::from_secs(10));
+    assert_eq!(code, Some(76), "{err}");
+    assert!(err.contains("second signal"), "{err}");
+    // The workers were started by this coordinator; none may survive it.
+    let workers: Vec<u32> = err
+        .lines()
+        .filter(|l| l.contains("worker started"))
+        .filter_map(|l| {
+            l.split("pid=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(workers.len(), 2, "{err}");
+    std::thread::sleep(Duration::from_millis(300));
+    for w in workers {
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(w as i32, 0) } == 0
+            && !std::fs::read_to_string(format!("/proc/{w}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ");
+        assert!(!alive, "worker pid {w} survived the forced exit");
+    }
+}
