@@ -182,6 +182,11 @@ pub struct SlurmConfig {
     pub signal_grace_s: u64,
     /// Extra `#SBATCH` lines, written verbatim. Default: `[]`.
     pub extra_directives: Vec<String>,
+    /// Memory of one GPU in GiB, for `rlhf-coord plan`'s fit check. Default: 80.
+    pub gpu_memory_gib: f64,
+    /// Memory of one node in GiB for CPU-placed roles, for the same check; null skips it.
+    /// Default: null.
+    pub mem_per_node_gib: Option<f64>,
 }
 
 impl Default for SlurmConfig {
@@ -195,6 +200,8 @@ impl Default for SlurmConfig {
             cpus_per_task: None,
             signal_grace_s: 120,
             extra_directives: Vec::new(),
+            gpu_memory_gib: 80.0,
+            mem_per_node_gib: None,
         }
     }
 }
@@ -297,6 +304,10 @@ pub struct WorkerConfig {
     pub device: Device,
     /// libtorch intra-op threads; >= 1. Default: 1.
     pub threads: usize,
+    /// With `launcher.kind: slurm`: index of the allocation's node this worker runs on (0 is
+    /// the first node, where the coordinator runs), < `launcher.slurm.nodes`. Default: null,
+    /// meaning workers go round-robin over the nodes in the order listed.
+    pub node: Option<usize>,
 }
 
 impl Default for WorkerConfig {
@@ -306,6 +317,7 @@ impl Default for WorkerConfig {
             roles: Vec::new(),
             device: Device::Cpu,
             threads: 1,
+            node: None,
         }
     }
 }

@@ -242,6 +242,27 @@ impl RunConfig {
                 }
             }
             c.at_least(&format!("workers.{i}.threads"), w.threads as u64, 1)?;
+            let nodes = self.launcher.slurm.nodes as usize;
+            if let Some(n) = w.node {
+                if self.launcher.kind == crate::schema::LauncherKind::Slurm && n >= nodes {
+                    return c.fail(
+                        &format!("workers.{i}.node"),
+                        format!("node {n} does not exist: launcher.slurm.nodes is {nodes} (nodes are numbered from 0)"),
+                    );
+                }
+            }
+            if self.launcher.kind == crate::schema::LauncherKind::Slurm {
+                if let crate::schema::Device::Cuda(g) = w.device {
+                    let per_node = self.launcher.slurm.gpus_per_node as usize;
+                    let need = g.unwrap_or(0) as usize + 1;
+                    if need > per_node {
+                        return c.fail(
+                            &format!("workers.{i}.device"),
+                            format!("{} needs {need} GPU(s) per node, but launcher.slurm.gpus_per_node is {per_node}; raise it or pick a lower device", w.device),
+                        );
+                    }
+                }
+            }
             if let Some(j) = self.workers[..i].iter().position(|o| o.name == w.name) {
                 return c.fail(
                     &format!("workers.{i}.name"),

@@ -119,8 +119,10 @@ impl Registry {
                 worker: w.name.clone(),
                 roles: self.roles_of(&w.name),
                 cause: format!(
-                    "missed heartbeats for {:.1} s (launcher.heartbeat_timeout_ms = {}); \
-                     it is presumed dead",
+                    "on host {} (pid {}) missed heartbeats for {:.1} s \
+                     (launcher.heartbeat_timeout_ms = {}); it is presumed dead",
+                    w.host,
+                    w.pid,
                     quiet.as_secs_f64(),
                     timeout.as_millis()
                 ),

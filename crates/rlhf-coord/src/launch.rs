@@ -25,6 +25,7 @@ use crate::launcher;
 use crate::metrics::{MetricsWriter, Progress};
 use crate::prompts::{self, PromptCursor, PromptOptions, PromptSet};
 use crate::rl::{self, AlgoSettings, Shaper};
+use crate::slurm;
 use crate::validation::Validator;
 use crate::workers::{self, RoleClient};
 
@@ -35,6 +36,10 @@ pub struct LaunchArgs {
     /// Override a config value: `--set train.steps=10` (repeatable; highest precedence).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// With `launcher.kind: slurm` outside an allocation: print the sbatch script instead of
+    /// submitting it.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Everything prepared before any process starts.
@@ -115,12 +120,6 @@ fn find_resume(run_dir: &Path, cfg: &RunConfig) -> Result<Option<ResumePoint>> {
 fn prepare(args: &LaunchArgs, started: Instant) -> Result<Prepared> {
     let loaded = rlhf_config::load(&args.file, &args.set, EnvSource::Process)?;
     let cfg = &loaded.config;
-    if cfg.launcher.kind == LauncherKind::Slurm {
-        bail!(
-            "{}: launcher.kind = slurm is not supported by this build yet; use local",
-            loaded.locate("launcher.kind").unwrap_or_default()
-        );
-    }
     let settings = AlgoSettings::from_config(cfg)?;
     let tokenizer = Tokenizer::from_dir(&cfg.models.policy).with_context(|| {
         format!(
@@ -177,12 +176,37 @@ pub fn run(args: LaunchArgs) -> Result<()> {
     let started = Instant::now();
     let p = prepare(&args, started)?;
     info!(run_dir = %p.run_dir.display(), "run directory ready");
+    let cfg = &p.loaded.config;
+    if cfg.launcher.kind == LauncherKind::Slurm && !slurm::in_allocation() {
+        return submit_to_slurm(&args, &p);
+    }
+    if args.dry_run {
+        bail!("--dry-run prints the sbatch script of launcher.kind: slurm outside a Slurm job; this launch would run locally");
+    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?
         .block_on(run_async(p))
+}
+
+/// Outside an allocation: write the sbatch script into the run directory and submit it (or
+/// print it with `--dry-run`).
+fn submit_to_slurm(args: &LaunchArgs, p: &Prepared) -> Result<()> {
+    let cfg = &p.loaded.config;
+    let file = std::path::absolute(&args.file)
+        .with_context(|| format!("resolving {}", args.file.display()))?;
+    let me = std::env::current_exe().context("locating the rlhf-coord executable")?;
+    let script = slurm::sbatch_script(cfg, &me, &file, &args.set, &p.run_dir);
+    if args.dry_run {
+        print!("{script}");
+        return Ok(());
+    }
+    let (id, path) = slurm::submit(&script, &p.run_dir)?;
+    println!("submitted job {id}; run directory {}", p.run_dir.display());
+    info!(job = %id, script = %path.display(), "submitted to Slurm");
+    Ok(())
 }
 
 /// The role clients of a run.
@@ -261,8 +285,36 @@ async fn run_async(p: Prepared) -> Result<()> {
     )
     .await?;
     info!(%addr, "coordinator listening");
+    let allocation = if cfg.launcher.kind == LauncherKind::Slurm {
+        let a = slurm::allocation()?;
+        info!(job = %a.job_id, nodes = ?a.nodes, restarts = a.restarts, "inside Slurm job");
+        Some(a)
+    } else {
+        None
+    };
+    // Workers on other hosts reach a coordinator bound to every interface by its host name;
+    // the address is also published in the run directory.
+    let advertised = if addr.ip().is_unspecified() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        format!("{host}:{}", addr.port())
+    } else {
+        addr.to_string()
+    };
+    rlhf_ckpt::write_atomic(
+        &p.run_dir.join("coordinator.addr"),
+        format!("{advertised}\n").as_bytes(),
+    )?;
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<WorkerFailure>();
-    let children = launcher::spawn_all(&cfg, &p.worker_bin, &addr.to_string(), &token, &p.run_dir)?;
+    let children = launcher::spawn_all(
+        &cfg,
+        &p.worker_bin,
+        &advertised,
+        &token,
+        &p.run_dir,
+        allocation.as_ref(),
+    )?;
     if let Ok(mut v) = pids.lock() {
         v.extend(children.iter().filter_map(|c| c.child.id()));
     }

@@ -34,11 +34,13 @@ pub fn worker_binary(cfg: &RunConfig) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// A started worker process.
+/// A started worker process (the worker itself, or the `srun` that runs it as a Slurm task).
 pub struct LocalWorker {
     pub name: String,
     pub log: PathBuf,
     pub child: Child,
+    /// The Slurm node it runs on (None for local workers).
+    pub node: Option<String>,
 }
 
 /// The last `n` lines of a log file, for error messages.
@@ -55,18 +57,53 @@ pub fn spawn_all(
     coordinator: &str,
     token: &RunToken,
     run_dir: &Path,
+    slurm: Option<&crate::slurm::Allocation>,
 ) -> Result<Vec<LocalWorker>> {
+    let nodes = crate::slurm::node_indices(cfg);
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     // A worker outlives a vanished coordinator by at most this long.
     let orphan_s = (cfg.launcher.heartbeat_timeout_ms as f64 / 1000.0 * 2.0).max(5.0);
     let mut out = vec![];
-    for w in &cfg.workers {
+    for (i, w) in cfg.workers.iter().enumerate() {
         let log = logs.join(format!("{}.log", w.name));
         let file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = file.try_clone()?;
-        let mut cmd = Command::new(bin);
+        let node = match slurm {
+            Some(a) => Some(a.nodes.get(nodes[i]).cloned().with_context(|| {
+                format!(
+                    "worker `{}` is placed on node {} but job {} has {} node(s) ({})",
+                    w.name,
+                    nodes[i],
+                    a.job_id,
+                    a.nodes.len(),
+                    a.nodes.join(", ")
+                )
+            })?),
+            None => None,
+        };
+        let mut cmd = match &node {
+            // One Slurm task per worker; `--overlap` lets the tasks share the allocation's CPUs
+            // with the coordinator (the batch step) and each other.
+            Some(host) => {
+                let mut c = Command::new("srun");
+                c.args([
+                    "--nodes=1",
+                    "--ntasks=1",
+                    "--overlap",
+                    "--kill-on-bad-exit=1",
+                ])
+                .arg(format!("--nodelist={host}"))
+                .arg(format!("--job-name=rlhf-worker-{}", w.name));
+                if let Some(cpus) = cfg.launcher.slurm.cpus_per_task {
+                    c.arg(format!("--cpus-per-task={cpus}"));
+                }
+                c.arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         cmd.env("RLHF_COORD_ADDR", coordinator)
             .env("RLHF_WORKER_NAME", &w.name)
             .env("RLHF_WORKER_BIND", cfg.launcher.bind.to_string())
@@ -85,14 +122,19 @@ pub fn spawn_all(
             // signal to the coordinator's group reaches only the coordinator, which then
             // checkpoints with the workers' help before telling them to stop.
             .process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting worker `{}` from {}", w.name, bin.display()))?;
-        info!(worker = %w.name, pid = child.id().unwrap_or(0), log = %log.display(), "worker started");
+        let child = cmd.spawn().with_context(|| match &node {
+            Some(_) => format!(
+                "starting worker `{}` with srun (is Slurm's srun on PATH inside the job?)",
+                w.name
+            ),
+            None => format!("starting worker `{}` from {}", w.name, bin.display()),
+        })?;
+        info!(worker = %w.name, pid = child.id().unwrap_or(0), node = node.as_deref().unwrap_or("local"), log = %log.display(), "worker started");
         out.push(LocalWorker {
             name: w.name.clone(),
             log,
             child,
+            node,
         });
     }
     Ok(out)
@@ -132,11 +174,16 @@ pub fn watch_children(
                             Err(e) => format!("could not be waited for: {e}"),
                         };
                         let tail = log_tail(&w.log, 15);
+                        let on = w
+                            .node
+                            .as_deref()
+                            .map(|n| format!(" on node {n} (its Slurm task ended)"))
+                            .unwrap_or_default();
                         let _ = tx.send(WorkerFailure {
                             worker: w.name.clone(),
                             roles,
                             cause: format!(
-                                "exited unexpectedly ({status}); log {}:\n{tail}",
+                                "exited unexpectedly{on} ({status}); log {}:\n{tail}",
                                 w.log.display()
                             ),
                         });

@@ -11,9 +11,11 @@ mod generate_cmd;
 mod launch;
 mod launcher;
 mod metrics;
+mod plan;
 mod plot;
 mod prompts;
 mod rl;
+mod slurm;
 mod status;
 mod train_cmds;
 mod validation;
@@ -70,6 +72,9 @@ enum Cmd {
     Launch(launch::LaunchArgs),
     /// Show a run's progress, checkpoints and validation ranking.
     Status(status::StatusArgs),
+    /// Print the placement, estimated memory per device and the sbatch script of a run file,
+    /// without running anything.
+    Plan(plan::PlanArgs),
     /// Train a reward model (regression, Bradley-Terry, scaled BT) from a job file.
     TrainRm(train_cmds::JobArgs),
     /// Supervised fine-tuning on chat data from a job file.
@@ -159,6 +164,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(args) => generate_cmd::run(args),
         Cmd::Launch(args) => launch::run(args),
         Cmd::Status(args) => status::run(args),
+        Cmd::Plan(args) => plan::run(args),
         Cmd::TrainRm(args) => train_cmds::train_rm(args),
         Cmd::Sft(args) => train_cmds::sft(args),
         Cmd::Score(args) => train_cmds::score(args),

@@ -141,8 +141,13 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let reg = client
         .register(pb::RegisterRequest {
             worker_name: args.name.clone(),
-            host,
-            address: local.to_string(),
+            host: host.clone(),
+            // Bound to every interface (multi-node): other hosts reach us by host name.
+            address: if local.ip().is_unspecified() {
+                format!("{host}:{}", local.port())
+            } else {
+                local.to_string()
+            },
             devices: devices(),
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),

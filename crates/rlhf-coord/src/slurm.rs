@@ -1,0 +1,266 @@
+//! The Slurm launcher. Outside an allocation, `launch` with `launcher.kind: slurm` writes an
+//! sbatch script into the run directory and submits it (`--dry-run` prints it). The script runs
+//! `rlhf-coord launch` again inside the allocation, where this module reads the Slurm
+//! environment, places each configured worker on a node, and the launcher starts one
+//! `rlhf-worker` per worker as its own Slurm task (`srun --nodes=1 --ntasks=1 --nodelist=HOST
+//! --overlap`), so Slurm accounts, signals and kills them like any job step.
+//!
+//! Preemption: Slurm sends USR1 to the batch shell `signal_grace_s` before the walltime
+//! (`--signal=B:USR1@N`); the script forwards it to the coordinator, which checkpoints and exits
+//! with 75; the script then runs `scontrol requeue $SLURM_JOB_ID`, and the requeued job resumes
+//! from the checkpoint. A TERM to the batch shell (`scancel`, or the time limit itself) is
+//! forwarded too, but never requeues: a job the user cancelled stays cancelled.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use rlhf_config::RunConfig;
+
+/// The allocation, from the environment Slurm gives the batch script.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Allocation {
+    pub job_id: String,
+    /// Host names, in Slurm's order (the batch script runs on the first).
+    pub nodes: Vec<String>,
+    /// `SLURM_RESTART_COUNT`: how often the job was requeued.
+    pub restarts: u32,
+}
+
+/// True inside a Slurm job.
+pub fn in_allocation() -> bool {
+    std::env::var_os("SLURM_JOB_ID").is_some()
+}
+
+/// Reads the allocation; the node list is expanded with `scontrol show hostnames`.
+pub fn allocation() -> Result<Allocation> {
+    let job_id = std::env::var("SLURM_JOB_ID").context("SLURM_JOB_ID is not set")?;
+    let list = std::env::var("SLURM_JOB_NODELIST")
+        .or_else(|_| std::env::var("SLURM_NODELIST"))
+        .context("SLURM_JOB_NODELIST is not set inside the Slurm job")?;
+    let out = Command::new("scontrol")
+        .args(["show", "hostnames", &list])
+        .output()
+        .context("running `scontrol show hostnames` (is Slurm's scontrol on PATH?)")?;
+    if !out.status.success() {
+        bail!(
+            "`scontrol show hostnames {list}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let nodes: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    if nodes.is_empty() {
+        bail!("the node list `{list}` of job {job_id} expands to no host");
+    }
+    let restarts = std::env::var("SLURM_RESTART_COUNT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok(Allocation {
+        job_id,
+        nodes,
+        restarts,
+    })
+}
+
+/// The node index of each worker, in `cfg.workers` order: `workers[].node`, else round-robin.
+pub fn node_indices(cfg: &RunConfig) -> Vec<usize> {
+    let n = cfg.launcher.slurm.nodes.max(1) as usize;
+    cfg.workers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| w.node.unwrap_or(i % n))
+        .collect()
+}
+
+/// Quotes `s` for a POSIX shell.
+fn sh_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@+%".contains(c))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The sbatch script for a run file `file` (absolute) with `--set` overrides `sets`.
+pub fn sbatch_script(
+    cfg: &RunConfig,
+    coord_bin: &Path,
+    file: &Path,
+    sets: &[String],
+    run_dir: &Path,
+) -> String {
+    let s = &cfg.launcher.slurm;
+    let workers = cfg.workers.len();
+    let nodes = s.nodes.max(1) as usize;
+    let idx = node_indices(cfg);
+    let per_node = (0..nodes)
+        .map(|n| idx.iter().filter(|&&i| i == n).count())
+        .max()
+        .unwrap_or(workers)
+        .max(1);
+    let mut d = vec![
+        format!("--job-name=rlhf-{}", cfg.run.name),
+        format!("--nodes={nodes}"),
+        format!("--ntasks-per-node={per_node}"),
+    ];
+    if s.gpus_per_node > 0 {
+        d.push(format!("--gpus-per-node={}", s.gpus_per_node));
+    }
+    if let Some(c) = s.cpus_per_task {
+        d.push(format!("--cpus-per-task={c}"));
+    }
+    if let Some(p) = &s.partition {
+        d.push(format!("--partition={p}"));
+    }
+    if let Some(a) = &s.account {
+        d.push(format!("--account={a}"));
+    }
+    if let Some(t) = &s.time {
+        d.push(format!("--time={t}"));
+    }
+    d.push("--requeue".into());
+    d.push(format!("--signal=B:USR1@{}", s.signal_grace_s));
+    d.push(format!(
+        "--output={}",
+        run_dir.join("slurm").join("slurm-%j.out").display()
+    ));
+    d.push("--open-mode=append".into());
+    let mut text = String::from("#!/bin/bash\n");
+    text.push_str(&format!(
+        "# Written by `rlhf-coord launch` for run `{}`; submitted with sbatch.\n",
+        cfg.run.name
+    ));
+    for x in d {
+        text.push_str(&format!("#SBATCH {x}\n"));
+    }
+    for x in &s.extra_directives {
+        let x = x.trim();
+        let x = x.strip_prefix("#SBATCH").unwrap_or(x).trim();
+        text.push_str(&format!("#SBATCH {x}\n"));
+    }
+    let mut cmd = vec![
+        sh_quote(&coord_bin.to_string_lossy()),
+        "launch".into(),
+        sh_quote(&file.to_string_lossy()),
+    ];
+    for x in sets {
+        cmd.push("--set".into());
+        cmd.push(sh_quote(x));
+    }
+    text.push_str(&format!(
+        r#"
+# The coordinator runs here, on the first node; it starts one rlhf-worker per configured worker
+# with srun. USR1 (Slurm's warning before the walltime, --signal above) and TERM are forwarded
+# to it: it finishes the step, checkpoints and exits 75. Only after USR1 (or must_save_by) does
+# this script requeue the job; a TERM (scancel, the time limit) never does.
+echo "rlhf-coord: job $SLURM_JOB_ID start $SLURM_RESTART_COUNT on $(hostname) at $(date -u +%FT%TZ)"
+got_term=0
+{cmd} &
+pid=$!
+trap 'kill -USR1 "$pid" 2>/dev/null' USR1
+trap 'got_term=1; kill -TERM "$pid" 2>/dev/null' TERM
+while :; do
+  wait "$pid"; rc=$?
+  kill -0 "$pid" 2>/dev/null || break
+done
+if [ "$rc" -eq 75 ] && [ "$got_term" -eq 0 ]; then
+  echo "rlhf-coord: checkpoint written; requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"
+"#,
+        cmd = cmd.join(" ")
+    ));
+    text
+}
+
+/// Writes the script to `RUN_DIR/slurm/job.sbatch` and submits it; returns the job id.
+pub fn submit(script: &str, run_dir: &Path) -> Result<(String, PathBuf)> {
+    let dir = run_dir.join("slurm");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("job.sbatch");
+    rlhf_ckpt::write_atomic(&path, script.as_bytes())?;
+    let out = match Command::new("sbatch").arg("--parsable").arg(&path).output() {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "`sbatch` is not on PATH: launcher.kind: slurm submits with Slurm's sbatch (run on a \
+             Slurm login node, or use launcher.kind: local); the script is at {}",
+            path.display()
+        ),
+        Err(e) => return Err(e).context("running sbatch"),
+    };
+    if !out.status.success() {
+        bail!(
+            "sbatch refused the job ({}): {}\nthe script is at {}; check launcher.slurm (partition, account, time, nodes, gpus_per_node)",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            path.display()
+        );
+    }
+    let id = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    if id.is_empty() {
+        bail!("sbatch printed no job id");
+    }
+    Ok((id, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_spaces_and_quotes() {
+        assert_eq!(sh_quote("a.yaml"), "a.yaml");
+        assert_eq!(sh_quote("train.steps=3"), "train.steps=3");
+        assert_eq!(sh_quote("it's here"), r"'it'\''s here'");
+        assert_eq!(sh_quote(""), "''");
+    }
+
+    #[test]
+    fn script_has_the_directives_and_the_forwarding() {
+        let mut cfg = RunConfig::default();
+        cfg.run.name = "r".into();
+        cfg.launcher.slurm.nodes = 2;
+        cfg.launcher.slurm.gpus_per_node = 4;
+        cfg.launcher.slurm.partition = Some("gpu".into());
+        cfg.launcher.slurm.time = Some("12:00:00".into());
+        cfg.launcher.slurm.signal_grace_s = 300;
+        cfg.launcher.slurm.extra_directives =
+            vec!["#SBATCH --exclusive".into(), "--qos=high".into()];
+        let s = sbatch_script(
+            &cfg,
+            Path::new("/opt/bin/rlhf-coord"),
+            Path::new("/home/u/run file.yaml"),
+            &["train.steps=5".into()],
+            Path::new("/runs/r"),
+        );
+        for want in [
+            "#SBATCH --nodes=2\n",
+            "#SBATCH --ntasks-per-node=2\n",
+            "#SBATCH --gpus-per-node=4\n",
+            "#SBATCH --partition=gpu\n",
+            "#SBATCH --time=12:00:00\n",
+            "#SBATCH --requeue\n",
+            "#SBATCH --signal=B:USR1@300\n",
+            "#SBATCH --output=/runs/r/slurm/slurm-%j.out\n",
+            "#SBATCH --exclusive\n",
+            "#SBATCH --qos=high\n",
+            "/opt/bin/rlhf-coord launch '/home/u/run file.yaml' --set train.steps=5 &",
+            "scontrol requeue \"$SLURM_JOB_ID\"",
+        ] {
+            assert!(s.contains(want), "missing {want:?} in\n{s}");
+        }
+        assert_eq!(node_indices(&cfg), [0, 1, 0, 1]);
+    }
+}
