@@ -5,6 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/setup-torch.sh --test-deps)"
+# A real single-node Slurm for crates/rlhf-coord/tests/slurm.rs (Debian's slurm-wlm + munge; the
+# test brings the cluster up and down with scripts/slurm-local.sh). As root (CI) it is installed
+# and required; elsewhere the test runs when Slurm is installed and says SKIPPED otherwise.
+if [ "$(id -u)" = 0 ]; then
+  scripts/slurm-local.sh install
+  export RLHF_REQUIRE_SLURM=${RLHF_REQUIRE_SLURM:-1}
+fi
 # Two cores: keep libtorch from oversubscribing them while cargo runs tests in parallel.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 echo "== cargo fmt --check"

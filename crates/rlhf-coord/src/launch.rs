@@ -341,6 +341,18 @@ async fn run_async(p: Prepared) -> Result<()> {
             r = train(&p, &registry, &token, stop_sig.clone()) => r,
             Some(f) = fail_rx.recv() => Err(anyhow!("{f}; stopping the run")),
         };
+        // A call that failed because its worker died usually returns before the process watch
+        // reports the death; the death (with its node and log tail) is the better message.
+        let r = match r {
+            Err(e) if e.downcast_ref::<Preempted>().is_none() => {
+                let wait = Duration::from_secs(2);
+                match tokio::time::timeout(wait, fail_rx.recv()).await {
+                    Ok(Some(f)) => Err(anyhow!("{f}; stopping the run (the failed call: {e:#})")),
+                    _ => Err(e),
+                }
+            }
+            other => other,
+        };
         hb.abort();
         r
     }
@@ -394,7 +406,7 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
             .await
             .with_context(|| format!("worker `{}`", w.name))?;
         for role in &w.roles {
-            let c = RoleClient::new(&w.name, role.as_str(), conn.clone(), timeout);
+            let c = RoleClient::new(&w.name, &info.host, role.as_str(), conn.clone(), timeout);
             clients.insert(*role, (c, w.device.to_string()));
         }
     }

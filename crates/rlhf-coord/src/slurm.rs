@@ -171,7 +171,7 @@ while :; do
 done
 if [ "$rc" -eq 75 ] && [ "$got_term" -eq 0 ]; then
   echo "rlhf-coord: checkpoint written; requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID" && exit 0
 fi
 exit "$rc"
 "#,

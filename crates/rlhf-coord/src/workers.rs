@@ -17,6 +17,7 @@ type Inner = WorkerClient<InterceptedService<Channel, AddToken>>;
 #[derive(Clone)]
 pub struct RoleClient {
     pub worker: String,
+    pub host: String,
     pub role: String,
     client: Inner,
     timeout: Duration,
@@ -37,9 +38,16 @@ pub async fn connect(address: &str, token: &RunToken) -> Result<Inner> {
 }
 
 impl RoleClient {
-    pub fn new(worker: &str, role: &str, client: Inner, timeout: Duration) -> RoleClient {
+    pub fn new(
+        worker: &str,
+        host: &str,
+        role: &str,
+        client: Inner,
+        timeout: Duration,
+    ) -> RoleClient {
         RoleClient {
             worker: worker.to_string(),
+            host: host.to_string(),
             role: role.to_string(),
             client,
             timeout,
@@ -47,7 +55,12 @@ impl RoleClient {
     }
 
     fn err(&self, op: &str, e: impl std::fmt::Display) -> anyhow::Error {
-        anyhow!("worker `{}` (role {}): {op}: {e}", self.worker, self.role)
+        anyhow!(
+            "worker `{}` on host {} (role {}): {op}: {e}",
+            self.worker,
+            self.host,
+            self.role
+        )
     }
 
     async fn call<T, F>(&self, op: &str, f: F) -> Result<T>

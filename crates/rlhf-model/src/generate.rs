@@ -333,6 +333,17 @@ pub struct TokenLogProbs {
     pub entropy: Option<Tensor>,
 }
 
+/// Whether and how [`token_logprobs_from`] computes the entropy of each next-token distribution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entropy {
+    /// Not computed.
+    Off,
+    /// Computed from detached logits: a metric, no gradient and no backward cost.
+    Metric,
+    /// Computed with gradients (an entropy bonus in the loss).
+    WithGrad,
+}
+
 /// Log-probs of each next token of a padded batch, under softmax(logits / temperature). Column
 /// `t` scores token `t + 1`, so a response mask for the sequence, shifted left by one, selects
 /// the response tokens. Runs with gradients unless the caller holds a no-grad guard.
@@ -342,6 +353,27 @@ pub fn token_logprobs(
     attention_mask: &Tensor,
     temperature: f64,
     with_entropy: bool,
+) -> Result<TokenLogProbs> {
+    let e = if with_entropy {
+        Entropy::WithGrad
+    } else {
+        Entropy::Off
+    };
+    token_logprobs_from(model, input_ids, attention_mask, 0, temperature, e)
+}
+
+/// As [`token_logprobs`], but only for the tokens after position `from`: column `j` of the
+/// result scores token `from + j + 1`, shape (b, t_len - 1 - from). With `from = prompt_width - 1`
+/// the result is exactly the response's log-probs, and the vocabulary projection, softmax and
+/// their backward run on response positions only (the prompt's hidden states still come from
+/// the full forward).
+pub fn token_logprobs_from(
+    model: &Model,
+    input_ids: &Tensor,
+    attention_mask: &Tensor,
+    from: i64,
+    temperature: f64,
+    entropy: Entropy,
 ) -> Result<TokenLogProbs> {
     let (b, t) = input_ids.size2()?;
     if attention_mask.size() != [b, t] {
@@ -358,24 +390,38 @@ pub fn token_logprobs(
             "need at least 2 tokens",
         ));
     }
+    if from < 0 || from > t - 2 {
+        return Err(ModelError::invalid(
+            "from",
+            from,
+            format!("must be in 0..={} for sequences of {t} tokens", t - 2),
+        ));
+    }
+    let n = t - 1 - from;
     let hidden = model.forward_padded(input_ids, attention_mask)?;
-    let mut logits = model.logits(&hidden.narrow(1, 0, t - 1))?;
+    let mut logits = model.logits(&hidden.narrow(1, from, n))?;
     drop(hidden);
     if temperature != 1.0 {
         logits = logits / temperature;
     }
-    let targets = input_ids.narrow(1, 1, t - 1);
+    let targets = input_ids.narrow(1, from + 1, n);
     // log p = logit[target] - logsumexp(logits): avoids a second (b, t, V) tensor.
     let lse = logits.logsumexp([-1].as_slice(), false);
     let picked = logits
         .gather(2, &targets.unsqueeze(2), false)
         .squeeze_dim(2);
     let logprobs = picked - &lse;
-    let entropy = if with_entropy {
-        let logp = logits.log_softmax(-1, Kind::Float);
-        Some(-(logp.exp() * &logp).sum_dim_intlist([-1].as_slice(), false, Kind::Float))
-    } else {
-        None
+    let ent = |l: &Tensor| {
+        let logp = l.log_softmax(-1, Kind::Float);
+        -(logp.exp() * &logp).sum_dim_intlist([-1].as_slice(), false, Kind::Float)
+    };
+    let entropy = match entropy {
+        Entropy::Off => None,
+        Entropy::WithGrad => Some(ent(&logits)),
+        Entropy::Metric => {
+            let _g = tch::no_grad_guard();
+            Some(ent(&logits.detach()))
+        }
     };
     Ok(TokenLogProbs { logprobs, entropy })
 }

@@ -8,8 +8,8 @@ mod common;
 use std::path::Path;
 
 use rlhf_model::{
-    generate, sequence_scores, token_logprobs, token_values, Family, GenerationConfig, HeadKind,
-    LoadOptions, Model, ModelDir, ModelError, Sampling, SaveOptions,
+    generate, sequence_scores, token_logprobs, token_logprobs_from, token_values, Entropy, Family,
+    GenerationConfig, HeadKind, LoadOptions, Model, ModelDir, ModelError, Sampling, SaveOptions,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -447,4 +447,34 @@ fn tok_err(dir: &Path) -> String {
     let tok = rlhf_model::Tokenizer::from_dir(dir).unwrap();
     let msgs = [rlhf_model::ChatMessage::new("user", "hi")];
     tok.render_chat(&msgs, false).unwrap_err().to_string()
+}
+
+#[test]
+fn logprobs_from_a_position_equal_the_full_ones_sliced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tiny(&tmp.path().join("m"), Family::Llama, None, None, 6);
+    let m = load(&dir);
+    let ids =
+        Tensor::from_slice(&[3i64, 4, 5, 6, 7, 8, 9, 10, 3, 4, 5, 6, 7, 8, 9, 11]).view([2, 8]);
+    let mask =
+        Tensor::from_slice(&[0i64, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]).view([2, 8]);
+    let full = token_logprobs(&m, &ids, &mask, 0.7, true).unwrap();
+    for from in [0i64, 3, 6] {
+        let part = token_logprobs_from(&m, &ids, &mask, from, 0.7, Entropy::Metric).unwrap();
+        assert_eq!(part.logprobs.size(), [2, 7 - from]);
+        let want = full.logprobs.narrow(1, from, 7 - from);
+        let d = (&part.logprobs - &want).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "from {from}: max diff {d}");
+        let e = part.entropy.unwrap();
+        assert!(!e.requires_grad(), "a metric entropy carries no gradient");
+        let d = (&e - full.entropy.as_ref().unwrap().narrow(1, from, 7 - from))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(d < 1e-5, "entropy from {from}: max diff {d}");
+    }
+    let Err(err) = token_logprobs_from(&m, &ids, &mask, 7, 1.0, Entropy::Off) else {
+        panic!("from = 7 leaves no token to score")
+    };
+    assert!(err.to_string().contains("from"), "{err}");
 }

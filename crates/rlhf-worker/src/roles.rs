@@ -15,8 +15,9 @@ use rlhf_algo::{
     PolicyLossConfig, PolicyLossInputs, ValueLossConfig, ValueLossInputs,
 };
 use rlhf_model::{
-    generate, sequence_scores, token_logprobs, token_values, ChatMessage, GenerationConfig,
-    HeadKind, LoadOptions, ModelDir, RewardHead, RewardSpec, Sampling, SaveOptions,
+    generate, sequence_scores, token_logprobs_from, token_values, ChatMessage, Entropy,
+    GenerationConfig, HeadKind, LoadOptions, ModelDir, RewardHead, RewardSpec, Sampling,
+    SaveOptions,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -404,17 +405,15 @@ impl Role {
         let mut parts = vec![];
         for start in (0..b).step_by(INFER_ROWS as usize) {
             let part = s.rows(start, INFER_ROWS.min(b - start))?;
-            let lp = token_logprobs(
+            let lp = token_logprobs_from(
                 &dir.model,
                 &part.input_ids,
                 &part.attention_mask,
+                s.prompt_width - 1,
                 temperature,
-                false,
+                Entropy::Off,
             )?;
-            parts.push(
-                lp.logprobs
-                    .f_narrow(1, s.prompt_width - 1, s.response_len)?,
-            );
+            parts.push(lp.logprobs);
         }
         Ok(Tensor::f_cat(&parts, 0)?.f_to_device(Device::Cpu)?)
     }
@@ -745,7 +744,12 @@ impl Trainer {
             need(&b.ref_logprobs, "ref_logprobs", "a KL loss term")?;
         }
         let cfg = self.spec.policy_loss.clone();
-        let with_entropy = true;
+        // The entropy is always reported; it carries gradients only when it is in the loss.
+        let entropy = if cfg.entropy_coef != 0.0 {
+            Entropy::WithGrad
+        } else {
+            Entropy::Metric
+        };
         let parts = micro_batches(&b.response_mask, self.spec.micro_batch_size, cfg.agg)?;
         let mut m: BTreeMap<String, f64> = BTreeMap::new();
         self.opt.zero_grad()?;
@@ -756,20 +760,16 @@ impl Trainer {
             };
             let (mask, adv, old) = (rows(&b.response_mask)?, rows(adv)?, rows(old)?);
             let reference = b.ref_logprobs.as_ref().map(rows).transpose()?;
-            let lp = token_logprobs(
+            let lp = token_logprobs_from(
                 &self.dir.model,
                 &s.input_ids,
                 &s.attention_mask,
+                s.prompt_width - 1,
                 self.spec.temperature,
-                with_entropy,
+                entropy,
             )?;
-            let new_lp = lp
-                .logprobs
-                .f_narrow(1, s.prompt_width - 1, s.response_len)?;
-            let ent = lp
-                .entropy
-                .map(|e| e.f_narrow(1, s.prompt_width - 1, s.response_len))
-                .transpose()?;
+            let new_lp = lp.logprobs;
+            let ent = lp.entropy;
             let out = policy_loss(
                 &cfg,
                 &PolicyLossInputs {
