@@ -287,7 +287,8 @@ async fn run_async(p: Prepared) -> Result<()> {
     info!(%addr, "coordinator listening");
     let allocation = if cfg.launcher.kind == LauncherKind::Slurm {
         let a = slurm::allocation()?;
-        info!(job = %a.job_id, nodes = ?a.nodes, restarts = a.restarts, "inside Slurm job");
+        a.check_devices(&cfg)?;
+        info!(job = %a.job_id, nodes = ?a.nodes, restarts = a.restarts, gpus_per_node = ?a.gpus_per_node, "inside Slurm job");
         Some(a)
     } else {
         None

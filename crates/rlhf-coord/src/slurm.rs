@@ -25,6 +25,29 @@ pub struct Allocation {
     pub nodes: Vec<String>,
     /// `SLURM_RESTART_COUNT`: how often the job was requeued.
     pub restarts: u32,
+    /// `SLURM_GPUS_ON_NODE`, when set.
+    pub gpus_per_node: Option<u32>,
+}
+
+impl Allocation {
+    /// Refuses a placement that uses more GPUs per node than the job has.
+    pub fn check_devices(&self, cfg: &RunConfig) -> Result<()> {
+        let Some(have) = self.gpus_per_node else {
+            return Ok(());
+        };
+        for w in &cfg.workers {
+            if let rlhf_config::Device::Cuda(g) = w.device {
+                let need = g.unwrap_or(0) + 1;
+                if need > have {
+                    bail!(
+                        "worker `{}` uses {} but job {} has {have} GPU(s) per node (SLURM_GPUS_ON_NODE); fix workers[].device or launcher.slurm.gpus_per_node",
+                        w.name, w.device, self.job_id
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// True inside a Slurm job.
@@ -55,14 +78,27 @@ pub fn allocation() -> Result<Allocation> {
     if nodes.is_empty() {
         bail!("the node list `{list}` of job {job_id} expands to no host");
     }
+    for n in &nodes {
+        use std::net::ToSocketAddrs;
+        if (n.as_str(), 0u16).to_socket_addrs().is_err() {
+            bail!(
+                "node `{n}` of job {job_id} (node list `{list}`) does not resolve to an address;                  workers there could not reach the coordinator — check the cluster's DNS or /etc/hosts"
+            );
+        }
+    }
     let restarts = std::env::var("SLURM_RESTART_COUNT")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
+    // GPUs Slurm gave each node (`--gpus-per-node`), when it says.
+    let gpus_per_node = std::env::var("SLURM_GPUS_ON_NODE")
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
     Ok(Allocation {
         job_id,
         nodes,
         restarts,
+        gpus_per_node,
     })
 }
 

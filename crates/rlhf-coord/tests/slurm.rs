@@ -270,6 +270,20 @@ fn runs_preempts_requeues_and_reports_dead_workers_on_real_slurm() {
     let run = tmp.path().join("runs/s");
     let out_of = |id: &str| run.join(format!("slurm/slurm-{id}.out"));
 
+    // 0. sbatch refuses an unknown partition: a clear error, nothing submitted.
+    let mut c = coord();
+    c.env("SLURM_CONF", &cluster.conf)
+        .arg("launch")
+        .arg(&f)
+        .args(["--set", "launcher.slurm.partition=nope"]);
+    let out = c.output().unwrap();
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(
+        t.contains("sbatch refused the job") && t.contains("partition"),
+        "{t}"
+    );
+
     // 1. A short PPO run: the coordinator in the batch step, two workers as Slurm tasks.
     let id = cluster.launch(&f, &[]);
     cluster.wait_gone(&id, Duration::from_secs(240), "PPO run", &out_of(&id));
@@ -331,5 +345,16 @@ fn runs_preempts_requeues_and_reports_dead_workers_on_real_slurm() {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     assert!(log.contains("worker `b`"), "{log}");
     assert!(log.contains(&format!("on node {}", host.trim())), "{log}");
+    assert!(!log.contains("requeueing"), "{log}");
+
+    // 4. The user cancels the job (TERM to the batch shell and the steps): it is not requeued.
+    std::fs::remove_dir_all(&run).unwrap();
+    let id = cluster.launch(&f, &["train.steps=100000"]);
+    wait_for_step(&run, 1, Duration::from_secs(240), &out_of(&id));
+    assert!(cluster.cmd("scancel").arg(&id).status().unwrap().success());
+    cluster.wait_gone(&id, Duration::from_secs(60), "user cancel", &out_of(&id));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!cluster.job_active(&id), "a cancelled job came back");
+    let log = std::fs::read_to_string(out_of(&id)).unwrap();
     assert!(!log.contains("requeueing"), "{log}");
 }
