@@ -8,44 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn coord() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rlhf-coord"));
-    c.env("RLHF_LOG", "info");
-    c
-}
-
-fn worker_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_rlhf-coord")).with_file_name("rlhf-worker");
-    assert!(
-        p.exists(),
-        "{} missing: build it with `cargo build -p rlhf-worker` (cargo test --workspace does)",
-        p.display()
-    );
-    p
-}
+mod common;
+use common::{arithmetic_prompts, coord, tiny_model, worker_bin};
 
 /// A tiny policy, an arithmetic prompt file, and a run file with the given extra YAML.
 fn setup(dir: &Path, extra: &str) -> PathBuf {
-    let out = coord()
-        .args(["init-model", "--preset", "tiny", "--out"])
-        .arg(dir.join("policy"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut prompts = String::new();
-    for a in 0..4 {
-        for b in 0..4 {
-            prompts.push_str(&format!(
-                "{{\"prompt\": \"{a}+{b}=\", \"answer\": \"{}\"}}\n",
-                a + b
-            ));
-        }
-    }
-    std::fs::write(dir.join("prompts.jsonl"), prompts).unwrap();
+    tiny_model(&dir.join("policy"));
+    arithmetic_prompts(dir, 4);
     let yaml = format!(
         "run: {{name: t, dir: runs, seed: 3}}\n\
          launcher: {{worker_bin: {}, heartbeat_interval_ms: 100, heartbeat_timeout_ms: 1500, startup_timeout_s: 60}}\n\

@@ -16,45 +16,14 @@ use std::time::{Duration, Instant};
 
 const EXIT_PREEMPTED: i32 = 75;
 
-fn coord() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rlhf-coord"));
-    c.env("RLHF_LOG", "info").env("OMP_NUM_THREADS", "1");
-    c
-}
-
-fn worker_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_rlhf-coord")).with_file_name("rlhf-worker");
-    assert!(
-        p.exists(),
-        "{} missing: build it with `cargo build -p rlhf-worker` (cargo test --workspace does)",
-        p.display()
-    );
-    p
-}
+mod common;
+use common::{arithmetic_prompts, coord, jsonl, tiny_model, worker_bin};
 
 /// A tiny policy, an arithmetic prompt file and a PPO run file (critic and reference included,
 /// so every kind of state is checkpointed), two workers with one thread each.
 fn setup(dir: &Path, steps: u64, extra: &str) -> PathBuf {
-    let out = coord()
-        .args(["init-model", "--preset", "tiny", "--out"])
-        .arg(dir.join("policy"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut prompts = String::new();
-    for a in 0..5 {
-        for b in 0..5 {
-            prompts.push_str(&format!(
-                "{{\"prompt\": \"{a}+{b}=\", \"answer\": \"{}\"}}\n",
-                a + b
-            ));
-        }
-    }
-    std::fs::write(dir.join("prompts.jsonl"), prompts).unwrap();
+    tiny_model(&dir.join("policy"));
+    arithmetic_prompts(dir, 5);
     let yaml = format!(
         "run: {{name: t, dir: runs, seed: 5}}\n\
          launcher: {{worker_bin: {}, heartbeat_interval_ms: 100, heartbeat_timeout_ms: 2000, startup_timeout_s: 60}}\n\
@@ -85,11 +54,7 @@ fn run_dir(dir: &Path) -> PathBuf {
 }
 
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run_dir(dir).join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    jsonl(&run_dir(dir).join("metrics.jsonl"))
 }
 
 /// The metrics without wall-clock measurements (which differ between any two runs).

@@ -10,48 +10,15 @@
 //! `RLHF_REQUIRE_SLURM=1` (set by `scripts/test.sh`), which turns that into a failure.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn coord() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rlhf-coord"));
-    c.env("RLHF_LOG", "info").env("OMP_NUM_THREADS", "1");
-    c
-}
-
-fn worker_bin() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_rlhf-coord")).with_file_name("rlhf-worker")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+mod common;
+use common::{arithmetic_prompts, coord, repo, text, tiny_model, worker_bin};
 
 fn setup(dir: &Path, extra: &str) -> PathBuf {
-    let out = coord()
-        .args(["init-model", "--preset", "tiny", "--out"])
-        .arg(dir.join("policy"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let mut prompts = String::new();
-    for a in 0..5 {
-        for b in 0..5 {
-            prompts.push_str(&format!(
-                "{{\"prompt\": \"{a}+{b}=\", \"answer\": \"{}\"}}\n",
-                a + b
-            ));
-        }
-    }
-    std::fs::write(dir.join("prompts.jsonl"), prompts).unwrap();
+    tiny_model(&dir.join("policy"));
+    arithmetic_prompts(dir, 5);
     let yaml = format!(
         "run: {{name: s, dir: {}, seed: 2}}\n\
          launcher:\n  kind: slurm\n  worker_bin: {}\n  heartbeat_timeout_ms: 3000\n  startup_timeout_s: 120\n  slurm: {{nodes: 1, partition: debug, time: \"00:20:00\", signal_grace_s: 60}}\n\

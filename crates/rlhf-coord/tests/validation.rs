@@ -10,7 +10,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn mt_bench_dir() -> PathBuf {
     if let Ok(d) = std::env::var("RLHF_MT_BENCH_DIR") {
@@ -19,23 +19,11 @@ fn mt_bench_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mt_bench")
 }
 
-fn coord() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rlhf-coord"));
-    c.env("RLHF_LOG", "info").env("OMP_NUM_THREADS", "1");
-    c
-}
-
-fn worker_bin() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_rlhf-coord")).with_file_name("rlhf-worker")
-}
+mod common;
+use common::{coord, jsonl, tiny_model, worker_bin};
 
 fn setup(dir: &Path, extra: &str) -> PathBuf {
-    let out = coord()
-        .args(["init-model", "--preset", "tiny", "--out"])
-        .arg(dir.join("policy"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    tiny_model(&dir.join("policy"));
     let mut prompts = String::new();
     for i in 0..8 {
         prompts.push_str(&format!("{{\"prompt\": \"Say something nice #{i}\"}}\n"));
@@ -104,11 +92,8 @@ fn ok(out: &Output) -> String {
 }
 
 fn lines(p: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    assert!(p.is_file(), "{} missing", p.display());
+    jsonl(p)
 }
 
 fn json(p: &Path) -> serde_json::Value {
