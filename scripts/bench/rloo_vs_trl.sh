@@ -15,8 +15,15 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install -q -r scripts/bench/requirements-bench.txt
 fi
 PY=$venv/bin/python
-# With other processes on the cores, OpenMP threads that spin-wait slow both sides down badly.
-export OMP_WAIT_POLICY=PASSIVE
+# Both sides run with libgomp's default wait policy (spin briefly, then sleep). Forcing
+# OMP_WAIT_POLICY=PASSIVE (every thread sleeps at once) made our multi-process step 2x slower in
+# an A/B on 2026-11-23 (7.04 s vs 3.47 s at 20M); ACTIVE (spin forever) made it 23 s, since the
+# idle workers' threads then never yield the cores. BENCH_OMP_WAIT_POLICY=... sets it for both.
+if [ -n "${BENCH_OMP_WAIT_POLICY:-}" ]; then
+  export OMP_WAIT_POLICY=$BENCH_OMP_WAIT_POLICY
+else
+  unset OMP_WAIT_POLICY
+fi
 rounds=${ROUNDS:-2}; steps=${STEPS:-5}; threads=${THREADS:-2}
 B=8 N=4 T=32 E=1 K=0.05 LR=1e-5
 w=target/bench/rloo
@@ -35,7 +42,7 @@ for size in 2m 20m; do
 run: {name: bench-$size, dir: runs, seed: 0}
 workers:
   - {name: actor, roles: [actor], threads: $threads}
-  - {name: reference, roles: [reference], threads: 1}
+  - {name: reference, roles: [reference], threads: $threads}
   - {name: reward, roles: [reward, critic], threads: 1}
 models: {policy: llama-$size, reward: {kind: exact_match}}
 algorithm: {name: rloo, loss_agg: seq_mean_token_sum, kl: {coef: $K, estimator: k1, mode: reward}}

@@ -251,6 +251,23 @@ fn runs_preempts_requeues_and_reports_dead_workers_on_real_slurm() {
         "{t}"
     );
 
+    // A node list that does not resolve (as inside a job whose nodes DNS does not know): a clear
+    // error before any worker starts.
+    let mut c = coord();
+    c.env("SLURM_CONF", &cluster.conf)
+        .env("SLURM_JOB_ID", "424242")
+        .env("SLURM_JOB_NODELIST", "no-such-node-rlhf")
+        .arg("launch")
+        .arg(&f);
+    let out = c.output().unwrap();
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(
+        t.contains("`no-such-node-rlhf`") && t.contains("does not resolve"),
+        "{t}"
+    );
+    assert!(!t.contains("worker started"), "{t}");
+
     // 1. A short PPO run: the coordinator in the batch step, two workers as Slurm tasks.
     let id = cluster.launch(&f, &[]);
     cluster.wait_gone(&id, Duration::from_secs(240), "PPO run", &out_of(&id));
