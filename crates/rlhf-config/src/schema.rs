@@ -173,7 +173,8 @@ pub struct SlurmConfig {
     pub time: Option<String>,
     /// `--nodes`; >= 1. Default: 1.
     pub nodes: u32,
-    /// `--gpus-per-node`. Default: 0.
+    /// `--gpus-per-node`; when > 0, workers' `cuda:N` must be below it. 0 writes no directive
+    /// (GPUs may come from `extra_directives`). Default: 0.
     pub gpus_per_node: u32,
     /// `--cpus-per-task`; >= 1 when set. Default: null.
     pub cpus_per_task: Option<u32>,

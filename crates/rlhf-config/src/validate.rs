@@ -252,8 +252,10 @@ impl RunConfig {
                 }
             }
             if self.launcher.kind == crate::schema::LauncherKind::Slurm {
-                if let crate::schema::Device::Cuda(g) = w.device {
-                    let per_node = self.launcher.slurm.gpus_per_node as usize;
+                // gpus_per_node 0 requests no GPUs through this key (they may come from
+                // extra_directives or whole-node allocations), so there is nothing to check.
+                let per_node = self.launcher.slurm.gpus_per_node as usize;
+                if let (crate::schema::Device::Cuda(g), true) = (w.device, per_node > 0) {
                     let need = g.unwrap_or(0) as usize + 1;
                     if need > per_node {
                         return c.fail(
