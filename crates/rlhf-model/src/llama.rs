@@ -378,7 +378,13 @@ pub struct Model {
 impl Model {
     /// Builds the model with HF's random initialisation (normal(0, initializer_range) weights,
     /// zero biases, unit norms), seeded with `seed` through libtorch's global generator.
+    ///
+    /// **Invariant:** seeding and drawing happen under one process-wide lock, so models built
+    /// at the same time on different threads (colocated roles, parallel tests) still get
+    /// exactly the weights their seed gives.
     pub fn new(config: Config, device: Device, kind: Kind, seed: i64) -> Result<Model> {
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(seed);
         let mut vs = nn::VarStore::new(device);
         let root = vs.root();
