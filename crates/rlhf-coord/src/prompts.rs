@@ -98,20 +98,16 @@ pub fn load(file: &Path, opts: &PromptOptions<'_>) -> Result<PromptSet> {
                 file.display()
             );
         }
-        let ids = if opts.chat_template {
-            opts.tokenizer
-                .encode_chat(&messages, true)
-                .with_context(|| {
-                    format!(
+        let ids = opts
+            .tokenizer
+            .encode_messages(&messages, opts.chat_template, true)
+            .with_context(|| {
+                format!(
                     "{}:{n}: applying the policy's chat template (set rollout.chat_template: false \
                      for plain prompts)",
                     file.display()
                 )
-                })?
-        } else {
-            let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-            opts.tokenizer.encode(&text.join("\n"), true)?
-        };
+            })?;
         if ids.is_empty() {
             bail!("{}:{n}: the prompt tokenizes to nothing", file.display());
         }

@@ -153,7 +153,19 @@ fn config_error(p: &Provenance, e: TrainError) -> ConfigError {
     }
 }
 
-fn visit_data(d: &mut DataConfig, visit: &mut dyn FnMut(&str, &mut PathBuf)) {
+/// The paths every job file has (reward-model and SFT jobs alike).
+fn visit_job(
+    run_dir: &mut PathBuf,
+    model: &mut PathBuf,
+    output: &mut Option<PathBuf>,
+    d: &mut DataConfig,
+    visit: &mut dyn FnMut(&str, &mut PathBuf),
+) {
+    visit("run_dir", run_dir);
+    visit("model", model);
+    if let Some(o) = output {
+        visit("output", o);
+    }
     visit("data.train.path", &mut d.train.path);
     if let Some(e) = &mut d.eval {
         visit("data.eval.path", &mut e.path);
@@ -165,12 +177,13 @@ impl ConfigSchema for RmFile {
 
     fn visit_paths(&mut self, visit: &mut dyn FnMut(&str, &mut PathBuf)) {
         let c = &mut self.0;
-        visit("run_dir", &mut c.run_dir);
-        visit("model", &mut c.model);
-        if let Some(o) = &mut c.output {
-            visit("output", o);
-        }
-        visit_data(&mut c.data, visit);
+        visit_job(
+            &mut c.run_dir,
+            &mut c.model,
+            &mut c.output,
+            &mut c.data,
+            visit,
+        );
     }
 
     fn validate(&self, p: &Provenance) -> Result<(), ConfigError> {
@@ -202,12 +215,13 @@ impl ConfigSchema for SftFile {
 
     fn visit_paths(&mut self, visit: &mut dyn FnMut(&str, &mut PathBuf)) {
         let c = &mut self.0;
-        visit("run_dir", &mut c.run_dir);
-        visit("model", &mut c.model);
-        if let Some(o) = &mut c.output {
-            visit("output", o);
-        }
-        visit_data(&mut c.data, visit);
+        visit_job(
+            &mut c.run_dir,
+            &mut c.model,
+            &mut c.output,
+            &mut c.data,
+            visit,
+        );
     }
 
     fn validate(&self, p: &Provenance) -> Result<(), ConfigError> {

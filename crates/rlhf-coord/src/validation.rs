@@ -145,12 +145,7 @@ impl Validator {
                 .iter()
                 .map(|m| rlhf_model::ChatMessage::new(m.role.as_str(), &m.content))
                 .collect();
-            let mut ids = if tok.chat_template().is_some() {
-                tok.encode_chat(&msgs, true)?
-            } else {
-                let text: Vec<&str> = msgs.iter().map(|m| m.content.as_str()).collect();
-                tok.encode(&text.join("\n"), true)?
-            };
+            let mut ids = tok.encode_messages(&msgs, tok.chat_template().is_some(), true)?;
             if ids.len() > room {
                 ids.drain(..ids.len() - room);
                 cut += 1;

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{arithmetic_prompts, coord, tiny_model, worker_bin};
+use common::{arithmetic_prompts, coord, launch, tiny_model, worker_bin};
 
 /// A tiny policy, an arithmetic prompt file, and a run file with the given extra YAML.
 fn setup(dir: &Path, extra: &str) -> PathBuf {
@@ -27,15 +27,6 @@ fn setup(dir: &Path, extra: &str) -> PathBuf {
     let f = dir.join("run.yaml");
     std::fs::write(&f, yaml).unwrap();
     f
-}
-
-fn launch(file: &Path, set: &[&str]) -> Output {
-    let mut c = coord();
-    c.arg("launch").arg(file);
-    for s in set {
-        c.args(["--set", s]);
-    }
-    c.output().unwrap()
 }
 
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {

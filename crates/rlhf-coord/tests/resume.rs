@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 const EXIT_PREEMPTED: i32 = 75;
 
 mod common;
-use common::{arithmetic_prompts, coord, jsonl, tiny_model, worker_bin};
+use common::{arithmetic_prompts, coord, jsonl, launch, tiny_model, worker_bin};
 
 /// A tiny policy, an arithmetic prompt file and a PPO run file (critic and reference included,
 /// so every kind of state is checkpointed), two workers with one thread each.
@@ -38,15 +38,6 @@ fn setup(dir: &Path, steps: u64, extra: &str) -> PathBuf {
     let f = dir.join("run.yaml");
     std::fs::write(&f, yaml).unwrap();
     f
-}
-
-fn launch(file: &Path, set: &[&str]) -> Output {
-    let mut c = coord();
-    c.arg("launch").arg(file);
-    for s in set {
-        c.args(["--set", s]);
-    }
-    c.output().unwrap()
 }
 
 fn run_dir(dir: &Path) -> PathBuf {

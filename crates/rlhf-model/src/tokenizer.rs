@@ -200,6 +200,22 @@ impl Tokenizer {
         let text = self.render_chat(messages, add_generation_prompt)?;
         self.encode(&text, false)
     }
+
+    /// A conversation as ids: through the chat template when `use_template`, else its message
+    /// contents joined by newlines with the tokenizer's special tokens (models without a
+    /// template).
+    pub fn encode_messages(
+        &self,
+        messages: &[ChatMessage],
+        use_template: bool,
+        add_generation_prompt: bool,
+    ) -> Result<Vec<i64>> {
+        if use_template {
+            return self.encode_chat(messages, add_generation_prompt);
+        }
+        let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+        self.encode(&text.join("\n"), true)
+    }
 }
 
 /// Renders an HF chat template.

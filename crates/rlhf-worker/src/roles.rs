@@ -593,16 +593,7 @@ impl RewardModel {
         for (i, it) in items.iter().enumerate() {
             let mut msgs = it.prompt.clone();
             msgs.push(ChatMessage::new("assistant", &it.response));
-            let ids = if tok.chat_template().is_some() {
-                tok.encode_chat(&msgs, false)?
-            } else {
-                let text: String = msgs
-                    .iter()
-                    .map(|m| m.content.as_str())
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                tok.encode(&text, true)?
-            };
+            let ids = tok.encode_messages(&msgs, tok.chat_template().is_some(), false)?;
             if ids.is_empty() {
                 return Err(RoleError::bad(
                     "items",

@@ -69,3 +69,13 @@ pub fn jsonl(path: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// `rlhf-coord launch FILE --set S ...`, waited for.
+pub fn launch(file: &Path, set: &[&str]) -> Output {
+    let mut c = coord();
+    c.arg("launch").arg(file);
+    for s in set {
+        c.args(["--set", s]);
+    }
+    c.output().unwrap()
+}
