@@ -243,7 +243,8 @@ def value_cases():
                 v_clip = torch.max(torch.min(v, old + clip), old - clip)
                 err_clip = (v_clip - ret) ** 2
                 per_token = torch.max(err, err_clip)
-                clipped = (err_clip > err).to(DT)
+                # Clipped branch larger and the clip saturated (not rounding noise inside it).
+                clipped = ((err_clip > err) & ((v - old).abs() > clip)).to(DT)
             loss = 0.5 * agg_reference(per_token, mask, mode)
             loss.backward()
             sel_r = torch.masked_select(ret, mask.bool())

@@ -359,7 +359,8 @@ pub struct ValueLossInputs<'a> {
 pub struct ValueMetrics {
     /// The loss value.
     pub value_loss: f64,
-    /// Fraction of response tokens where the clipped branch is the larger one.
+    /// Fraction of response tokens where the clipped branch is the larger one and the clip
+    /// saturates (|v - old| > clip): the tokens the clip took the gradient from.
     pub clip_frac: f64,
     /// `1 - Var(returns - values) / (Var(returns) + 1e-8)` over response tokens (unbiased
     /// variances): 1 is a perfect critic, 0 no better than a constant, negative worse.
@@ -405,10 +406,16 @@ pub fn value_loss(cfg: &ValueLossConfig, inputs: &ValueLossInputs<'_>) -> Result
     let unclipped = values.f_sub(&returns)?.f_square()?;
     let (per_token, clip_frac) = match cfg.clip {
         Some(c) => {
-            let v_clip = old.f_add(&values.f_sub(&old)?.f_clamp(-c, c)?)?;
+            let delta = values.f_sub(&old)?;
+            let v_clip = old.f_add(&delta.f_clamp(-c, c)?)?;
             let clipped = v_clip.f_sub(&returns)?.f_square()?;
+            // Active = the clipped branch wins *and* the clamp saturates. Inside the range
+            // `old + (v - old)` differs from `v` by rounding alone, so without the second test
+            // the metric would count float noise (and differ between equal runs that sum in
+            // another order, e.g. data-parallel vs. one replica).
             let active = clipped
                 .f_gt_tensor(&unclipped)?
+                .f_logical_and(&delta.f_abs()?.f_gt(c)?)?
                 .f_to_kind(values.f_kind()?)?;
             (unclipped.f_maximum(&clipped)?, mean_on(&m, &active, None)?)
         }

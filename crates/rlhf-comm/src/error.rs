@@ -187,6 +187,34 @@ pub enum CommError {
         /// The neighbour that relayed the report.
         via: usize,
     },
+    /// The NCCL backend could not be loaded, or a call into NCCL or the CUDA driver failed. The
+    /// detail names the group and this rank where there is one, the failing call and NCCL's or
+    /// CUDA's own explanation.
+    #[error("{op}: {detail}")]
+    Backend {
+        /// The operation.
+        op: Op,
+        /// What failed and what to do about it.
+        detail: String,
+    },
+    /// A device collective (NCCL) did not finish within the group's timeout. NCCL reports no
+    /// progress of its own, so the whole operation is what had to finish in time; the
+    /// communicator was aborted.
+    #[error(
+        "{op}: rank {rank} of group {group_id}: not finished after {timeout:?}, the peers made no \
+         progress for that long; a peer is dead, stalled or not in this operation (the NCCL \
+         communicator was aborted: form a new group)"
+    )]
+    BackendTimeout {
+        /// The operation.
+        op: Op,
+        /// The group's id.
+        group_id: u64,
+        /// This rank.
+        rank: usize,
+        /// The group's timeout.
+        timeout: Duration,
+    },
     /// An earlier operation failed; the group must be rebuilt.
     #[error("{op}: the group is unusable after an earlier error ({first}); form a new group")]
     Poisoned {
@@ -212,6 +240,8 @@ impl CommError {
             | CommError::PeerFailed { peer, .. } => Some(*peer),
             CommError::InvalidArgument { .. }
             | CommError::Bind { .. }
+            | CommError::Backend { .. }
+            | CommError::BackendTimeout { .. }
             | CommError::Poisoned { .. } => None,
         }
     }
@@ -219,7 +249,9 @@ impl CommError {
     /// True for a deadline that passed (no progress, or rendezvous not complete in time).
     pub fn is_timeout(&self) -> bool {
         match self {
-            CommError::Timeout { .. } | CommError::AcceptTimeout { .. } => true,
+            CommError::Timeout { .. }
+            | CommError::AcceptTimeout { .. }
+            | CommError::BackendTimeout { .. } => true,
             CommError::Connect { source, .. } => source.kind() == io::ErrorKind::TimedOut,
             CommError::PeerFailed { reason, .. } => *reason == REASON_TIMEOUT,
             _ => false,

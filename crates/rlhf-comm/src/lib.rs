@@ -2,12 +2,16 @@
 //! [`Collective::all_reduce`], [`Collective::all_gather`] and [`Collective::barrier`] — behind
 //! one small async trait, [`Collective`], and its CPU implementation over TCP, [`TcpGroup`] (a
 //! ring on tokio). Weight sync from the trainer to separate generators is a broadcast; gradient
-//! sync between data-parallel ranks is an all-reduce.
+//! sync between data-parallel ranks is an all-reduce. With the `nccl` feature (on by default),
+//! `NcclGroup` runs the same collectives on GPU memory through NCCL, blocking and on raw device
+//! pointers rather than through the trait (see its module docs); it loads libcuda and libnccl
+//! at run time, so building needs no CUDA and `nccl_available` says whether a machine can use it.
 //!
-//! May use: tokio (sockets, timers), bytemuck (safe `f32` ↔ byte views), thiserror, tracing.
+//! May use: tokio (sockets, timers), bytemuck (safe `f32` ↔ byte views), thiserror, tracing;
+//! with `nccl`, cudarc (the CUDA driver, dynamically loaded) and libloading (libnccl).
 //! Knows nothing about tensors, tch, gRPC or the controller, and imports no other crate of the
-//! workspace: a worker hands it plain `f32`/byte buffers, and the group's addresses arrive from
-//! the coordinator (over gRPC, later) as a `Vec<SocketAddr>` indexed by rank.
+//! workspace: a worker hands it plain `f32`/byte buffers or device addresses, and the group's
+//! addresses (or NCCL unique id bytes) arrive from the coordinator (over gRPC, later).
 //!
 //! **Invariant:** every rank ends an [`Collective::all_reduce`] with bit-identical results. Each
 //! element is summed exactly once, in a fixed order that depends only on the element's ring
@@ -24,6 +28,8 @@
 //! the group id and rank, and a connection from another group or the wrong rank is refused.
 
 mod error;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod tcp;
 mod wire;
 
@@ -31,6 +37,11 @@ use std::future::Future;
 use std::ops::Range;
 
 pub use error::{CommError, Op};
+#[cfg(feature = "nccl")]
+pub use nccl::{
+    nccl_available, NcclGroup, NcclGroupConfig, NcclUniqueId, NCCL_LIBRARY_ENV,
+    NCCL_UNIQUE_ID_BYTES,
+};
 pub use tcp::{bind, bind_local, GroupConfig, TcpGroup};
 
 // The wire format is the in-memory layout of `f32` (little-endian), sent without conversion.

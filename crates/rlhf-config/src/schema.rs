@@ -77,6 +77,15 @@ impl RunConfig {
             .minibatch_size
             .unwrap_or_else(|| self.rollout_sequences())
     }
+
+    /// Workers hosting `role` (for actor and critic: the data-parallel replicas; for
+    /// generator: the generators), in the order `workers:` lists them.
+    pub fn replicas(&self, role: Role) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| w.roles.contains(&role))
+            .count()
+    }
 }
 
 /// `run:` — identity of the run.
@@ -138,6 +147,11 @@ pub struct LauncherConfig {
     pub heartbeat_timeout_ms: u64,
     /// Deadline in seconds on every worker call; > 0. Default: 600.
     pub rpc_timeout_s: f64,
+    /// Bound in seconds on forming a collective group between workers and on any collective
+    /// operation (gradient all-reduce, weight broadcast) making no progress: a dead or stalled
+    /// peer fails the step with an error naming its rank and address after this long; > 0.
+    /// Default: 60.
+    pub collective_timeout_s: f64,
     /// Slurm settings, used only with `kind: slurm`.
     pub slurm: SlurmConfig,
 }
@@ -153,6 +167,7 @@ impl Default for LauncherConfig {
             heartbeat_interval_ms: 500,
             heartbeat_timeout_ms: 5000,
             rpc_timeout_s: 600.0,
+            collective_timeout_s: 60.0,
             slurm: SlurmConfig::default(),
         }
     }
@@ -219,10 +234,13 @@ pub enum Role {
     Reward,
     /// The frozen initial policy, for the KL term.
     Reference,
+    /// A copy of the policy that only generates (disaggregated placement); the actor's weights
+    /// are broadcast to it after each step's training.
+    Generator,
 }
 
 impl Role {
-    /// All roles, in the order the default placement lists them.
+    /// The roles the default placement lists, in its order (generators are optional).
     pub const ALL: [Role; 4] = [Role::Actor, Role::Critic, Role::Reward, Role::Reference];
 
     /// The snake_case name used in YAML.
@@ -232,6 +250,7 @@ impl Role {
             Role::Critic => "critic",
             Role::Reward => "reward",
             Role::Reference => "reference",
+            Role::Generator => "generator",
         }
     }
 }
@@ -299,7 +318,10 @@ pub struct WorkerConfig {
     #[serde(deserialize_with = "lenient_string")]
     pub name: String,
     /// Required, non-empty, no duplicates: the roles this worker hosts (colocation when more
-    /// than one).
+    /// than one). Each of reward and reference is placed on exactly one worker; actor and critic
+    /// on one or more (more = data-parallel replicas, one per worker, gradients all-reduced);
+    /// generator on none or more (then the actor only trains and the generators sample, with
+    /// the actor's weights broadcast to them after every step).
     pub roles: Vec<Role>,
     /// Torch device of the worker's models: `cpu`, `cuda` or `cuda:N`. Default: `cpu`.
     pub device: Device,
@@ -760,6 +782,10 @@ pub struct TrainConfig {
     pub actor: OptimizerConfig,
     /// The critic's optimizer.
     pub critic: OptimizerConfig,
+    /// Every this many steps (and at the first), the coordinator compares weight digests of
+    /// the actor's and critic's data-parallel replicas and of the generators after weight sync,
+    /// and stops the run if any differs from its source; 0 = never. Default: 10.
+    pub replica_check_every: u64,
 }
 
 impl Default for TrainConfig {
@@ -771,6 +797,7 @@ impl Default for TrainConfig {
             micro_batch_size: 8,
             actor: OptimizerConfig::actor(),
             critic: OptimizerConfig::critic(),
+            replica_check_every: 10,
         }
     }
 }

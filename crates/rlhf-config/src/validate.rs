@@ -197,6 +197,7 @@ impl RunConfig {
         let l = &self.launcher;
         c.positive("launcher.startup_timeout_s", l.startup_timeout_s)?;
         c.positive("launcher.rpc_timeout_s", l.rpc_timeout_s)?;
+        c.positive("launcher.collective_timeout_s", l.collective_timeout_s)?;
         c.at_least("launcher.heartbeat_interval_ms", l.heartbeat_interval_ms, 1)?;
         if l.heartbeat_timeout_ms <= l.heartbeat_interval_ms {
             return c.fail(
@@ -272,7 +273,13 @@ impl RunConfig {
                 );
             }
         }
-        for role in Role::ALL {
+        for role in [
+            Role::Actor,
+            Role::Critic,
+            Role::Reward,
+            Role::Reference,
+            Role::Generator,
+        ] {
             let hosts: Vec<String> = self
                 .workers
                 .iter()
@@ -280,18 +287,21 @@ impl RunConfig {
                 .filter(|(_, w)| w.roles.contains(&role))
                 .map(|(i, w)| format!("workers[{i}] ({})", w.name))
                 .collect();
+            let replicable = matches!(role, Role::Actor | Role::Critic | Role::Generator);
             match hosts.len() {
-                1 => {}
+                0 if role == Role::Generator => {}
                 0 => {
                     return c.fail(
                         "workers",
-                        format!("role {role} is placed on no worker; add `{role}` to one worker's roles (each of actor, critic, reward, reference on exactly one)"),
+                        format!("role {role} is placed on no worker; add `{role}` to one worker's roles (reward and reference on exactly one worker, actor and critic on one or more)"),
                     )
                 }
+                1 => {}
+                _ if replicable => {}
                 _ => {
                     return c.fail(
                         "workers",
-                        format!("role {role} is placed on {}; keep it on exactly one worker", hosts.join(" and ")),
+                        format!("role {role} is placed on {}; keep it on exactly one worker (only actor, critic and generator may have replicas)", hosts.join(" and ")),
                     )
                 }
             }
@@ -407,6 +417,17 @@ impl RunConfig {
                     t.micro_batch_size
                 ),
             );
+        }
+        for role in [Role::Actor, Role::Critic] {
+            let replicas = self.replicas(role);
+            if replicas > mb {
+                return c.fail(
+                    "train.minibatch_size",
+                    format!(
+                        "the minibatch of {mb} sequences is sharded over the {replicas} {role} replicas in workers[].roles, so it needs at least {replicas}; raise it or place fewer replicas"
+                    ),
+                );
+            }
         }
         c.optimizer("train.actor", &t.actor)?;
         c.optimizer("train.critic", &t.critic)

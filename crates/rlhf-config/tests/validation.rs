@@ -41,15 +41,39 @@ fn rloo_with_one_sample_per_prompt_is_rejected_at_its_line() {
 #[test]
 fn a_duplicated_role_names_both_workers() {
     let f = Fixture::new();
+    // Actor and critic may have replicas (one per worker); reward and reference may not.
     let yaml = format!(
-        "{BASE}workers:\n  - name: a\n    roles: [actor, critic]\n  - name: b\n    roles: [reward, reference, actor]\n"
+        "{BASE}workers:\n  - name: a\n    roles: [actor, critic, reward]\n  - name: b\n    roles: [reward, reference, actor]\n"
     );
     let msg = err(f.load(&yaml, &[], &[]));
     assert!(
-        msg.starts_with("workers: role actor is placed on workers[0] (a) and workers[1] (b)"),
+        msg.starts_with("workers: role reward is placed on workers[0] (a) and workers[1] (b)"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("only actor, critic and generator may have replicas"),
         "{msg}"
     );
     assert!(msg.contains(&f.at(line_of(&yaml, "workers:"))), "{msg}");
+}
+
+#[test]
+fn more_replicas_than_minibatch_rows_is_refused() {
+    let f = Fixture::new();
+    let yaml = format!(
+        "{BASE}workers:\n  - {{name: a, roles: [actor, critic, reward, reference]}}\n  - {{name: b, roles: [actor, generator]}}\n  - {{name: c, roles: [actor, generator]}}\n"
+    );
+    let loaded = f
+        .load(&yaml, &[], &[])
+        .expect("three actor replicas and two generators are a valid placement");
+    assert_eq!(loaded.config.replicas(rlhf_config::Role::Actor), 3);
+    assert_eq!(loaded.config.replicas(rlhf_config::Role::Generator), 2);
+    let msg = err(f.load(
+        &yaml,
+        &["train.minibatch_size=2", "train.micro_batch_size=1"],
+        &[],
+    ));
+    assert!(msg.starts_with("train.minibatch_size: the minibatch of 2 sequences is sharded over the 3 actor replicas"), "{msg}");
 }
 
 #[test]

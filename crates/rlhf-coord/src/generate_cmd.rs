@@ -160,9 +160,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 md.stop_ids.clone()
             },
             pad_id: md.pad_id,
-            // Each batch its own stream, so results do not depend on --batch-size boundaries
-            // shifting a shared one.
-            seed: a.seed.wrapping_add(chunk_no as u64),
+            // Each row samples from the stream of (seed, its index), so results do not depend
+            // on --batch-size.
+            seed: a.seed,
+            first_row: (chunk_no * a.batch_size) as u64,
         };
         let out = generate(&md.model, chunk, &cfg)?;
         for (j, ((resp, lps), finished)) in out.rows()?.into_iter().zip(&out.finished).enumerate() {

@@ -24,6 +24,7 @@ use crate::cluster::{self, Registry, WorkerFailure};
 use crate::launcher;
 use crate::metrics::{MetricsWriter, Progress};
 use crate::prompts::{self, PromptCursor, PromptOptions, PromptSet};
+use crate::replicas;
 use crate::rl::{self, AlgoSettings, Shaper};
 use crate::slurm;
 use crate::validation::Validator;
@@ -211,10 +212,34 @@ fn submit_to_slurm(args: &LaunchArgs, p: &Prepared) -> Result<()> {
 
 /// The role clients of a run.
 struct Roles {
-    actor: RoleClient,
-    critic: Option<RoleClient>,
+    /// Data-parallel replicas of the actor (at least one); replica 0 saves checkpoints, answers
+    /// MT-Bench and is the root of the weight sync.
+    actors: Vec<RoleClient>,
+    /// Replicas of the critic; empty when the algorithm uses none.
+    critics: Vec<RoleClient>,
+    /// Generation-only copies of the policy; empty = the actors generate.
+    generators: Vec<RoleClient>,
     reward: RoleClient,
     reference: Option<RoleClient>,
+}
+
+impl Roles {
+    fn actor(&self) -> &RoleClient {
+        &self.actors[0]
+    }
+
+    fn critic(&self) -> Option<&RoleClient> {
+        self.critics.first()
+    }
+
+    /// Who samples rollouts: the generators, or the actor replicas when there are none.
+    fn generation(&self) -> &[RoleClient] {
+        if self.generators.is_empty() {
+            &self.actors
+        } else {
+            &self.generators
+        }
+    }
 }
 
 /// Listens for SIGTERM, SIGUSR1 (Slurm's warning) and SIGINT. The first sets the returned
@@ -390,7 +415,8 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
     let cfg = &p.loaded.config;
     let s = &p.settings;
     let timeout = Duration::from_secs_f64(cfg.launcher.rpc_timeout_s);
-    let mut clients: BTreeMap<Role, (RoleClient, String)> = BTreeMap::new();
+    // Every instance of each role, in the order `workers:` lists them.
+    let mut clients: BTreeMap<Role, Vec<(RoleClient, String)>> = BTreeMap::new();
     for w in &cfg.workers {
         let info = registry
             .get(&w.name)
@@ -408,7 +434,10 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
             .with_context(|| format!("worker `{}`", w.name))?;
         for role in &w.roles {
             let c = RoleClient::new(&w.name, &info.host, role.as_str(), conn.clone(), timeout);
-            clients.insert(*role, (c, w.device.to_string()));
+            clients
+                .entry(*role)
+                .or_default()
+                .push((c, w.device.to_string()));
         }
     }
     let dtype = dtype_name(cfg.models.dtype).to_string();
@@ -428,20 +457,23 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
             kl_estimator: rl::kl_estimator_name(cfg.algorithm.kl.estimator).into(),
         })
     };
-    let get = |r: Role| {
-        clients
-            .get(&r)
-            .cloned()
-            .ok_or_else(|| anyhow!("role {r} is not placed on any worker (workers[].roles)"))
+    let all = |r: Role| -> Result<Vec<(RoleClient, String)>> {
+        match clients.get(&r) {
+            Some(v) if !v.is_empty() => Ok(v.clone()),
+            _ => Err(anyhow!(
+                "role {r} is not placed on any worker (workers[].roles)"
+            )),
+        }
     };
+    let get = |r: Role| -> Result<(RoleClient, String)> { Ok(all(r)?.swap_remove(0)) };
     let path = |p: &Path| p.to_string_lossy().into_owned();
 
-    let (actor, actor_dev) = get(Role::Actor)?;
+    let actors = all(Role::Actor)?;
     let actor_req = pb::CreateRoleRequest {
         role_id: String::new(),
         kind: pb::RoleKind::Actor as i32,
         model_path: path(&cfg.models.policy),
-        device: actor_dev,
+        device: String::new(),
         dtype: dtype.clone(),
         seed,
         spec: Some(pb::create_role_request::Spec::Actor(trainer(
@@ -487,13 +519,25 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
             kind: Some(reward_spec),
         })),
     };
+    let generators = clients.get(&Role::Generator).cloned().unwrap_or_default();
+    let generator_req = pb::CreateRoleRequest {
+        role_id: String::new(),
+        kind: pb::RoleKind::Generator as i32,
+        model_path: path(&cfg.models.policy),
+        device: String::new(),
+        dtype: dtype.clone(),
+        seed,
+        spec: Some(pb::create_role_request::Spec::Generator(
+            pb::GeneratorSpec {},
+        )),
+    };
     let critic = if s.uses_critic {
-        let (c, dev) = get(Role::Critic)?;
+        let critics = all(Role::Critic)?;
         let req = pb::CreateRoleRequest {
             role_id: String::new(),
             kind: pb::RoleKind::Critic as i32,
             model_path: path(cfg.models.critic_dir()),
-            device: dev,
+            device: String::new(),
             dtype: dtype.clone(),
             seed: seed.wrapping_add(1),
             spec: Some(pb::create_role_request::Spec::Critic(trainer(
@@ -502,7 +546,7 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
                 false,
             )?)),
         };
-        Some((c, req))
+        Some((critics, req))
     } else {
         if clients.contains_key(&Role::Critic) {
             info!(
@@ -529,13 +573,33 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
     } else {
         None
     };
-    // Load all models in parallel.
-    let (a, rw, cr, rf) = tokio::join!(
-        actor.create(actor_req),
+    // Load all models in parallel; each instance gets its worker's device.
+    let create_all = |members: &[(RoleClient, String)], req: &pb::CreateRoleRequest| {
+        let calls: Vec<_> = members
+            .iter()
+            .map(|(c, dev)| {
+                let req = pb::CreateRoleRequest {
+                    device: dev.clone(),
+                    ..req.clone()
+                };
+                let c = c.clone();
+                async move { c.create(req).await }
+            })
+            .collect();
+        futures::future::try_join_all(calls)
+    };
+    let no_critic: Vec<(RoleClient, String)> = vec![];
+    let (critic_members, critic_req) = match &critic {
+        Some((m, r)) => (m.as_slice(), Some(r.clone())),
+        None => (no_critic.as_slice(), None),
+    };
+    let (a, g, rw, cr, rf) = tokio::join!(
+        create_all(&actors, &actor_req),
+        create_all(&generators, &generator_req),
         reward.create(reward_req),
         async {
-            match &critic {
-                Some((c, req)) => c.create(req.clone()).await.map(Some),
+            match &critic_req {
+                Some(req) => create_all(critic_members, req).await.map(Some),
                 None => Ok(None),
             }
         },
@@ -547,20 +611,103 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
         },
     );
     let a = a?;
+    g?;
     let rw = rw?;
     cr?;
     rf?;
     info!(
-        parameters = a.parameters,
+        parameters = a[0].parameters,
+        actor_replicas = actors.len(),
+        critic_replicas = critic_members.len(),
+        generators = generators.len(),
         reward_outputs = ?rw.attribute_names,
         "roles created"
     );
-    Ok(Roles {
-        actor,
-        critic: critic.map(|c| c.0),
+    let roles = Roles {
+        actors: actors.into_iter().map(|c| c.0).collect(),
+        critics: critic_members.iter().map(|c| c.0.clone()).collect(),
+        generators: generators.into_iter().map(|c| c.0).collect(),
         reward,
         reference: reference.map(|c| c.0),
-    })
+    };
+    form_groups(cfg, &roles).await?;
+    Ok(roles)
+}
+
+/// Forms the collective groups the placement needs: gradients between actor replicas and
+/// between critic replicas, weights between actor replica 0 and the generators.
+async fn form_groups(cfg: &RunConfig, roles: &Roles) -> Result<()> {
+    let timeout = cfg.launcher.collective_timeout_s;
+    // Group ids only have to differ between groups and from strangers' (a handshake refuses
+    // another id): a fresh random base per launch.
+    let base = step_seed(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ u64::from(std::process::id()),
+        1,
+    );
+    let mut weights = vec![roles.actor().clone()];
+    weights.extend(roles.generators.iter().cloned());
+    let (a, c, w) = tokio::join!(
+        async {
+            if roles.actors.len() > 1 {
+                replicas::form_group(&roles.actors, base, pb::GroupPurpose::Gradients, timeout)
+                    .await?;
+            }
+            anyhow::Ok(())
+        },
+        async {
+            if roles.critics.len() > 1 {
+                replicas::form_group(
+                    &roles.critics,
+                    base.wrapping_add(1),
+                    pb::GroupPurpose::Gradients,
+                    timeout,
+                )
+                .await?;
+            }
+            anyhow::Ok(())
+        },
+        async {
+            if weights.len() > 1 {
+                replicas::form_group(
+                    &weights,
+                    base.wrapping_add(2),
+                    pb::GroupPurpose::Weights,
+                    timeout,
+                )
+                .await?;
+            }
+            anyhow::Ok(())
+        },
+    );
+    a?;
+    c?;
+    w?;
+    Ok(())
+}
+
+/// Compares weight digests of the actor replicas, the critic replicas, and the generators
+/// against actor replica 0; an error names the worker that differs.
+async fn check_replicas(roles: &Roles, step: u64) -> Result<bool> {
+    if roles.actors.len() < 2 && roles.critics.len() < 2 && roles.generators.is_empty() {
+        return Ok(false);
+    }
+    let mut policy = roles.actors.clone();
+    policy.extend(roles.generators.iter().cloned());
+    let (a, c) = tokio::join!(
+        replicas::check_digests(
+            &policy,
+            "the policy's copies (actor replicas and generators)",
+            step
+        ),
+        replicas::check_digests(&roles.critics, "the critic replicas", step),
+    );
+    a?;
+    c?;
+    Ok(true)
 }
 
 /// Stops at a step boundary: writes a checkpoint unless the current step is already saved,
@@ -652,8 +799,10 @@ async fn save_checkpoint_inner(
         rlhf_ckpt::CheckpointWriter::begin(&p.run_dir, st.step).context("starting a checkpoint")?;
     let stage = w.dir().to_path_buf();
     let actor_dir = stage.join("actor");
-    let (a, c) = tokio::join!(roles.actor.save_state(&actor_dir), async {
-        match &roles.critic {
+    // Replicas are bitwise equal (checked every train.replica_check_every steps): replica 0
+    // speaks for all of them.
+    let (a, c) = tokio::join!(roles.actor().save_state(&actor_dir), async {
+        match roles.critic() {
             Some(c) => c.save_state(&stage.join("critic")).await.map(Some),
             None => Ok(None),
         }
@@ -720,12 +869,11 @@ async fn train(
     if let Some(r) = &p.resume {
         let t_load = Instant::now();
         let actor_dir = r.dir.join("actor");
-        let (a, c) = tokio::join!(roles.actor.load_state(&actor_dir), async {
-            match &roles.critic {
-                Some(c) => c.load_state(&r.dir.join("critic")).await.map(Some),
-                None => Ok(None),
-            }
-        });
+        let critic_dir = r.dir.join("critic");
+        let (a, c) = tokio::join!(
+            futures::future::try_join_all(roles.actors.iter().map(|a| a.load_state(&actor_dir))),
+            futures::future::try_join_all(roles.critics.iter().map(|c| c.load_state(&critic_dir))),
+        );
         a.with_context(|| format!("restoring the actor from {}", r.dir.display()))?;
         c.with_context(|| format!("restoring the critic from {}", r.dir.display()))?;
         st.step = r.state.step;
@@ -750,6 +898,18 @@ async fn train(
             cfg.train.steps
         );
     }
+    // Generators start from the policy files; after a resume the actor holds newer weights.
+    // Either way they take the actor's before the first rollout.
+    if !roles.generators.is_empty() {
+        let (bytes, secs) = replicas::sync_generators(roles.actor(), &roles.generators).await?;
+        info!(
+            bytes,
+            secs,
+            generators = roles.generators.len(),
+            "generators hold the actor's weights"
+        );
+    }
+    let first_step = st.step + 1;
     let metrics_path = p.run_dir.join("metrics.jsonl");
     checkpoint::truncate_metrics(&metrics_path, st.step)?;
     let mut metrics = MetricsWriter::create(&metrics_path)?;
@@ -796,8 +956,9 @@ async fn train(
             top_k: cfg.rollout.top_k as u32,
             top_p: cfg.rollout.top_p,
             seed: step_seed(cfg.run.seed, step),
+            first_row: 0,
         };
-        let gen = roles.actor.generate(gen_req).await?;
+        let gen = replicas::generate(roles.generation(), gen_req).await?;
         let t_gen = t0.elapsed();
 
         let t1 = Instant::now();
@@ -836,7 +997,7 @@ async fn train(
                 }
             },
             async {
-                match &roles.critic {
+                match roles.critic() {
                     Some(c) => c.values(seqs.clone()).await.map(Some),
                     None => Ok(None),
                 }
@@ -858,21 +1019,45 @@ async fn train(
             let order = shuffled_indices(rollout.rows as usize, cfg.run.seed, step * 1000 + epoch);
             for chunk in order.chunks(minibatch as usize) {
                 let tc = Instant::now();
-                let (a_req, c_req) =
-                    rl::minibatch(&rollout, chunk, kl_in_loss, roles.critic.is_some())?;
+                let a_reqs: Vec<pb::TrainStepRequest> =
+                    rl::minibatch_shards(&rollout, chunk, roles.actors.len(), kl_in_loss, false)?
+                        .into_iter()
+                        .map(|(a, _)| a)
+                        .collect();
+                let c_reqs: Vec<pb::TrainStepRequest> = if roles.critics.is_empty() {
+                    vec![]
+                } else {
+                    rl::minibatch_shards(&rollout, chunk, roles.critics.len(), false, true)?
+                        .into_iter()
+                        .filter_map(|(_, c)| c)
+                        .collect()
+                };
                 ctl += tc.elapsed();
                 let tt = Instant::now();
-                let (a, c) = tokio::join!(roles.actor.train_step(a_req), async {
-                    match (&roles.critic, c_req) {
-                        (Some(cl), Some(req)) => cl.train_step(req).await.map(Some),
-                        _ => Ok(None),
-                    }
-                });
+                let (a, c) = tokio::join!(
+                    futures::future::try_join_all(
+                        roles
+                            .actors
+                            .iter()
+                            .zip(a_reqs)
+                            .map(|(r, q)| r.train_step(q))
+                    ),
+                    futures::future::try_join_all(
+                        roles
+                            .critics
+                            .iter()
+                            .zip(c_reqs)
+                            .map(|(r, q)| r.train_step(q))
+                    ),
+                );
                 t_train += tt.elapsed();
-                for (k, v) in a?.metrics {
+                let a = replicas::combine_metrics(&a?);
+                let c = c?;
+                let c = (!c.is_empty()).then(|| replicas::combine_metrics(&c));
+                for (k, v) in a.metrics {
                     *train_metrics.entry(format!("actor/{k}")).or_default() += v;
                 }
-                if let Some(c) = c? {
+                if let Some(c) = c {
                     for (k, v) in c.metrics {
                         *train_metrics.entry(format!("critic/{k}")).or_default() += v;
                     }
@@ -882,6 +1067,19 @@ async fn train(
         }
         for v in train_metrics.values_mut() {
             *v /= n_mb;
+        }
+        let ts = Instant::now();
+        let mut sync_bytes = 0;
+        if !roles.generators.is_empty() {
+            sync_bytes = replicas::sync_generators(roles.actor(), &roles.generators)
+                .await?
+                .0;
+        }
+        let t_sync = ts.elapsed();
+        let mut checked = false;
+        let k = cfg.train.replica_check_every;
+        if k > 0 && (step % k == 0 || step == first_step) {
+            checked = check_replicas(&roles, step).await?;
         }
         let total = t0.elapsed();
         let mut m: BTreeMap<String, f64> = BTreeMap::new();
@@ -906,15 +1104,21 @@ async fn train(
         m.insert("time/generate_s".into(), t_gen.as_secs_f64());
         m.insert("time/score_s".into(), t_score.as_secs_f64());
         m.insert("time/train_s".into(), t_train.as_secs_f64());
-        m.insert("time/sync_s".into(), 0.0);
-        let overhead = (total.saturating_sub(t_gen + t_score + t_train)).as_secs_f64();
+        m.insert("time/sync_s".into(), t_sync.as_secs_f64());
+        if !roles.generators.is_empty() {
+            m.insert("sync/bytes".into(), sync_bytes as f64);
+        }
+        if checked {
+            m.insert("replicas/checked".into(), 1.0);
+        }
+        let overhead = (total.saturating_sub(t_gen + t_score + t_train + t_sync)).as_secs_f64();
         m.insert("time/controller_s".into(), overhead);
         m.insert("time/controller_compute_s".into(), ctl.as_secs_f64());
         let validated = match &p.validator {
             Some(v) if v.due(step) => {
                 let tv = Instant::now();
                 let r = match v
-                    .run(&roles.actor, &roles.reward, &p.tokenizer, &p.run_dir, step)
+                    .run(roles.actor(), &roles.reward, &p.tokenizer, &p.run_dir, step)
                     .await
                 {
                     Ok(o) => {

@@ -14,6 +14,7 @@ mod metrics;
 mod plan;
 mod plot;
 mod prompts;
+mod replicas;
 mod rl;
 mod slurm;
 mod status;

@@ -156,6 +156,10 @@ pub fn plan_text(cfg: &RunConfig, script: Option<String>) -> Result<String> {
                     s.bytes * 2 + s.params * 8
                 }
                 Role::Reference => model_size(cfg.models.reference_dir())?.bytes,
+                Role::Generator => {
+                    model_size(&cfg.models.policy)?.bytes
+                        + kv_cache_bytes(cfg, &cfg.models.policy, dtype_bytes)?
+                }
                 Role::Reward => match (&cfg.models.reward.kind, &cfg.models.reward.path) {
                     (RewardKind::Model, Some(p)) => model_size(p)?.bytes,
                     _ => 0,

@@ -341,6 +341,112 @@ fn take(field: &str, t: &pb::Tensor, idx: &Tensor) -> Result<pb::Tensor> {
     )?)
 }
 
+/// One minibatch's TrainStep requests for `replicas` data-parallel replicas: `rows` cut into
+/// contiguous shards, each request carrying the whole minibatch's response tokens and rows as
+/// its loss normaliser. With one replica the request is the plain minibatch.
+pub fn minibatch_shards(
+    r: &Rollout,
+    rows: &[i64],
+    replicas: usize,
+    ref_for_actor: bool,
+    critic: bool,
+) -> Result<Vec<(pb::TrainStepRequest, Option<pb::TrainStepRequest>)>> {
+    if replicas <= 1 {
+        return Ok(vec![minibatch(r, rows, ref_for_actor, critic)?]);
+    }
+    let mask = from_wire("response_mask", &r.response_mask)?;
+    let tokens = mask
+        .f_index_select(0, &Tensor::f_from_slice(rows)?)?
+        .f_sum(Kind::Double)?
+        .f_double_value(&[])?;
+    crate::replicas::shards(rows.len(), replicas)
+        .into_iter()
+        .map(|range| {
+            let (mut a, mut c) = minibatch(r, &rows[range], ref_for_actor, critic)?;
+            for req in std::iter::once(&mut a).chain(c.as_mut()) {
+                req.minibatch_tokens = tokens;
+                req.minibatch_rows = rows.len() as f64;
+            }
+            Ok((a, c))
+        })
+        .collect()
+}
+
+/// Merges generation answers for consecutive row ranges into one batch: prompts left-padded
+/// to the widest prompt, responses right-padded to the longest response (padding is token 0
+/// under a 0 mask and a 0 log-prob, which no later computation reads).
+pub fn merge_generations(parts: Vec<pb::GenerateResponse>) -> Result<pb::GenerateResponse> {
+    let width = parts.iter().map(|p| p.prompt_width).max().unwrap_or(0);
+    let resp_len = |p: &pb::GenerateResponse| -> Result<i64> {
+        Ok(p.response_mask
+            .as_ref()
+            .context("Generate answer has no response_mask")?
+            .shape
+            .get(1)
+            .copied()
+            .unwrap_or(0))
+    };
+    let mut n = 0;
+    for p in &parts {
+        n = n.max(resp_len(p)?);
+    }
+    let (mut ids, mut am, mut rm, mut lp, mut finished) = (vec![], vec![], vec![], vec![], vec![]);
+    for p in parts {
+        let pw = p.prompt_width;
+        let pn = resp_len(&p)?;
+        let get = |f: &str, t: &Option<pb::Tensor>| -> Result<Tensor> {
+            Ok(from_wire(
+                f,
+                t.as_ref()
+                    .with_context(|| format!("Generate answer has no {f}"))?,
+            )?)
+        };
+        // Pads columns [left | t | right] with zeros of t's kind.
+        let pad = |t: &Tensor, left: i64, right: i64| -> Result<Tensor> {
+            let b = t.size()[0];
+            let opts = (t.kind(), t.device());
+            Ok(Tensor::f_cat(
+                &[
+                    Tensor::f_zeros([b, left], opts)?,
+                    t.shallow_clone(),
+                    Tensor::f_zeros([b, right], opts)?,
+                ],
+                1,
+            )?)
+        };
+        for (out, f, t) in [
+            (&mut ids, "input_ids", &p.input_ids),
+            (&mut am, "attention_mask", &p.attention_mask),
+        ] {
+            let t = get(f, t)?;
+            let prompt = t.f_narrow(1, 0, pw)?;
+            let resp = t.f_narrow(1, pw, pn)?;
+            out.push(Tensor::f_cat(
+                &[pad(&prompt, width - pw, 0)?, pad(&resp, 0, n - pn)?],
+                1,
+            )?);
+        }
+        rm.push(pad(&get("response_mask", &p.response_mask)?, 0, n - pn)?);
+        lp.push(pad(
+            &get("response_logprobs", &p.response_logprobs)?,
+            0,
+            n - pn,
+        )?);
+        finished.extend(p.finished);
+    }
+    let cat = |f: &str, v: Vec<Tensor>| -> Result<Option<pb::Tensor>> {
+        Ok(Some(to_wire(f, &Tensor::f_cat(&v, 0)?)?))
+    };
+    Ok(pb::GenerateResponse {
+        input_ids: cat("input_ids", ids)?,
+        attention_mask: cat("attention_mask", am)?,
+        prompt_width: width,
+        response_mask: cat("response_mask", rm)?,
+        response_logprobs: cat("response_logprobs", lp)?,
+        finished,
+    })
+}
+
 /// The actor's and (when `critic`) the critic's TrainStep requests for rows `rows`.
 pub fn minibatch(
     r: &Rollout,
@@ -381,6 +487,8 @@ pub fn minibatch(
         },
         old_values: None,
         returns: None,
+        minibatch_tokens: 0.0,
+        minibatch_rows: 0.0,
     };
     let critic = match (critic, &r.values) {
         (true, Some(v)) => Some(pb::TrainStepRequest {
@@ -392,6 +500,8 @@ pub fn minibatch(
             ref_logprobs: None,
             old_values: Some(take("old_values", v, &idx)?),
             returns: Some(take("returns", &r.returns, &idx)?),
+            minibatch_tokens: 0.0,
+            minibatch_rows: 0.0,
         }),
         _ => None,
     };

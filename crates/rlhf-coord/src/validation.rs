@@ -164,7 +164,7 @@ impl Validator {
     ) -> Result<(Vec<String>, usize)> {
         let (ids, cut) = self.encode(tok, convs)?;
         let mut answers = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(self.cfg.batch_size) {
+        for (i, chunk) in ids.chunks(self.cfg.batch_size).enumerate() {
             let g = actor
                 .generate(pb::GenerateRequest {
                     role_id: String::new(),
@@ -178,6 +178,7 @@ impl Validator {
                     top_k: 0,
                     top_p: 1.0,
                     seed,
+                    first_row: (i * self.cfg.batch_size) as u64,
                 })
                 .await
                 .context("MT-Bench answers")?;

@@ -161,6 +161,62 @@ impl RoleClient {
     }
 }
 
+impl RoleClient {
+    /// Binds this member's listener for group `group_id`; returns the address peers dial.
+    pub async fn open_group(&self, group_id: u64) -> Result<String> {
+        let mut c = self.client.clone();
+        let req = pb::OpenGroupRequest {
+            role_id: self.role.clone(),
+            group_id,
+        };
+        Ok(self.call("OpenGroup", c.open_group(req)).await?.address)
+    }
+
+    /// Connects this member to the group's other ranks (all members must be called at once).
+    pub async fn join_group(
+        &self,
+        group_id: u64,
+        purpose: pb::GroupPurpose,
+        rank: usize,
+        peers: Vec<String>,
+        timeout_s: f64,
+    ) -> Result<()> {
+        let mut c = self.client.clone();
+        let req = pb::JoinGroupRequest {
+            role_id: self.role.clone(),
+            group_id,
+            purpose: purpose as i32,
+            rank: rank as u32,
+            peers,
+            timeout_s,
+        };
+        self.call("JoinGroup", c.join_group(req)).await?;
+        Ok(())
+    }
+
+    /// Takes part in a weight broadcast from rank `root` of this role's weights group.
+    pub async fn sync_weights(&self, root: usize) -> Result<pb::SyncWeightsResponse> {
+        let mut c = self.client.clone();
+        let req = pb::SyncWeightsRequest {
+            role_id: self.role.clone(),
+            root: root as u32,
+        };
+        self.call("SyncWeights", c.sync_weights(req)).await
+    }
+
+    /// SHA-256 of the role's weights.
+    pub async fn weights_digest(&self) -> Result<String> {
+        let mut c = self.client.clone();
+        let req = pb::RoleRef {
+            role_id: self.role.clone(),
+        };
+        Ok(self
+            .call("WeightsDigest", c.weights_digest(req))
+            .await?
+            .sha256)
+    }
+}
+
 /// Asks a worker to stop; best effort, short deadline.
 pub async fn shutdown(mut client: Inner) {
     let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown(pb::Empty {})).await;

@@ -1,9 +1,11 @@
 //! Batched KV-cache generation and the training-side forward passes (per-token log-probs and
 //! entropy, values, reward scores).
 //!
-//! Sampling draws its uniforms from a ChaCha stream seeded per call on the host, not from
-//! libtorch's global generator: results are reproducible from `seed` alone, independent of other
-//! work in the process, and the stream position is plain data a checkpoint can store.
+//! Sampling draws its uniforms from ChaCha streams seeded on the host, not from libtorch's global
+//! generator: results are reproducible from `seed` alone, independent of other work in the
+//! process. Each row has its own stream, seeded from (`seed`, `first_row` + row index), so a
+//! batch split into shards across generators (each shard given its `first_row`) samples the same
+//! tokens as the whole batch in one call.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -35,6 +37,9 @@ pub struct GenerationConfig {
     /// Fills prompt padding and positions after a sequence finished.
     pub pad_id: i64,
     pub seed: u64,
+    /// Global index of this call's first row: row `i` samples from the stream of
+    /// (`seed`, `first_row + i`). 0 unless the caller shards one batch over several calls.
+    pub first_row: u64,
 }
 
 impl GenerationConfig {
@@ -45,6 +50,7 @@ impl GenerationConfig {
             stop_ids: vec![],
             pad_id: 0,
             seed: 0,
+            first_row: 0,
         }
     }
 
@@ -196,7 +202,9 @@ pub fn generate(
     drop(hidden);
     let mut next_pos = positions.narrow(1, width - 1, 1) + 1; // (b, 1)
 
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut rngs: Vec<ChaCha8Rng> = (0..b as u64)
+        .map(|i| ChaCha8Rng::seed_from_u64(row_seed(cfg.seed, cfg.first_row + i)))
+        .collect();
     let temperature = cfg.temperature();
     let stop = if cfg.stop_ids.is_empty() {
         None
@@ -220,7 +228,7 @@ pub fn generate(
         let tok = match &cfg.sampling {
             Sampling::Greedy => logits.argmax(-1, false),
             Sampling::Sample { top_k, top_p, .. } => {
-                let u: Vec<f32> = (0..b).map(|_| rng.random::<f32>()).collect();
+                let u: Vec<f32> = rngs.iter_mut().map(|r| r.random::<f32>()).collect();
                 sample(
                     &logp,
                     *top_k,
@@ -294,6 +302,15 @@ pub fn generate(
 }
 
 /// Draws one token per row from `logp` (b, V) with top-k/top-p filtering, using the given
+/// Seed of row `row`'s sampling stream: splitmix64 of `seed` and the row index, so neighbouring
+/// rows and neighbouring seeds get unrelated streams.
+pub fn row_seed(seed: u64, row: u64) -> u64 {
+    let mut z = seed ^ row.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// uniforms `u` (b,) in [0, 1): inverse-CDF sampling over the sorted, filtered distribution.
 fn sample(logp: &Tensor, top_k: Option<usize>, top_p: Option<f64>, u: &Tensor) -> Result<Tensor> {
     let vocab = logp.size()[1];

@@ -176,6 +176,48 @@ fn seeded_sampling_is_reproducible_and_top_k_1_is_greedy() {
 }
 
 #[test]
+fn a_batch_sampled_in_shards_matches_the_whole_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tiny(&tmp.path().join("m"), Family::Llama, None, None, 2);
+    let m = load(&dir);
+    let prompts = vec![
+        vec![1i64, 2, 3],
+        vec![40i64, 41],
+        vec![7i64],
+        vec![9i64, 10, 11, 12],
+    ];
+    let run = |rows: &[Vec<i64>], first_row| {
+        let cfg = GenerationConfig {
+            sampling: Sampling::Sample {
+                temperature: 1.0,
+                top_k: None,
+                top_p: None,
+            },
+            seed: 11,
+            first_row,
+            ..GenerationConfig::greedy(12)
+        };
+        generate(&m, rows, &cfg).unwrap().rows().unwrap()
+    };
+    let whole = run(&prompts, 0);
+    let mut shards = run(&prompts[..1], 0);
+    shards.extend(run(&prompts[1..3], 1));
+    shards.extend(run(&prompts[3..], 3));
+    for (i, (w, s)) in whole.iter().zip(&shards).enumerate() {
+        assert_eq!(
+            w.0, s.0,
+            "row {i}: tokens differ between the whole batch and its shard"
+        );
+        for (a, b) in w.1.iter().zip(&s.1) {
+            assert!((a - b).abs() < 1e-5, "row {i}: log-prob {a} vs {b}");
+        }
+    }
+    // Rows do not share a stream: the same prompt in two rows samples different tokens.
+    let twice = run(&[prompts[0].clone(), prompts[0].clone()], 0);
+    assert_ne!(twice[0].0, twice[1].0);
+}
+
+#[test]
 fn stops_on_stop_ids_and_masks_the_rest() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny(&tmp.path().join("m"), Family::Llama, None, None, 2);

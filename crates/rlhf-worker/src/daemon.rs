@@ -15,7 +15,7 @@ use tonic::codegen::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Server};
 use tracing::{error, info, warn};
 
-use crate::service::WorkerService;
+use crate::service::{PeerAddress, WorkerService};
 
 /// How the daemon is started (flags or the environment the coordinator sets).
 #[derive(Debug, Clone)]
@@ -113,8 +113,23 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let local = listener.local_addr()?;
     info!(worker = %args.name, address = %local, "worker listening");
 
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    // Bound to every interface (multi-node): other hosts reach us by host name.
+    let advertised = match local.ip() {
+        ip if ip.is_unspecified() => host.clone(),
+        IpAddr::V6(ip) => format!("[{ip}]"),
+        IpAddr::V4(ip) => ip.to_string(),
+    };
     let (stop_tx, mut stop_rx) = watch::channel(false);
-    let service = WorkerService::new(stop_tx.clone());
+    let service = WorkerService::new(
+        stop_tx.clone(),
+        PeerAddress {
+            bind: local.ip(),
+            host: advertised.clone(),
+        },
+    );
     let server = WorkerServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -135,19 +150,11 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     // Register.
     let deadline = Instant::now() + args.register_timeout;
     let mut client = connect(&args.coordinator, &args.token, deadline).await?;
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
     let reg = client
         .register(pb::RegisterRequest {
             worker_name: args.name.clone(),
             host: host.clone(),
-            // Bound to every interface (multi-node): other hosts reach us by host name.
-            address: if local.ip().is_unspecified() {
-                format!("{host}:{}", local.port())
-            } else {
-                local.to_string()
-            },
+            address: format!("{advertised}:{}", local.port()),
             devices: devices(),
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),

@@ -33,6 +33,9 @@ pub enum RoleError {
     Wire(#[from] rlhf_proto::WireError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A collective with the role's peers failed (names the operation, rank and address).
+    #[error("collective with peer workers failed: {0}")]
+    Comm(#[from] rlhf_comm::CommError),
 }
 
 pub type RoleResult<T> = Result<T, RoleError>;
@@ -66,6 +69,8 @@ impl From<RoleError> for Status {
             // them verbatim to fix the input.
             RoleError::Model(_) | RoleError::Algo(_) => Code::InvalidArgument,
             RoleError::Io { .. } | RoleError::Torch(_) => Code::Internal,
+            // A peer died or stalled: the group is gone and the run must stop.
+            RoleError::Comm(_) => Code::Aborted,
         };
         if code == Code::Internal {
             tracing::error!(error = %msg, "internal error");

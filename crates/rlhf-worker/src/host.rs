@@ -7,10 +7,31 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
+use crate::comm::Groups;
 use crate::error::{RoleError, RoleResult};
 use crate::roles::{Role, RoleInfo, RoleKind, RoleSpec};
 
-type Job = Box<dyn FnOnce(&mut Role) + Send>;
+/// What a role's thread owns: the role and its collective groups. Derefs to the role, so jobs
+/// that need only the role read `h.generate(..)`.
+pub struct Hosted {
+    pub role: Role,
+    pub groups: Groups,
+}
+
+impl std::ops::Deref for Hosted {
+    type Target = Role;
+    fn deref(&self) -> &Role {
+        &self.role
+    }
+}
+
+impl std::ops::DerefMut for Hosted {
+    fn deref_mut(&mut self) -> &mut Role {
+        &mut self.role
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut Hosted) + Send>;
 
 /// Handle to a role's thread. Dropping it closes the channel, which ends the thread after the
 /// job in progress.
@@ -28,13 +49,17 @@ impl RoleHandle {
         let (ready_tx, ready_rx) = oneshot::channel();
         let role_id = spec.role_id.clone();
         let kind = spec.kind();
+        let rt = tokio::runtime::Handle::current();
         let thread = std::thread::Builder::new()
             .name(format!("role-{role_id}"))
             .spawn(move || {
                 let mut role = match Role::create(&spec) {
                     Ok((role, info)) => {
                         let _ = ready_tx.send(Ok(info));
-                        role
+                        Hosted {
+                            role,
+                            groups: Groups::new(rt),
+                        }
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -64,7 +89,7 @@ impl RoleHandle {
     pub async fn run<T, F>(&self, f: F) -> RoleResult<T>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Role) -> RoleResult<T> + Send + 'static,
+        F: FnOnce(&mut Hosted) -> RoleResult<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |role| {

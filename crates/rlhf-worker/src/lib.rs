@@ -5,10 +5,13 @@
 //! tensors ([`host`]), the gRPC `Worker` service over them ([`service`]), and the daemon's life:
 //! register with the coordinator, heartbeat, serve, stop on SIGTERM ([`daemon`]).
 //!
-//! May use: rlhf-model, rlhf-algo, rlhf-proto, tch, tonic, tokio. Knows nothing of the
+//! Collective groups with peer workers (gradient all-reduce, weight sync) are in [`comm`].
+//!
+//! May use: rlhf-model, rlhf-algo, rlhf-proto, rlhf-comm, tch, tonic, tokio. Knows nothing of the
 //! controller's internals: everything it learns arrives through the proto, and the coordinator
 //! never reaches into a worker's memory except through it.
 
+pub mod comm;
 pub mod daemon;
 pub mod error;
 pub mod host;

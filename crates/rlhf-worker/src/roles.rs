@@ -21,6 +21,7 @@ use rlhf_model::{
 };
 use tch::{Device, Kind, Tensor};
 
+use crate::comm::Groups;
 use crate::error::{RoleError, RoleResult};
 use crate::reward_rules::ExactMatch;
 
@@ -30,6 +31,7 @@ pub enum RoleKind {
     Critic,
     Reward,
     Reference,
+    Generator,
 }
 
 impl RoleKind {
@@ -39,6 +41,7 @@ impl RoleKind {
             RoleKind::Critic => "critic",
             RoleKind::Reward => "reward",
             RoleKind::Reference => "reference",
+            RoleKind::Generator => "generator",
         }
     }
 }
@@ -77,6 +80,8 @@ pub enum RoleDetail {
     Critic(TrainerSpec),
     Reward(RewardKindSpec),
     Reference,
+    /// A policy copy that only generates; its weights come from the actor by weight sync.
+    Generator,
 }
 
 /// Everything needed to create a role instance.
@@ -97,6 +102,7 @@ impl RoleSpec {
             RoleDetail::Critic(_) => RoleKind::Critic,
             RoleDetail::Reward(_) => RoleKind::Reward,
             RoleDetail::Reference => RoleKind::Reference,
+            RoleDetail::Generator => RoleKind::Generator,
         }
     }
 }
@@ -116,6 +122,8 @@ pub struct GenerateArgs {
     pub top_k: usize,
     pub top_p: f64,
     pub seed: u64,
+    /// Global index of the first row when a batch is sharded over generators.
+    pub first_row: u64,
 }
 
 pub struct Generated {
@@ -196,6 +204,9 @@ pub struct TrainBatch {
     pub ref_logprobs: Option<Tensor>,
     pub old_values: Option<Tensor>,
     pub returns: Option<Tensor>,
+    /// Response tokens and rows of the whole minibatch when this batch is one data-parallel
+    /// shard of it (the loss normaliser); `None`: this batch is the whole minibatch.
+    pub minibatch: Option<(f64, f64)>,
 }
 
 pub struct ScoreItem {
@@ -233,6 +244,7 @@ pub enum Role {
     RewardModel(RewardModel),
     RewardRule(ExactMatch),
     Reference(ModelDir),
+    Generator(ModelDir),
 }
 
 /// Rows scored per forward by reward and reference roles when no micro-batch size applies.
@@ -273,6 +285,11 @@ impl Role {
                 let dir = load_dir(spec, Some(HeadKind::CausalLm))?;
                 freeze(&dir);
                 Role::Reference(dir)
+            }
+            RoleDetail::Generator => {
+                let dir = load_dir(spec, Some(HeadKind::CausalLm))?;
+                freeze(&dir);
+                Role::Generator(dir)
             }
             RoleDetail::Reward(RewardKindSpec::ExactMatch(rule)) => {
                 names.push("exact_match".to_string());
@@ -321,7 +338,7 @@ impl Role {
         let parameters = match &role {
             Role::Actor(t) | Role::Critic(t) => count_params(&t.dir),
             Role::RewardModel(r) => count_params(&r.dir),
-            Role::Reference(d) => count_params(d),
+            Role::Reference(d) | Role::Generator(d) => count_params(d),
             Role::RewardRule(_) => 0,
         };
         Ok((
@@ -339,6 +356,7 @@ impl Role {
             Role::Critic(_) => RoleKind::Critic,
             Role::RewardModel(_) | Role::RewardRule(_) => RoleKind::Reward,
             Role::Reference(_) => RoleKind::Reference,
+            Role::Generator(_) => RoleKind::Generator,
         }
     }
 
@@ -350,8 +368,10 @@ impl Role {
     }
 
     pub fn generate(&mut self, a: GenerateArgs) -> RoleResult<Generated> {
-        let Role::Actor(t) = self else {
-            return Err(self.wrong("Generate"));
+        let dir = match self {
+            Role::Actor(t) => &t.dir,
+            Role::Generator(d) => d,
+            _ => return Err(self.wrong("Generate")),
         };
         if a.prompts.is_empty() || a.samples_per_prompt == 0 {
             return Err(RoleError::bad(
@@ -376,12 +396,13 @@ impl Role {
                     top_p: (a.top_p < 1.0).then_some(a.top_p),
                 }
             },
-            stop_ids: t.dir.stop_ids.clone(),
-            pad_id: t.dir.pad_id,
+            stop_ids: dir.stop_ids.clone(),
+            pad_id: dir.pad_id,
             seed: a.seed,
+            first_row: a.first_row,
         };
         let _g = tch::no_grad_guard();
-        let out = generate(&t.dir.model, &rows, &cfg)?;
+        let out = generate(&dir.model, &rows, &cfg)?;
         Ok(Generated {
             input_ids: out.sequences,
             attention_mask: out.attention_mask,
@@ -455,10 +476,16 @@ impl Role {
         }
     }
 
-    pub fn train_step(&mut self, b: TrainBatch) -> RoleResult<(BTreeMap<String, f64>, u64)> {
+    /// One optimizer step over `b`; with a gradient group in `groups`, gradients are summed over
+    /// the data-parallel replicas before clipping and the optimizer step.
+    pub fn train_step(
+        &mut self,
+        b: TrainBatch,
+        groups: &mut Groups,
+    ) -> RoleResult<(BTreeMap<String, f64>, u64)> {
         match self {
-            Role::Actor(t) => t.step_actor(b),
-            Role::Critic(t) => t.step_critic(b),
+            Role::Actor(t) => t.step_actor(b, groups),
+            Role::Critic(t) => t.step_critic(b, groups),
             _ => Err(self.wrong("TrainStep")),
         }
     }
@@ -467,9 +494,18 @@ impl Role {
         match self {
             Role::Actor(t) | Role::Critic(t) => Some(&t.dir),
             Role::RewardModel(r) => Some(&r.dir),
-            Role::Reference(d) => Some(d),
+            Role::Reference(d) | Role::Generator(d) => Some(d),
             Role::RewardRule(_) => None,
         }
+    }
+
+    /// Named weights in name order, for weight sync and digests.
+    pub fn weights(&self, op: &str) -> RoleResult<Vec<(String, Tensor)>> {
+        Ok(self
+            .weights_dir()
+            .ok_or_else(|| self.wrong(op))?
+            .model
+            .named_tensors())
     }
 
     /// Named weights, sorted by name (CPU copies are made by the wire layer).
@@ -666,15 +702,25 @@ fn right_pad(rows: &[Vec<i64>], pad: i64, device: Device) -> RoleResult<(Tensor,
 
 /// Per micro-batch `[start, start + n)`: its loss scale (share of the minibatch's tokens or rows,
 /// per `agg`), so accumulated gradients equal the whole minibatch's.
-fn micro_batches(mask: &Tensor, micro: i64, agg: LossAgg) -> RoleResult<Vec<(i64, i64, f64)>> {
+/// With `minibatch` = (tokens, rows) of a whole minibatch this batch is a data-parallel shard of,
+/// the shares are of the whole minibatch, so the replicas' summed gradients equal its gradient.
+fn micro_batches(
+    mask: &Tensor,
+    micro: i64,
+    agg: LossAgg,
+    minibatch: Option<(f64, f64)>,
+) -> RoleResult<Vec<(i64, i64, f64)>> {
     let counts = Vec::<f64>::try_from(mask.f_to_kind(Kind::Double)?.f_sum_dim_intlist(
         [1].as_slice(),
         false,
         Kind::Double,
     )?)?;
     let rows = counts.len() as i64;
-    let total: f64 = counts.iter().sum();
-    if total <= 0.0 {
+    let (total, all_rows) = match minibatch {
+        Some((tokens, rows)) => (tokens, rows),
+        None => (counts.iter().sum(), rows as f64),
+    };
+    if total <= 0.0 || all_rows <= 0.0 {
         return Err(RoleError::bad(
             "response_mask",
             "the minibatch has no response tokens".into(),
@@ -688,7 +734,7 @@ fn micro_batches(mask: &Tensor, micro: i64, agg: LossAgg) -> RoleResult<Vec<(i64
         let tokens: f64 = counts[start as usize..(start + n) as usize].iter().sum();
         let scale = match agg {
             LossAgg::TokenMean => tokens / total,
-            LossAgg::SeqMeanTokenSum | LossAgg::SeqMeanTokenMean => n as f64 / rows as f64,
+            LossAgg::SeqMeanTokenSum | LossAgg::SeqMeanTokenMean => n as f64 / all_rows,
         };
         out.push((start, n, scale));
         start += n;
@@ -715,7 +761,12 @@ impl Trainer {
         })
     }
 
-    fn finish_step(&mut self, metrics: &mut BTreeMap<String, f64>) -> RoleResult<u64> {
+    fn finish_step(
+        &mut self,
+        metrics: &mut BTreeMap<String, f64>,
+        groups: &mut Groups,
+    ) -> RoleResult<u64> {
+        groups.all_reduce_grads(&self.dir.model.named_tensors())?;
         let norm = self.opt.clip_grad_norm(self.spec.optim.max_grad_norm)?;
         let lr = self.schedule.lr_at(self.step);
         self.opt.step(lr)?;
@@ -726,7 +777,11 @@ impl Trainer {
         Ok(self.step)
     }
 
-    fn step_actor(&mut self, b: TrainBatch) -> RoleResult<(BTreeMap<String, f64>, u64)> {
+    fn step_actor(
+        &mut self,
+        b: TrainBatch,
+        groups: &mut Groups,
+    ) -> RoleResult<(BTreeMap<String, f64>, u64)> {
         b.seqs.check()?;
         let dev = self.dir.model.device();
         let adv = need(&b.advantages, "advantages", "the actor's TrainStep")?;
@@ -741,7 +796,12 @@ impl Trainer {
         } else {
             Entropy::Metric
         };
-        let parts = micro_batches(&b.response_mask, self.spec.micro_batch_size, cfg.agg)?;
+        let parts = micro_batches(
+            &b.response_mask,
+            self.spec.micro_batch_size,
+            cfg.agg,
+            b.minibatch,
+        )?;
         let mut m: BTreeMap<String, f64> = BTreeMap::new();
         self.opt.zero_grad()?;
         for (start, n, scale) in parts {
@@ -785,17 +845,26 @@ impl Trainer {
                 *m.entry("ref_kl".into()).or_default() += scale * k;
             }
         }
-        let step = self.finish_step(&mut m)?;
+        let step = self.finish_step(&mut m, groups)?;
         Ok((m, step))
     }
 
-    fn step_critic(&mut self, b: TrainBatch) -> RoleResult<(BTreeMap<String, f64>, u64)> {
+    fn step_critic(
+        &mut self,
+        b: TrainBatch,
+        groups: &mut Groups,
+    ) -> RoleResult<(BTreeMap<String, f64>, u64)> {
         b.seqs.check()?;
         let dev = self.dir.model.device();
         let old_v = need(&b.old_values, "old_values", "the critic's TrainStep")?;
         let ret = need(&b.returns, "returns", "the critic's TrainStep")?;
         let cfg = self.spec.value_loss.clone();
-        let parts = micro_batches(&b.response_mask, self.spec.micro_batch_size, cfg.agg)?;
+        let parts = micro_batches(
+            &b.response_mask,
+            self.spec.micro_batch_size,
+            cfg.agg,
+            b.minibatch,
+        )?;
         let mut m: BTreeMap<String, f64> = BTreeMap::new();
         self.opt.zero_grad()?;
         for (start, n, scale) in parts {
@@ -823,7 +892,7 @@ impl Trainer {
             *m.entry("explained_variance".into()).or_default() += scale * vm.explained_variance;
             *m.entry("value_mean".into()).or_default() += scale * vm.value_mean;
         }
-        let step = self.finish_step(&mut m)?;
+        let step = self.finish_step(&mut m, groups)?;
         Ok((m, step))
     }
 

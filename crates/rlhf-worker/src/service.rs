@@ -3,6 +3,7 @@
 //! side only ever moves protobuf bytes.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,29 +15,45 @@ use rlhf_proto::limits::WEIGHT_CHUNK_BYTES;
 use rlhf_proto::pb::{self, worker_server::Worker};
 use rlhf_proto::wire::{self, optional, required, to_wire};
 use tch::{Device, Kind};
-use tokio::sync::{watch, RwLock};
+use tokio::sync::{watch, Mutex, RwLock};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument};
 
+use crate::comm::{weights_digest, Purpose};
 use crate::error::{RoleError, RoleResult};
-use crate::host::RoleHandle;
+use crate::host::{Hosted, RoleHandle};
 use crate::reward_rules::{ExactMatch, Extract};
 use crate::roles::{
     kl_estimator, GenerateArgs, RewardKindSpec, RoleDetail, RoleSpec, ScoreItem, Seqs, TrainBatch,
     TrainerSpec,
 };
 
-/// The service state: the roles this worker hosts and the shutdown signal.
+/// The service state: the roles this worker hosts, listeners of groups being formed, and the
+/// shutdown signal.
 pub struct WorkerService {
     roles: RwLock<HashMap<String, Arc<RoleHandle>>>,
     shutdown: watch::Sender<bool>,
+    peers: PeerAddress,
+    /// Listeners bound by OpenGroup, by (role, group id), until JoinGroup takes them.
+    opening: Mutex<HashMap<(String, u64), tokio::net::TcpListener>>,
+}
+
+/// Where this worker accepts connections from group peers.
+#[derive(Debug, Clone)]
+pub struct PeerAddress {
+    /// Interface to listen on (the worker's gRPC bind address).
+    pub bind: IpAddr,
+    /// Host name or address peers connect to.
+    pub host: String,
 }
 
 impl WorkerService {
-    pub fn new(shutdown: watch::Sender<bool>) -> WorkerService {
+    pub fn new(shutdown: watch::Sender<bool>, peers: PeerAddress) -> WorkerService {
         WorkerService {
             roles: RwLock::new(HashMap::new()),
             shutdown,
+            peers,
+            opening: Mutex::new(HashMap::new()),
         }
     }
 
@@ -154,6 +171,9 @@ impl TryFrom<pb::CreateRoleRequest> for RoleSpec {
             }
             (pb::RoleKind::Reference, Some(pb::create_role_request::Spec::Reference(_)) | None) => {
                 RoleDetail::Reference
+            }
+            (pb::RoleKind::Generator, Some(pb::create_role_request::Spec::Generator(_)) | None) => {
+                RoleDetail::Generator
             }
             (pb::RoleKind::Reward, Some(pb::create_role_request::Spec::Reward(r))) => {
                 RoleDetail::Reward(match r.kind {
@@ -280,6 +300,7 @@ impl Worker for WorkerService {
             top_k,
             top_p,
             seed,
+            first_row,
         } = req.into_inner();
         let args = GenerateArgs {
             prompts: prompts.into_iter().map(|p| p.ids).collect(),
@@ -289,6 +310,7 @@ impl Worker for WorkerService {
             top_k: top_k as usize,
             top_p: if top_p == 0.0 { 1.0 } else { top_p },
             seed,
+            first_row,
         };
         let role = self.role(&role_id).await?;
         let out = role
@@ -403,7 +425,11 @@ impl Worker for WorkerService {
             ref_logprobs,
             old_values,
             returns,
+            minibatch_tokens,
+            minibatch_rows,
         } = req.into_inner();
+        let minibatch = (minibatch_tokens > 0.0 || minibatch_rows > 0.0)
+            .then_some((minibatch_tokens, minibatch_rows));
         let role = self.role(&role_id).await?;
         let (metrics, step) = role
             .run(move |r| {
@@ -415,8 +441,10 @@ impl Worker for WorkerService {
                     ref_logprobs: optional("ref_logprobs", ref_logprobs.as_ref())?,
                     old_values: optional("old_values", old_values.as_ref())?,
                     returns: optional("returns", returns.as_ref())?,
+                    minibatch,
                 };
-                r.train_step(batch)
+                let Hosted { role, groups } = r;
+                role.train_step(batch, groups)
             })
             .await?;
         Ok(Response::new(pb::TrainStepResponse {
@@ -498,6 +526,129 @@ impl Worker for WorkerService {
         let role = self.role(&role_id).await?;
         let files = role.run(move |r| r.load_state(&PathBuf::from(dir))).await?;
         Ok(Response::new(pb::StateResponse { files }))
+    }
+
+    async fn open_group(
+        &self,
+        req: Request<pb::OpenGroupRequest>,
+    ) -> Result<Response<pb::OpenGroupResponse>, Status> {
+        let pb::OpenGroupRequest { role_id, group_id } = req.into_inner();
+        self.role(&role_id).await?;
+        let listener = rlhf_comm::bind(SocketAddr::new(self.peers.bind, 0))
+            .await
+            .map_err(RoleError::from)?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| RoleError::io(std::path::Path::new("(group listener)"), e))?
+            .port();
+        self.opening
+            .lock()
+            .await
+            .insert((role_id.clone(), group_id), listener);
+        let address = format!("{}:{port}", self.peers.host);
+        info!(role = %role_id, group = group_id, %address, "group listener open");
+        Ok(Response::new(pb::OpenGroupResponse { address }))
+    }
+
+    async fn join_group(
+        &self,
+        req: Request<pb::JoinGroupRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let pb::JoinGroupRequest {
+            role_id,
+            group_id,
+            purpose,
+            rank,
+            peers,
+            timeout_s,
+        } = req.into_inner();
+        let purpose = match pb::GroupPurpose::try_from(purpose) {
+            Ok(pb::GroupPurpose::Gradients) => Purpose::Gradients,
+            Ok(pb::GroupPurpose::Weights) => Purpose::Weights,
+            _ => {
+                return Err(RoleError::bad(
+                    "purpose",
+                    format!("{purpose}: expected GRADIENTS or WEIGHTS"),
+                )
+                .into())
+            }
+        };
+        if !(timeout_s > 0.0 && timeout_s.is_finite()) {
+            return Err(RoleError::bad("timeout_s", format!("{timeout_s}: must be > 0")).into());
+        }
+        let role = self.role(&role_id).await?;
+        let listener = self
+            .opening
+            .lock()
+            .await
+            .remove(&(role_id.clone(), group_id))
+            .ok_or_else(|| {
+                RoleError::bad(
+                    "group_id",
+                    format!(
+                        "group {group_id} was not opened for role `{role_id}` (OpenGroup first)"
+                    ),
+                )
+            })?;
+        let mut addrs = Vec::with_capacity(peers.len());
+        for (i, p) in peers.iter().enumerate() {
+            let a = tokio::net::lookup_host(p.as_str())
+                .await
+                .ok()
+                .and_then(|mut it| it.next())
+                .ok_or_else(|| {
+                    RoleError::bad(
+                        "peers",
+                        format!("rank {i}'s address `{p}` does not resolve to a socket address"),
+                    )
+                })?;
+            addrs.push(a);
+        }
+        let mut cfg = rlhf_comm::GroupConfig::new(group_id, rank as usize, peers.len());
+        cfg.timeout = std::time::Duration::from_secs_f64(timeout_s);
+        let group = rlhf_comm::TcpGroup::connect(cfg, listener, addrs)
+            .await
+            .map_err(RoleError::from)?;
+        role.run(move |h| {
+            h.groups.set(purpose, group);
+            Ok(())
+        })
+        .await?;
+        info!(role = %role_id, group = group_id, purpose = purpose.name(), rank, world = peers.len(), "joined group");
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    #[instrument(skip_all, fields(role = %req.get_ref().role_id))]
+    async fn sync_weights(
+        &self,
+        req: Request<pb::SyncWeightsRequest>,
+    ) -> Result<Response<pb::SyncWeightsResponse>, Status> {
+        let pb::SyncWeightsRequest { role_id, root } = req.into_inner();
+        let role = self.role(&role_id).await?;
+        let out = role
+            .run(move |h| {
+                let t0 = std::time::Instant::now();
+                let vars = h.role.weights("SyncWeights")?;
+                let (bytes, tensors) = h.groups.sync_weights(root as usize, &vars)?;
+                Ok(pb::SyncWeightsResponse {
+                    bytes,
+                    tensors,
+                    seconds: t0.elapsed().as_secs_f64(),
+                })
+            })
+            .await?;
+        Ok(Response::new(out))
+    }
+
+    async fn weights_digest(
+        &self,
+        req: Request<pb::RoleRef>,
+    ) -> Result<Response<pb::WeightsDigestResponse>, Status> {
+        let role = self.role(&req.into_inner().role_id).await?;
+        let (sha256, bytes) = role
+            .run(|h| weights_digest(&h.role.weights("WeightsDigest")?))
+            .await?;
+        Ok(Response::new(pb::WeightsDigestResponse { sha256, bytes }))
     }
 
     async fn shutdown(&self, _req: Request<pb::Empty>) -> Result<Response<pb::Empty>, Status> {

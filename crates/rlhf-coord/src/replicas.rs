@@ -1,0 +1,170 @@
+//! Roles with more than one instance, from the controller's side: data-parallel actor and
+//! critic replicas, and generators separate from the training actor.
+//!
+//! The controller forms the collective groups (two-phase: every member's `OpenGroup` address,
+//! then `JoinGroup` on all members at once) and afterwards only says *when* tensors move; they
+//! flow between the workers directly (`rlhf-comm`), never through the controller.
+//!
+//! - Generation is sharded by prompt over the generators (or over the actor replicas when there
+//!   are no generators). Row `i` of the batch samples from the stream of (seed, `i`) wherever it
+//!   runs, so the shard boundaries do not change what is sampled; the shards' answers are merged
+//!   into one padded batch ([`crate::rl::merge_generations`]).
+//! - A minibatch is sharded by rows over the replicas; every shard carries the whole minibatch's
+//!   token and row counts, so each replica's loss is its share of the minibatch loss, and the
+//!   replicas all-reduce (sum) gradients before clipping and the optimizer step. Their partial
+//!   metrics add up to the minibatch's; `grad_norm` and `lr` are the same on every replica.
+//! - After the actor's epochs, replica 0 broadcasts its weights to the generators.
+//! - Every `train.replica_check_every` steps the weight digests must agree ([`check_digests`]).
+
+use std::ops::Range;
+
+use anyhow::{bail, Context, Result};
+use futures::future::try_join_all;
+use rlhf_proto::pb;
+
+use crate::workers::RoleClient;
+
+/// Forms a collective group over `members`, rank = index.
+pub async fn form_group(
+    members: &[RoleClient],
+    group_id: u64,
+    purpose: pb::GroupPurpose,
+    timeout_s: f64,
+) -> Result<()> {
+    let names = || {
+        members
+            .iter()
+            .map(|m| format!("`{}`", m.worker))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let addrs = try_join_all(members.iter().map(|m| m.open_group(group_id)))
+        .await
+        .with_context(|| format!("opening the {} group of {}", purpose.as_str_name(), names()))?;
+    try_join_all(
+        members
+            .iter()
+            .enumerate()
+            .map(|(rank, m)| m.join_group(group_id, purpose, rank, addrs.clone(), timeout_s)),
+    )
+    .await
+    .with_context(|| format!("forming the {} group of {}", purpose.as_str_name(), names()))?;
+    Ok(())
+}
+
+/// `n` items cut into at most `k` contiguous, non-empty ranges differing in length by at most 1.
+pub fn shards(n: usize, k: usize) -> Vec<Range<usize>> {
+    let k = k.clamp(1, n.max(1));
+    (0..k)
+        .map(|i| (i * n / k)..((i + 1) * n / k))
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// Generates `req`'s prompts on `gens`, sharded by prompt, and merges the answers in order.
+pub async fn generate(
+    gens: &[RoleClient],
+    req: pb::GenerateRequest,
+) -> Result<pb::GenerateResponse> {
+    if gens.len() == 1 {
+        return gens[0].generate(req).await;
+    }
+    let per_prompt = req.samples_per_prompt as u64;
+    let parts = shards(req.prompts.len(), gens.len());
+    let calls = parts.iter().zip(gens).map(|(r, g)| {
+        let shard = pb::GenerateRequest {
+            prompts: req.prompts[r.clone()].to_vec(),
+            first_row: req.first_row + r.start as u64 * per_prompt,
+            ..req.clone()
+        };
+        g.generate(shard)
+    });
+    let answers = try_join_all(calls).await?;
+    tokio::task::block_in_place(|| crate::rl::merge_generations(answers))
+}
+
+/// Combines the replicas' answers to one minibatch's TrainStep: partial metrics add up,
+/// `grad_norm` and `lr` (computed after the all-reduce) are taken from replica 0.
+pub fn combine_metrics(parts: &[pb::TrainStepResponse]) -> pb::TrainStepResponse {
+    let mut out = pb::TrainStepResponse {
+        metrics: Default::default(),
+        optimizer_step: parts.first().map_or(0, |p| p.optimizer_step),
+    };
+    for (i, p) in parts.iter().enumerate() {
+        for (k, v) in &p.metrics {
+            let shared = matches!(k.as_str(), "grad_norm" | "lr");
+            if shared {
+                if i == 0 {
+                    out.metrics.insert(k.clone(), *v);
+                }
+            } else {
+                *out.metrics.entry(k.clone()).or_default() += v;
+            }
+        }
+    }
+    out
+}
+
+/// Broadcasts replica 0's actor weights to every generator; returns (bytes, seconds of the
+/// slowest member).
+pub async fn sync_generators(actor: &RoleClient, gens: &[RoleClient]) -> Result<(u64, f64)> {
+    let calls = std::iter::once(actor)
+        .chain(gens)
+        .map(|m| m.sync_weights(0));
+    let answers = try_join_all(calls)
+        .await
+        .context("weight sync from the actor to the generators")?;
+    let secs = answers.iter().map(|a| a.seconds).fold(0.0, f64::max);
+    Ok((answers[0].bytes, secs))
+}
+
+/// Checks that every member of `members` holds the same weights as `members[0]`. `what` names
+/// the set in the error ("actor replicas", "generators (after weight sync)").
+pub async fn check_digests(members: &[RoleClient], what: &str, step: u64) -> Result<()> {
+    if members.len() < 2 {
+        return Ok(());
+    }
+    let digests = try_join_all(members.iter().map(|m| m.weights_digest())).await?;
+    for (m, d) in members.iter().zip(&digests).skip(1) {
+        if d != &digests[0] {
+            bail!(
+                "replica check after step {step}: {what} differ: worker `{}` (role {}) has weights sha256 {}…, worker `{}` (role {}) has {}…; \
+                 replicas must stay bitwise equal (same model files, dtype and seed on every worker); stopping",
+                m.worker,
+                m.role,
+                &d[..16],
+                members[0].worker,
+                members[0].role,
+                &digests[0][..16]
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_tile_and_balance() {
+        assert_eq!(shards(5, 2), vec![0..2, 2..5]);
+        assert_eq!(shards(4, 4), vec![0..1, 1..2, 2..3, 3..4]);
+        assert_eq!(shards(2, 3), vec![0..1, 1..2]);
+        assert_eq!(shards(7, 1), vec![0..7]);
+    }
+
+    #[test]
+    fn metrics_add_up_except_shared_ones() {
+        let part = |pg: f64, norm: f64| pb::TrainStepResponse {
+            metrics: [("pg_loss".to_string(), pg), ("grad_norm".to_string(), norm)]
+                .into_iter()
+                .collect(),
+            optimizer_step: 3,
+        };
+        let c = combine_metrics(&[part(0.25, 2.0), part(0.5, 2.0)]);
+        assert_eq!(c.metrics["pg_loss"], 0.75);
+        assert_eq!(c.metrics["grad_norm"], 2.0);
+        assert_eq!(c.optimizer_step, 3);
+    }
+}
