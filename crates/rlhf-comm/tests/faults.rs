@@ -23,36 +23,59 @@ fn names(e: &CommError, rank: usize, addr: std::net::SocketAddr) -> bool {
 async fn a_rank_dying_mid_all_reduce_is_named_by_the_others() {
     let timeout = Duration::from_secs(5);
     let (listeners, addrs) = bind_local(3).await.expect("bind");
+    let (formed_tx, mut formed_rx) = tokio::sync::mpsc::channel::<usize>(3);
+    // Survivors keep their (poisoned) group open until every one has reported, as a worker
+    // keeps its group: one survivor dropping its sockets early would make the other name it.
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let (result_tx, mut result_rx) = tokio::sync::mpsc::channel(3);
     let mut tasks = Vec::new();
     for (rank, listener) in listeners.into_iter().enumerate() {
         let addrs = addrs.clone();
+        let formed = formed_tx.clone();
+        let results = result_tx.clone();
+        let mut release = release_rx.clone();
         tasks.push(tokio::spawn(async move {
             let mut g = TcpGroup::connect(cfg(rank, 3, timeout), listener, addrs)
                 .await
                 .expect("connect");
             g.barrier().await.expect("barrier");
+            formed.send(rank).await.expect("report");
             let mut buf = vec![1.0f32; 4 << 20];
-            let start = Instant::now();
-            // The first call may finish before rank 2 is killed; the second cannot.
-            for _ in 0..2 {
+            // All-reduce until the group breaks: however slow the machine, rank 2 dies while
+            // the others are inside (or between) all-reduces, never before the group formed.
+            let e = loop {
                 if let Err(e) = g.all_reduce(&mut buf, ReduceOp::Sum).await {
-                    return Some((e, start.elapsed()));
+                    break e;
                 }
-            }
-            None
+            };
+            results
+                .send((rank, e, Instant::now()))
+                .await
+                .expect("report");
+            let _ = release.wait_for(|r| *r).await;
+            drop(g);
         }));
+    }
+    for _ in 0..3 {
+        formed_rx.recv().await.expect("every rank formed the group");
     }
     let victim = tasks.pop().expect("rank 2");
     tokio::time::sleep(Duration::from_millis(30)).await;
     victim.abort();
-    for (rank, t) in tasks.into_iter().enumerate() {
-        let (e, elapsed) = t
+    let killed = Instant::now();
+    for _ in 0..tasks.len() {
+        let (rank, e, at) = tokio::time::timeout(timeout + MARGIN, result_rx.recv())
             .await
-            .expect("task")
-            .unwrap_or_else(|| panic!("rank {rank} saw no error"));
+            .expect("every survivor reports an error within the timeout")
+            .expect("report");
+        let elapsed = at.saturating_duration_since(killed);
         eprintln!("rank {rank} after {elapsed:?}: {e}");
         assert!(names(&e, 2, addrs[2]), "rank {rank}: {e}");
         assert!(elapsed < timeout + MARGIN, "rank {rank} took {elapsed:?}");
+    }
+    release_tx.send(true).expect("release");
+    for t in tasks {
+        t.await.expect("task");
     }
 }
 

@@ -123,6 +123,19 @@ pub enum LauncherKind {
     Slurm,
 }
 
+/// How collective groups between workers move tensors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectiveBackend {
+    /// NCCL for a group whose members are all on CUDA devices, TCP otherwise.
+    #[default]
+    Auto,
+    /// TCP between the worker processes through host memory (any device).
+    Tcp,
+    /// NCCL on device memory; every member of every group must be on a CUDA device.
+    Nccl,
+}
+
 /// `launcher:` — starting and supervising worker daemons.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -152,6 +165,9 @@ pub struct LauncherConfig {
     /// peer fails the step with an error naming its rank and address after this long; > 0.
     /// Default: 60.
     pub collective_timeout_s: f64,
+    /// `auto`, `tcp` or `nccl`: how data-parallel replicas and the weight sync to generators
+    /// move tensors. Default: `auto` (NCCL when every member of a group is on a CUDA device).
+    pub collective_backend: CollectiveBackend,
     /// Slurm settings, used only with `kind: slurm`.
     pub slurm: SlurmConfig,
 }
@@ -168,6 +184,7 @@ impl Default for LauncherConfig {
             heartbeat_timeout_ms: 5000,
             rpc_timeout_s: 600.0,
             collective_timeout_s: 60.0,
+            collective_backend: CollectiveBackend::Auto,
             slurm: SlurmConfig::default(),
         }
     }

@@ -273,6 +273,29 @@ impl RunConfig {
                 );
             }
         }
+        if self.launcher.collective_backend == crate::schema::CollectiveBackend::Nccl {
+            // Members of a group: replicas of a replicated actor or critic; with generators,
+            // the first actor and the generators.
+            let gens = self.replicas(Role::Generator) > 0;
+            let mut first_actor = true;
+            for (i, w) in self.workers.iter().enumerate() {
+                let in_group = w.roles.iter().any(|r| match r {
+                    Role::Actor | Role::Critic if self.replicas(*r) > 1 => true,
+                    Role::Generator => true,
+                    Role::Actor if gens && first_actor => true,
+                    _ => false,
+                });
+                if w.roles.contains(&Role::Actor) {
+                    first_actor = false;
+                }
+                if in_group && !matches!(w.device, crate::schema::Device::Cuda(_)) {
+                    return c.fail(
+                        &format!("workers.{i}.device"),
+                        format!("worker `{}` is in a collective group and launcher.collective_backend is nccl, which needs a CUDA device, not {}; use cuda:N or collective_backend auto/tcp", w.name, w.device),
+                    );
+                }
+            }
+        }
         for role in [
             Role::Actor,
             Role::Critic,

@@ -269,3 +269,21 @@ fn callers_report_their_own_checks_the_same_way() {
         "{e}"
     );
 }
+
+#[test]
+fn nccl_groups_need_cuda_devices() {
+    let f = Fixture::new();
+    let yaml = format!(
+        "{BASE}launcher:\n  collective_backend: nccl\nworkers:\n  - {{name: a, roles: [actor, critic, reward, reference], device: cuda:0}}\n  - {{name: g, roles: [generator]}}\n"
+    );
+    let msg = err(f.load(&yaml, &[], &[]));
+    assert!(
+        msg.starts_with("workers[1].device: worker `g` is in a collective group"),
+        "{msg}"
+    );
+    assert!(msg.contains("needs a CUDA device, not cpu"), "{msg}");
+    // auto picks TCP for such a group: valid.
+    let auto = yaml.replace("collective_backend: nccl", "collective_backend: auto");
+    f.load(&auto, &[], &[])
+        .expect("auto accepts a CPU generator");
+}

@@ -433,7 +433,14 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
             .await
             .with_context(|| format!("worker `{}`", w.name))?;
         for role in &w.roles {
-            let c = RoleClient::new(&w.name, &info.host, role.as_str(), conn.clone(), timeout);
+            let c = RoleClient::new(
+                &w.name,
+                &info.host,
+                role.as_str(),
+                &w.device.to_string(),
+                conn.clone(),
+                timeout,
+            );
             clients
                 .entry(*role)
                 .or_default()
@@ -638,6 +645,7 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
 /// between critic replicas, weights between actor replica 0 and the generators.
 async fn form_groups(cfg: &RunConfig, roles: &Roles) -> Result<()> {
     let timeout = cfg.launcher.collective_timeout_s;
+    let wanted = cfg.launcher.collective_backend;
     // Group ids only have to differ between groups and from strangers' (a handshake refuses
     // another id): a fresh random base per launch.
     let base = step_seed(
@@ -653,8 +661,14 @@ async fn form_groups(cfg: &RunConfig, roles: &Roles) -> Result<()> {
     let (a, c, w) = tokio::join!(
         async {
             if roles.actors.len() > 1 {
-                replicas::form_group(&roles.actors, base, pb::GroupPurpose::Gradients, timeout)
-                    .await?;
+                replicas::form_group(
+                    &roles.actors,
+                    base,
+                    pb::GroupPurpose::Gradients,
+                    replicas::backend(&roles.actors, wanted),
+                    timeout,
+                )
+                .await?;
             }
             anyhow::Ok(())
         },
@@ -664,6 +678,7 @@ async fn form_groups(cfg: &RunConfig, roles: &Roles) -> Result<()> {
                     &roles.critics,
                     base.wrapping_add(1),
                     pb::GroupPurpose::Gradients,
+                    replicas::backend(&roles.critics, wanted),
                     timeout,
                 )
                 .await?;
@@ -676,6 +691,7 @@ async fn form_groups(cfg: &RunConfig, roles: &Roles) -> Result<()> {
                     &weights,
                     base.wrapping_add(2),
                     pb::GroupPurpose::Weights,
+                    replicas::backend(&weights, wanted),
                     timeout,
                 )
                 .await?;

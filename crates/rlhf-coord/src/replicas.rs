@@ -20,35 +20,60 @@ use std::ops::Range;
 
 use anyhow::{bail, Context, Result};
 use futures::future::try_join_all;
+use rlhf_config::CollectiveBackend;
 use rlhf_proto::pb;
 
 use crate::workers::RoleClient;
+
+/// The backend a group over `members` uses: NCCL when asked for, or with `auto` when every
+/// member is on a CUDA device; TCP otherwise.
+pub fn backend(members: &[RoleClient], wanted: CollectiveBackend) -> pb::CollectiveBackend {
+    let all_cuda = members.iter().all(|m| m.device.starts_with("cuda"));
+    match wanted {
+        CollectiveBackend::Nccl => pb::CollectiveBackend::Nccl,
+        CollectiveBackend::Auto if all_cuda => pb::CollectiveBackend::Nccl,
+        _ => pb::CollectiveBackend::Tcp,
+    }
+}
 
 /// Forms a collective group over `members`, rank = index.
 pub async fn form_group(
     members: &[RoleClient],
     group_id: u64,
     purpose: pb::GroupPurpose,
+    backend: pb::CollectiveBackend,
     timeout_s: f64,
 ) -> Result<()> {
     let names = || {
-        members
-            .iter()
-            .map(|m| format!("`{}`", m.worker))
-            .collect::<Vec<_>>()
-            .join(", ")
+        format!(
+            "{} group ({}) of {}",
+            purpose.as_str_name(),
+            backend.as_str_name(),
+            members
+                .iter()
+                .map(|m| format!("`{}`", m.worker))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     };
-    let addrs = try_join_all(members.iter().map(|m| m.open_group(group_id)))
+    let opened = try_join_all(members.iter().map(|m| m.open_group(group_id, backend)))
         .await
-        .with_context(|| format!("opening the {} group of {}", purpose.as_str_name(), names()))?;
-    try_join_all(
-        members
-            .iter()
-            .enumerate()
-            .map(|(rank, m)| m.join_group(group_id, purpose, rank, addrs.clone(), timeout_s)),
-    )
+        .with_context(|| format!("opening the {}", names()))?;
+    let addrs: Vec<String> = opened.iter().map(|o| o.address.clone()).collect();
+    let nccl_id = opened[0].nccl_id.clone();
+    try_join_all(members.iter().enumerate().map(|(rank, m)| {
+        m.join_group(
+            group_id,
+            purpose,
+            rank,
+            addrs.clone(),
+            timeout_s,
+            backend,
+            nccl_id.clone(),
+        )
+    }))
     .await
-    .with_context(|| format!("forming the {} group of {}", purpose.as_str_name(), names()))?;
+    .with_context(|| format!("forming the {}", names()))?;
     Ok(())
 }
 

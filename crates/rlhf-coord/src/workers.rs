@@ -19,6 +19,8 @@ pub struct RoleClient {
     pub worker: String,
     pub host: String,
     pub role: String,
+    /// Torch device of the role on its worker (`cpu`, `cuda:N`).
+    pub device: String,
     client: Inner,
     timeout: Duration,
 }
@@ -42,6 +44,7 @@ impl RoleClient {
         worker: &str,
         host: &str,
         role: &str,
+        device: &str,
         client: Inner,
         timeout: Duration,
     ) -> RoleClient {
@@ -49,6 +52,7 @@ impl RoleClient {
             worker: worker.to_string(),
             host: host.to_string(),
             role: role.to_string(),
+            device: device.to_string(),
             client,
             timeout,
         }
@@ -162,17 +166,24 @@ impl RoleClient {
 }
 
 impl RoleClient {
-    /// Binds this member's listener for group `group_id`; returns the address peers dial.
-    pub async fn open_group(&self, group_id: u64) -> Result<String> {
+    /// Prepares this member for group `group_id`: TCP binds a listener (the answer's
+    /// address), NCCL makes a unique id (the answer's `nccl_id`).
+    pub async fn open_group(
+        &self,
+        group_id: u64,
+        backend: pb::CollectiveBackend,
+    ) -> Result<pb::OpenGroupResponse> {
         let mut c = self.client.clone();
         let req = pb::OpenGroupRequest {
             role_id: self.role.clone(),
             group_id,
+            backend: backend as i32,
         };
-        Ok(self.call("OpenGroup", c.open_group(req)).await?.address)
+        self.call("OpenGroup", c.open_group(req)).await
     }
 
     /// Connects this member to the group's other ranks (all members must be called at once).
+    #[allow(clippy::too_many_arguments)]
     pub async fn join_group(
         &self,
         group_id: u64,
@@ -180,6 +191,8 @@ impl RoleClient {
         rank: usize,
         peers: Vec<String>,
         timeout_s: f64,
+        backend: pb::CollectiveBackend,
+        nccl_id: Vec<u8>,
     ) -> Result<()> {
         let mut c = self.client.clone();
         let req = pb::JoinGroupRequest {
@@ -189,6 +202,8 @@ impl RoleClient {
             rank: rank as u32,
             peers,
             timeout_s,
+            backend: backend as i32,
+            nccl_id,
         };
         self.call("JoinGroup", c.join_group(req)).await?;
         Ok(())

@@ -2,27 +2,31 @@
 //! gradient all-reduce of data-parallel replicas, the weight broadcast from the training actor
 //! to generators, and the weight digest that proves replicas and generators bitwise equal.
 //!
-//! The groups live on the role's thread next to its tensors. Collectives are async (tokio
-//! sockets); the role thread drives them with the runtime's [`Handle::block_on`], which is
-//! allowed because role threads are not runtime threads.
+//! The groups live on the role's thread next to its tensors. A group is TCP ([`TcpGroup`]: host
+//! memory, any device) or NCCL ([`NcclGroup`]: CUDA device memory, no host copies). TCP
+//! collectives are async (tokio sockets); the role thread drives them with the runtime's
+//! [`Handle::block_on`], which is allowed because role threads are not runtime threads. NCCL
+//! collectives block the role thread until they finished on the device.
 //!
 //! **Invariant:** both sides of a collective walk the model's tensors in the same order (name
-//! order, as `named_tensors` returns them) and cut buckets at the same byte offsets, so the
-//! layouts agree without sending them; a digest of the layout is exchanged first and a
-//! mismatch is an error naming both sides' model, never a silent garbage copy.
+//! order, as `named_tensors` returns them) and cut buckets at the same offsets, so the layouts
+//! agree without sending them; a digest of the layout is exchanged first and a mismatch is an
+//! error naming both sides' model, never a silent garbage copy.
 //! **Invariant:** a receiver swaps in new weights only after the whole model arrived.
+
+use std::ops::Range;
 
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 use tokio::runtime::Handle;
 
-use rlhf_comm::{Collective, ReduceOp, TcpGroup};
+use rlhf_comm::{Collective, NcclGroup, ReduceOp, TcpGroup};
 
 use crate::error::{RoleError, RoleResult};
 
 /// Elements per gradient all-reduce bucket (64 MiB of f32).
 const GRAD_BUCKET_ELEMS: usize = 16 << 20;
-/// Bytes per weight broadcast bucket.
+/// Bytes per TCP weight broadcast bucket.
 const WEIGHT_BUCKET_BYTES: usize = 64 << 20;
 
 /// What a group is for (one of each per role at most).
@@ -43,11 +47,36 @@ impl Purpose {
     }
 }
 
+/// One group, over either backend.
+pub enum Group {
+    Tcp(TcpGroup),
+    Nccl(NcclGroup),
+}
+
+impl Group {
+    fn rank(&self) -> usize {
+        match self {
+            Group::Tcp(g) => g.rank(),
+            Group::Nccl(g) => g.rank(),
+        }
+    }
+
+    fn world(&self) -> usize {
+        match self {
+            Group::Tcp(g) => g.world(),
+            Group::Nccl(g) => g.world(),
+        }
+    }
+}
+
 /// A role's groups.
 pub struct Groups {
     rt: Handle,
-    grads: Option<TcpGroup>,
-    weights: Option<TcpGroup>,
+    grads: Option<Group>,
+    weights: Option<Group>,
+    /// Host staging for TCP weight sync (the whole model's bytes), kept between syncs so each
+    /// one does not allocate and fault in the model's size of fresh pages again.
+    staging: Vec<u8>,
 }
 
 impl Groups {
@@ -56,25 +85,22 @@ impl Groups {
             rt,
             grads: None,
             weights: None,
+            staging: Vec::new(),
         }
     }
 
     /// Installs a joined group, replacing an earlier one of the same purpose.
-    pub fn set(&mut self, purpose: Purpose, group: TcpGroup) {
+    pub fn set(&mut self, purpose: Purpose, group: Group) {
         match purpose {
             Purpose::Gradients => self.grads = Some(group),
             Purpose::Weights => self.weights = Some(group),
         }
     }
 
-    /// Number of data-parallel replicas (1 without a gradient group).
-    pub fn replicas(&self) -> usize {
-        self.grads.as_ref().map_or(1, |g| g.world())
-    }
-
     /// Sums every parameter's gradient over the replicas, in buckets; afterwards all replicas
-    /// hold bit-identical gradients (rlhf-comm's ring order). A no-op without a gradient group.
-    /// Every replica runs the same graph, so a parameter has a gradient on all or on none.
+    /// hold identical gradients (TCP: bit-identical by rlhf-comm's ring order; NCCL: as its
+    /// ring computes them). A no-op without a gradient group. Every replica runs the same
+    /// graph, so a parameter has a gradient on all or on none.
     pub fn all_reduce_grads(&mut self, vars: &[(String, Tensor)]) -> RoleResult<()> {
         let Some(group) = self.grads.as_mut() else {
             return Ok(());
@@ -88,41 +114,53 @@ impl Groups {
             .map(|(_, v)| v.grad())
             .filter(|g| g.defined())
             .collect();
-        let mut start = 0;
-        while start < grads.len() {
-            // One bucket: tensors from `start` while they fit (a larger one goes alone).
-            let mut end = start;
-            let mut elems = 0usize;
-            while end < grads.len() {
-                let n = grads[end].numel();
-                if end > start && elems + n > GRAD_BUCKET_ELEMS {
-                    break;
+        for bucket in buckets(&grads) {
+            let grads = &grads[bucket];
+            match group {
+                Group::Tcp(tcp) => {
+                    let elems: usize = grads.iter().map(Tensor::numel).sum();
+                    let mut buf = vec![0f32; elems];
+                    let mut off = 0;
+                    for g in grads {
+                        let n = g.numel();
+                        let flat = g
+                            .f_to_device(Device::Cpu)?
+                            .f_to_kind(Kind::Float)?
+                            .f_contiguous()?;
+                        flat.f_copy_data(&mut buf[off..off + n], n)?;
+                        off += n;
+                    }
+                    self.rt.block_on(tcp.all_reduce(&mut buf, ReduceOp::Sum))?;
+                    let mut off = 0;
+                    for g in grads {
+                        let n = g.numel();
+                        let src = Tensor::f_from_slice(&buf[off..off + n])?
+                            .f_view(g.size().as_slice())?;
+                        g.shallow_clone().f_copy_(&src)?;
+                        off += n;
+                    }
                 }
-                elems += n;
-                end += 1;
+                Group::Nccl(nccl) => {
+                    // One contiguous f32 buffer on the device, reduced in place by NCCL.
+                    let flat: Vec<Tensor> = grads
+                        .iter()
+                        .map(|g| g.f_flatten(0, -1)?.f_to_kind(Kind::Float))
+                        .collect::<Result<_, _>>()?;
+                    let buf = Tensor::f_cat(&flat, 0)?.f_contiguous()?;
+                    // SAFETY: `buf` is a contiguous f32 tensor on the group's device, alive and
+                    // used by nothing else until the call returned (it waits for the device).
+                    unsafe {
+                        nccl.all_reduce_f32_raw(buf.data_ptr() as u64, buf.numel(), ReduceOp::Sum)?
+                    };
+                    let mut off = 0i64;
+                    for g in grads {
+                        let n = g.numel() as i64;
+                        let src = buf.f_narrow(0, off, n)?.f_view(g.size().as_slice())?;
+                        g.shallow_clone().f_copy_(&src)?;
+                        off += n;
+                    }
+                }
             }
-            let mut buf = vec![0f32; elems];
-            let mut off = 0;
-            for g in &grads[start..end] {
-                let n = g.numel();
-                let flat = g
-                    .f_to_device(Device::Cpu)?
-                    .f_to_kind(Kind::Float)?
-                    .f_contiguous()?;
-                flat.f_copy_data(&mut buf[off..off + n], n)?;
-                off += n;
-            }
-            self.rt
-                .block_on(group.all_reduce(&mut buf, ReduceOp::Sum))?;
-            let mut off = 0;
-            for g in &grads[start..end] {
-                let n = g.numel();
-                let src = Tensor::f_from_slice(&buf[off..off + n])?.f_view(g.size().as_slice())?;
-                let mut g = g.shallow_clone();
-                g.f_copy_(&src)?;
-                off += n;
-            }
-            start = end;
         }
         Ok(())
     }
@@ -154,44 +192,151 @@ impl Groups {
         let mut header = [0u8; 40];
         header[..32].copy_from_slice(&layout);
         header[32..].copy_from_slice(&(total as u64).to_le_bytes());
-        self.rt.block_on(group.broadcast(root, &mut header))?;
-        if !sender && (header[..32] != layout || header[32..] != (total as u64).to_le_bytes()) {
-            let theirs = u64::from_le_bytes(header[32..].try_into().expect("8 bytes"));
-            return Err(RoleError::bad(
-                "weights",
-                format!(
-                    "the sender's model (rank {root}, {theirs} bytes) has another layout than this \
-                     role's ({total} bytes): names, shapes or dtype differ; the actor and the \
-                     generators must load the same policy with the same models.dtype"
-                ),
-            ));
-        }
-        let mut buf = vec![0u8; total];
-        if sender {
-            let mut off = 0;
-            for (_, t) in vars {
-                let n = byte_len(t);
-                let c = t.f_to_device(Device::Cpu)?.f_contiguous()?;
-                c.f_copy_data_u8(&mut buf[off..off + n], t.numel())?;
-                off += n;
+        let t0 = std::time::Instant::now();
+        match group {
+            Group::Tcp(tcp) => {
+                self.rt.block_on(tcp.broadcast(root, &mut header))?;
+                check_header(&header, &layout, total, root, sender)?;
+                tcp_sync(&self.rt, tcp, root, sender, vars, &mut self.staging, total)?;
+            }
+            Group::Nccl(nccl) => {
+                let device = vars.first().map_or(Device::Cpu, |(_, t)| t.device());
+                let h = Tensor::f_from_slice(&header)?.f_to_device(device)?;
+                // SAFETY: `h` is 40 contiguous bytes on the group's device, alive during the call.
+                unsafe { nccl.broadcast_raw(root, h.data_ptr() as u64, header.len())? };
+                let got = Vec::<u8>::try_from(h.f_to_device(Device::Cpu)?)?;
+                header.copy_from_slice(&got);
+                check_header(&header, &layout, total, root, sender)?;
+                nccl_sync(nccl, root, sender, vars)?;
             }
         }
-        for chunk in buf.chunks_mut(WEIGHT_BUCKET_BYTES) {
-            self.rt.block_on(group.broadcast(root, chunk))?;
-        }
-        if !sender {
-            let _g = tch::no_grad_guard();
-            let mut off = 0;
-            for (_, v) in vars {
-                let n = byte_len(v);
-                let src = Tensor::f_from_data_size(&buf[off..off + n], &v.size(), v.kind())?;
-                let mut v = v.shallow_clone();
-                v.f_copy_(&src)?;
-                off += n;
-            }
-        }
+        tracing::debug!(
+            bytes = total,
+            sender,
+            secs = t0.elapsed().as_secs_f64(),
+            "weight sync"
+        );
         Ok((total as u64, vars.len() as u64))
     }
+}
+
+/// `grads` cut into all-reduce buckets of at most [`GRAD_BUCKET_ELEMS`] elements (a larger
+/// tensor goes alone), in order.
+fn buckets(grads: &[Tensor]) -> Vec<Range<usize>> {
+    let mut out = vec![];
+    let mut start = 0;
+    while start < grads.len() {
+        let mut end = start;
+        let mut elems = 0usize;
+        while end < grads.len() {
+            let n = grads[end].numel();
+            if end > start && elems + n > GRAD_BUCKET_ELEMS {
+                break;
+            }
+            elems += n;
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
+fn check_header(
+    header: &[u8; 40],
+    layout: &[u8; 32],
+    total: usize,
+    root: usize,
+    sender: bool,
+) -> RoleResult<()> {
+    if !sender && (header[..32] != layout[..] || header[32..] != (total as u64).to_le_bytes()) {
+        let theirs = u64::from_le_bytes(header[32..].try_into().expect("8 bytes"));
+        return Err(RoleError::bad(
+            "weights",
+            format!(
+                "the sender's model (rank {root}, {theirs} bytes) has another layout than this \
+                 role's ({total} bytes): names, shapes or dtype differ; the actor and the \
+                 generators must load the same policy with the same models.dtype"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// TCP weight sync through host staging: the sender copies every tensor into `staging` and
+/// broadcasts it in buckets; receivers copy in only after all of it arrived.
+fn tcp_sync(
+    rt: &Handle,
+    tcp: &mut TcpGroup,
+    root: usize,
+    sender: bool,
+    vars: &[(String, Tensor)],
+    staging: &mut Vec<u8>,
+    total: usize,
+) -> RoleResult<()> {
+    staging.resize(total, 0);
+    if sender {
+        let mut off = 0;
+        for (_, t) in vars {
+            let n = byte_len(t);
+            let c = t.f_to_device(Device::Cpu)?.f_contiguous()?;
+            c.f_copy_data_u8(&mut staging[off..off + n], t.numel())?;
+            off += n;
+        }
+    }
+    for chunk in staging.chunks_mut(WEIGHT_BUCKET_BYTES) {
+        rt.block_on(tcp.broadcast(root, chunk))?;
+    }
+    if !sender {
+        let _g = tch::no_grad_guard();
+        let mut off = 0;
+        for (_, v) in vars {
+            let n = byte_len(v);
+            let bytes = &staging[off..off + n];
+            // SAFETY: `bytes` holds exactly `numel` elements of `v`'s kind (the layouts
+            // matched), and the view is dropped (after `copy_` read it) before `staging` is
+            // touched again.
+            let src = unsafe {
+                Tensor::f_from_blob(bytes.as_ptr(), &v.size(), &[], v.kind(), Device::Cpu)?
+            };
+            v.shallow_clone().f_copy_(&src)?;
+            drop(src);
+            off += n;
+        }
+    }
+    Ok(())
+}
+
+/// NCCL weight sync on device memory: the sender broadcasts straight from its parameters;
+/// receivers receive into device staging tensors and copy in only after all arrived.
+fn nccl_sync(
+    nccl: &mut NcclGroup,
+    root: usize,
+    sender: bool,
+    vars: &[(String, Tensor)],
+) -> RoleResult<()> {
+    let _g = tch::no_grad_guard();
+    let targets: Vec<Tensor> = vars
+        .iter()
+        .map(|(_, t)| {
+            if sender {
+                t.f_contiguous()
+            } else {
+                t.f_empty_like()
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    for t in &targets {
+        // SAFETY: `t` is contiguous device memory of `byte_len(t)` bytes on the group's device
+        // (the parameters, or staging made like them), alive until the call returned.
+        unsafe { nccl.broadcast_raw(root, t.data_ptr() as u64, byte_len(t))? };
+    }
+    if !sender {
+        for ((_, v), t) in vars.iter().zip(&targets) {
+            v.shallow_clone().f_copy_(t)?;
+        }
+    }
+    Ok(())
 }
 
 fn byte_len(t: &Tensor) -> usize {

@@ -499,6 +499,11 @@ impl Role {
         }
     }
 
+    /// The device the role's model is on (`None` for rule rewards).
+    pub fn device(&self) -> Option<Device> {
+        self.weights_dir().map(|d| d.model.device())
+    }
+
     /// Named weights in name order, for weight sync and digests.
     pub fn weights(&self, op: &str) -> RoleResult<Vec<(String, Tensor)>> {
         Ok(self

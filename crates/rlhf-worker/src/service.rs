@@ -19,7 +19,7 @@ use tokio::sync::{watch, Mutex, RwLock};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument};
 
-use crate::comm::{weights_digest, Purpose};
+use crate::comm::{weights_digest, Group, Purpose};
 use crate::error::{RoleError, RoleResult};
 use crate::host::{Hosted, RoleHandle};
 use crate::reward_rules::{ExactMatch, Extract};
@@ -532,8 +532,30 @@ impl Worker for WorkerService {
         &self,
         req: Request<pb::OpenGroupRequest>,
     ) -> Result<Response<pb::OpenGroupResponse>, Status> {
-        let pb::OpenGroupRequest { role_id, group_id } = req.into_inner();
+        let pb::OpenGroupRequest {
+            role_id,
+            group_id,
+            backend,
+        } = req.into_inner();
         self.role(&role_id).await?;
+        if backend == pb::CollectiveBackend::Nccl as i32 {
+            // Every member makes an id; the coordinator hands rank 0's to all, and rank 0's
+            // process hosts NCCL's bootstrap root for it.
+            rlhf_comm::nccl_available().map_err(|m| {
+                RoleError::bad(
+                    "backend",
+                    format!("{m}; or set launcher.collective_backend: tcp"),
+                )
+            })?;
+            let id = tokio::task::spawn_blocking(rlhf_comm::NcclGroup::unique_id)
+                .await
+                .map_err(|e| RoleError::bad("backend", format!("NCCL unique id: {e}")))?
+                .map_err(RoleError::from)?;
+            return Ok(Response::new(pb::OpenGroupResponse {
+                address: String::new(),
+                nccl_id: id.to_bytes().to_vec(),
+            }));
+        }
         let listener = rlhf_comm::bind(SocketAddr::new(self.peers.bind, 0))
             .await
             .map_err(RoleError::from)?;
@@ -547,7 +569,10 @@ impl Worker for WorkerService {
             .insert((role_id.clone(), group_id), listener);
         let address = format!("{}:{port}", self.peers.host);
         info!(role = %role_id, group = group_id, %address, "group listener open");
-        Ok(Response::new(pb::OpenGroupResponse { address }))
+        Ok(Response::new(pb::OpenGroupResponse {
+            address,
+            nccl_id: vec![],
+        }))
     }
 
     async fn join_group(
@@ -561,6 +586,8 @@ impl Worker for WorkerService {
             rank,
             peers,
             timeout_s,
+            backend,
+            nccl_id,
         } = req.into_inner();
         let purpose = match pb::GroupPurpose::try_from(purpose) {
             Ok(pb::GroupPurpose::Gradients) => Purpose::Gradients,
@@ -576,45 +603,74 @@ impl Worker for WorkerService {
         if !(timeout_s > 0.0 && timeout_s.is_finite()) {
             return Err(RoleError::bad("timeout_s", format!("{timeout_s}: must be > 0")).into());
         }
+        let timeout = std::time::Duration::from_secs_f64(timeout_s);
         let role = self.role(&role_id).await?;
-        let listener = self
-            .opening
-            .lock()
-            .await
-            .remove(&(role_id.clone(), group_id))
-            .ok_or_else(|| {
-                RoleError::bad(
-                    "group_id",
-                    format!(
-                        "group {group_id} was not opened for role `{role_id}` (OpenGroup first)"
-                    ),
-                )
-            })?;
-        let mut addrs = Vec::with_capacity(peers.len());
-        for (i, p) in peers.iter().enumerate() {
-            let a = tokio::net::lookup_host(p.as_str())
+        let world = peers.len();
+        if backend == pb::CollectiveBackend::Nccl as i32 {
+            let id = rlhf_comm::NcclUniqueId::from_bytes(&nccl_id).map_err(RoleError::from)?;
+            role.run(move |h| {
+                let device = match h.role.device() {
+                    Some(Device::Cuda(n)) => n,
+                    other => {
+                        return Err(RoleError::bad(
+                            "backend",
+                            format!(
+                                "NCCL needs the role on a CUDA device, it is on {other:?}; \
+                                 set launcher.collective_backend: tcp"
+                            ),
+                        ))
+                    }
+                };
+                let mut cfg =
+                    rlhf_comm::NcclGroupConfig::new(group_id, rank as usize, world, device);
+                cfg.timeout = timeout;
+                let g = rlhf_comm::NcclGroup::connect(cfg, id)?;
+                h.groups.set(purpose, Group::Nccl(g));
+                Ok(())
+            })
+            .await?;
+        } else {
+            let listener = self
+                .opening
+                .lock()
                 .await
-                .ok()
-                .and_then(|mut it| it.next())
+                .remove(&(role_id.clone(), group_id))
                 .ok_or_else(|| {
                     RoleError::bad(
-                        "peers",
-                        format!("rank {i}'s address `{p}` does not resolve to a socket address"),
+                        "group_id",
+                        format!(
+                            "group {group_id} was not opened for role `{role_id}` (OpenGroup first)"
+                        ),
                     )
                 })?;
-            addrs.push(a);
+            let mut addrs = Vec::with_capacity(world);
+            for (i, p) in peers.iter().enumerate() {
+                let a = tokio::net::lookup_host(p.as_str())
+                    .await
+                    .ok()
+                    .and_then(|mut it| it.next())
+                    .ok_or_else(|| {
+                        RoleError::bad(
+                            "peers",
+                            format!(
+                                "rank {i}'s address `{p}` does not resolve to a socket address"
+                            ),
+                        )
+                    })?;
+                addrs.push(a);
+            }
+            let mut cfg = rlhf_comm::GroupConfig::new(group_id, rank as usize, world);
+            cfg.timeout = timeout;
+            let group = rlhf_comm::TcpGroup::connect(cfg, listener, addrs)
+                .await
+                .map_err(RoleError::from)?;
+            role.run(move |h| {
+                h.groups.set(purpose, Group::Tcp(group));
+                Ok(())
+            })
+            .await?;
         }
-        let mut cfg = rlhf_comm::GroupConfig::new(group_id, rank as usize, peers.len());
-        cfg.timeout = std::time::Duration::from_secs_f64(timeout_s);
-        let group = rlhf_comm::TcpGroup::connect(cfg, listener, addrs)
-            .await
-            .map_err(RoleError::from)?;
-        role.run(move |h| {
-            h.groups.set(purpose, group);
-            Ok(())
-        })
-        .await?;
-        info!(role = %role_id, group = group_id, purpose = purpose.name(), rank, world = peers.len(), "joined group");
+        info!(role = %role_id, group = group_id, purpose = purpose.name(), rank, world, nccl = backend == pb::CollectiveBackend::Nccl as i32, "joined group");
         Ok(Response::new(pb::Empty {}))
     }
 
