@@ -287,3 +287,29 @@ fn nccl_groups_need_cuda_devices() {
     f.load(&auto, &[], &[])
         .expect("auto accepts a CPU generator");
 }
+
+#[test]
+fn the_shipped_run_files_load() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    assert!(rlhf_config::load(&root.join("configs/local.yaml"), &[], vars(&[])).is_ok());
+    // The cluster example names paths on a cluster's shared filesystem: point them here.
+    let f = Fixture::new();
+    let dir = f.path().display().to_string();
+    let prompts = f.write("prompts.jsonl", "{\"prompt\": \"hi\"}\n");
+    f.write("config.json", "{}");
+    f.write("question.jsonl", "");
+    let sets: Vec<String> = [
+        format!("models.policy={dir}"),
+        format!("models.critic={dir}"),
+        format!("models.reward.path={dir}"),
+        format!("rollout.prompts={}", prompts.display()),
+        format!("validation.mt_bench={dir}"),
+    ]
+    .into();
+    let loaded = rlhf_config::load(&root.join("cluster/example.yaml"), &sets, vars(&[]))
+        .unwrap_or_else(|e| panic!("cluster/example.yaml does not load: {e}"));
+    let c = &loaded.config;
+    assert_eq!(c.replicas(rlhf_config::Role::Actor), 2);
+    assert_eq!(c.replicas(rlhf_config::Role::Critic), 2);
+    assert_eq!(c.replicas(rlhf_config::Role::Generator), 2);
+}
