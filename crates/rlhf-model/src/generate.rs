@@ -301,7 +301,6 @@ pub fn generate(
     })
 }
 
-/// Draws one token per row from `logp` (b, V) with top-k/top-p filtering, using the given
 /// Seed of row `row`'s sampling stream: splitmix64 of `seed` and the row index, so neighbouring
 /// rows and neighbouring seeds get unrelated streams.
 pub fn row_seed(seed: u64, row: u64) -> u64 {
@@ -311,10 +310,28 @@ pub fn row_seed(seed: u64, row: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// uniforms `u` (b,) in [0, 1): inverse-CDF sampling over the sorted, filtered distribution.
+/// Draws one token per row from `logp` (b, V) with top-k/top-p filtering, using the given
+/// uniforms `u` (b,) in [0, 1): inverse-CDF sampling over the filtered distribution. Without
+/// filtering the CDF runs over the vocabulary in id order; with top-k only over the `k` most
+/// likely tokens (`topk`, no full sort); with top-p over the whole vocabulary sorted by
+/// probability.
 fn sample(logp: &Tensor, top_k: Option<usize>, top_p: Option<f64>, u: &Tensor) -> Result<Tensor> {
     let vocab = logp.size()[1];
-    let (sorted, order) = logp.sort(-1, true);
+    let top_p = top_p.filter(|p| *p < 1.0);
+    let top_k = top_k.filter(|k| (*k as i64) < vocab);
+    let (sorted, order) = match (top_k, top_p) {
+        (None, None) => {
+            let cdf = logp.exp().cumsum(-1, Kind::Float);
+            return Ok(inverse_cdf(&cdf, u, vocab));
+        }
+        (Some(k), None) => {
+            let (vals, idx) = logp.topk(k as i64, -1, true, true);
+            let cdf = vals.exp().cumsum(-1, Kind::Float);
+            let i = inverse_cdf(&cdf, u, k as i64);
+            return Ok(idx.gather(1, &i.unsqueeze(1), false).squeeze_dim(1));
+        }
+        _ => logp.sort(-1, true),
+    };
     let mut probs = sorted.exp();
     if let Some(k) = top_k {
         if (k as i64) < vocab {
@@ -332,14 +349,18 @@ fn sample(logp: &Tensor, top_k: Option<usize>, top_p: Option<f64>, u: &Tensor) -
         }
     }
     let cdf = probs.cumsum(-1, Kind::Float);
-    let total = cdf.narrow(1, vocab - 1, 1);
-    let target = u.unsqueeze(1) * total;
-    // Index of the first CDF entry above the target; clamp guards the float edge at u → 1.
-    let idx = cdf
-        .le_tensor(&target)
-        .sum_dim_intlist([1].as_slice(), false, Kind::Int64);
-    let idx = idx.clamp_max(vocab - 1);
+    let idx = inverse_cdf(&cdf, u, vocab);
     Ok(order.gather(1, &idx.unsqueeze(1), false).squeeze_dim(1))
+}
+
+/// Per row, the index of the first entry of the (unnormalised) CDF `cdf` (b, n) above `u` times
+/// its total; the clamp guards the float edge at u → 1.
+fn inverse_cdf(cdf: &Tensor, u: &Tensor, n: i64) -> Tensor {
+    let total = cdf.narrow(1, n - 1, 1);
+    let target = u.unsqueeze(1) * total;
+    cdf.le_tensor(&target)
+        .sum_dim_intlist([1].as_slice(), false, Kind::Int64)
+        .clamp_max(n - 1)
 }
 
 /// Per-token log-probabilities (and optionally entropy) of `input_ids` under the model.
