@@ -692,6 +692,13 @@ pub struct RolloutConfig {
     pub shuffle: bool,
     /// Apply the policy tokenizer's chat template to prompts. Default: true.
     pub chat_template: bool,
+    /// One-step off-policy rollouts (needs `generator` workers): the generators sample the
+    /// next step's batch while the current one is scored and trained, so step t trains on
+    /// responses sampled with the weights after step t-2 (PPO's ratio against the sampling
+    /// log-probs corrects for it). Steps that end in a scheduled checkpoint (`checkpoint.every`,
+    /// the last step) do not prefetch, so resuming from them is exact; a stop by signal drops
+    /// the prefetched batch. Default: false.
+    pub async_generation: bool,
 }
 
 impl Default for RolloutConfig {
@@ -707,6 +714,7 @@ impl Default for RolloutConfig {
             top_p: 1.0,
             shuffle: true,
             chat_template: true,
+            async_generation: false,
         }
     }
 }

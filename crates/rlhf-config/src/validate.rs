@@ -452,6 +452,12 @@ impl RunConfig {
                 );
             }
         }
+        if self.rollout.async_generation && self.replicas(Role::Generator) == 0 {
+            return c.fail(
+                "rollout.async_generation",
+                "needs generator workers (add `generator` to a worker's roles): the actor cannot sample the next batch while it trains",
+            );
+        }
         c.optimizer("train.actor", &t.actor)?;
         c.optimizer("train.critic", &t.critic)
     }

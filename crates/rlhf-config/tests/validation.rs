@@ -313,3 +313,13 @@ fn the_shipped_run_files_load() {
     assert_eq!(c.replicas(rlhf_config::Role::Critic), 2);
     assert_eq!(c.replicas(rlhf_config::Role::Generator), 2);
 }
+
+#[test]
+fn async_generation_needs_generators() {
+    let f = Fixture::new();
+    let msg = err(f.load(BASE, &["rollout.async_generation=true"], &[]));
+    assert!(
+        msg.starts_with("rollout.async_generation: needs generator workers"),
+        "{msg}"
+    );
+}

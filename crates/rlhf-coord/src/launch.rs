@@ -866,6 +866,58 @@ async fn save_checkpoint_inner(
     Ok(info.dir)
 }
 
+/// The Generate request for prompt rows `batch` of step `step`.
+fn gen_request(p: &Prepared, batch: &[usize], step: u64) -> pb::GenerateRequest {
+    let cfg = &p.loaded.config;
+    pb::GenerateRequest {
+        role_id: String::new(),
+        prompts: batch
+            .iter()
+            .map(|&i| pb::PromptIds {
+                ids: p.prompts.rows[i].ids.clone(),
+            })
+            .collect(),
+        samples_per_prompt: cfg.rollout.samples_per_prompt as u32,
+        max_new_tokens: cfg.rollout.max_new_tokens as u32,
+        temperature: cfg.rollout.temperature,
+        top_k: cfg.rollout.top_k as u32,
+        top_p: cfg.rollout.top_p,
+        seed: step_seed(cfg.run.seed, step),
+        first_row: 0,
+    }
+}
+
+/// The next step's batch, being sampled while the current step trains
+/// (`rollout.async_generation`).
+struct Prefetch {
+    step: u64,
+    batch: Vec<usize>,
+    /// The prompt cursor before this batch was taken: what a checkpoint written while the
+    /// batch is in flight records.
+    cursor_before: PromptCursor,
+    task: Option<tokio::task::JoinHandle<Result<pb::GenerateResponse>>>,
+    done: Option<pb::GenerateResponse>,
+}
+
+impl Prefetch {
+    /// Waits for the sampling to finish and keeps its answer.
+    async fn finish(&mut self) -> Result<()> {
+        if let Some(task) = self.task.take() {
+            let gen = task
+                .await
+                .context("the prefetching task failed")?
+                .with_context(|| format!("sampling step {}'s batch ahead", self.step))?;
+            self.done = Some(gen);
+        }
+        Ok(())
+    }
+
+    async fn wait(mut self) -> Result<pb::GenerateResponse> {
+        self.finish().await?;
+        self.done.context("prefetched batch missing")
+    }
+}
+
 async fn train(
     p: &Prepared,
     registry: &Arc<Registry>,
@@ -937,13 +989,21 @@ async fn train(
     let mut last_save = Instant::now();
     let mut last_saved_step = p.resume.as_ref().map(|r| r.state.step);
     let mut last_step_time = Duration::ZERO;
+    let mut prefetch: Option<Prefetch> = None;
     while st.step < cfg.train.steps {
         if let Some(sig) = stop.borrow().clone() {
+            // A prefetched batch is dropped: the checkpoint's cursor points before it.
+            if let Some(pf) = prefetch.take() {
+                st.cursor = pf.cursor_before;
+            }
             return stop_now(p, &roles, &st, last_saved_step, format!("{sig} received")).await;
         }
         if let Some(budget) = ck.must_save_by {
             let next_end = p.started.elapsed() + last_step_time.mul_f64(1.5);
             if next_end.as_secs_f64() > budget {
+                if let Some(pf) = prefetch.take() {
+                    st.cursor = pf.cursor_before;
+                }
                 return stop_now(
                     p,
                     &roles,
@@ -956,26 +1016,44 @@ async fn train(
         }
         let step = st.step + 1;
         let t0 = Instant::now();
-        let batch = st
-            .cursor
-            .next_batch(p.prompts.rows.len(), cfg.rollout.batch_size);
-        let rows: Vec<&prompts::PromptRow> = batch.iter().map(|&i| &p.prompts.rows[i]).collect();
-        let gen_req = pb::GenerateRequest {
-            role_id: String::new(),
-            prompts: rows
-                .iter()
-                .map(|r| pb::PromptIds { ids: r.ids.clone() })
-                .collect(),
-            samples_per_prompt: cfg.rollout.samples_per_prompt as u32,
-            max_new_tokens: cfg.rollout.max_new_tokens as u32,
-            temperature: cfg.rollout.temperature,
-            top_k: cfg.rollout.top_k as u32,
-            top_p: cfg.rollout.top_p,
-            seed: step_seed(cfg.run.seed, step),
-            first_row: 0,
+        let (batch, gen, off_policy) = match prefetch.take() {
+            Some(pf) => {
+                debug_assert_eq!(pf.step, step);
+                let batch = pf.batch.clone();
+                (batch, pf.wait().await?, true)
+            }
+            None => {
+                let batch = st
+                    .cursor
+                    .next_batch(p.prompts.rows.len(), cfg.rollout.batch_size);
+                let req = gen_request(p, &batch, step);
+                let gen = replicas::generate(roles.generation(), req).await?;
+                (batch, gen, false)
+            }
         };
-        let gen = replicas::generate(roles.generation(), gen_req).await?;
         let t_gen = t0.elapsed();
+        // One-step off-policy: the generators sample the next batch while this one is scored
+        // and trained, unless this step ends in a scheduled checkpoint (so that resuming from
+        // it is exact) or is the last.
+        let scheduled_ckpt = step == cfg.train.steps || (ck.every > 0 && step % ck.every == 0);
+        if cfg.rollout.async_generation && !scheduled_ckpt {
+            let cursor_before = st.cursor;
+            let next = st
+                .cursor
+                .next_batch(p.prompts.rows.len(), cfg.rollout.batch_size);
+            let req = gen_request(p, &next, step + 1);
+            let gens = roles.generation().to_vec();
+            prefetch = Some(Prefetch {
+                step: step + 1,
+                batch: next,
+                cursor_before,
+                task: Some(tokio::spawn(
+                    async move { replicas::generate(&gens, req).await },
+                )),
+                done: None,
+            });
+        }
+        let rows: Vec<&prompts::PromptRow> = batch.iter().map(|&i| &p.prompts.rows[i]).collect();
 
         let t1 = Instant::now();
         let texts = rl::decode_responses(&gen, &p.tokenizer)?;
@@ -1084,6 +1162,12 @@ async fn train(
         for v in train_metrics.values_mut() {
             *v /= n_mb;
         }
+        // The generators must be idle before they take new weights.
+        let tw = Instant::now();
+        if let Some(pf) = prefetch.as_mut() {
+            pf.finish().await?;
+        }
+        let t_wait_prefetch = tw.elapsed();
         let ts = Instant::now();
         let mut sync_bytes = 0;
         if !roles.generators.is_empty() {
@@ -1121,13 +1205,21 @@ async fn train(
         m.insert("time/score_s".into(), t_score.as_secs_f64());
         m.insert("time/train_s".into(), t_train.as_secs_f64());
         m.insert("time/sync_s".into(), t_sync.as_secs_f64());
+        if cfg.rollout.async_generation {
+            m.insert(
+                "rollout/off_policy".into(),
+                if off_policy { 1.0 } else { 0.0 },
+            );
+            m.insert("time/wait_prefetch_s".into(), t_wait_prefetch.as_secs_f64());
+        }
         if !roles.generators.is_empty() {
             m.insert("sync/bytes".into(), sync_bytes as f64);
         }
         if checked {
             m.insert("replicas/checked".into(), 1.0);
         }
-        let overhead = (total.saturating_sub(t_gen + t_score + t_train + t_sync)).as_secs_f64();
+        let overhead = (total.saturating_sub(t_gen + t_score + t_train + t_sync + t_wait_prefetch))
+            .as_secs_f64();
         m.insert("time/controller_s".into(), overhead);
         m.insert("time/controller_compute_s".into(), ctl.as_secs_f64());
         let validated = match &p.validator {
@@ -1177,7 +1269,15 @@ async fn train(
                 .every_minutes
                 .is_some_and(|m| last_save.elapsed().as_secs_f64() >= m * 60.0);
         if due || validated.is_some() {
-            save_checkpoint(p, &roles, &st, validated.as_ref()).await?;
+            // With a batch prefetched, the checkpoint's cursor points before it (a resume
+            // samples it again).
+            let cursor_now = st.cursor;
+            if let Some(pf) = &prefetch {
+                st.cursor = pf.cursor_before;
+            }
+            let saved = save_checkpoint(p, &roles, &st, validated.as_ref()).await;
+            st.cursor = cursor_now;
+            saved?;
             last_save = Instant::now();
             last_saved_step = Some(step);
         }

@@ -223,3 +223,47 @@ fn a_stalled_replica_fails_its_peer_within_the_collective_timeout() {
     );
     assert!(waited < Duration::from_secs(15), "stopped after {waited:?}");
 }
+
+#[test]
+fn async_generation_trains_one_step_off_policy_and_resumes_exactly_at_scheduled_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, parts) = (tmp.path().join("whole"), tmp.path().join("parts"));
+    for d in [&whole, &parts] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let mut split = COLOCATED.to_vec();
+    split.push("{name: g, roles: [generator], threads: 1}");
+    let async_on = "rollout.async_generation=true";
+    let f = setup(&whole, &split, 5, "");
+    // (setup's `checkpoint: {every: 0}` is overridden: scheduled checkpoints at 2 and 4.)
+    let out = launch(&f, &[async_on, "checkpoint.every=2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let m = metrics(&whole);
+    let off: Vec<f64> = m
+        .iter()
+        .map(|r| r["rollout/off_policy"].as_f64().unwrap())
+        .collect();
+    // Step 1 samples in place; a step after a scheduled checkpoint (2, 4) too; the others were
+    // sampled while the previous step trained.
+    assert_eq!(off, [0.0, 1.0, 0.0, 1.0, 0.0], "{m:?}");
+
+    // Stop after step 2 (the run's last step then), continue to 5: equal to the whole run.
+    let f = setup(&parts, &split, 2, "");
+    let out = launch(&f, &[async_on, "checkpoint.every=2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = launch(&f, &[async_on, "checkpoint.every=2", "train.steps=5"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("resuming from"), "{}", text(&out));
+    let got = metrics(&parts);
+    assert_eq!(got.len(), 5);
+    for (w, g) in m.iter().zip(&got) {
+        for (k, v) in w.iter().filter(|(k, _)| !placement_or_time(k)) {
+            assert_eq!(
+                g.get(k),
+                Some(v),
+                "step {}: `{k}` differs after the resume",
+                w["step"]
+            );
+        }
+    }
+}
