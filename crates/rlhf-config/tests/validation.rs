@@ -291,8 +291,8 @@ fn nccl_groups_need_cuda_devices() {
 #[test]
 fn the_shipped_run_files_load() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    assert!(rlhf_config::load(&root.join("configs/local.yaml"), &[], vars(&[])).is_ok());
-    // The cluster example names paths on a cluster's shared filesystem: point them here.
+    // The run files name assets made elsewhere (the demo's, a cluster's shared filesystem):
+    // point those paths at a stand-in here.
     let f = Fixture::new();
     let dir = f.path().display().to_string();
     let prompts = f.write("prompts.jsonl", "{\"prompt\": \"hi\"}\n");
@@ -306,6 +306,8 @@ fn the_shipped_run_files_load() {
         format!("validation.mt_bench={dir}"),
     ]
     .into();
+    rlhf_config::load(&root.join("configs/local.yaml"), &sets, vars(&[]))
+        .unwrap_or_else(|e| panic!("configs/local.yaml does not load: {e}"));
     let loaded = rlhf_config::load(&root.join("cluster/example.yaml"), &sets, vars(&[]))
         .unwrap_or_else(|e| panic!("cluster/example.yaml does not load: {e}"));
     let c = &loaded.config;

@@ -658,50 +658,26 @@ async fn form_groups(cfg: &RunConfig, roles: &Roles) -> Result<()> {
     );
     let mut weights = vec![roles.actor().clone()];
     weights.extend(roles.generators.iter().cloned());
-    let (a, c, w) = tokio::join!(
-        async {
-            if roles.actors.len() > 1 {
-                replicas::form_group(
-                    &roles.actors,
-                    base,
-                    pb::GroupPurpose::Gradients,
-                    replicas::backend(&roles.actors, wanted),
-                    timeout,
-                )
-                .await?;
-            }
-            anyhow::Ok(())
-        },
-        async {
-            if roles.critics.len() > 1 {
-                replicas::form_group(
-                    &roles.critics,
-                    base.wrapping_add(1),
-                    pb::GroupPurpose::Gradients,
-                    replicas::backend(&roles.critics, wanted),
-                    timeout,
-                )
-                .await?;
-            }
-            anyhow::Ok(())
-        },
-        async {
-            if weights.len() > 1 {
-                replicas::form_group(
-                    &weights,
-                    base.wrapping_add(2),
-                    pb::GroupPurpose::Weights,
-                    replicas::backend(&weights, wanted),
-                    timeout,
-                )
-                .await?;
-            }
-            anyhow::Ok(())
-        },
-    );
-    a?;
-    c?;
-    w?;
+    let groups = [
+        (&roles.actors, pb::GroupPurpose::Gradients),
+        (&roles.critics, pb::GroupPurpose::Gradients),
+        (&weights, pb::GroupPurpose::Weights),
+    ];
+    let forming = groups
+        .iter()
+        .enumerate()
+        .filter(|(_, (members, _))| members.len() > 1)
+        .map(|(i, (members, purpose))| {
+            let backend = replicas::backend(members, wanted);
+            replicas::form_group(
+                members,
+                base.wrapping_add(i as u64),
+                *purpose,
+                backend,
+                timeout,
+            )
+        });
+    futures::future::try_join_all(forming).await?;
     Ok(())
 }
 
