@@ -163,7 +163,8 @@ pub struct LauncherConfig {
     /// Bound in seconds on forming a collective group between workers and on any collective
     /// operation (gradient all-reduce, weight broadcast) making no progress: a dead or stalled
     /// peer fails the step with an error naming its rank and address after this long; > 0.
-    /// Default: 60.
+    /// It includes waiting for the slowest replica to reach the all-reduce, and with NCCL it
+    /// bounds each whole operation, so keep it well above both. Default: 60.
     pub collective_timeout_s: f64,
     /// `auto`, `tcp` or `nccl`: how data-parallel replicas and the weight sync to generators
     /// move tensors. Default: `auto` (NCCL when every member of a group is on a CUDA device).

@@ -1,44 +1,17 @@
 //! A real `rlhf-worker` daemon refuses RPCs without the run token (or with a wrong one) and
 //! serves the same call with it; it also stops by itself when no coordinator ever answers.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
 
 use rlhf_proto::auth::{AddToken, RunToken};
 use rlhf_proto::pb::{self, worker_client::WorkerClient};
 
 #[test]
 fn rpcs_without_the_run_token_are_refused() {
-    let token = "0123456789abcdef0123456789abcdef";
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rlhf-worker"))
-        .env("RLHF_RUN_TOKEN", token)
-        .env("RLHF_LOG", "info")
-        .env_remove("RLHF_LOG_FORMAT")
-        // Nobody listens here: the daemon serves while it keeps trying to register.
-        .args([
-            "--coordinator",
-            "127.0.0.1:9",
-            "--name",
-            "w0",
-            "--register-timeout-s",
-            "5",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut addr = None;
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Some(i) = line.find("address=") {
-            addr = Some(line[i + 8..].split_whitespace().next().unwrap().to_string());
-            break;
-        }
-    }
-    // Keep draining its log so the daemon never writes into a closed pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    let addr = addr.expect("the worker logs its listening address");
+    let token = common::TOKEN;
+    let (mut child, addr) = common::spawn_daemon("w0", 5);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))

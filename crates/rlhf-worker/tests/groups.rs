@@ -3,9 +3,8 @@
 //! (digests), a generator with another model layout refuses the sync and keeps its weights, and
 //! asking for NCCL where libnccl/CUDA are missing is a clear error, not a crash.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 
 use rlhf_model::init::{init_model, InitSpec, Preset};
 use rlhf_model::Family;
@@ -14,7 +13,9 @@ use rlhf_proto::pb::{self, worker_client::WorkerClient};
 use tonic::codegen::InterceptedService;
 use tonic::transport::Channel;
 
-const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+mod common;
+use common::TOKEN;
+
 type Client = WorkerClient<InterceptedService<Channel, AddToken>>;
 
 struct Daemon {
@@ -31,30 +32,8 @@ impl Drop for Daemon {
 
 /// A worker daemon that serves while it tries to register with a coordinator nobody runs.
 fn daemon(name: &str) -> Daemon {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rlhf-worker"))
-        .env("RLHF_RUN_TOKEN", TOKEN)
-        .env("RLHF_LOG", "info")
-        .env("OMP_NUM_THREADS", "1")
-        .env_remove("RLHF_LOG_FORMAT")
-        .args(["--coordinator", "127.0.0.1:9", "--name", name])
-        .args(["--register-timeout-s", "60"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut addr = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Some(i) = line.find("address=") {
-            addr = Some(line[i + 8..].split_whitespace().next().unwrap().to_string());
-            break;
-        }
-    }
-    std::thread::spawn(move || lines.for_each(drop));
-    Daemon {
-        child,
-        addr: addr.expect("the worker logs its listening address"),
-    }
+    let (child, addr) = common::spawn_daemon(name, 60);
+    Daemon { child, addr }
 }
 
 async fn client(d: &Daemon) -> Client {

@@ -1,0 +1,36 @@
+//! A real `rlhf-worker` daemon for the tests of this crate, started with no coordinator: it
+//! serves while it keeps trying to register, and gives up after `register_timeout_s`.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+/// The run token the tests' daemons accept.
+pub const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+/// Starts a daemon named `name`; returns it and the address it logged it listens on. Its log
+/// is drained on a thread so it never writes into a closed pipe.
+pub fn spawn_daemon(name: &str, register_timeout_s: u32) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rlhf-worker"))
+        .env("RLHF_RUN_TOKEN", TOKEN)
+        .env("RLHF_LOG", "info")
+        .env("OMP_NUM_THREADS", "1")
+        .env_remove("RLHF_LOG_FORMAT")
+        // Nobody listens here: the daemon serves while it keeps trying to register.
+        .args(["--coordinator", "127.0.0.1:9", "--name", name])
+        .args(["--register-timeout-s", &register_timeout_s.to_string()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut addr = None;
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(i) = line.find("address=") {
+            addr = Some(line[i + 8..].split_whitespace().next().unwrap().to_string());
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, addr.expect("the worker logs its listening address"))
+}
