@@ -953,6 +953,11 @@ async fn train(
             "generators hold the actor's weights"
         );
     }
+    // Replicas and generators must start equal (same files, or the same checkpoint loaded):
+    // check before spending a step on them.
+    if cfg.train.replica_check_every > 0 {
+        check_replicas(&roles, st.step).await?;
+    }
     let first_step = st.step + 1;
     let metrics_path = p.run_dir.join("metrics.jsonl");
     checkpoint::truncate_metrics(&metrics_path, st.step)?;

@@ -267,3 +267,38 @@ fn async_generation_trains_one_step_off_policy_and_resumes_exactly_at_scheduled_
         }
     }
 }
+
+#[test]
+fn data_parallel_replicas_resume_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, parts) = (tmp.path().join("whole"), tmp.path().join("parts"));
+    for d in [&whole, &parts] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let dp = [
+        "{name: a, roles: [actor, reference], threads: 1}",
+        "{name: a2, roles: [actor, critic], threads: 1}",
+        "{name: b, roles: [reward, critic], threads: 1}",
+    ];
+    run_ok(&setup(&whole, &dp, 4, ""));
+    // Two steps, then two more from the checkpoint: every replica must load it (replica 1
+    // keeping its own weights fails the digest check right after the resume, before training).
+    let f = setup(&parts, &dp, 2, "");
+    run_ok(&f);
+    let out = launch(&f, &["train.steps=4"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("resuming from"), "{}", text(&out));
+    let (want, got) = (metrics(&whole), metrics(&parts));
+    assert_eq!(got.len(), 4);
+    for (w, g) in want.iter().zip(&got) {
+        assert_eq!(g["replicas/checked"], 1.0);
+        for (k, v) in w.iter().filter(|(k, _)| !placement_or_time(k)) {
+            assert_eq!(
+                g.get(k),
+                Some(v),
+                "step {}: `{k}` differs after the resume",
+                w["step"]
+            );
+        }
+    }
+}
