@@ -226,6 +226,24 @@ pub enum CommError {
 }
 
 impl CommError {
+    /// A group setting that no group could accept (`op` = rendezvous).
+    pub(crate) fn bad_setting(detail: String) -> CommError {
+        CommError::InvalidArgument {
+            op: Op::Rendezvous,
+            detail,
+        }
+    }
+
+    /// Checks that `rank` is a rank of a group of `world`.
+    pub(crate) fn check_rank(rank: usize, world: usize) -> Result<(), CommError> {
+        if world == 0 || rank >= world {
+            return Err(CommError::bad_setting(format!(
+                "rank {rank} is not in 0..{world} (world)"
+            )));
+        }
+        Ok(())
+    }
+
     /// The rank at fault, where one is known.
     pub fn peer(&self) -> Option<usize> {
         match self {

@@ -401,18 +401,8 @@ impl NcclGroupConfig {
     }
 
     fn validate(&self) -> Result<(), CommError> {
-        let bad = |detail: String| {
-            Err(CommError::InvalidArgument {
-                op: Op::Rendezvous,
-                detail,
-            })
-        };
-        if self.world == 0 || self.rank >= self.world {
-            return bad(format!(
-                "rank {} is not in 0..{} (world)",
-                self.rank, self.world
-            ));
-        }
+        let bad = |detail: String| Err(CommError::bad_setting(detail));
+        CommError::check_rank(self.rank, self.world)?;
         if self.world > c_int::MAX as usize || self.device > c_int::MAX as usize {
             return bad(format!(
                 "world {} or device {} exceeds {}",

@@ -75,18 +75,8 @@ impl GroupConfig {
     }
 
     fn validate(&self, peers: &[SocketAddr]) -> Result<(), CommError> {
-        let bad = |detail: String| {
-            Err(CommError::InvalidArgument {
-                op: Op::Rendezvous,
-                detail,
-            })
-        };
-        if self.world == 0 || self.rank >= self.world {
-            return bad(format!(
-                "rank {} is not in 0..{} (world)",
-                self.rank, self.world
-            ));
-        }
+        let bad = |detail: String| Err(CommError::bad_setting(detail));
+        CommError::check_rank(self.rank, self.world)?;
         if peers.len() != self.world {
             return bad(format!(
                 "{} peer addresses for a world of {}; pass one per rank, indexed by rank",

@@ -277,17 +277,17 @@ impl RunConfig {
             // Members of a group: replicas of a replicated actor or critic; with generators,
             // the first actor and the generators.
             let gens = self.replicas(Role::Generator) > 0;
-            let mut first_actor = true;
+            let first_actor = self
+                .workers
+                .iter()
+                .position(|w| w.roles.contains(&Role::Actor));
             for (i, w) in self.workers.iter().enumerate() {
                 let in_group = w.roles.iter().any(|r| match r {
                     Role::Actor | Role::Critic if self.replicas(*r) > 1 => true,
                     Role::Generator => true,
-                    Role::Actor if gens && first_actor => true,
+                    Role::Actor => gens && first_actor == Some(i),
                     _ => false,
                 });
-                if w.roles.contains(&Role::Actor) {
-                    first_actor = false;
-                }
                 if in_group && !matches!(w.device, crate::schema::Device::Cuda(_)) {
                     return c.fail(
                         &format!("workers.{i}.device"),

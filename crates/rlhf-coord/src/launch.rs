@@ -724,10 +724,8 @@ async fn stop_now(
 
 /// Per-step seed for sampling, derived from the run seed (splitmix64 of seed + step).
 pub fn step_seed(seed: u64, step: u64) -> u64 {
-    let mut z = seed.wrapping_add(step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    use rlhf_model::generate::{splitmix64, SPLITMIX_GAMMA};
+    splitmix64(seed.wrapping_add(step.wrapping_mul(SPLITMIX_GAMMA)))
 }
 
 /// The run's state between steps: what a checkpoint holds besides the workers' role state.

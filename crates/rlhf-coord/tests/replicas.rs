@@ -56,6 +56,14 @@ fn placement_or_time(k: &str) -> bool {
         || k.starts_with("replicas/")
 }
 
+/// `tmp/a` and `tmp/b`, created: the run directories of two runs to compare.
+fn two_dirs(tmp: &Path, a: &str, b: &str) -> (PathBuf, PathBuf) {
+    let dirs = (tmp.join(a), tmp.join(b));
+    std::fs::create_dir_all(&dirs.0).unwrap();
+    std::fs::create_dir_all(&dirs.1).unwrap();
+    dirs
+}
+
 fn run_ok(file: &Path) -> String {
     let out = launch(file, &[]);
     assert!(out.status.success(), "launch failed:\n{}", text(&out));
@@ -70,10 +78,7 @@ const COLOCATED: [&str; 2] = [
 #[test]
 fn a_separate_generator_matches_the_colocated_run_bitwise() {
     let tmp = tempfile::tempdir().unwrap();
-    let (one, two) = (tmp.path().join("colocated"), tmp.path().join("generator"));
-    for d in [&one, &two] {
-        std::fs::create_dir_all(d).unwrap();
-    }
+    let (one, two) = two_dirs(tmp.path(), "colocated", "generator");
     run_ok(&setup(&one, &COLOCATED, 3, ""));
     let mut split = COLOCATED.to_vec();
     split.push("{name: g, roles: [generator], threads: 1}");
@@ -104,10 +109,7 @@ fn a_separate_generator_matches_the_colocated_run_bitwise() {
 #[test]
 fn two_data_parallel_replicas_match_one_replica() {
     let tmp = tempfile::tempdir().unwrap();
-    let (one, two) = (tmp.path().join("single"), tmp.path().join("dp"));
-    for d in [&one, &two] {
-        std::fs::create_dir_all(d).unwrap();
-    }
+    let (one, two) = two_dirs(tmp.path(), "single", "dp");
     // One replica: each minibatch of 4 sequences is 4 micro-batches of 1.
     run_ok(&setup(&one, &COLOCATED, 3, ""));
     // Two actor and two critic replicas: 2 sequences each, 2 micro-batches of 1 per replica,
@@ -227,10 +229,7 @@ fn a_stalled_replica_fails_its_peer_within_the_collective_timeout() {
 #[test]
 fn async_generation_trains_one_step_off_policy_and_resumes_exactly_at_scheduled_checkpoints() {
     let tmp = tempfile::tempdir().unwrap();
-    let (whole, parts) = (tmp.path().join("whole"), tmp.path().join("parts"));
-    for d in [&whole, &parts] {
-        std::fs::create_dir_all(d).unwrap();
-    }
+    let (whole, parts) = two_dirs(tmp.path(), "whole", "parts");
     let mut split = COLOCATED.to_vec();
     split.push("{name: g, roles: [generator], threads: 1}");
     let async_on = "rollout.async_generation=true";
@@ -271,10 +270,7 @@ fn async_generation_trains_one_step_off_policy_and_resumes_exactly_at_scheduled_
 #[test]
 fn data_parallel_replicas_resume_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let (whole, parts) = (tmp.path().join("whole"), tmp.path().join("parts"));
-    for d in [&whole, &parts] {
-        std::fs::create_dir_all(d).unwrap();
-    }
+    let (whole, parts) = two_dirs(tmp.path(), "whole", "parts");
     let dp = [
         "{name: a, roles: [actor, reference], threads: 1}",
         "{name: a2, roles: [actor, critic], threads: 1}",

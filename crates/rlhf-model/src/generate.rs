@@ -301,13 +301,21 @@ pub fn generate(
     })
 }
 
-/// Seed of row `row`'s sampling stream: splitmix64 of `seed` and the row index, so neighbouring
-/// rows and neighbouring seeds get unrelated streams.
-pub fn row_seed(seed: u64, row: u64) -> u64 {
-    let mut z = seed ^ row.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+/// splitmix64's output function: a bijective mix of `z`, so nearby inputs give unrelated
+/// outputs. Seeds derived from (seed, index) pairs go through it.
+pub fn splitmix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// The golden-ratio increment of splitmix64.
+pub const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// Seed of row `row`'s sampling stream, so neighbouring rows and neighbouring seeds get
+/// unrelated streams.
+fn row_seed(seed: u64, row: u64) -> u64 {
+    splitmix64(seed ^ row.wrapping_add(1).wrapping_mul(SPLITMIX_GAMMA))
 }
 
 /// Draws one token per row from `logp` (b, V) with top-k/top-p filtering, using the given
@@ -334,19 +342,15 @@ fn sample(logp: &Tensor, top_k: Option<usize>, top_p: Option<f64>, u: &Tensor) -
     };
     let mut probs = sorted.exp();
     if let Some(k) = top_k {
-        if (k as i64) < vocab {
-            let keep = Tensor::arange(vocab, (Kind::Int64, logp.device())).lt(k as i64);
-            probs = probs * keep.unsqueeze(0);
-        }
+        let keep = Tensor::arange(vocab, (Kind::Int64, logp.device())).lt(k as i64);
+        probs = probs * keep.unsqueeze(0);
     }
     if let Some(p) = top_p {
-        if p < 1.0 {
-            // Keep a token when the mass strictly before it is below p (the top one always).
-            let before = probs.cumsum(-1, Kind::Float) - &probs;
-            let total = probs.sum_dim_intlist([1].as_slice(), true, Kind::Float);
-            let keep = before.lt_tensor(&(total * p));
-            probs = probs * keep;
-        }
+        // Keep a token when the mass strictly before it is below p (the top one always).
+        let before = probs.cumsum(-1, Kind::Float) - &probs;
+        let total = probs.sum_dim_intlist([1].as_slice(), true, Kind::Float);
+        let keep = before.lt_tensor(&(total * p));
+        probs = probs * keep;
     }
     let cdf = probs.cumsum(-1, Kind::Float);
     let idx = inverse_cdf(&cdf, u, vocab);

@@ -22,7 +22,7 @@ use std::path::Path;
 pub use config::{Config, Family, HeadKind, HfConfig};
 pub use error::{ModelError, Result};
 pub use generate::{
-    generate, last_token_index, row_seed, sequence_scores, token_logprobs, token_logprobs_from,
+    generate, last_token_index, sequence_scores, splitmix64, token_logprobs, token_logprobs_from,
     token_values, Entropy, GenerationConfig, GenerationOutput, Sampling, TokenLogProbs,
 };
 pub use llama::{KvCache, LoadOptions, Model, SaveOptions};

@@ -74,9 +74,11 @@ pub struct Groups {
     rt: Handle,
     grads: Option<Group>,
     weights: Option<Group>,
-    /// Host staging for TCP weight sync (the whole model's bytes), kept between syncs so each
-    /// one does not allocate and fault in the model's size of fresh pages again.
+    /// Host staging for TCP weight sync (the whole model's bytes) and for TCP gradient
+    /// all-reduce (one bucket), kept between calls so each one does not allocate and fault in
+    /// fresh pages again.
     staging: Vec<u8>,
+    grad_buf: Vec<f32>,
 }
 
 impl Groups {
@@ -86,6 +88,7 @@ impl Groups {
             grads: None,
             weights: None,
             staging: Vec::new(),
+            grad_buf: Vec::new(),
         }
     }
 
@@ -119,7 +122,8 @@ impl Groups {
             match group {
                 Group::Tcp(tcp) => {
                     let elems: usize = grads.iter().map(Tensor::numel).sum();
-                    let mut buf = vec![0f32; elems];
+                    let buf = &mut self.grad_buf;
+                    buf.resize(elems, 0.0);
                     let mut off = 0;
                     for g in grads {
                         let n = g.numel();
@@ -130,7 +134,7 @@ impl Groups {
                         flat.f_copy_data(&mut buf[off..off + n], n)?;
                         off += n;
                     }
-                    self.rt.block_on(tcp.all_reduce(&mut buf, ReduceOp::Sum))?;
+                    self.rt.block_on(tcp.all_reduce(buf, ReduceOp::Sum))?;
                     let mut off = 0;
                     for g in grads {
                         let n = g.numel();

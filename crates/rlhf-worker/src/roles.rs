@@ -513,20 +513,9 @@ impl Role {
             .named_tensors())
     }
 
-    /// Named weights, sorted by name (CPU copies are made by the wire layer).
-    pub fn export_weights(&self) -> RoleResult<Vec<(String, Tensor)>> {
-        let dir = self
-            .weights_dir()
-            .ok_or_else(|| self.wrong("ExportWeights"))?;
-        Ok(dir.model.named_tensors())
-    }
-
     /// Replaces every weight; names and shapes must match the role's model exactly.
     pub fn import_weights(&mut self, new: Vec<(String, Tensor)>) -> RoleResult<()> {
-        let dir = self
-            .weights_dir()
-            .ok_or_else(|| self.wrong("ImportWeights"))?;
-        let mut vars = dir.model.named_tensors();
+        let mut vars = self.weights("ImportWeights")?;
         if new.len() != vars.len() {
             return Err(RoleError::bad(
                 "weights",

@@ -464,7 +464,7 @@ impl Worker for WorkerService {
         let chunks = role
             .run(|r| {
                 let mut out = vec![];
-                for (name, t) in r.export_weights()? {
+                for (name, t) in r.weights("ExportWeights")? {
                     out.extend(wire::chunks(&name, &t, WEIGHT_CHUNK_BYTES)?);
                 }
                 Ok(out)
