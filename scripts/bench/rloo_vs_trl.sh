@@ -5,6 +5,9 @@
 # at two sizes (about 2M and 20M parameters), alternating the two ROUNDS times and keeping each
 # side's best median step time (the first step of every run is warm-up). Not part of the tests.
 #   ROUNDS (2), STEPS (5), THREADS (2): torch threads of TRL's one process and of our actor.
+#   BASELINE: optional release directory of another build of ours (e.g. a worktree of an older
+#   commit built with `cargo build --release -p rlhf-coord -p rlhf-worker`), run in the same
+#   rounds as a third column, so a change is judged against its parent side by side.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 eval "$(scripts/setup-torch.sh)"
@@ -55,15 +58,21 @@ YAML
       --batch-size $B --samples $N --max-new-tokens $T --epochs $E --kl-coef $K --lr $LR \
       --steps "$steps" --threads "$threads" --out "$w/trl.json" >/dev/null 2>&1
     python3 -c "import json,sys; d=json.load(open('$w/trl.json')); print(json.dumps({'impl':'trl','size':'$size','step_s':d['step_time_s_median']}))" >>"$out"
-    rm -rf "$w/runs/bench-$size"
-    target/release/rlhf-coord launch "$w/run-$size.yaml" >/dev/null 2>&1
-    python3 - "$w/runs/bench-$size/metrics.jsonl" "$size" >>"$out" <<'PY'
+    for impl in rlhf-coord ${BASELINE:+baseline}; do
+      bin=target/release
+      [ "$impl" = baseline ] && bin=$BASELINE
+      rm -rf "$w/runs/bench-$size"
+      "$bin/rlhf-coord" launch "$w/run-$size.yaml" >/dev/null 2>&1
+      python3 - "$w/runs/bench-$size/metrics.jsonl" "$size" "$impl" >>"$out" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])][1:]
-print(json.dumps({"impl": "rlhf-coord", "size": sys.argv[2],
-                  "step_s": statistics.median(r["time/step_s"] for r in rows),
+med = lambda k: statistics.median(r[k] for r in rows)
+print(json.dumps({"impl": sys.argv[3], "size": sys.argv[2], "step_s": med("time/step_s"),
+                  "generate_s": med("time/generate_s"), "score_s": med("time/score_s"),
+                  "train_s": med("time/train_s"),
                   "len": statistics.mean(r["response_len_mean"] for r in rows)}))
 PY
+    done
   done
 done
 python3 - "$out" "$rounds" "$steps" "$threads" <<'PY'
@@ -75,9 +84,18 @@ for r in rows:
     best[k] = min(best.get(k, 1e9), r["step_s"])
 print(f"\nRLOO, B=8 prompts x N=4 samples, T=32, E=1, KL 0.05 (k1, in reward), {sys.argv[3]} steps "
       f"(median of steps 2..), best of {sys.argv[2]} rounds, {sys.argv[4]} torch threads")
-print("| model | TRL RLOOTrainer (s/step) | rlhf-coord (s/step) | ratio |")
-print("| --- | ---: | ---: | ---: |")
+base = ("baseline", "2m") in best
+print("| model | TRL RLOOTrainer (s/step) | rlhf-coord (s/step) | ratio |"
+      + (" baseline (s/step) | ratio |" if base else ""))
+print("| --- | ---: | ---: | ---: |" + (" ---: | ---: |" if base else ""))
 for size, name in [("2m", "llama 2.0M"), ("20m", "llama 20.5M")]:
     t, o = best[("trl", size)], best[("rlhf-coord", size)]
-    print(f"| {name} | {t:.3f} | {o:.3f} | {o / t:.2f}x |")
+    extra = f" {best[('baseline', size)]:.3f} | {best[('baseline', size)] / t:.2f}x |" if base else ""
+    print(f"| {name} | {t:.3f} | {o:.3f} | {o / t:.2f}x |" + extra)
+# Phase medians of our best round per size (generate, score, train).
+for impl in ["rlhf-coord"] + (["baseline"] if base else []):
+    for size in ["2m", "20m"]:
+        r = min((r for r in rows if r["impl"] == impl and r["size"] == size), key=lambda r: r["step_s"])
+        print(f"{impl} {size}: generate {r['generate_s']:.3f} s, score {r['score_s']:.3f} s, "
+              f"train {r['train_s']:.3f} s")
 PY

@@ -86,9 +86,9 @@ fn train(estimator: AdvantageEstimator) -> Vec<f64> {
                 .logprobs
                 .narrow(1, p - 1, n);
             let v = critic.as_ref().map(|c| {
-                token_values(c, &out.sequences, &out.attention_mask)
+                token_values(c, &out.sequences, &out.attention_mask, p - 1)
                     .unwrap()
-                    .narrow(1, p - 1, n)
+                    .narrow(1, 0, n)
             });
             (r, v)
         });
@@ -127,9 +127,9 @@ fn train(estimator: AdvantageEstimator) -> Vec<f64> {
             opt.clip_grad_norm(Some(1.0)).unwrap();
             opt.step(1e-2).unwrap();
             if let (Some(c), Some(copt), Some(old_v)) = (&critic, critic_opt.as_mut(), &values) {
-                let v = token_values(c, &out.sequences, &out.attention_mask)
+                let v = token_values(c, &out.sequences, &out.attention_mask, p - 1)
                     .unwrap()
-                    .narrow(1, p - 1, n);
+                    .narrow(1, 0, n);
                 let vl = value_loss(
                     &ValueLossConfig::default(),
                     &ValueLossInputs {

@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::llama::{positions_from_mask, Model};
+use crate::llama::{group_rows, positions_from_mask, Model};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -188,18 +188,39 @@ pub fn generate(
     let (positions, padded) = positions_from_mask(&prompt_mask)?;
     // Keys valid over the whole cache: prompt mask, then every generated slot.
     let mut key_valid = padded.as_ref().map(|_| prompt_mask.ne(0));
-    let mut cache = model.new_cache(b, width + max_new.max(1))?;
-    let hidden = model.forward_hidden(
-        &prompt_ids,
-        &positions,
-        key_valid.as_ref(),
-        Some(&mut cache),
-    )?;
-    // Only the last column is needed to pick the next token.
-    let mut logits = model
-        .logits(&hidden.narrow(1, width - 1, 1))?
-        .squeeze_dim(1);
-    drop(hidden);
+    let capacity = width + max_new.max(1);
+    // Prefill: once per distinct prompt (the samples of one prompt share it), then each row
+    // gets a copy of its prompt's cache. Only the last column is needed to pick the next token.
+    let (mut cache, last) = match group_rows(prompts.iter()) {
+        None => {
+            let mut cache = model.new_cache(b, capacity)?;
+            let hidden = model.forward_hidden(
+                &prompt_ids,
+                &positions,
+                key_valid.as_ref(),
+                Some(&mut cache),
+            )?;
+            (cache, hidden.narrow(1, width - 1, 1))
+        }
+        Some((firsts, rows)) => {
+            let firsts = Tensor::from_slice(&firsts).to_device(device);
+            let rows = Tensor::from_slice(&rows).to_device(device);
+            let mut cache = model.new_cache(firsts.size()[0], capacity)?;
+            let hidden = model.forward_hidden(
+                &prompt_ids.index_select(0, &firsts),
+                &positions.index_select(0, &firsts),
+                key_valid
+                    .as_ref()
+                    .map(|kv| kv.index_select(0, &firsts))
+                    .as_ref(),
+                Some(&mut cache),
+            )?;
+            let last = hidden.narrow(1, width - 1, 1).index_select(0, &rows);
+            (cache.select_rows(&rows)?, last)
+        }
+    };
+    let mut logits = model.logits(&last)?.squeeze_dim(1);
+    drop(last);
     let mut next_pos = positions.narrow(1, width - 1, 1) + 1; // (b, 1)
 
     let mut rngs: Vec<ChaCha8Rng> = (0..b as u64)
@@ -407,8 +428,8 @@ pub fn token_logprobs(
 /// As [`token_logprobs`], but only for the tokens after position `from`: column `j` of the
 /// result scores token `from + j + 1`, shape (b, t_len - 1 - from). With `from = prompt_width - 1`
 /// the result is exactly the response's log-probs, and the vocabulary projection, softmax and
-/// their backward run on response positions only (the prompt's hidden states still come from
-/// the full forward).
+/// their backward run on response positions only. Rows that share their first `from + 1`
+/// tokens (the samples of one prompt) run that prefix once ([`Model::forward_predicting`]).
 pub fn token_logprobs_from(
     model: &Model,
     input_ids: &Tensor,
@@ -440,8 +461,8 @@ pub fn token_logprobs_from(
         ));
     }
     let n = t - 1 - from;
-    let hidden = model.forward_padded(input_ids, attention_mask)?;
-    let mut logits = model.logits(&hidden.narrow(1, from, n))?;
+    let hidden = model.forward_predicting(input_ids, attention_mask, from)?;
+    let mut logits = model.logits(&hidden)?;
     drop(hidden);
     if temperature != 1.0 {
         logits = logits / temperature;
@@ -468,9 +489,16 @@ pub fn token_logprobs_from(
     Ok(TokenLogProbs { logprobs, entropy })
 }
 
-/// Per-token values (b, t) from a score head with one label (a critic).
-pub fn token_values(model: &Model, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-    let hidden = model.forward_padded(input_ids, attention_mask)?;
+/// Per-token values (b, t - 1 - from) of the columns `from..t-1` (the states before each of
+/// the tokens `from + 1..t`) from a score head with one label (a critic). Rows sharing their
+/// first `from + 1` tokens run that prefix once.
+pub fn token_values(
+    model: &Model,
+    input_ids: &Tensor,
+    attention_mask: &Tensor,
+    from: i64,
+) -> Result<Tensor> {
+    let hidden = model.forward_predicting(input_ids, attention_mask, from)?;
     let s = model.score(&hidden)?;
     if s.size()[2] != 1 {
         return Err(ModelError::invalid(

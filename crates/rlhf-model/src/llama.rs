@@ -60,6 +60,26 @@ impl Default for SaveOptions {
     }
 }
 
+/// Where one layer's attention gets its keys and values besides this call's own tokens.
+enum LayerKv<'a> {
+    /// Only this call's tokens.
+    Own,
+    /// A preallocated decode cache (keys, values) filled up to the offset: written, then read.
+    Cache(&'a mut (Tensor, Tensor), i64),
+    /// Only this call's tokens, and their keys/values are kept (a prefix pass).
+    Record(&'a mut Vec<(Tensor, Tensor)>),
+    /// A prefix's keys/values (b, n_kv, w, head_dim), one per row, in front of this call's own.
+    After(&'a (Tensor, Tensor)),
+}
+
+/// How [`Model::trunk`] feeds each layer's attention.
+enum KvMode<'a> {
+    Own,
+    Cache(&'a mut KvCache),
+    Record(Vec<(Tensor, Tensor)>),
+    After(Vec<(Tensor, Tensor)>),
+}
+
 /// Attention mask in the form SDPA wants; the cheap forms are chosen when no padding is present.
 pub(crate) enum AttnMask {
     /// Plain causal over a prefill with no cache and no padding (`is_causal` kernel path).
@@ -168,7 +188,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         mask: &AttnMask,
-        cache: Option<(&mut (Tensor, Tensor), i64)>,
+        kv: LayerKv<'_>,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap_or((0, 0, 0));
         // (b, t, n_heads * head_dim) -> (b, n_heads, t, head_dim)
@@ -184,15 +204,21 @@ impl Attention {
             .transpose(1, 2);
         let q = apply_rotary(&q, cos, sin);
         let k = apply_rotary(&k, cos, sin);
-        let (k, v) = match cache {
-            Some(((kc, vc), offset)) => {
+        let (k, v) = match kv {
+            LayerKv::Own => (k, v),
+            LayerKv::Cache((kc, vc), offset) => {
                 // Write this step's keys/values into the preallocated slots, then attend over
                 // everything filled so far: (b, n_kv, offset + t, head_dim).
                 kc.narrow(2, offset, t).copy_(&k);
                 vc.narrow(2, offset, t).copy_(&v);
                 (kc.narrow(2, 0, offset + t), vc.narrow(2, 0, offset + t))
             }
-            None => (k, v),
+            LayerKv::Record(out) => {
+                out.push((k.shallow_clone(), v.shallow_clone()));
+                (k, v)
+            }
+            // Differentiable: gradients flow back into the prefix pass through `cat`.
+            LayerKv::After((pk, pv)) => (Tensor::cat(&[pk, &k], 2), Tensor::cat(&[pv, &v], 2)),
         };
         let gqa = self.n_kv != self.n_heads;
         let y = match mask {
@@ -281,6 +307,21 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// A cache for the rows `rows` (int64 indices into this cache's batch), e.g. one prompt's
+    /// prefill copied to each of its samples.
+    pub fn select_rows(&self, rows: &Tensor) -> Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((k.f_index_select(0, rows)?, v.f_index_select(0, rows)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            len: self.len,
+            capacity: self.capacity,
+        })
+    }
+
     /// Positions filled so far.
     pub fn len(&self) -> i64 {
         self.len
@@ -548,7 +589,7 @@ impl Model {
         input_ids: &Tensor,
         positions: &Tensor,
         key_valid: Option<&Tensor>,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.size2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len);
@@ -572,20 +613,129 @@ impl Model {
             ));
         }
         let mask = self.attention_mask(key_valid, b, t, offset)?;
+        let mut mode = match cache {
+            Some(c) => KvMode::Cache(c),
+            None => KvMode::Own,
+        };
+        let x = self.trunk(input_ids, positions, &mask, &mut mode, offset)?;
+        if let KvMode::Cache(c) = mode {
+            c.len += t;
+        }
+        Ok(x)
+    }
+
+    /// Embedding, the decoder layers (attention fed as `mode` says) and the final norm.
+    fn trunk(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &AttnMask,
+        mode: &mut KvMode<'_>,
+        offset: i64,
+    ) -> Result<Tensor> {
         let (cos, sin) = self.rope.at(positions, self.kind);
         let mut x = Tensor::f_embedding(&self.embed_tokens, input_ids, -1, false, false)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_mut().map(|c| (&mut c.layers[i], offset));
+            let kv = match mode {
+                KvMode::Own => LayerKv::Own,
+                KvMode::Cache(c) => LayerKv::Cache(&mut c.layers[i], offset),
+                KvMode::Record(out) => LayerKv::Record(out),
+                KvMode::After(prefix) => LayerKv::After(&prefix[i]),
+            };
             let h = layer.input_layernorm.forward(&x);
-            let attn = layer.self_attn.forward(&h, &cos, &sin, &mask, slot);
+            let attn = layer.self_attn.forward(&h, &cos, &sin, mask, kv);
             x = x + attn;
             let h = layer.post_attention_layernorm.forward(&x);
             x = x + layer.mlp.forward(&h);
         }
-        if let Some(c) = cache {
-            c.len += t;
-        }
         Ok(self.norm.forward(&x))
+    }
+
+    /// Final-norm hidden states (b, t - 1 - from, hidden) of the columns `from..t-1` of a padded
+    /// batch, the ones that predict tokens `from + 1..t`: the same values as
+    /// `forward_padded(..).narrow(1, from, t - 1 - from)`, without running the last column
+    /// (causal attention: no earlier column depends on it). When rows share their first
+    /// `from + 1` tokens (and mask), as the samples of one prompt do, that shared prefix runs
+    /// once per distinct prefix and the rest of each row attends to its prefix's keys and
+    /// values: the prompt's share of the forward (and of its backward, when gradients are on)
+    /// shrinks by the number of samples per prompt. Without shared prefixes it is the plain
+    /// forward.
+    pub fn forward_predicting(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        from: i64,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.size2()?;
+        if attention_mask.size() != [b, t] {
+            return Err(ModelError::invalid(
+                "attention_mask",
+                format!("{:?}", attention_mask.size()),
+                format!("must match input_ids [{b}, {t}]"),
+            ));
+        }
+        if from < 0 || from > t - 2 {
+            return Err(ModelError::invalid(
+                "from",
+                from,
+                format!("must be in 0..={} for sequences of {t} tokens", t - 2),
+            ));
+        }
+        // The last column predicts nothing: drop it.
+        let t = t - 1;
+        let input_ids = &input_ids.f_narrow(1, 0, t)?;
+        let attention_mask = &attention_mask.f_narrow(1, 0, t)?;
+        let w = from + 1;
+        let Some((firsts, rows)) = shared_prefixes(input_ids, attention_mask, w)? else {
+            let hidden = self.forward_padded(input_ids, attention_mask)?;
+            return Ok(hidden.f_narrow(1, from, t - from)?);
+        };
+        let dev = self.device();
+        let firsts = Tensor::f_from_slice(&firsts)?.f_to_device(dev)?;
+        let rows = Tensor::f_from_slice(&rows)?.f_to_device(dev)?;
+        let (positions, key_valid) = positions_from_mask(attention_mask)?;
+        // Prefix pass over one row per distinct prefix, keeping every layer's keys/values.
+        let p_ids = input_ids.f_narrow(1, 0, w)?.f_index_select(0, &firsts)?;
+        let p_pos = positions.f_narrow(1, 0, w)?.f_index_select(0, &firsts)?;
+        let p_valid = match &key_valid {
+            Some(kv) => {
+                let v = kv.f_narrow(1, 0, w)?.f_index_select(0, &firsts)?;
+                (!bool::try_from(v.f_all()?)?).then_some(v)
+            }
+            None => None,
+        };
+        let u = firsts.size()[0];
+        let p_mask = self.attention_mask(p_valid.as_ref(), u, w, 0)?;
+        let mut mode = KvMode::Record(Vec::with_capacity(self.layers.len()));
+        let p_hidden = self.trunk(&p_ids, &p_pos, &p_mask, &mut mode, 0)?;
+        let KvMode::Record(recorded) = mode else {
+            unreachable!("the prefix pass records")
+        };
+        // Each row gets its prefix's keys/values; the rest of the row attends to them.
+        let prefix = recorded
+            .iter()
+            .map(|(k, v)| Ok((k.f_index_select(0, &rows)?, v.f_index_select(0, &rows)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let last = p_hidden.f_narrow(1, from, 1)?.f_index_select(0, &rows)?;
+        let s = t - w;
+        if s == 0 {
+            return Ok(last);
+        }
+        let key_valid = key_valid.unwrap_or_else(|| attention_mask.ones_like().ne(0));
+        let mask = self.explicit_mask(Some(&key_valid), b, s, w, self.sliding_window())?;
+        let mut mode = KvMode::After(prefix);
+        let rest = self.trunk(
+            &input_ids.f_narrow(1, w, s)?,
+            &positions.f_narrow(1, w, s)?,
+            &mask,
+            &mut mode,
+            w,
+        )?;
+        Ok(Tensor::f_cat(&[last, rest], 1)?)
+    }
+
+    fn sliding_window(&self) -> Option<i64> {
+        self.config.sliding_window.map(|w| w as i64)
     }
 
     fn attention_mask(
@@ -596,7 +746,7 @@ impl Model {
         offset: i64,
     ) -> Result<AttnMask> {
         let total = offset + t;
-        let window = self.config.sliding_window.map(|w| w as i64);
+        let window = self.sliding_window();
         let windowed = window.is_some_and(|w| total > w);
         if key_valid.is_none() && !windowed {
             return Ok(if offset == 0 && t > 1 {
@@ -697,6 +847,50 @@ impl Model {
 
 /// Position ids (count of real tokens before each position, as HF derives them) and the boolean
 /// key mask, or `None` when nothing is padded.
+/// Rows that share their first `w` tokens and mask: `(firsts, rows)` with `firsts` the first
+/// row of each distinct prefix and `rows[i]` the index into `firsts` of row `i`'s prefix, or
+/// `None` when every prefix is distinct (nothing to share).
+fn shared_prefixes(
+    input_ids: &Tensor,
+    attention_mask: &Tensor,
+    w: i64,
+) -> Result<Option<(Vec<i64>, Vec<i64>)>> {
+    let (b, _) = input_ids.size2()?;
+    let host = |t: &Tensor| -> Result<Vec<i64>> {
+        let t = t.f_narrow(1, 0, w)?.f_to_kind(Kind::Int64)?;
+        Ok(Vec::<i64>::try_from(
+            t.f_to_device(Device::Cpu)?.f_contiguous()?.f_view(-1)?,
+        )?)
+    };
+    let (ids, mask) = (host(input_ids)?, host(attention_mask)?);
+    let w = w as usize;
+    // A padded position's token does not matter, only that it is padding.
+    let key = |r: usize| -> Vec<i64> {
+        (r * w..(r + 1) * w)
+            .map(|j| if mask[j] != 0 { ids[j] } else { -1 })
+            .collect()
+    };
+    Ok(group_rows((0..b as usize).map(key)))
+}
+
+/// Groups equal keys: `(firsts, rows)` with `firsts` the index of each distinct key's first
+/// occurrence and `rows[i]` the index into `firsts` of key `i`, or `None` when all are distinct.
+pub(crate) fn group_rows<K: std::hash::Hash + Eq>(
+    keys: impl Iterator<Item = K>,
+) -> Option<(Vec<i64>, Vec<i64>)> {
+    let mut seen = std::collections::HashMap::new();
+    let (mut firsts, mut rows) = (vec![], vec![]);
+    for (r, k) in keys.enumerate() {
+        let next = firsts.len() as i64;
+        let g = *seen.entry(k).or_insert_with(|| {
+            firsts.push(r as i64);
+            next
+        });
+        rows.push(g);
+    }
+    (firsts.len() < rows.len()).then_some((firsts, rows))
+}
+
 pub fn positions_from_mask(attention_mask: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
     let valid = attention_mask.f_ne(0)?;
     let positions = (valid.f_cumsum(-1, Kind::Int64)? - 1).f_clamp_min(0)?;
@@ -735,6 +929,113 @@ mod tests {
             "tch renamed a duplicate: {names:?}"
         );
         assert!(!names.contains(&"model.layers.0.self_attn.o_proj.bias".to_string()));
+    }
+
+    /// Two prompts (left-padded to width 4) with three and two samples, responses right-padded:
+    /// rows share their first 4 tokens in groups {0, 2, 4} and {1, 3}.
+    fn grouped_batch() -> (Tensor, Tensor) {
+        let ids = Tensor::from_slice(&[
+            0i64, 5, 6, 7, 11, 12, 13, //
+            8, 9, 10, 11, 14, 15, 0, //
+            0, 5, 6, 7, 16, 17, 18, //
+            8, 9, 10, 11, 19, 0, 0, //
+            0, 5, 6, 7, 20, 21, 0,
+        ])
+        .view([5, 7]);
+        let mask = Tensor::from_slice(&[
+            0i64, 1, 1, 1, 1, 1, 1, //
+            1, 1, 1, 1, 1, 1, 0, //
+            0, 1, 1, 1, 1, 1, 1, //
+            1, 1, 1, 1, 1, 0, 0, //
+            0, 1, 1, 1, 1, 1, 0,
+        ])
+        .view([5, 7]);
+        (ids, mask)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn shared_prefix_forward_matches_the_plain_forward() {
+        let (ids, mask) = grouped_batch();
+        assert_eq!(
+            shared_prefixes(&ids, &mask, 4).unwrap(),
+            Some((vec![0, 1], vec![0, 1, 0, 1, 0]))
+        );
+        // A padded position's token id does not split a group; a different token does.
+        let ids2 = ids.copy();
+        let _ = ids2.get(2).get(0).fill_(3);
+        assert_eq!(
+            shared_prefixes(&ids2, &mask, 4).unwrap().unwrap().1,
+            vec![0, 1, 0, 1, 0]
+        );
+        let _ = ids2.get(2).get(1).fill_(3);
+        assert_eq!(
+            shared_prefixes(&ids2, &mask, 4).unwrap().unwrap().1,
+            vec![0, 1, 2, 1, 0]
+        );
+        assert_eq!(
+            shared_prefixes(&ids.narrow(0, 0, 2), &mask.narrow(0, 0, 2), 4).unwrap(),
+            None
+        );
+
+        let mut window = tiny("MistralForCausalLM", false);
+        window.sliding_window = Some(3);
+        for config in [tiny("LlamaForCausalLM", false), window] {
+            let m = Model::new(config, Device::Cpu, Kind::Float, 2).unwrap();
+            for from in [5, 3, 2, 0] {
+                let plain = m
+                    .forward_padded(&ids, &mask)
+                    .unwrap()
+                    .narrow(1, from, 6 - from);
+                let shared = m.forward_predicting(&ids, &mask, from).unwrap();
+                assert_eq!(shared.size(), plain.size());
+                // Padded columns hold garbage in both; compare the real ones.
+                let real = mask
+                    .narrow(1, from, 6 - from)
+                    .unsqueeze(2)
+                    .to_kind(Kind::Float);
+                let d = max_diff(&(&shared * &real), &(&plain * &real));
+                assert!(
+                    d < 1e-5,
+                    "from {from}: shared prefix changed hidden states by {d}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn shared_prefix_backward_matches_the_plain_backward() {
+        let (ids, mask) = grouped_batch();
+        let grads = |shared: bool| -> Vec<Tensor> {
+            let m =
+                Model::new(tiny("LlamaForCausalLM", false), Device::Cpu, Kind::Float, 3).unwrap();
+            let h = if shared {
+                m.forward_predicting(&ids, &mask, 3).unwrap()
+            } else {
+                m.forward_padded(&ids, &mask).unwrap().narrow(1, 3, 3)
+            };
+            let real = mask.narrow(1, 3, 3).unsqueeze(2).to_kind(Kind::Float);
+            let loss = (m.logits(&h).unwrap() * real)
+                .pow_tensor_scalar(2)
+                .sum(Kind::Float);
+            loss.backward();
+            m.named_tensors()
+                .iter()
+                .map(|(_, t)| t.grad().copy())
+                .collect()
+        };
+        let (a, b) = (grads(true), grads(false));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            let scale = y.abs().max().double_value(&[]).max(1e-6);
+            let d = max_diff(x, y) / scale;
+            assert!(d < 1e-4, "relative gradient difference {d}");
+        }
+        // Prompt-side weights got gradients at all (the prefix pass is in the graph).
+        assert!(a[0].abs().sum(Kind::Float).double_value(&[]) > 0.0);
     }
 
     #[test]

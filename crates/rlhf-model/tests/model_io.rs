@@ -29,10 +29,12 @@ fn kv_cache_generation_equals_full_recompute() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny(&tmp.path().join("m"), Family::Llama, None, None, 7);
     let m = load(&dir);
+    // Rows 0 and 3 share a prompt: its prefill runs once and is copied to both.
     let prompts = vec![
         vec![5i64, 9, 13, 200, 31],
         vec![8i64, 2_i64.pow(7)],
         vec![77i64; 9],
+        vec![5i64, 9, 13, 200, 31],
     ];
     let cfg = GenerationConfig {
         sampling: Sampling::Sample {
@@ -65,7 +67,12 @@ fn greedy_cache_matches_argmax_of_full_forward() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny(&tmp.path().join("m"), Family::Qwen2, None, None, 8);
     let m = load(&dir);
-    let prompts = vec![vec![5i64, 9, 13], vec![8i64, 100, 3, 4, 5, 6]];
+    // A repeated prompt (shared prefill) decodes as if it had its own.
+    let prompts = vec![
+        vec![5i64, 9, 13],
+        vec![8i64, 100, 3, 4, 5, 6],
+        vec![5i64, 9, 13],
+    ];
     let out = generate(&m, &prompts, &GenerationConfig::greedy(16)).unwrap();
     let _g = tch::no_grad_guard();
     let hidden = m
@@ -245,7 +252,7 @@ fn stops_on_stop_ids_and_masks_the_rest() {
 }
 
 #[test]
-fn score_heads_read_the_last_real_token_and_values_cover_every_token() {
+fn score_heads_read_the_last_real_token_and_values_cover_every_predicting_token() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny(&tmp.path().join("m"), Family::Llama, None, None, 4);
     let rm = Model::load(
@@ -276,8 +283,9 @@ fn score_heads_read_the_last_real_token_and_values_cover_every_token() {
         },
     )
     .unwrap();
-    let v = token_values(&critic, &ids_right, &mask_right).unwrap();
-    assert_eq!(v.size(), [2, 5]);
+    let v = token_values(&critic, &ids_right, &mask_right, 0).unwrap();
+    // One value per position that predicts a next token (all but the last).
+    assert_eq!(v.size(), [2, 4]);
     // A reward head saved and reloaded keeps its architecture and labels.
     let out = tmp.path().join("rm");
     rm.save(&out, &SaveOptions::default()).unwrap();

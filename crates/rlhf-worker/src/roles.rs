@@ -450,8 +450,13 @@ impl Role {
         let mut parts = vec![];
         for start in (0..b).step_by(INFER_ROWS as usize) {
             let part = s.rows(start, INFER_ROWS.min(b - start))?;
-            let v = token_values(&t.dir.model, &part.input_ids, &part.attention_mask)?;
-            parts.push(v.f_narrow(1, s.prompt_width - 1, s.response_len)?);
+            let v = token_values(
+                &t.dir.model,
+                &part.input_ids,
+                &part.attention_mask,
+                s.prompt_width - 1,
+            )?;
+            parts.push(v.f_narrow(1, 0, s.response_len)?);
         }
         Ok(Tensor::f_cat(&parts, 0)?
             .f_to_kind(Kind::Float)?
@@ -867,9 +872,14 @@ impl Trainer {
                 Ok(t.f_narrow(0, start, n)?.f_to_device(dev)?)
             };
             let (mask, old_v, ret) = (rows(&b.response_mask)?, rows(old_v)?, rows(ret)?);
-            let v = token_values(&self.dir.model, &s.input_ids, &s.attention_mask)?
-                .f_narrow(1, s.prompt_width - 1, s.response_len)?
-                .f_to_kind(Kind::Float)?;
+            let v = token_values(
+                &self.dir.model,
+                &s.input_ids,
+                &s.attention_mask,
+                s.prompt_width - 1,
+            )?
+            .f_narrow(1, 0, s.response_len)?
+            .f_to_kind(Kind::Float)?;
             let out = value_loss(
                 &cfg,
                 &ValueLossInputs {
