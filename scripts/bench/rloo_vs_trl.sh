@@ -5,6 +5,8 @@
 # at two sizes (about 2M and 20M parameters), alternating the two ROUNDS times and keeping each
 # side's best median step time (the first step of every run is warm-up). Not part of the tests.
 #   ROUNDS (2), STEPS (5), THREADS (2): torch threads of TRL's one process and of our actor.
+# Each round also times the step's GEMMs alone at its exact shapes (scripts/bench/rloo_floor.py):
+# a lower bound on any synchronous implementation's step on this machine, printed beside both.
 #   BASELINE: optional release directory of another build of ours (e.g. a worktree of an older
 #   commit built with `cargo build --release -p rlhf-coord -p rlhf-worker`), run in the same
 #   rounds as a third column, so a change is judged against its parent side by side.
@@ -53,7 +55,14 @@ rollout: {prompts: prompts.jsonl, batch_size: $B, samples_per_prompt: $N, max_ne
 train: {steps: $steps, epochs: $E, micro_batch_size: $((B * N)), actor: {lr: $LR, max_grad_norm: 1.0}}
 logging: {progress: false, plot: false}
 YAML
+  # Prompt tokens after the chat template (all prompts here have the same length).
+  plen=$($PY -c "import json,sys; from transformers import AutoTokenizer
+t = AutoTokenizer.from_pretrained(sys.argv[1]); p = json.loads(open(sys.argv[2]).readline())['prompt']
+print(len(t.apply_chat_template([{'role': 'user', 'content': p}], add_generation_prompt=True, tokenize=True, return_dict=True)['input_ids']))" "$m" "$w/prompts.jsonl" 2>/dev/null)
   for r in $(seq "$rounds"); do
+    $PY scripts/bench/rloo_floor.py --model "$m" --batch-size $B --samples $N --prompt-len "$plen" \
+      --max-new-tokens $T --threads "$threads" |
+      python3 -c "import json,sys; d=json.load(sys.stdin); d.update(impl='floor', size='$size'); print(json.dumps(d))" >>"$out"
     $PY scripts/bench/trl_rloo.py --policy "$m" --reward-kind exact_match --prompts "$w/prompts.jsonl" \
       --batch-size $B --samples $N --max-new-tokens $T --epochs $E --kl-coef $K --lr $LR \
       --steps "$steps" --threads "$threads" --out "$w/trl.json" >/dev/null 2>&1
@@ -85,15 +94,15 @@ for r in rows:
 print(f"\nRLOO, B=8 prompts x N=4 samples, T=32, E=1, KL 0.05 (k1, in reward), {sys.argv[3]} steps "
       f"(median of steps 2..), best of {sys.argv[2]} rounds, {sys.argv[4]} torch threads")
 base = ("baseline", "2m") in best
-print("| model | TRL RLOOTrainer (s/step) | rlhf-coord (s/step) | ratio |"
+print("| model | TRL RLOOTrainer (s/step) | rlhf-coord (s/step) | ratio | GEMM floor (s) | ratio |"
       + (" baseline (s/step) | ratio |" if base else ""))
-print("| --- | ---: | ---: | ---: |" + (" ---: | ---: |" if base else ""))
+print("| --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if base else ""))
 for size, name in [("2m", "llama 2.0M"), ("20m", "llama 20.5M")]:
-    t, o = best[("trl", size)], best[("rlhf-coord", size)]
+    t, o, f = best[("trl", size)], best[("rlhf-coord", size)], best[("floor", size)]
     extra = f" {best[('baseline', size)]:.3f} | {best[('baseline', size)] / t:.2f}x |" if base else ""
-    print(f"| {name} | {t:.3f} | {o:.3f} | {o / t:.2f}x |" + extra)
-# Phase medians of our best round per size (generate, score, train).
-for impl in ["rlhf-coord"] + (["baseline"] if base else []):
+    print(f"| {name} | {t:.3f} | {o:.3f} | {o / t:.2f}x | {f:.3f} | {f / t:.2f}x |" + extra)
+# Phases of our best round per size (medians over its steps), and the floor's.
+for impl in ["floor", "rlhf-coord"] + (["baseline"] if base else []):
     for size in ["2m", "20m"]:
         r = min((r for r in rows if r["impl"] == impl and r["size"] == size), key=lambda r: r["step_s"])
         print(f"{impl} {size}: generate {r['generate_s']:.3f} s, score {r['score_s']:.3f} s, "

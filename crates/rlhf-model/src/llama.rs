@@ -686,7 +686,11 @@ impl Model {
         let input_ids = &input_ids.f_narrow(1, 0, t)?;
         let attention_mask = &attention_mask.f_narrow(1, 0, t)?;
         let w = from + 1;
-        let Some((firsts, rows)) = shared_prefixes(input_ids, attention_mask, w)? else {
+        // Shared only when it saves at least a token per row: a one-token prefix (a common BOS)
+        // is not worth the extra pass.
+        let shared = shared_prefixes(input_ids, attention_mask, w)?
+            .filter(|(firsts, _)| (b - firsts.len() as i64) * w >= b);
+        let Some((firsts, rows)) = shared else {
             let hidden = self.forward_padded(input_ids, attention_mask)?;
             return Ok(hidden.f_narrow(1, from, t - from)?);
         };

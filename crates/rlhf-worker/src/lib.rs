@@ -5,7 +5,8 @@
 //! tensors ([`host`]), the gRPC `Worker` service over them ([`service`]), and the daemon's life:
 //! register with the coordinator, heartbeat, serve, stop on SIGTERM ([`daemon`]).
 //!
-//! Collective groups with peer workers (gradient all-reduce, weight sync) are in [`comm`].
+//! Collective groups with peer workers (gradient all-reduce, weight sync) are in [`comm`];
+//! the process's malloc settings (freed tensor memory kept for the next step) in [`malloc`].
 //!
 //! May use: rlhf-model, rlhf-algo, rlhf-proto, rlhf-comm, tch, tonic, tokio. Knows nothing of the
 //! controller's internals: everything it learns arrives through the proto, and the coordinator
@@ -15,6 +16,7 @@ pub mod comm;
 pub mod daemon;
 pub mod error;
 pub mod host;
+pub mod malloc;
 pub mod reward_rules;
 pub mod roles;
 pub mod service;

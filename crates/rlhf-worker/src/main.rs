@@ -55,8 +55,10 @@ fn init_tracing(name: &str) {
 }
 
 fn main() -> ExitCode {
+    let malloc = rlhf_worker::malloc::keep_freed_memory();
     let cli = Cli::parse();
     init_tracing(&cli.name);
+    tracing::debug!(malloc, "allocator settings");
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
