@@ -438,30 +438,9 @@ pub fn token_logprobs_from(
     temperature: f64,
     entropy: Entropy,
 ) -> Result<TokenLogProbs> {
-    let (b, t) = input_ids.size2()?;
-    if attention_mask.size() != [b, t] {
-        return Err(ModelError::invalid(
-            "attention_mask",
-            format!("{:?}", attention_mask.size()),
-            format!("must match input_ids [{b}, {t}]"),
-        ));
-    }
-    if t < 2 {
-        return Err(ModelError::invalid(
-            "input_ids",
-            t,
-            "need at least 2 tokens",
-        ));
-    }
-    if from < 0 || from > t - 2 {
-        return Err(ModelError::invalid(
-            "from",
-            from,
-            format!("must be in 0..={} for sequences of {t} tokens", t - 2),
-        ));
-    }
-    let n = t - 1 - from;
+    // Checks the shapes and `from` for both.
     let hidden = model.forward_predicting(input_ids, attention_mask, from)?;
+    let n = hidden.size()[1];
     let mut logits = model.logits(&hidden)?;
     drop(hidden);
     if temperature != 1.0 {

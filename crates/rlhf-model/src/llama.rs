@@ -674,6 +674,13 @@ impl Model {
                 format!("must match input_ids [{b}, {t}]"),
             ));
         }
+        if t < 2 {
+            return Err(ModelError::invalid(
+                "input_ids",
+                t,
+                "need at least 2 tokens",
+            ));
+        }
         if from < 0 || from > t - 2 {
             return Err(ModelError::invalid(
                 "from",
