@@ -27,7 +27,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use rlhf_model::config::kind_from_str;
+use rlhf_model::config::{device_from_str, kind_from_str};
 use rlhf_model::init::{init_model, InitSpec, Preset};
 use rlhf_model::Family;
 use tch::{Device, Kind};
@@ -102,14 +102,7 @@ pub(crate) fn parse_kind(flag: &str, s: &str) -> Result<Kind> {
 }
 
 pub(crate) fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Ok(Device::Cuda(i)),
-            _ => bail!("--device {s:?}: expected cpu, cuda or cuda:N"),
-        },
-    }
+    device_from_str(s).with_context(|| format!("--device {s:?}: expected cpu, cuda or cuda:N"))
 }
 
 fn init_tracing() {

@@ -10,13 +10,12 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rlhf_config::{ConfigError, ConfigSchema, EnvSource, Provenance};
-use rlhf_train::config::{parse_device, DataConfig, DataSource, SftJobConfig};
+use rlhf_train::config::{DataConfig, DataSource, SftJobConfig};
 use rlhf_train::data::{conversation, parse_prompt_response, read_rows, RowOutcome};
 use rlhf_train::{
     CategoryMap, JobControl, JobReport, OnBadRow, RewardModel, RmJobConfig, RmObjective, TrainError,
 };
 use serde::{Deserialize, Serialize};
-use tch::Device;
 
 /// Options shared by `train-rm` and `sft`.
 #[derive(Args)]
@@ -96,10 +95,6 @@ fn on_bad_row(s: &str) -> Result<OnBadRow> {
         "skip" => Ok(OnBadRow::Skip),
         _ => bail!("--on-bad-row {s:?}: expected fail or skip"),
     }
-}
-
-fn device(s: &str) -> Result<Device> {
-    parse_device(s).with_context(|| format!("--device {s:?}: expected cpu, cuda or cuda:N"))
 }
 
 /// Keys a job file must set: the loader drops their placeholder defaults, so a missing one is
@@ -335,7 +330,7 @@ pub fn sft(args: JobArgs) -> Result<()> {
 }
 
 pub fn score(args: ScoreArgs) -> Result<()> {
-    let rm = RewardModel::load(&args.model, device(&args.device)?)?;
+    let rm = RewardModel::load(&args.model, crate::parse_device(&args.device)?)?;
     let (rows, stats) = read_rows(&args.data, on_bad_row(&args.on_bad_row)?, |v| {
         let (p, r) = parse_prompt_response(v)?;
         Ok(RowOutcome::Use(rm.encode(&conversation(&p, &r))?))
@@ -372,7 +367,7 @@ pub fn score(args: ScoreArgs) -> Result<()> {
 }
 
 pub fn eval_rm(args: EvalArgs) -> Result<()> {
-    let rm = RewardModel::load(&args.model, device(&args.device)?)?;
+    let rm = RewardModel::load(&args.model, crate::parse_device(&args.device)?)?;
     let map = match &args.categories {
         Some(p) => CategoryMap::load(p)?,
         None => CategoryMap::default(),

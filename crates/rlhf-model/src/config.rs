@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tch::Kind;
+use tch::{Device, Kind};
 
 use crate::error::{read_json, ModelError, Result};
 
@@ -159,6 +159,18 @@ pub struct Config {
     pub initializer_range: f64,
     /// The file as read, so saving keeps keys this crate does not interpret.
     pub hf: HfConfig,
+}
+
+/// "cpu", "cuda" (device 0) or "cuda:N", as every command line and job file spells a device.
+pub fn device_from_str(s: &str) -> Option<Device> {
+    match s {
+        "cpu" => Some(Device::Cpu),
+        "cuda" => Some(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse().ok())
+            .map(Device::Cuda),
+    }
 }
 
 pub fn kind_from_str(s: &str) -> Option<Kind> {
@@ -530,6 +542,16 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_strings() {
+        assert_eq!(device_from_str("cpu"), Some(Device::Cpu));
+        assert_eq!(device_from_str("cuda"), Some(Device::Cuda(0)));
+        assert_eq!(device_from_str("cuda:3"), Some(Device::Cuda(3)));
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "CPU", ""] {
+            assert_eq!(device_from_str(bad), None, "{bad:?}");
+        }
+    }
 
     fn base() -> Value {
         serde_json::json!({

@@ -155,7 +155,7 @@ impl TrainConfig {
     }
 
     pub fn device(&self) -> Result<Device> {
-        parse_device(&self.device).ok_or_else(|| {
+        rlhf_model::config::device_from_str(&self.device).ok_or_else(|| {
             TrainError::config(
                 "train.device",
                 format!("{:?}: expected cpu, cuda or cuda:N", self.device),
@@ -170,17 +170,6 @@ impl TrainConfig {
                 format!("{:?}: expected float32, bfloat16 or float16", self.dtype),
             )
         })
-    }
-}
-
-pub fn parse_device(s: &str) -> Option<Device> {
-    match s {
-        "cpu" => Some(Device::Cpu),
-        "cuda" => Some(Device::Cuda(0)),
-        _ => s
-            .strip_prefix("cuda:")
-            .and_then(|i| i.parse().ok())
-            .map(Device::Cuda),
     }
 }
 

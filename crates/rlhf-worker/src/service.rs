@@ -70,15 +70,10 @@ impl WorkerService {
 /// Parses "cpu", "cuda" or "cuda:N".
 pub fn parse_device(s: &str) -> RoleResult<Device> {
     match s {
-        "" | "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        _ => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(Device::Cuda)
-            .ok_or_else(|| {
-                RoleError::bad("device", format!("`{s}`: expected cpu, cuda or cuda:N"))
-            }),
+        "" => Ok(Device::Cpu),
+        _ => rlhf_model::config::device_from_str(s).ok_or_else(|| {
+            RoleError::bad("device", format!("`{s}`: expected cpu, cuda or cuda:N"))
+        }),
     }
 }
 
