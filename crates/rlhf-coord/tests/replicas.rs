@@ -41,7 +41,9 @@ fn setup(dir: &Path, workers: &[&str], steps: u64, extra: &str) -> PathBuf {
     f
 }
 
-fn metrics(dir: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
+type Row = serde_json::Map<String, serde_json::Value>;
+
+fn metrics(dir: &Path) -> Vec<Row> {
     jsonl(&dir.join("runs/t/metrics.jsonl"))
         .into_iter()
         .map(|r| r.as_object().unwrap().clone())
@@ -54,6 +56,21 @@ fn placement_or_time(k: &str) -> bool {
         || k == "tokens_per_s"
         || k.starts_with("sync/")
         || k.starts_with("replicas/")
+}
+
+/// Every training metric of every step of `got` equals `want`'s, bit for bit (`after`: what the
+/// second run did differently, for the message).
+fn assert_same_training(want: &[Row], got: &[Row], after: &str) {
+    for (w, g) in want.iter().zip(got) {
+        for (k, v) in w.iter().filter(|(k, _)| !placement_or_time(k)) {
+            assert_eq!(
+                g.get(k),
+                Some(v),
+                "step {}: `{k}` differs {after}",
+                w["step"]
+            );
+        }
+    }
 }
 
 /// `tmp/a` and `tmp/b`, created: the run directories of two runs to compare.
@@ -87,15 +104,8 @@ fn a_separate_generator_matches_the_colocated_run_bitwise() {
 
     let (want, got) = (metrics(&one), metrics(&two));
     assert_eq!(got.len(), 3);
-    for (w, g) in want.iter().zip(&got) {
-        for (k, v) in w.iter().filter(|(k, _)| !placement_or_time(k)) {
-            assert_eq!(
-                g.get(k),
-                Some(v),
-                "step {}: `{k}` differs from the colocated run",
-                w["step"]
-            );
-        }
+    assert_same_training(&want, &got, "from the colocated run");
+    for g in &got {
         // The weights went over the wire every step, and the generator's digest equalled the
         // actor's after each sync (the run stops otherwise).
         assert!(g["sync/bytes"].as_f64().unwrap() > 1e5, "{g:?}");
@@ -255,16 +265,7 @@ fn async_generation_trains_one_step_off_policy_and_resumes_exactly_at_scheduled_
     assert!(text(&out).contains("resuming from"), "{}", text(&out));
     let got = metrics(&parts);
     assert_eq!(got.len(), 5);
-    for (w, g) in m.iter().zip(&got) {
-        for (k, v) in w.iter().filter(|(k, _)| !placement_or_time(k)) {
-            assert_eq!(
-                g.get(k),
-                Some(v),
-                "step {}: `{k}` differs after the resume",
-                w["step"]
-            );
-        }
-    }
+    assert_same_training(&m, &got, "after the resume");
 }
 
 #[test]
@@ -286,15 +287,8 @@ fn data_parallel_replicas_resume_exactly() {
     assert!(text(&out).contains("resuming from"), "{}", text(&out));
     let (want, got) = (metrics(&whole), metrics(&parts));
     assert_eq!(got.len(), 4);
-    for (w, g) in want.iter().zip(&got) {
+    assert_same_training(&want, &got, "after the resume");
+    for g in &got {
         assert_eq!(g["replicas/checked"], 1.0);
-        for (k, v) in w.iter().filter(|(k, _)| !placement_or_time(k)) {
-            assert_eq!(
-                g.get(k),
-                Some(v),
-                "step {}: `{k}` differs after the resume",
-                w["step"]
-            );
-        }
     }
 }

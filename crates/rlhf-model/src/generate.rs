@@ -191,34 +191,29 @@ pub fn generate(
     let capacity = width + max_new.max(1);
     // Prefill: once per distinct prompt (the samples of one prompt share it), then each row
     // gets a copy of its prompt's cache. Only the last column is needed to pick the next token.
-    let (mut cache, last) = match group_rows(prompts.iter()) {
-        None => {
-            let mut cache = model.new_cache(b, capacity)?;
-            let hidden = model.forward_hidden(
-                &prompt_ids,
-                &positions,
-                key_valid.as_ref(),
-                Some(&mut cache),
-            )?;
-            (cache, hidden.narrow(1, width - 1, 1))
-        }
-        Some((firsts, rows)) => {
-            let firsts = Tensor::from_slice(&firsts).to_device(device);
-            let rows = Tensor::from_slice(&rows).to_device(device);
-            let mut cache = model.new_cache(firsts.size()[0], capacity)?;
-            let hidden = model.forward_hidden(
-                &prompt_ids.index_select(0, &firsts),
-                &positions.index_select(0, &firsts),
-                key_valid
-                    .as_ref()
-                    .map(|kv| kv.index_select(0, &firsts))
-                    .as_ref(),
-                Some(&mut cache),
-            )?;
-            let last = hidden.narrow(1, width - 1, 1).index_select(0, &rows);
-            (cache.select_rows(&rows)?, last)
-        }
+    let groups = group_rows(prompts.iter()).map(|(firsts, rows)| {
+        let t = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+        (t(&firsts), t(&rows))
+    });
+    // The prefill's rows: one per distinct prompt, or all.
+    let distinct = |t: &Tensor| match &groups {
+        Some((firsts, _)) => t.index_select(0, firsts),
+        None => t.shallow_clone(),
     };
+    let prefill_ids = distinct(&prompt_ids);
+    let mut cache = model.new_cache(prefill_ids.size()[0], capacity)?;
+    let hidden = model.forward_hidden(
+        &prefill_ids,
+        &distinct(&positions),
+        key_valid.as_ref().map(distinct).as_ref(),
+        Some(&mut cache),
+    )?;
+    let mut last = hidden.narrow(1, width - 1, 1);
+    drop(hidden);
+    if let Some((_, rows)) = &groups {
+        cache = cache.select_rows(rows)?;
+        last = last.index_select(0, rows);
+    }
     let mut logits = model.logits(&last)?.squeeze_dim(1);
     drop(last);
     let mut next_pos = positions.narrow(1, width - 1, 1) + 1; // (b, 1)

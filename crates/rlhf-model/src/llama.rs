@@ -704,17 +704,12 @@ impl Model {
         let dev = self.device();
         let firsts = Tensor::f_from_slice(&firsts)?.f_to_device(dev)?;
         let rows = Tensor::f_from_slice(&rows)?.f_to_device(dev)?;
-        let (positions, key_valid) = positions_from_mask(attention_mask)?;
         // Prefix pass over one row per distinct prefix, keeping every layer's keys/values.
         let p_ids = input_ids.f_narrow(1, 0, w)?.f_index_select(0, &firsts)?;
-        let p_pos = positions.f_narrow(1, 0, w)?.f_index_select(0, &firsts)?;
-        let p_valid = match &key_valid {
-            Some(kv) => {
-                let v = kv.f_narrow(1, 0, w)?.f_index_select(0, &firsts)?;
-                (!bool::try_from(v.f_all()?)?).then_some(v)
-            }
-            None => None,
-        };
+        let p_attention = attention_mask
+            .f_narrow(1, 0, w)?
+            .f_index_select(0, &firsts)?;
+        let (p_pos, p_valid) = positions_from_mask(&p_attention)?;
         let u = firsts.size()[0];
         let p_mask = self.attention_mask(p_valid.as_ref(), u, w, 0)?;
         let mut mode = KvMode::Record(Vec::with_capacity(self.layers.len()));
@@ -732,6 +727,7 @@ impl Model {
         if s == 0 {
             return Ok(last);
         }
+        let (positions, key_valid) = positions_from_mask(attention_mask)?;
         let key_valid = key_valid.unwrap_or_else(|| attention_mask.ones_like().ne(0));
         let mask = self.explicit_mask(Some(&key_valid), b, s, w, self.sliding_window())?;
         let mut mode = KvMode::After(prefix);
