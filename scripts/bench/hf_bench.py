@@ -1,7 +1,8 @@
 """transformers side of scripts/bench/model_bench.sh: the same workloads as
 crates/rlhf-model/examples/bench_model.rs on the same model directory. Prints one JSON object.
 
-Usage: hf_bench.py MODEL_DIR BATCH PROMPT_LEN NEW_TOKENS TRAIN_BATCH TRAIN_SEQ ITERS THREADS
+Usage: hf_bench.py MODEL_DIR BATCH PROMPT_LEN NEW_TOKENS TRAIN_BATCH TRAIN_SEQ ITERS THREADS [DEVICE]
+(DEVICE: cpu (default) or cuda[:N]; on CUDA every timing ends with a device synchronize)
 """
 import json
 import sys
@@ -21,10 +22,16 @@ def ids(batch, length, vocab):
 def main():
     d = sys.argv[1]
     batch, plen, new, tb, ts, iters, threads = map(int, sys.argv[2:9])
+    device = torch.device(sys.argv[9] if len(sys.argv) > 9 else "cpu")
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa")
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").to(device)
     vocab = model.config.vocab_size
-    prompts = ids(batch, plen, vocab)
+    prompts = ids(batch, plen, vocab).to(device)
     mask = torch.ones_like(prompts)
     model.eval()
 
@@ -37,6 +44,7 @@ def main():
         with torch.no_grad():
             t = time.perf_counter()
             out = model.generate(input_ids=prompts, attention_mask=mask)
+            sync()
             dt = time.perf_counter() - t
         assert out.shape[1] - plen == new
         return dt
@@ -46,7 +54,7 @@ def main():
     s = min(gen(True) for _ in range(iters))
 
     model.train()
-    x = ids(tb, ts, vocab)
+    x = ids(tb, ts, vocab).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step():
@@ -55,12 +63,14 @@ def main():
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sync()
         return time.perf_counter() - t
 
     step()
     tr = min(step() for _ in range(iters))
     print(json.dumps({
         "impl": "transformers",
+        "device": str(device),
         "gen_greedy_tok_s": batch * new / g,
         "gen_sampled_tok_s": batch * new / s,
         "train_tok_s": tb * ts / tr,

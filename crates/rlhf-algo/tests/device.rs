@@ -7,10 +7,10 @@ use tch::{Device, Kind, Tensor};
 
 fn device() -> Device {
     if std::env::var("RLHF_TEST_CUDA").as_deref() == Ok("1") {
-        assert!(
-            tch::Cuda::is_available(),
-            "RLHF_TEST_CUDA=1 but libtorch sees no CUDA device"
-        );
+        // Opens libtorch's CUDA library (as every model load on a CUDA device does).
+        if let Err(e) = rlhf_model::cuda::check_device(Device::Cuda(0)) {
+            panic!("RLHF_TEST_CUDA=1 but {e}");
+        }
         Device::Cuda(0)
     } else {
         Device::Cpu

@@ -127,12 +127,14 @@ pub enum LauncherKind {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CollectiveBackend {
-    /// NCCL for a group whose members are all on CUDA devices, TCP otherwise.
+    /// NCCL for a group whose members are all on CUDA devices of their own, TCP otherwise
+    /// (NCCL cannot run two ranks on one GPU, so members sharing one use TCP).
     #[default]
     Auto,
     /// TCP between the worker processes through host memory (any device).
     Tcp,
-    /// NCCL on device memory; every member of every group must be on a CUDA device.
+    /// NCCL on device memory; every member of every group must be on a CUDA device, no two
+    /// on the same GPU of one host.
     Nccl,
 }
 
@@ -167,7 +169,8 @@ pub struct LauncherConfig {
     /// bounds each whole operation, so keep it well above both. Default: 60.
     pub collective_timeout_s: f64,
     /// `auto`, `tcp` or `nccl`: how data-parallel replicas and the weight sync to generators
-    /// move tensors. Default: `auto` (NCCL when every member of a group is on a CUDA device).
+    /// move tensors. Default: `auto` (NCCL when every member of a group is on a CUDA device of
+    /// its own).
     pub collective_backend: CollectiveBackend,
     /// Slurm settings, used only with `kind: slurm`.
     pub slurm: SlurmConfig,

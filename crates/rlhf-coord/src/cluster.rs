@@ -166,7 +166,7 @@ impl Coordinator for CoordinatorService {
         address
             .parse::<SocketAddr>()
             .map_err(|_| Status::invalid_argument(format!("address `{address}` is not ip:port")))?;
-        let n = {
+        {
             let mut w = r
                 .workers
                 .lock()
@@ -188,10 +188,12 @@ impl Coordinator for CoordinatorService {
                     rss_bytes: 0,
                 },
             );
-            w.len()
-        };
+            // Published under the lock: two registrations finishing at once must not publish
+            // their counts out of order (a 2 overwritten by a 1 left `wait_all` waiting for a
+            // worker that had registered).
+            r.registered.send_replace(w.len());
+        }
         info!(worker = %worker_name, %address, %host, pid, "worker registered");
-        r.registered.send_replace(n);
         Ok(Response::new(pb::RegisterResponse {
             heartbeat_interval_ms: r.heartbeat_interval.as_millis() as u64,
             run_name: r.run_name.clone(),
@@ -276,4 +278,60 @@ pub fn watch_heartbeats(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Workers registering at the same instant (all daemons start together) must all be counted:
+    /// CI once saw two registrations in the same microsecond publish their counts out of order,
+    /// and `wait_all` then waited out its timeout for workers that had registered.
+    #[test]
+    fn simultaneous_registrations_all_count() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for round in 0..200 {
+                let names: Vec<String> = (0..8).map(|i| format!("w{i}")).collect();
+                let expected = names.iter().map(|n| (n.clone(), vec![])).collect();
+                let (_stop_tx, stop) = watch::channel(false);
+                let registry = Registry::new("t", expected, Duration::from_secs(1), stop);
+                let svc = Arc::new(CoordinatorService {
+                    registry: registry.clone(),
+                });
+                let barrier = Arc::new(tokio::sync::Barrier::new(names.len()));
+                let calls: Vec<_> = names
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, worker_name)| {
+                        let (svc, barrier) = (svc.clone(), barrier.clone());
+                        tokio::spawn(async move {
+                            barrier.wait().await;
+                            svc.register(Request::new(pb::RegisterRequest {
+                                worker_name,
+                                host: "h".into(),
+                                address: format!("127.0.0.1:{}", 1000 + i),
+                                devices: vec![],
+                                pid: i as u32,
+                                version: env!("CARGO_PKG_VERSION").into(),
+                            }))
+                            .await
+                            .map(|_| ())
+                        })
+                    })
+                    .collect();
+                for c in calls {
+                    c.await.unwrap().unwrap();
+                }
+                registry
+                    .wait_all(Duration::from_millis(500))
+                    .await
+                    .unwrap_or_else(|e| panic!("round {round}: {e:#}"));
+            }
+        });
+    }
 }

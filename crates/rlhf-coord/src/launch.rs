@@ -663,20 +663,25 @@ async fn form_groups(cfg: &RunConfig, roles: &Roles) -> Result<()> {
         (&roles.critics, pb::GroupPurpose::Gradients),
         (&weights, pb::GroupPurpose::Weights),
     ];
-    let forming = groups
-        .iter()
-        .enumerate()
-        .filter(|(_, (members, _))| members.len() > 1)
-        .map(|(i, (members, purpose))| {
-            let backend = replicas::backend(members, wanted);
-            replicas::form_group(
+    let mut forming = vec![];
+    for (i, (members, purpose)) in groups.iter().enumerate() {
+        if members.len() > 1 {
+            let backend = replicas::backend(members, wanted)?;
+            info!(
+                purpose = purpose.as_str_name(),
+                backend = backend.as_str_name(),
+                members = ?members.iter().map(|m| &m.worker).collect::<Vec<_>>(),
+                "forming collective group"
+            );
+            forming.push(replicas::form_group(
                 members,
                 base.wrapping_add(i as u64),
                 *purpose,
                 backend,
                 timeout,
-            )
-        });
+            ));
+        }
+    }
     futures::future::try_join_all(forming).await?;
     Ok(())
 }

@@ -26,14 +26,66 @@ use rlhf_proto::pb;
 use crate::workers::RoleClient;
 
 /// The backend a group over `members` uses: NCCL when asked for, or with `auto` when every
-/// member is on a CUDA device; TCP otherwise.
-pub fn backend(members: &[RoleClient], wanted: CollectiveBackend) -> pb::CollectiveBackend {
-    let all_cuda = members.iter().all(|m| m.device.starts_with("cuda"));
-    match wanted {
-        CollectiveBackend::Nccl => pb::CollectiveBackend::Nccl,
-        CollectiveBackend::Auto if all_cuda => pb::CollectiveBackend::Nccl,
-        _ => pb::CollectiveBackend::Tcp,
+/// member is on a CUDA device of its own; TCP otherwise. NCCL refuses two ranks on one GPU
+/// ("Duplicate GPU detected"), so `auto` takes TCP when two members share a host and a CUDA
+/// device, and an explicit `nccl` is an error naming them (before any group is opened).
+pub fn backend(members: &[RoleClient], wanted: CollectiveBackend) -> Result<pb::CollectiveBackend> {
+    let members: Vec<Member<'_>> = members
+        .iter()
+        .map(|m| Member {
+            worker: &m.worker,
+            host: &m.host,
+            device: &m.device,
+        })
+        .collect();
+    choose_backend(&members, wanted)
+}
+
+/// Where a group member runs.
+#[derive(Clone, Copy)]
+struct Member<'a> {
+    worker: &'a str,
+    host: &'a str,
+    device: &'a str,
+}
+
+fn choose_backend(
+    members: &[Member<'_>],
+    wanted: CollectiveBackend,
+) -> Result<pb::CollectiveBackend> {
+    fn gpu<'a>(m: &Member<'a>) -> Option<(&'a str, usize)> {
+        match rlhf_model::config::device_from_str(m.device) {
+            Some(tch::Device::Cuda(i)) => Some((m.host, i)),
+            _ => None,
+        }
     }
+    let all_cuda = members.iter().all(|m| gpu(m).is_some());
+    // The first two members on the same CUDA device of the same host (`cuda` is `cuda:0`).
+    let shared = members.iter().enumerate().find_map(|(i, a)| {
+        let ga = gpu(a)?;
+        members[i + 1..]
+            .iter()
+            .find(|b| gpu(b) == Some(ga))
+            .map(|b| (a, b))
+    });
+    Ok(match wanted {
+        CollectiveBackend::Nccl => {
+            if let Some((a, b)) = shared {
+                bail!(
+                    "launcher.collective_backend is nccl, but workers `{}` and `{}` share {} on \
+                     host {} and NCCL cannot run two ranks on one GPU; give each its own device \
+                     or use collective_backend auto/tcp",
+                    a.worker,
+                    b.worker,
+                    a.device,
+                    a.host
+                );
+            }
+            pb::CollectiveBackend::Nccl
+        }
+        CollectiveBackend::Auto if all_cuda && shared.is_none() => pb::CollectiveBackend::Nccl,
+        _ => pb::CollectiveBackend::Tcp,
+    })
 }
 
 /// Forms a collective group over `members`, rank = index.
@@ -170,6 +222,41 @@ pub async fn check_digests(members: &[RoleClient], what: &str, step: u64) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nccl_only_for_members_on_gpus_of_their_own() {
+        use pb::CollectiveBackend::{Nccl, Tcp};
+        let m = |worker, host, device| Member {
+            worker,
+            host,
+            device,
+        };
+        let pick = |ms: &[Member<'_>], w| choose_backend(ms, w);
+        let own = [
+            m("a", "n1", "cuda:0"),
+            m("b", "n1", "cuda:1"),
+            m("c", "n2", "cuda"),
+        ];
+        assert_eq!(pick(&own, CollectiveBackend::Auto).unwrap(), Nccl);
+        assert_eq!(pick(&own, CollectiveBackend::Nccl).unwrap(), Nccl);
+        assert_eq!(pick(&own, CollectiveBackend::Tcp).unwrap(), Tcp);
+        let cpu = [m("a", "n1", "cuda:0"), m("b", "n1", "cpu")];
+        assert_eq!(pick(&cpu, CollectiveBackend::Auto).unwrap(), Tcp);
+        // `cuda` is `cuda:0`: two members on one host share that GPU.
+        let shared = [
+            m("a", "n1", "cuda:1"),
+            m("g", "n1", "cuda:0"),
+            m("h", "n1", "cuda"),
+        ];
+        assert_eq!(pick(&shared, CollectiveBackend::Auto).unwrap(), Tcp);
+        let e = pick(&shared, CollectiveBackend::Nccl)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`g` and `h` share cuda:0 on host n1") && e.contains("auto/tcp"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn shards_tile_and_balance() {

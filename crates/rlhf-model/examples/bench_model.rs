@@ -2,13 +2,14 @@
 //! runs it side by side with `scripts/bench/hf_bench.py` (transformers) on the same files.
 //! Prints one JSON object: generation and training tokens/s.
 //!
-//! Usage: bench_model MODEL_DIR BATCH PROMPT_LEN NEW_TOKENS TRAIN_BATCH TRAIN_SEQ ITERS THREADS
+//! Usage: bench_model MODEL_DIR BATCH PROMPT_LEN NEW_TOKENS TRAIN_BATCH TRAIN_SEQ ITERS THREADS [DEVICE]
+//! (DEVICE: cpu (default), cuda or cuda:N; on CUDA every timing ends with a device synchronize).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use rlhf_model::{generate, token_logprobs, GenerationConfig, LoadOptions, Model, Sampling};
-use tch::{nn::OptimizerConfig, Kind, Tensor};
+use tch::{nn::OptimizerConfig, Device, Kind, Tensor};
 
 fn prompts(batch: usize, len: usize, vocab: i64) -> Vec<Vec<i64>> {
     // The same deterministic ids the Python side builds: (i * 7919 + j * 104729) % (vocab - 3) + 3.
@@ -23,15 +24,30 @@ fn prompts(batch: usize, len: usize, vocab: i64) -> Vec<Vec<i64>> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a: Vec<String> = std::env::args().skip(1).collect();
-    if a.len() != 8 {
-        return Err("usage: bench_model MODEL_DIR BATCH PROMPT_LEN NEW_TOKENS TRAIN_BATCH TRAIN_SEQ ITERS THREADS".into());
+    if a.len() != 8 && a.len() != 9 {
+        return Err("usage: bench_model MODEL_DIR BATCH PROMPT_LEN NEW_TOKENS TRAIN_BATCH TRAIN_SEQ ITERS THREADS [DEVICE]".into());
     }
+    let device_name = a.get(8).map(String::as_str).unwrap_or("cpu");
+    let device = rlhf_model::config::device_from_str(device_name)
+        .ok_or_else(|| format!("DEVICE `{device_name}`: expected cpu, cuda or cuda:N"))?;
+    // Work queued on a GPU is finished before a clock is read.
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
     let dir = PathBuf::from(&a[0]);
     let n = |i: usize| a[i].parse::<usize>();
     let (batch, plen, new, tb, ts, iters, threads) =
         (n(1)?, n(2)?, n(3)?, n(4)?, n(5)?, n(6)?, n(7)?);
     tch::set_num_threads(threads as i32);
-    let mut model = Model::load(&dir, &LoadOptions::default())?;
+    let mut model = Model::load(
+        &dir,
+        &LoadOptions {
+            device,
+            ..Default::default()
+        },
+    )?;
     let vocab = model.config.vocab_size as i64;
 
     let ps = prompts(batch, plen, vocab);
@@ -50,15 +66,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..iters {
         let t = Instant::now();
         let out = generate(&model, &ps, &greedy)?;
+        sync();
         assert_eq!(out.response_ids.size()[1] as usize, new);
         gen_greedy = gen_greedy.min(t.elapsed().as_secs_f64());
         let t = Instant::now();
         generate(&model, &ps, &sampled)?;
+        sync();
         gen_sampled = gen_sampled.min(t.elapsed().as_secs_f64());
     }
 
     let ids: Vec<i64> = prompts(tb, ts, vocab).concat();
-    let ids = Tensor::from_slice(&ids).view([tb as i64, ts as i64]);
+    let ids = Tensor::from_slice(&ids)
+        .view([tb as i64, ts as i64])
+        .to_device(device);
     let mask = ids.ones_like();
     let mut opt = tch::nn::AdamW::default().build(model.var_store_mut(), 1e-5)?;
     let mut step = || -> Result<(), Box<dyn std::error::Error>> {
@@ -74,12 +94,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..iters {
         let t = Instant::now();
         step()?;
+        sync();
         train = train.min(t.elapsed().as_secs_f64());
     }
     println!(
         "{}",
         serde_json::json!({
             "impl": "rlhf-model",
+            "device": device_name,
             "gen_greedy_tok_s": (batch * new) as f64 / gen_greedy,
             "gen_sampled_tok_s": (batch * new) as f64 / gen_sampled,
             "train_tok_s": (tb * ts) as f64 / train,

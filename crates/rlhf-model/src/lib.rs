@@ -9,6 +9,7 @@
 //! the controller; the worker and the binaries build on it, never the other way round.
 
 pub mod config;
+pub mod cuda;
 pub mod error;
 pub mod generate;
 pub mod init;

@@ -424,6 +424,7 @@ impl Model {
     /// at the same time on different threads (colocated roles, parallel tests) still get
     /// exactly the weights their seed gives.
     pub fn new(config: Config, device: Device, kind: Kind, seed: i64) -> Result<Model> {
+        crate::cuda::check_device(device)?;
         static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(seed);
