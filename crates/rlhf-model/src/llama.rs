@@ -191,19 +191,23 @@ impl Attention {
         kv: LayerKv<'_>,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap_or((0, 0, 0));
-        // (b, t, n_heads * head_dim) -> (b, n_heads, t, head_dim)
-        let q = linear_fwd(&self.q_proj, x)
-            .view([b, t, self.n_heads, self.head_dim])
-            .transpose(1, 2);
-        // (b, n_kv, t, head_dim)
-        let k = linear_fwd(&self.k_proj, x)
-            .view([b, t, self.n_kv, self.head_dim])
-            .transpose(1, 2);
+        // Rotary embeddings on the projections' own (b, t, heads, head_dim) layout, then
+        // (b, heads, t, head_dim) views for attention.
+        let q = apply_rotary(
+            &linear_fwd(&self.q_proj, x).view([b, t, self.n_heads, self.head_dim]),
+            cos,
+            sin,
+        )
+        .transpose(1, 2);
+        let k = apply_rotary(
+            &linear_fwd(&self.k_proj, x).view([b, t, self.n_kv, self.head_dim]),
+            cos,
+            sin,
+        )
+        .transpose(1, 2);
         let v = linear_fwd(&self.v_proj, x)
             .view([b, t, self.n_kv, self.head_dim])
             .transpose(1, 2);
-        let q = apply_rotary(&q, cos, sin);
-        let k = apply_rotary(&k, cos, sin);
         let (k, v) = match kv {
             LayerKv::Own => (k, v),
             LayerKv::Cache((kc, vc), offset) => {
@@ -255,13 +259,22 @@ impl Attention {
     }
 }
 
-/// `x * cos + rotate_half(x) * sin` over (b, heads, t, head_dim) with cos/sin (b, 1, t, head_dim).
-fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    let half = x.size()[3] / 2;
-    let x1 = x.narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
-    let rotated = Tensor::cat(&[x2.neg(), x1], 3);
-    x * cos + rotated * sin
+/// `x * cos + rotate_half(x) * sin` (HF's rotary embedding) over a contiguous (b, t, heads,
+/// head_dim) `x`, with cos and `sin_signed` (b, t, 1, head_dim) from [`Rope::at`].
+/// `rotate_half(x) = cat(-x2, x1)`, so `rotate_half(x) * sin = cat(x2, x1) * cat(-sin1, sin2)`:
+/// the halves swapped by one flip, times the sine with its first half negated (stored so by
+/// [`Rope`]). Three kernels (mul, flip, addcmul) instead of five (neg, cat, mul, mul, add),
+/// which counts in decode steps, where every layer does this twice on tiny tensors.
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin_signed: &Tensor) -> Tensor {
+    let size = x.size();
+    let half = size[3] / 2;
+    let swapped = x
+        .view([size[0], size[1], size[2], 2, half])
+        .flip([3])
+        .reshape(size.as_slice());
+    let mut out = x * cos;
+    let _ = out.addcmul_(&swapped, sin_signed);
+    out
 }
 
 struct Mlp {
@@ -339,7 +352,8 @@ impl KvCache {
 /// Rotary tables, computed once per model in f32: (max_positions, head_dim).
 struct Rope {
     cos: Tensor,
-    sin: Tensor,
+    /// `cat(-sin, sin)` of the frequencies: the sine with its first half negated.
+    sin_signed: Tensor,
 }
 
 impl Rope {
@@ -380,19 +394,21 @@ impl Rope {
         // (max_pos, dim/2) -> (max_pos, dim)
         let freqs = t.unsqueeze(1) * inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[&freqs, &freqs], 1);
+        let sin = freqs.sin();
         Rope {
             cos: emb.cos(),
-            sin: emb.sin(),
+            sin_signed: Tensor::cat(&[&sin.neg(), &sin], 1),
         }
     }
 
-    /// cos/sin gathered at `positions` (b, t): each (b, 1, t, head_dim) in `kind`.
+    /// cos and the signed sine (see [`apply_rotary`]) gathered at `positions` (b, t): each
+    /// (b, t, 1, head_dim) in `kind`.
     fn at(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
         let (b, t) = positions.size2().unwrap_or((0, 0));
         let flat = positions.reshape([-1]);
         let d = self.cos.size()[1];
-        let cos = self.cos.index_select(0, &flat).view([b, 1, t, d]);
-        let sin = self.sin.index_select(0, &flat).view([b, 1, t, d]);
+        let cos = self.cos.index_select(0, &flat).view([b, t, 1, d]);
+        let sin = self.sin_signed.index_select(0, &flat).view([b, t, 1, d]);
         (cos.to_kind(kind), sin.to_kind(kind))
     }
 }
