@@ -5,18 +5,6 @@
 use rlhf_algo::*;
 use tch::{Device, Kind, Tensor};
 
-fn device() -> Device {
-    if std::env::var("RLHF_TEST_CUDA").as_deref() == Ok("1") {
-        // Opens libtorch's CUDA library (as every model load on a CUDA device does).
-        if let Err(e) = rlhf_model::cuda::check_device(Device::Cuda(0)) {
-            panic!("RLHF_TEST_CUDA=1 but {e}");
-        }
-        Device::Cuda(0)
-    } else {
-        Device::Cpu
-    }
-}
-
 struct Inputs {
     rewards: Tensor,
     values: Tensor,
@@ -139,7 +127,7 @@ fn pipeline(kind: Kind, dev: Device) -> Vec<(String, Vec<f64>)> {
 
 #[test]
 fn outputs_stay_on_the_input_device_and_dtype_and_f32_tracks_f64() {
-    let dev = device();
+    let dev = rlhf_model::cuda::test_device();
     let f64_out = pipeline(Kind::Double, dev);
     let f32_out = pipeline(Kind::Float, dev);
     for ((what, a), (_, b)) in f64_out.iter().zip(&f32_out) {
@@ -154,7 +142,7 @@ fn outputs_stay_on_the_input_device_and_dtype_and_f32_tracks_f64() {
 
 #[test]
 fn the_rollout_buffer_keeps_its_device_through_minibatching() {
-    let dev = device();
+    let dev = rlhf_model::cuda::test_device();
     let x = inputs(Kind::Float, dev);
     let ids = Tensor::zeros([8, 17], (Kind::Int64, dev));
     let mut batch = RolloutBatch::new(

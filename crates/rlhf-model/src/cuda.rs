@@ -69,6 +69,18 @@ pub fn check_device(device: Device) -> Result<()> {
     Ok(())
 }
 
+/// The device of the device tests (`tests/device.rs` of rlhf-model and rlhf-algo): GPU 0 when
+/// `RLHF_TEST_CUDA=1` (panicking, with the cause, when it cannot be used), the CPU otherwise.
+pub fn test_device() -> Device {
+    if std::env::var("RLHF_TEST_CUDA").as_deref() != Ok("1") {
+        return Device::Cpu;
+    }
+    if let Err(e) = check_device(Device::Cuda(0)) {
+        panic!("RLHF_TEST_CUDA=1 but {e}");
+    }
+    Device::Cuda(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,18 +14,6 @@ use rlhf_model::{
 };
 use tch::{Device, Kind, Tensor};
 
-fn device() -> Device {
-    if std::env::var("RLHF_TEST_CUDA").as_deref() == Ok("1") {
-        // Opens libtorch's CUDA library (as every model load on a CUDA device does).
-        if let Err(e) = rlhf_model::cuda::check_device(Device::Cuda(0)) {
-            panic!("RLHF_TEST_CUDA=1 but {e}");
-        }
-        Device::Cuda(0)
-    } else {
-        Device::Cpu
-    }
-}
-
 fn load(dir: &Path, device: Device, dtype: Kind) -> Model {
     Model::load(
         dir,
@@ -72,7 +60,7 @@ fn cases(root: &Path) -> Vec<(&'static str, std::path::PathBuf)> {
 
 #[test]
 fn logits_match_the_cpu_f64_reference_and_greedy_decoding_is_consistent() {
-    let dev = device();
+    let dev = rlhf_model::cuda::test_device();
     let tmp = tempfile::tempdir().unwrap();
     let _g = tch::no_grad_guard();
     for (name, dir) in cases(tmp.path()) {
@@ -143,7 +131,7 @@ fn logits_match_the_cpu_f64_reference_and_greedy_decoding_is_consistent() {
 
 #[test]
 fn training_gradients_match_the_cpu() {
-    let dev = device();
+    let dev = rlhf_model::cuda::test_device();
     let tmp = tempfile::tempdir().unwrap();
     for (name, dir) in cases(tmp.path()) {
         let grads = |d: Device| {
@@ -175,7 +163,7 @@ fn training_gradients_match_the_cpu() {
 
 #[test]
 fn weights_saved_from_the_device_are_the_loaded_bytes_and_reduced_precision_generates() {
-    let dev = device();
+    let dev = rlhf_model::cuda::test_device();
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny(&tmp.path().join("m"), Family::Llama, Some(true), None, 9);
     let m = load(&dir, dev, Kind::Float);
