@@ -86,7 +86,7 @@ fn devices() -> Vec<pb::DeviceInfo> {
         memory_bytes: host_memory_bytes(),
     }];
     // libtorch's CUDA library is opened only where an NVIDIA driver is installed: loading it
-    // costs a CPU-only machine ~0.4 s per worker start for nothing (rlhf_model::cuda).
+    // costs a CPU-only machine ~0.13 s per worker start for nothing (rlhf_model::cuda).
     let driver = std::path::Path::new("/proc/driver/nvidia/version").exists();
     let cuda = if driver && rlhf_model::cuda::load().is_ok() {
         tch::Cuda::device_count()
