@@ -102,7 +102,7 @@ impl Registry {
             let missing: Vec<&String> =
                 self.expected.keys().filter(|k| !have.contains(k)).collect();
             anyhow::bail!(
-                "workers {missing:?} did not register within {:.0} s (launcher.startup_timeout_s); \
+                "workers {missing:?} did not register within {} s (launcher.startup_timeout_s); \
                  see their logs under the run directory's logs/",
                 timeout.as_secs_f64()
             );

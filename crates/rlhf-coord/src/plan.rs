@@ -98,17 +98,12 @@ fn model_size(dir: &Path) -> Result<ModelSize> {
 }
 
 fn kv_cache_bytes(cfg: &RunConfig, dir: &Path, dtype_bytes: u64) -> Result<u64> {
-    let path = dir.join("config.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let c: serde_json::Value = serde_json::from_str(&text)?;
-    let g = |k: &str| c[k].as_u64().unwrap_or(0);
-    let heads = g("num_attention_heads").max(1);
-    let kv = c["num_key_value_heads"].as_u64().unwrap_or(heads);
-    let head_dim = c["head_dim"].as_u64().unwrap_or(g("hidden_size") / heads);
+    // The model loader's reading of config.json (defaults and all), not a second one.
+    let c = rlhf_model::config::Config::from_dir(dir)?;
+    let per_token = (c.num_hidden_layers * c.num_key_value_heads * c.head_dim) as u64;
     let seqs = cfg.rollout_sequences() as u64;
     let len = (cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens) as u64;
-    Ok(2 * g("num_hidden_layers") * kv * head_dim * seqs * len * dtype_bytes)
+    Ok(2 * per_token * seqs * len * dtype_bytes)
 }
 
 fn gib(b: u64) -> f64 {

@@ -75,12 +75,7 @@ impl GoodnessScorer for RewardScorer<'_> {
 }
 
 fn model_context(policy: &Path) -> Result<usize> {
-    let path = policy.join("config.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    Ok(v["max_position_embeddings"].as_u64().unwrap_or(2048) as usize)
+    Ok(rlhf_model::config::Config::from_dir(policy)?.max_position_embeddings)
 }
 
 impl Validator {
