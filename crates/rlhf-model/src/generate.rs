@@ -12,7 +12,12 @@ use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::llama::{group_rows, positions_from_mask, Model};
+use crate::llama::{group_rows, positions_from_mask, Model, SMALL_M_ROWS};
+
+/// Decode steps below which `generate` keeps libtorch's GEMMs rather than packing the weights
+/// for [`crate::packed`]: packing costs about as much as the GEMMs of one or two steps and saves
+/// about a quarter of every step's.
+const PACK_MIN_STEPS: i64 = 4;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -214,7 +219,14 @@ pub fn generate(
         cache = cache.select_rows(rows)?;
         last = last.index_select(0, rows);
     }
-    let mut logits = model.logits(&last)?.squeeze_dim(1);
+    // Decode steps of few rows project through weights packed once for this call, when the
+    // packing (about one step's worth of weight traffic) pays for itself.
+    let packed = if b <= SMALL_M_ROWS && max_new > PACK_MIN_STEPS {
+        model.pack_for_decode()
+    } else {
+        None
+    };
+    let mut logits = model.logits_with(&last, packed.as_ref())?.squeeze_dim(1);
     drop(last);
     let mut next_pos = positions.narrow(1, width - 1, 1) + 1; // (b, 1)
 
@@ -282,13 +294,14 @@ pub fn generate(
                 1,
             );
         }
-        let hidden = model.forward_hidden(
+        let hidden = model.forward_hidden_with(
             &tok.unsqueeze(1),
             &next_pos,
             key_valid.as_ref(),
             Some(&mut cache),
+            packed.as_ref(),
         )?;
-        logits = model.logits(&hidden)?.squeeze_dim(1);
+        logits = model.logits_with(&hidden, packed.as_ref())?.squeeze_dim(1);
         next_pos += 1;
     }
     let response_ids = Tensor::stack(&out_ids, 1);

@@ -14,6 +14,7 @@ pub mod error;
 pub mod generate;
 pub mod init;
 pub mod llama;
+mod packed;
 pub mod reward_spec;
 pub mod tokenizer;
 pub mod weights;

@@ -15,6 +15,7 @@ use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 use crate::config::{Config, HeadKind, RopeScaling};
 use crate::error::{ModelError, Result};
+use crate::packed::{self, PackedLinear};
 use crate::weights::{self, WeightFiles};
 
 /// How a model is loaded.
@@ -143,7 +144,7 @@ fn linear(p: nn::Path, i: i64, o: i64, bias: bool, std: f64) -> nn::Linear {
 /// on every call, reading it twice; with the weight as the left operand only the small
 /// activation is packed. Measured on the 2-core dev machine: 14% less time per decode GEMM at
 /// 16 rows, slower from 64 rows on (see docs/benchmarks.md).
-const SMALL_M_ROWS: i64 = 32;
+pub(crate) const SMALL_M_ROWS: i64 = 32;
 
 /// `x W^T + b` over the last dimension, picking the faster GEMM form for few rows.
 fn linear_fwd(l: &nn::Linear, x: &Tensor) -> Tensor {
@@ -370,6 +371,13 @@ struct DecoderLayer {
     mlp: Mlp,
     input_layernorm: RmsNorm,
     post_attention_layernorm: RmsNorm,
+}
+
+/// A model's projections packed for decode steps ([`Model::pack_for_decode`]): per layer q, k,
+/// v, o, gate, up, down (`None`: that one stays with libtorch), and the vocabulary head.
+pub(crate) struct DecodeWeights {
+    layers: Vec<[Option<PackedLinear>; 7]>,
+    head: Option<PackedLinear>,
 }
 
 /// The per-layer key/value cache of one batch of sequences. An explicit value the caller owns,
@@ -670,6 +678,20 @@ impl Model {
         key_valid: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        self.forward_hidden_with(input_ids, positions, key_valid, cache, None)
+    }
+
+    /// [`Model::forward_hidden`], with decode steps (one token, at most [`SMALL_M_ROWS`] rows,
+    /// a cache) projected by `packed` when given: weights packed by [`Model::pack_for_decode`]
+    /// from this model's current weights.
+    pub(crate) fn forward_hidden_with(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_valid: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        packed: Option<&DecodeWeights>,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.size2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len);
         if let Some(c) = cache.as_ref() {
@@ -696,7 +718,12 @@ impl Model {
             Some(c) => KvMode::Cache(c),
             None => KvMode::Own,
         };
-        let x = self.trunk(input_ids, positions, &mask, &mut mode, offset)?;
+        let x = match (&mut mode, packed) {
+            (KvMode::Cache(c), Some(w)) if t == 1 && b <= SMALL_M_ROWS => {
+                self.decode_packed(input_ids, positions, &mask, c, offset, w)?
+            }
+            _ => self.trunk(input_ids, positions, &mask, &mut mode, offset)?,
+        };
         if let KvMode::Cache(c) = mode {
             c.len += t;
         }
@@ -767,6 +794,83 @@ impl Model {
             x_t = x_t + mlp;
         }
         self.norm.forward_fm(&x_t).tr().unsqueeze(1)
+    }
+
+    /// Every projection of this model packed for [`crate::packed`]'s decode kernel, from the
+    /// current weights; `None` where that kernel does not apply (not an f32 model on the CPU,
+    /// no AVX2/FMA, or no OpenMP entry points with several threads). Projections whose output
+    /// width is not a multiple of 16 stay with libtorch. The packed copy is as large as the
+    /// weights and goes stale when they change: `generate` makes one per call and drops it.
+    pub(crate) fn pack_for_decode(&self) -> Option<DecodeWeights> {
+        if self.device() != Device::Cpu
+            || self.kind != Kind::Float
+            || !packed::available(tch::get_num_threads().max(1) as usize)
+        {
+            return None;
+        }
+        let _guard = tch::no_grad_guard();
+        let pack = |l: &nn::Linear| PackedLinear::pack(&l.ws, l.bs.as_ref());
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                [
+                    pack(&a.q_proj),
+                    pack(&a.k_proj),
+                    pack(&a.v_proj),
+                    pack(&a.o_proj),
+                    pack(&m.gate_proj),
+                    pack(&m.up_proj),
+                    pack(&m.down_proj),
+                ]
+            })
+            .collect();
+        let head = match &self.head {
+            Head::Lm(Some(w)) => PackedLinear::pack(w, None),
+            Head::Lm(None) => PackedLinear::pack(&self.embed_tokens, None),
+            Head::Score(_) => None,
+        };
+        Some(DecodeWeights { layers, head })
+    }
+
+    /// One decode step (t = 1, at most [`SMALL_M_ROWS`] rows) through the row-major layer loop
+    /// with the projections of `w`; same values as [`Model::trunk`] up to rounding.
+    fn decode_packed(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &AttnMask,
+        cache: &mut KvCache,
+        offset: i64,
+        w: &DecodeWeights,
+    ) -> Result<Tensor> {
+        let (cos, sin) = self.rope.at(positions, self.kind);
+        let b = input_ids.size()[0];
+        let mut x =
+            Tensor::f_embedding(&self.embed_tokens, &input_ids.view([b]), -1, false, false)?;
+        let lin = |p: &Option<PackedLinear>, l: &nn::Linear, x: &Tensor| match p {
+            Some(p) => p.forward(x),
+            None => Ok(linear_fwd(l, x)),
+        };
+        for ((layer, kv), pw) in self
+            .layers
+            .iter()
+            .zip(cache.layers.iter_mut())
+            .zip(&w.layers)
+        {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            let h = layer.input_layernorm.forward(&x);
+            let q = lin(&pw[0], &a.q_proj, &h)?.view([b, 1, a.n_heads, a.head_dim]);
+            let k = lin(&pw[1], &a.k_proj, &h)?.view([b, 1, a.n_kv, a.head_dim]);
+            let v = lin(&pw[2], &a.v_proj, &h)?.view([b, 1, a.n_kv, a.head_dim]);
+            let y = a.attend(&q, &k, &v, &cos, &sin, mask, LayerKv::Cache(kv, offset));
+            x = x + lin(&pw[3], &a.o_proj, &y.view([b, a.n_heads * a.head_dim]))?;
+            let h = layer.post_attention_layernorm.forward(&x);
+            let g = lin(&pw[4], &m.gate_proj, &h)?.silu() * lin(&pw[5], &m.up_proj, &h)?;
+            x = x + lin(&pw[6], &m.down_proj, &g)?;
+        }
+        Ok(self.norm.forward(&x).unsqueeze(1))
     }
 
     /// Final-norm hidden states (b, t - 1 - from, hidden) of the columns `from..t-1` of a padded
@@ -921,6 +1025,27 @@ impl Model {
     }
 
     /// Next-token logits (b, t, vocab) in f32 from hidden states. Causal-LM heads only.
+    /// [`Model::logits`], through the packed head of `packed` for at most [`SMALL_M_ROWS`] rows.
+    pub(crate) fn logits_with(
+        &self,
+        hidden: &Tensor,
+        packed: Option<&DecodeWeights>,
+    ) -> Result<Tensor> {
+        let size = hidden.size();
+        let k = size[size.len() - 1];
+        let rows = hidden.numel() as i64 / k.max(1);
+        match packed.and_then(|w| w.head.as_ref()) {
+            Some(head) if rows > 0 && rows <= SMALL_M_ROWS => {
+                let mut shape = size.clone();
+                shape[size.len() - 1] = -1;
+                Ok(head
+                    .forward(&hidden.f_reshape([rows, k])?)?
+                    .f_view(shape.as_slice())?)
+            }
+            _ => self.logits(hidden),
+        }
+    }
+
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let w = match &self.head {
             Head::Lm(Some(w)) => w,
@@ -1175,5 +1300,62 @@ mod tests {
         let diff = (h - h2.narrow(1, 2, 3)).abs().max().double_value(&[]);
         assert!(diff < 1e-5, "left padding changed outputs by {diff}");
         assert!(!bool::try_from(h2.isnan().any()).unwrap());
+    }
+
+    #[test]
+    fn packed_decode_steps_equal_the_libtorch_ones() {
+        if !packed::available(tch::get_num_threads().max(1) as usize) {
+            return;
+        }
+        let _g = tch::no_grad_guard();
+        // Llama untied (vocab 64: a packed head) and Qwen2 tied with q/k/v bias (vocab 50: the
+        // head stays with libtorch).
+        for (arch, tied, vocab) in [
+            ("LlamaForCausalLM", false, 64),
+            ("Qwen2ForCausalLM", true, 50),
+        ] {
+            let mut c = tiny(arch, tied);
+            c.vocab_size = vocab;
+            let m = Model::new(c, Device::Cpu, Kind::Float, 3).unwrap();
+            let w = m.pack_for_decode().expect("f32 on the CPU packs");
+            assert_eq!(w.head.is_some(), vocab % 16 == 0);
+            assert!(w.layers.iter().flatten().all(Option::is_some));
+            let b = 5;
+            let ids = Tensor::randint(vocab as i64, [b, 6], (Kind::Int64, Device::Cpu));
+            // Row 1 left-padded by two: an explicit key mask.
+            let valid = Tensor::ones([b, 6], (Kind::Bool, Device::Cpu));
+            let _ = valid.narrow(1, 0, 2).get(1).fill_(0);
+            let (pos, _) = positions_from_mask(&valid.to_kind(Kind::Int64)).unwrap();
+            let mut ca = m.new_cache(b, 10).unwrap();
+            let mut cb = m.new_cache(b, 10).unwrap();
+            let _ = m
+                .forward_hidden(&ids, &pos, Some(&valid), Some(&mut ca))
+                .unwrap();
+            let _ = m
+                .forward_hidden(&ids, &pos, Some(&valid), Some(&mut cb))
+                .unwrap();
+            let mut valid = valid;
+            for step in 0..3 {
+                let next = pos.narrow(1, 5, 1) + 1 + step;
+                valid = Tensor::cat(&[&valid, &valid.narrow(1, 0, 1).ones_like()], 1);
+                let tok = Tensor::randint(vocab as i64, [b, 1], (Kind::Int64, Device::Cpu));
+                let ha = m
+                    .forward_hidden(&tok, &next, Some(&valid), Some(&mut ca))
+                    .unwrap();
+                let hb = m
+                    .forward_hidden_with(&tok, &next, Some(&valid), Some(&mut cb), Some(&w))
+                    .unwrap();
+                assert_eq!(ha.size(), hb.size());
+                let dh = (&ha - &hb).abs().max().double_value(&[]);
+                let la = m.logits(&ha).unwrap();
+                let lb = m.logits_with(&hb, Some(&w)).unwrap();
+                assert_eq!(la.size(), lb.size());
+                let dl = (la - lb).abs().max().double_value(&[]);
+                assert!(
+                    dh < 1e-5 && dl < 1e-5,
+                    "{arch} step {step}: hidden {dh}, logits {dl}"
+                );
+            }
+        }
     }
 }
