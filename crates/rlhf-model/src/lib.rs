@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod cuda;
+mod decode_cpu;
 pub mod error;
 pub mod generate;
 pub mod init;

@@ -14,6 +14,7 @@ use std::path::Path;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 use crate::config::{Config, HeadKind, RopeScaling};
+use crate::decode_cpu::{self, CpuLayer, Dims, Step};
 use crate::error::{ModelError, Result};
 use crate::packed::{self, PackedLinear};
 use crate::weights::{self, WeightFiles};
@@ -373,10 +374,13 @@ struct DecoderLayer {
     post_attention_layernorm: RmsNorm,
 }
 
-/// A model's projections packed for decode steps ([`Model::pack_for_decode`]): per layer q, k,
-/// v, o, gate, up, down (`None`: that one stays with libtorch), and the vocabulary head.
+/// A model's weights laid out for [`crate::decode_cpu`]'s decode steps ([`Model::pack_for_decode`]):
+/// per layer the norms and the packed projections (q/k/v fused, gate/up fused), the final norm,
+/// and the vocabulary head (`None`: its width is not a multiple of 16, libtorch computes it).
 pub(crate) struct DecodeWeights {
-    layers: Vec<[Option<PackedLinear>; 7]>,
+    layers: Vec<CpuLayer>,
+    norm: Vec<f32>,
+    dims: Dims,
     head: Option<PackedLinear>,
 }
 
@@ -796,46 +800,78 @@ impl Model {
         self.norm.forward_fm(&x_t).tr().unsqueeze(1)
     }
 
-    /// Every projection of this model packed for [`crate::packed`]'s decode kernel, from the
-    /// current weights; `None` where that kernel does not apply (not an f32 model on the CPU,
-    /// no AVX2/FMA, or no OpenMP entry points with several threads). Projections whose output
-    /// width is not a multiple of 16 stay with libtorch. The packed copy is as large as the
-    /// weights and goes stale when they change: `generate` makes one per call and drops it.
+    /// This model's weights laid out for [`crate::decode_cpu`]'s decode steps, from the current
+    /// weights; `None` where those do not apply (not an f32 model on the CPU, no AVX2/FMA, no
+    /// OpenMP entry points with several threads, a fused projection whose width is not a
+    /// multiple of 16, head_dim over 512 or odd): decode steps then stay with libtorch
+    /// ([`Model::decode_fm`]). The copy is as large as the weights and goes stale when they
+    /// change: `generate` makes one per call and drops it.
     pub(crate) fn pack_for_decode(&self) -> Option<DecodeWeights> {
+        let c = &self.config;
         if self.device() != Device::Cpu
             || self.kind != Kind::Float
             || !packed::available(tch::get_num_threads().max(1) as usize)
+            || c.head_dim > 512
+            || c.head_dim % 2 != 0
+            || c.num_key_value_heads == 0
+            || c.num_attention_heads % c.num_key_value_heads != 0
         {
             return None;
         }
         let _guard = tch::no_grad_guard();
-        let pack = |l: &nn::Linear| PackedLinear::pack(&l.ws, l.bs.as_ref());
+        // Weights (out, in) stacked along out, biases likewise (zeros where a part has none).
+        let fused = |parts: &[&nn::Linear]| {
+            let w = Tensor::cat(&parts.iter().map(|l| &l.ws).collect::<Vec<_>>(), 0);
+            let b = parts.iter().any(|l| l.bs.is_some()).then(|| {
+                let bs: Vec<Tensor> = parts
+                    .iter()
+                    .map(|l| match &l.bs {
+                        Some(b) => b.shallow_clone(),
+                        None => Tensor::zeros([l.ws.size()[0]], (Kind::Float, Device::Cpu)),
+                    })
+                    .collect();
+                Tensor::cat(&bs, 0)
+            });
+            PackedLinear::pack(&w, b.as_ref())
+        };
         let layers = self
             .layers
             .iter()
             .map(|l| {
                 let (a, m) = (&l.self_attn, &l.mlp);
-                [
-                    pack(&a.q_proj),
-                    pack(&a.k_proj),
-                    pack(&a.v_proj),
-                    pack(&a.o_proj),
-                    pack(&m.gate_proj),
-                    pack(&m.up_proj),
-                    pack(&m.down_proj),
-                ]
+                Some(CpuLayer {
+                    ln1: decode_cpu::to_vec(&l.input_layernorm.weight)?,
+                    qkv: fused(&[&a.q_proj, &a.k_proj, &a.v_proj])?,
+                    o: fused(&[&a.o_proj])?,
+                    ln2: decode_cpu::to_vec(&l.post_attention_layernorm.weight)?,
+                    gate_up: fused(&[&m.gate_proj, &m.up_proj])?,
+                    down: fused(&[&m.down_proj])?,
+                })
             })
-            .collect();
+            .collect::<Option<Vec<_>>>()?;
         let head = match &self.head {
             Head::Lm(Some(w)) => PackedLinear::pack(w, None),
             Head::Lm(None) => PackedLinear::pack(&self.embed_tokens, None),
             Head::Score(_) => None,
         };
-        Some(DecodeWeights { layers, head })
+        Some(DecodeWeights {
+            layers,
+            norm: decode_cpu::to_vec(&self.norm.weight)?,
+            dims: Dims {
+                hidden: c.hidden_size,
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+                inter: c.intermediate_size,
+                eps: c.rms_norm_eps as f32,
+            },
+            head,
+        })
     }
 
-    /// One decode step (t = 1, at most [`SMALL_M_ROWS`] rows) through the row-major layer loop
-    /// with the projections of `w`; same values as [`Model::trunk`] up to rounding.
+    /// One decode step (t = 1, at most [`SMALL_M_ROWS`] rows) through [`crate::decode_cpu`];
+    /// the same values as [`Model::trunk`] up to rounding. Final-norm hidden states (b, 1,
+    /// hidden) out.
     fn decode_packed(
         &self,
         input_ids: &Tensor,
@@ -845,32 +881,52 @@ impl Model {
         offset: i64,
         w: &DecodeWeights,
     ) -> Result<Tensor> {
-        let (cos, sin) = self.rope.at(positions, self.kind);
         let b = input_ids.size()[0];
-        let mut x =
-            Tensor::f_embedding(&self.embed_tokens, &input_ids.view([b]), -1, false, false)?;
-        let lin = |p: &Option<PackedLinear>, l: &nn::Linear, x: &Tensor| match p {
-            Some(p) => p.forward(x),
-            None => Ok(linear_fwd(l, x)),
+        let (rows, d) = (b as usize, w.dims);
+        let total = offset + 1;
+        let (cos, sin) = self.rope.at(positions, Kind::Float);
+        let bad = |what: &str| ModelError::invalid("decode step", what.to_string(), "a bug");
+        let cos = decode_cpu::to_vec(&cos).ok_or_else(|| bad("rotary table"))?;
+        let sin = decode_cpu::to_vec(&sin).ok_or_else(|| bad("rotary table"))?;
+        let valid: Option<Vec<bool>> = match mask {
+            AttnMask::All => None,
+            AttnMask::Explicit(m) => Some(Vec::<bool>::try_from(m.reshape([b * total]))?),
+            AttnMask::Causal => return Err(bad("causal mask for one token")),
         };
-        for ((layer, kv), pw) in self
-            .layers
-            .iter()
-            .zip(cache.layers.iter_mut())
-            .zip(&w.layers)
-        {
-            let (a, m) = (&layer.self_attn, &layer.mlp);
-            let h = layer.input_layernorm.forward(&x);
-            let q = lin(&pw[0], &a.q_proj, &h)?.view([b, 1, a.n_heads, a.head_dim]);
-            let k = lin(&pw[1], &a.k_proj, &h)?.view([b, 1, a.n_kv, a.head_dim]);
-            let v = lin(&pw[2], &a.v_proj, &h)?.view([b, 1, a.n_kv, a.head_dim]);
-            let y = a.attend(&q, &k, &v, &cos, &sin, mask, LayerKv::Cache(kv, offset));
-            x = x + lin(&pw[3], &a.o_proj, &y.view([b, a.n_heads * a.head_dim]))?;
-            let h = layer.post_attention_layernorm.forward(&x);
-            let g = lin(&pw[4], &m.gate_proj, &h)?.silu() * lin(&pw[5], &m.up_proj, &h)?;
-            x = x + lin(&pw[6], &m.down_proj, &g)?;
+        let x = Tensor::f_embedding(&self.embed_tokens, &input_ids.view([b]), -1, false, false)?;
+        let mut x = decode_cpu::to_vec(&x).ok_or_else(|| bad("embedding"))?;
+        let step = Step {
+            rows,
+            offset: offset as usize,
+            capacity: cache.capacity as usize,
+            cos: &cos,
+            sin: &sin,
+            valid: valid.as_deref(),
+        };
+        let want = [b, d.kv_heads as i64, cache.capacity, d.head_dim as i64];
+        for (l, (kc, vc)) in w.layers.iter().zip(cache.layers.iter_mut()) {
+            for t in [&*kc, &*vc] {
+                if t.size() != want || !t.is_contiguous() || t.kind() != Kind::Float {
+                    return Err(bad("cache layout"));
+                }
+            }
+            // SAFETY: both caches checked above as contiguous f32 (b, n_kv, capacity,
+            // head_dim), exclusively borrowed; `l` packed from this model (dims `d`);
+            // pack_for_decode checked AVX2/FMA.
+            unsafe {
+                decode_cpu::layer_step(
+                    l,
+                    &d,
+                    &step,
+                    &mut x,
+                    kc.data_ptr() as *mut f32,
+                    vc.data_ptr() as *mut f32,
+                )
+            };
         }
-        Ok(self.norm.forward(&x).unsqueeze(1))
+        let mut out = vec![0f32; x.len()];
+        decode_cpu::rms_norm(&x, &w.norm, d.eps, &mut out);
+        Ok(Tensor::from_slice(&out).view([b, 1, d.hidden as i64]))
     }
 
     /// Final-norm hidden states (b, t - 1 - from, hidden) of the columns `from..t-1` of a padded
@@ -1310,29 +1366,34 @@ mod tests {
         let _g = tch::no_grad_guard();
         // Llama untied (vocab 64: a packed head) and Qwen2 tied with q/k/v bias (vocab 50: the
         // head stays with libtorch).
-        for (arch, tied, vocab) in [
-            ("LlamaForCausalLM", false, 64),
-            ("Qwen2ForCausalLM", true, 50),
+        // Llama also without padding (no key mask at all).
+        for (arch, tied, vocab, padded) in [
+            ("LlamaForCausalLM", false, 64, true),
+            ("LlamaForCausalLM", false, 64, false),
+            ("Qwen2ForCausalLM", true, 50, true),
         ] {
             let mut c = tiny(arch, tied);
             c.vocab_size = vocab;
             let m = Model::new(c, Device::Cpu, Kind::Float, 3).unwrap();
             let w = m.pack_for_decode().expect("f32 on the CPU packs");
             assert_eq!(w.head.is_some(), vocab % 16 == 0);
-            assert!(w.layers.iter().flatten().all(Option::is_some));
+            assert_eq!(w.layers.len(), 2);
             let b = 5;
             let ids = Tensor::randint(vocab as i64, [b, 6], (Kind::Int64, Device::Cpu));
             // Row 1 left-padded by two: an explicit key mask.
             let valid = Tensor::ones([b, 6], (Kind::Bool, Device::Cpu));
-            let _ = valid.narrow(1, 0, 2).get(1).fill_(0);
+            if padded {
+                let _ = valid.narrow(1, 0, 2).get(1).fill_(0);
+            }
             let (pos, _) = positions_from_mask(&valid.to_kind(Kind::Int64)).unwrap();
+            let key_valid = |v: &Tensor| padded.then(|| v.shallow_clone());
             let mut ca = m.new_cache(b, 10).unwrap();
             let mut cb = m.new_cache(b, 10).unwrap();
             let _ = m
-                .forward_hidden(&ids, &pos, Some(&valid), Some(&mut ca))
+                .forward_hidden(&ids, &pos, key_valid(&valid).as_ref(), Some(&mut ca))
                 .unwrap();
             let _ = m
-                .forward_hidden(&ids, &pos, Some(&valid), Some(&mut cb))
+                .forward_hidden(&ids, &pos, key_valid(&valid).as_ref(), Some(&mut cb))
                 .unwrap();
             let mut valid = valid;
             for step in 0..3 {
@@ -1340,10 +1401,16 @@ mod tests {
                 valid = Tensor::cat(&[&valid, &valid.narrow(1, 0, 1).ones_like()], 1);
                 let tok = Tensor::randint(vocab as i64, [b, 1], (Kind::Int64, Device::Cpu));
                 let ha = m
-                    .forward_hidden(&tok, &next, Some(&valid), Some(&mut ca))
+                    .forward_hidden(&tok, &next, key_valid(&valid).as_ref(), Some(&mut ca))
                     .unwrap();
                 let hb = m
-                    .forward_hidden_with(&tok, &next, Some(&valid), Some(&mut cb), Some(&w))
+                    .forward_hidden_with(
+                        &tok,
+                        &next,
+                        key_valid(&valid).as_ref(),
+                        Some(&mut cb),
+                        Some(&w),
+                    )
                     .unwrap();
                 assert_eq!(ha.size(), hb.size());
                 let dh = (&ha - &hb).abs().max().double_value(&[]);
@@ -1353,7 +1420,7 @@ mod tests {
                 let dl = (la - lb).abs().max().double_value(&[]);
                 assert!(
                     dh < 1e-5 && dl < 1e-5,
-                    "{arch} step {step}: hidden {dh}, logits {dl}"
+                    "{arch} (padded {padded}) step {step}: hidden {dh}, logits {dl}"
                 );
             }
         }

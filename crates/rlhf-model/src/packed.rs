@@ -4,7 +4,7 @@
 //! [`crate::llama::SMALL_M_ROWS`]) by every weight matrix of the model. MKL's sgemm repacks the
 //! whole weight into its panel layout on every call, so at 32 rows a decode step spends about a
 //! fifth of its time copying weights (`perf`: `mkl_blas_def_sgemm_scopy_right4_bdz`). The weights
-//! do not change during one `generate` call, so [`PackedModel`] packs each of them once per call
+//! do not change during one `generate` call, so `Model::pack_for_decode` packs each of them once per call
 //! into panels of 16 output features (k-major: the 16 weights of input feature k are adjacent)
 //! and [`PackedLinear::forward`] multiplies with a register-blocked AVX2/FMA kernel: 6 rows x 16
 //! outputs of accumulators, one broadcast per row and two weight loads per input feature.
@@ -31,6 +31,8 @@ use crate::error::{ModelError, Result};
 
 /// Output features per panel: two AVX registers.
 const PANEL: usize = 16;
+/// How many panel lines (k-steps) ahead the kernel prefetches.
+const PREFETCH: usize = 32;
 /// Rows per kernel call: 6 x 2 accumulators + 2 weight registers + 1 broadcast of the 16 AVX
 /// registers.
 const ROWS: usize = 6;
@@ -110,7 +112,7 @@ extern "C" fn run_share(data: *mut c_void) {
 
 /// Runs `work` over `0..n` split into contiguous shares, one per thread of libtorch's OpenMP
 /// team (the calling thread takes the first share).
-fn parallel_for(n: usize, work: &(dyn Fn(Range<usize>) + Sync)) {
+pub(crate) fn parallel_for(n: usize, work: &(dyn Fn(Range<usize>) + Sync)) {
     let threads = tch::get_num_threads().max(1) as usize;
     match omp() {
         Some(omp) if threads > 1 && n > 1 => {
@@ -152,7 +154,7 @@ impl Aligned {
 
 /// A raw pointer that may cross into the OpenMP team (each thread writes disjoint ranges).
 #[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 // SAFETY: used only to hand buffers to the team for disjoint writes or shared reads while the
 // owning call waits for the team.
 unsafe impl<T> Send for SendPtr<T> {}
@@ -163,7 +165,7 @@ pub(crate) struct PackedLinear {
     data: Aligned,
     out: usize,
     inp: usize,
-    bias: Option<Tensor>,
+    bias: Option<Vec<f32>>,
 }
 
 impl PackedLinear {
@@ -203,7 +205,10 @@ impl PackedLinear {
             data,
             out,
             inp,
-            bias: bias.map(|b| b.shallow_clone()),
+            bias: match bias {
+                Some(b) => Some(crate::decode_cpu::to_vec(b).filter(|b| b.len() == out)?),
+                None => None,
+            },
         })
     }
 
@@ -219,22 +224,46 @@ impl PackedLinear {
         }
         let x = x.contiguous();
         let y = Tensor::f_empty([rows, self.out as i64], (Kind::Float, Device::Cpu))?;
-        let (xp, yp) = (
-            SendPtr(x.data_ptr() as *mut f32),
-            SendPtr(y.data_ptr() as *mut f32),
+        let rows = rows as usize;
+        // SAFETY: checked above: x is (rows, inp) contiguous f32 and y (rows, out).
+        let (xs, ys) = unsafe {
+            (
+                std::slice::from_raw_parts(x.data_ptr() as *const f32, rows * self.inp),
+                std::slice::from_raw_parts_mut(y.data_ptr() as *mut f32, rows * self.out),
+            )
+        };
+        self.forward_slice(xs, rows, ys);
+        Ok(y)
+    }
+
+    /// `y = x W^T + b` of a (rows, in) `x` into a (rows, out) `y`, row-major slices.
+    ///
+    /// # Panics
+    /// When the slices are shorter than rows * in and rows * out.
+    pub(crate) fn forward_slice(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        let (inp, out) = (self.inp, self.out);
+        assert!(
+            x.len() >= rows * inp && y.len() >= rows * out,
+            "packed linear slices"
         );
+        let (xp, yp) = (SendPtr(x.as_ptr() as *mut f32), SendPtr(y.as_mut_ptr()));
         let wp = SendPtr(self.data.as_ptr() as *mut f32);
-        let (rows, inp, out) = (rows as usize, self.inp, self.out);
+        let bias = self.bias.as_deref();
         parallel_for(out / PANEL, &|panels| {
             let (xp, yp, wp) = (xp, yp, wp);
-            // SAFETY: checked above: x is (rows, inp) contiguous f32, y (rows, out), the packed
-            // data out * inp; each share writes only its own panels' columns of y.
-            unsafe { gemm_panels(xp.0, rows, inp, wp.0, yp.0, out, panels) }
+            // SAFETY: lengths asserted above, the packed data is out * inp; each share writes
+            // only its own panels' columns of y.
+            unsafe { gemm_panels(xp.0, rows, inp, wp.0, yp.0, out, panels.clone()) };
+            if let Some(b) = bias {
+                let cols = panels.start * PANEL..panels.end * PANEL;
+                for r in 0..rows {
+                    for c in cols.clone() {
+                        // SAFETY: row r, a column of this share's panels: inside y, ours alone.
+                        unsafe { *yp.0.add(r * out + c) += b[c] };
+                    }
+                }
+            }
         });
-        Ok(match &self.bias {
-            Some(b) => y + b,
-            None => y,
-        })
     }
 }
 
@@ -301,6 +330,9 @@ unsafe fn kernel<const R: usize>(
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for k in 0..inp {
+        // Weights stream from memory once per step (a model's are larger than the L3): ask for
+        // the line PREFETCH k-steps ahead (past the panel's end: the next panel's start).
+        _mm_prefetch::<_MM_HINT_T0>(panel.add((k + PREFETCH) * PANEL) as *const i8);
         let w0 = _mm256_loadu_ps(panel.add(k * PANEL));
         let w1 = _mm256_loadu_ps(panel.add(k * PANEL + 8));
         for (r, a) in acc.iter_mut().enumerate() {

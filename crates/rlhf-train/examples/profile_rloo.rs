@@ -4,6 +4,7 @@
 //! (no grad), train (forward with gradients, PPO loss, backward, clip, AdamW).
 //!
 //! Usage: profile_rloo MODEL_DIR PHASE ITERS [THREADS]   (PHASE: all, gen, ref, train)
+//! REF_ROWS=n: the reference forward in chunks of n rows, as the reference worker runs it.
 //! Prints each phase's best and median time over ITERS (after one warm-up).
 
 use std::path::PathBuf;
@@ -64,14 +65,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if phase == "all" || phase == "ref" {
             let t0 = Instant::now();
             let _g = tch::no_grad_guard();
-            token_logprobs_from(
-                &reference,
-                &out.sequences,
-                &out.attention_mask,
-                from,
-                1.0,
-                Entropy::Off,
-            )?;
+            // REF_ROWS: rows per forward, as the reference worker splits its batch.
+            let rows = out.sequences.size()[0];
+            let chunk = std::env::var("REF_ROWS").map_or(Ok(rows), |v| v.parse())?;
+            for start in (0..rows).step_by(chunk.max(1) as usize) {
+                let n = chunk.min(rows - start);
+                token_logprobs_from(
+                    &reference,
+                    &out.sequences.narrow(0, start, n),
+                    &out.attention_mask.narrow(0, start, n),
+                    from,
+                    1.0,
+                    Entropy::Off,
+                )?;
+            }
             clock(1, t0);
         }
         if phase == "all" || phase == "train" {

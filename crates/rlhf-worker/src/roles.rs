@@ -247,8 +247,21 @@ pub enum Role {
     Generator(ModelDir),
 }
 
-/// Rows scored per forward by reward and reference roles when no micro-batch size applies.
+/// Rows scored per forward by the reward model, whose inputs vary in length.
 const INFER_ROWS: i64 = 16;
+
+/// f32 elements of the largest per-forward output a log-prob or value pass may make (256 MiB):
+/// rows per forward are as many as fit, at least one ([`rows_per_forward`]).
+const INFER_OUTPUT_ELEMS: i64 = 1 << 26;
+
+/// Rows of `b` per no-grad forward when each row makes `per_row` output elements (log-probs:
+/// response positions x vocabulary; values: positions x hidden). Whole batches where they fit:
+/// at the 20.5M RLOO bench (32 rows x 32 positions x 4096) one forward of 32 rows took 0.37 s
+/// against 0.42 s as two of 16 (`profile_rloo ... ref`, docs/benchmarks.md); long responses over
+/// large vocabularies get fewer rows instead of a multi-GB logits tensor.
+fn rows_per_forward(b: i64, per_row: i64) -> i64 {
+    (INFER_OUTPUT_ELEMS / per_row.max(1)).clamp(1, b.max(1))
+}
 
 fn load_dir(spec: &RoleSpec, head: Option<HeadKind>) -> RoleResult<ModelDir> {
     let opts = LoadOptions {
@@ -424,8 +437,10 @@ impl Role {
         let s = s.to(dir.model.device())?;
         let _g = tch::no_grad_guard();
         let mut parts = vec![];
-        for start in (0..b).step_by(INFER_ROWS as usize) {
-            let part = s.rows(start, INFER_ROWS.min(b - start))?;
+        let vocab = dir.model.config.vocab_size as i64;
+        let chunk = rows_per_forward(b, s.response_len * vocab);
+        for start in (0..b).step_by(chunk as usize) {
+            let part = s.rows(start, chunk.min(b - start))?;
             let lp = token_logprobs_from(
                 &dir.model,
                 &part.input_ids,
@@ -448,8 +463,10 @@ impl Role {
         let s = s.to(t.dir.model.device())?;
         let _g = tch::no_grad_guard();
         let mut parts = vec![];
-        for start in (0..b).step_by(INFER_ROWS as usize) {
-            let part = s.rows(start, INFER_ROWS.min(b - start))?;
+        let width = s.input_ids.size()[1] * t.dir.model.config.hidden_size as i64;
+        let chunk = rows_per_forward(b, width);
+        for start in (0..b).step_by(chunk as usize) {
+            let part = s.rows(start, chunk.min(b - start))?;
             let v = token_values(
                 &t.dir.model,
                 &part.input_ids,
@@ -971,5 +988,21 @@ pub fn kl_estimator(name: &str) -> RoleResult<KlEstimator> {
             "kl_estimator",
             format!("`{other}`: expected k1, k2 or k3"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwards_take_as_many_rows_as_the_output_budget_allows() {
+        // The RLOO bench: 32 rows x 32 response positions x 4096 vocabulary, all at once.
+        assert_eq!(rows_per_forward(32, 32 * 4096), 32);
+        // 1024 positions over a 152k vocabulary: one row per forward, never zero.
+        assert_eq!(rows_per_forward(64, 1024 * 152_064), 1);
+        // In between: as many rows as fit in 2^26 elements.
+        assert_eq!(rows_per_forward(100, 512 * 32_000), 4);
+        assert_eq!(rows_per_forward(0, 10), 1);
     }
 }
