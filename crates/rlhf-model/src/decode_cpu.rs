@@ -6,8 +6,8 @@
 //! Why: at 32 rows a libtorch decode step of the 20.5M benchmark model spent as long between its
 //! GEMMs as in them: ~25 small ops per layer, each a dispatch, an allocation and often an
 //! OpenMP fork, plus MKL's gemv inside SDPA for one query row (`perf`, docs/benchmarks.md). Here
-//! a layer is four parallel regions (q/k/v, attention, o, gate/up, down share out the work;
-//! the cheap elementwise parts run on the calling thread).
+//! a layer is six parallel regions (the q/k/v, o, gate/up and down GEMMs share out panels; the
+//! attention and SiLU regions share out rows; norms and residuals run on the calling thread).
 //!
 //! Every value of a row is computed from that row alone, in an order that depends on neither
 //! the number of rows nor the number of threads, so a row's tokens are the same whichever rows
@@ -132,46 +132,44 @@ pub(crate) unsafe fn layer_step(
     let qkv_w = d.qkv();
     let mut qkv = vec![0f32; rows * qkv_w];
     l.qkv.forward_slice(&h, rows, &mut qkv);
-    // Rotary on q and k, then this step's k and v into the cache.
-    for r in 0..rows {
-        let row = &mut qkv[r * qkv_w..(r + 1) * qkv_w];
-        let (cos, sin) = (&s.cos[r * hd..(r + 1) * hd], &s.sin[r * hd..(r + 1) * hd]);
-        rotary(&mut row[..(nh + nkv) * hd], hd, cos, sin);
-        for g in 0..nkv {
-            let slot = ((r * nkv + g) * s.capacity + s.offset) * hd;
-            let k = &row[(nh + g) * hd..(nh + g + 1) * hd];
-            let v = &row[(nh + nkv + g) * hd..(nh + nkv + g + 1) * hd];
-            std::ptr::copy_nonoverlapping(k.as_ptr(), kc.add(slot), hd);
-            std::ptr::copy_nonoverlapping(v.as_ptr(), vc.add(slot), hd);
-        }
-    }
-    // Attention, one (row, head) per task.
+    // Per row (rows are independent): rotary on its q and k, its k and v into the cache, then
+    // attention for each of its heads.
     let mut att = vec![0f32; rows * nh * hd];
     let (qp, ap) = (SendPtr(qkv.as_mut_ptr()), SendPtr(att.as_mut_ptr()));
     let (kp, vp) = (SendPtr(kc), SendPtr(vc));
     let total = s.offset + 1;
     let scale = 1.0 / (hd as f32).sqrt();
-    parallel_for(rows * nh, &|tasks: Range<usize>| {
+    parallel_for(rows, &|share: Range<usize>| {
         let (qp, ap, kp, vp) = (qp, ap, kp, vp);
         let mut scores = vec![0f32; total];
-        for task in tasks {
-            let (r, head) = (task / nh, task % nh);
-            let g = head / (nh / nkv);
-            let base = (r * nkv + g) * s.capacity * hd;
+        for r in share {
+            // SAFETY: row r of the (rows, qkv_w) buffer and of the caches (the function's
+            // contract) belong to this share alone; so does row r of `att`.
+            let row = std::slice::from_raw_parts_mut(qp.0.add(r * qkv_w), qkv_w);
+            let (cos, sin) = (&s.cos[r * hd..(r + 1) * hd], &s.sin[r * hd..(r + 1) * hd]);
+            rotary(&mut row[..(nh + nkv) * hd], hd, cos, sin);
+            for g in 0..nkv {
+                let slot = ((r * nkv + g) * s.capacity + s.offset) * hd;
+                let k = &row[(nh + g) * hd..(nh + g + 1) * hd];
+                let v = &row[(nh + nkv + g) * hd..(nh + nkv + g + 1) * hd];
+                std::ptr::copy_nonoverlapping(k.as_ptr(), kp.0.add(slot), hd);
+                std::ptr::copy_nonoverlapping(v.as_ptr(), vp.0.add(slot), hd);
+            }
             let valid = s.valid.map(|v| &v[r * total..(r + 1) * total]);
-            // SAFETY: q of (r, head) lies in the (rows, qkv_w) buffer; cache rows as the
-            // function's contract; each task writes only its own (r, head) slice of `att`.
-            attend_one(
-                qp.0.add(r * qkv_w + head * hd),
-                kp.0.add(base),
-                vp.0.add(base),
-                hd,
-                total,
-                scale,
-                valid,
-                &mut scores,
-                ap.0.add((r * nh + head) * hd),
-            );
+            for head in 0..nh {
+                let base = (r * nkv + head / (nh / nkv)) * s.capacity * hd;
+                attend_one(
+                    row.as_ptr().add(head * hd),
+                    kp.0.add(base),
+                    vp.0.add(base),
+                    hd,
+                    total,
+                    scale,
+                    valid,
+                    &mut scores,
+                    ap.0.add((r * nh + head) * hd),
+                );
+            }
         }
     });
     let mut o = vec![0f32; rows * d.hidden];
@@ -229,11 +227,13 @@ unsafe fn attend_one(
             max = max.max(*sc);
         }
     }
-    let mut sum = 0f32;
+    // Masked slots become -inf, whose exp is exactly 0.
     for (j, sc) in scores.iter_mut().enumerate().take(total) {
-        *sc = if seen(j) { (*sc - max).exp() } else { 0.0 };
-        sum += *sc;
+        if !seen(j) {
+            *sc = f32::NEG_INFINITY;
+        }
     }
+    let sum = exp_sub_sum(&mut scores[..total], max);
     std::ptr::write_bytes(y, 0, hd);
     for (j, &p) in scores.iter().enumerate().take(total) {
         if p != 0.0 {
@@ -285,6 +285,36 @@ unsafe fn axpy(alpha: f32, x: *const f32, y: *mut f32, n: usize) {
     }
 }
 
+/// x[i] = exp(x[i] - m) for every i ([`exp8`] eight at a time); returns the sum, lanes in order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let (n, p) = (x.len(), x.as_mut_ptr());
+    let mv = _mm256_set1_ps(m);
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
+        _mm256_storeu_ps(p.add(i), e);
+        acc = _mm256_add_ps(acc, e);
+        i += 8;
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    let mut s: f32 = lanes.iter().sum();
+    for v in &mut x[i..] {
+        *v = (*v - m).exp();
+        s += *v;
+    }
+    s
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn exp_sub_sum(_x: &mut [f32], _m: f32) -> f32 {
+    unreachable!("CPU decode steps are only chosen on x86-64 (see packed::available)")
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn dot(_a: *const f32, _b: *const f32, _n: usize) -> f32 {
     unreachable!("CPU decode steps are only chosen on x86-64 (see packed::available)")
@@ -326,14 +356,16 @@ unsafe fn silu_mul_avx2(g: *const f32, u: *const f32, out: *mut f32, n: usize) -
 }
 
 /// exp of eight lanes: Cephes' expf (range reduction by ln 2 in two parts, a degree-5
-/// polynomial, the exponent added back), within ~1 ulp of libm; inputs clamped to [-88.38, 88].
+/// polynomial, the exponent added back), within ~1 ulp of libm for inputs in [-87, 88]; above 88
+/// it returns exp(88), below -87 exactly 0 (true values under 1.7e-38; -inf gives 0).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let c = _mm256_set1_ps;
-    let x = _mm256_max_ps(_mm256_min_ps(x, c(88.0)), c(-88.376_26));
+    let tiny = _mm256_cmp_ps::<_CMP_LT_OQ>(x, c(-87.0));
+    let x = _mm256_max_ps(_mm256_min_ps(x, c(88.0)), c(-87.0));
     let fx = _mm256_floor_ps(_mm256_fmadd_ps(x, c(std::f32::consts::LOG2_E), c(0.5)));
     let x = _mm256_fnmadd_ps(fx, c(0.693_359_4), x);
     let x = _mm256_fnmadd_ps(fx, c(-2.121_944_4e-4), x);
@@ -352,7 +384,7 @@ unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
         _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)),
         23,
     );
-    _mm256_mul_ps(y, _mm256_castsi256_ps(n))
+    _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(n)))
 }
 
 #[cfg(test)]
@@ -372,6 +404,26 @@ mod tests {
         rms_norm(&to_vec(&x).unwrap(), &to_vec(&w).unwrap(), 1e-6, &mut got);
         let got = Tensor::from_slice(&got).view([rows, h]);
         assert!((got - want).abs().max().double_value(&[]) < 1e-5);
+    }
+
+    #[test]
+    fn exp_sub_sum_matches_libm_and_zeroes_masked_slots() {
+        if !crate::packed::available(1) {
+            return;
+        }
+        let mut x: Vec<f32> = (0..53).map(|i| (i as f32 - 30.0) * 3.1).collect();
+        x[7] = f32::NEG_INFINITY;
+        x[50] = f32::NEG_INFINITY;
+        let m = 5.0;
+        let want: Vec<f32> = x.iter().map(|v| (v - m).exp()).collect();
+        // SAFETY: AVX2 and FMA checked above.
+        let sum = unsafe { exp_sub_sum(&mut x, m) };
+        assert_eq!((x[7], x[50]), (0.0, 0.0));
+        for (g, w) in x.iter().zip(&want) {
+            assert!((g - w).abs() <= 2e-7 * w.max(1e-30), "{g} vs {w}");
+        }
+        let wsum: f32 = want.iter().sum();
+        assert!((sum - wsum).abs() <= 1e-6 * wsum, "{sum} vs {wsum}");
     }
 
     #[test]

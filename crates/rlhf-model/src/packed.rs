@@ -3,15 +3,17 @@
 //! A decode step multiplies a few rows (one token per sequence, at most
 //! [`crate::llama::SMALL_M_ROWS`]) by every weight matrix of the model. MKL's sgemm repacks the
 //! whole weight into its panel layout on every call, so at 32 rows a decode step spends about a
-//! fifth of its time copying weights (`perf`: `mkl_blas_def_sgemm_scopy_right4_bdz`). The weights
-//! do not change during one `generate` call, so `Model::pack_for_decode` packs each of them once per call
-//! into panels of 16 output features (k-major: the 16 weights of input feature k are adjacent)
-//! and [`PackedLinear::forward`] multiplies with a register-blocked AVX2/FMA kernel: 6 rows x 16
-//! outputs of accumulators, one broadcast per row and two weight loads per input feature.
+//! fifth of its time copying weights (`perf`: `mkl_blas_def_sgemm_scopy_right4_bdz`). The
+//! weights do not change during one `generate` call, so `Model::pack_for_decode` packs each of
+//! them once per call into panels of 16 output features (k-major: the 16 weights of input
+//! feature k are adjacent) and [`PackedLinear::forward_slice`] multiplies with a
+//! register-blocked AVX2/FMA kernel: 6 rows x 16 outputs of accumulators, one broadcast per row
+//! and two weight loads per input feature, prefetching the weight stream ahead.
 //! Measured on the 2-core dev machine, the projections of one decode step of a 20.5M Llama at 32
-//! rows (8 layers, distinct weights, 2 threads): 9.8 ms against MKL's 13.4 ms; single-threaded
-//! the kernel runs at ~68 GFLOP/s, ~94% of one core's f32 FMA peak. docs/benchmarks.md has the
-//! end-to-end effect.
+//! rows (8 layers, distinct weights, 2 threads): 9.8 ms against MKL's 13.4 ms. At 32 rows the
+//! kernel reaches ~95 GFLOP/s per core with the weight in cache and 60-85 when it streams from
+//! memory, as a model's weights (82 MB at 20.5M, more than the L3) do every step: decode is bound
+//! by that stream. docs/benchmarks.md has the numbers and the end-to-end effect.
 //!
 //! Threads: the kernel splits the panels over libtorch's own OpenMP team (`GOMP_parallel` from the
 //! libgomp libtorch is linked against, found with `dlsym`), as one of libtorch's kernels would,
