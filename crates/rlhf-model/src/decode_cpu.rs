@@ -390,14 +390,13 @@ unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
+    use crate::llama::seeded_randn;
 
     #[test]
     fn rms_norm_matches_the_libtorch_formula() {
-        tch::manual_seed(0);
         let (rows, h) = (3, 37);
-        let x = Tensor::randn([rows, h], (Kind::Float, Device::Cpu));
-        let w = Tensor::randn([h], (Kind::Float, Device::Cpu));
+        let x = seeded_randn(&[rows, h], 0);
+        let w = seeded_randn(&[h], 1);
         let want =
             &w * (&x * (x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float) + 1e-6).rsqrt());
         let mut got = vec![0f32; (rows * h) as usize];
@@ -431,15 +430,14 @@ mod tests {
         if !crate::packed::available(1) {
             return;
         }
-        tch::manual_seed(1);
         let g = Tensor::cat(
             &[
-                Tensor::randn([100], (Kind::Float, Device::Cpu)) * 10.0,
+                seeded_randn(&[100], 2) * 10.0,
                 Tensor::from_slice(&[-200f32, -90.0, -88.0, 0.0, 88.0, 90.0, 200.0]),
             ],
             0,
         );
-        let u = Tensor::randn([107], (Kind::Float, Device::Cpu));
+        let u = seeded_randn(&[107], 3);
         let want = g.silu() * &u;
         let mut got = vec![0f32; 107];
         silu_mul(&to_vec(&g).unwrap(), &to_vec(&u).unwrap(), &mut got);

@@ -506,6 +506,22 @@ pub struct Model {
     kind: Kind,
 }
 
+/// Held while seeding and drawing from libtorch's global generator ([`Model::new`]), so draws
+/// on different threads do not interleave. Tests that draw random tensors take it too
+/// ([`seeded_randn`]): a draw between another thread's seed and its draws changes its values.
+pub(crate) fn global_rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A standard-normal f32 CPU tensor drawn with `seed` under [`global_rng_lock`] (for tests).
+#[cfg(test)]
+pub(crate) fn seeded_randn(shape: &[i64], seed: i64) -> Tensor {
+    let _rng = global_rng_lock();
+    tch::manual_seed(seed);
+    Tensor::randn(shape, (Kind::Float, Device::Cpu))
+}
+
 impl Model {
     /// Builds the model with HF's random initialisation (normal(0, initializer_range) weights,
     /// zero biases, unit norms), seeded with `seed` through libtorch's global generator.
@@ -515,8 +531,7 @@ impl Model {
     /// exactly the weights their seed gives.
     pub fn new(config: Config, device: Device, kind: Kind, seed: i64) -> Result<Model> {
         crate::cuda::check_device(device)?;
-        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
+        let _init = global_rng_lock();
         tch::manual_seed(seed);
         let mut vs = nn::VarStore::new(device);
         let root = vs.root();
@@ -1379,7 +1394,12 @@ mod tests {
             assert_eq!(w.head.is_some(), vocab % 16 == 0);
             assert_eq!(w.layers.len(), 2);
             let b = 5;
-            let ids = Tensor::randint(vocab as i64, [b, 6], (Kind::Int64, Device::Cpu));
+            let randint = |shape: [i64; 2], seed: i64| {
+                let _rng = global_rng_lock();
+                tch::manual_seed(seed);
+                Tensor::randint(vocab as i64, shape, (Kind::Int64, Device::Cpu))
+            };
+            let ids = randint([b, 6], 10);
             // Row 1 left-padded by two: an explicit key mask.
             let valid = Tensor::ones([b, 6], (Kind::Bool, Device::Cpu));
             if padded {
@@ -1399,7 +1419,7 @@ mod tests {
             for step in 0..3 {
                 let next = pos.narrow(1, 5, 1) + 1 + step;
                 valid = Tensor::cat(&[&valid, &valid.narrow(1, 0, 1).ones_like()], 1);
-                let tok = Tensor::randint(vocab as i64, [b, 1], (Kind::Int64, Device::Cpu));
+                let tok = randint([b, 1], 20 + step);
                 let ha = m
                     .forward_hidden(&tok, &next, key_valid(&valid).as_ref(), Some(&mut ca))
                     .unwrap();

@@ -355,8 +355,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn randn(shape: &[i64], seed: i64) -> Tensor {
-        tch::manual_seed(seed);
-        Tensor::randn(shape, (Kind::Float, Device::Cpu))
+        crate::llama::seeded_randn(shape, seed)
     }
 
     #[test]
