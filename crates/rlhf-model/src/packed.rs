@@ -333,8 +333,9 @@ unsafe fn kernel<const R: usize>(
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for k in 0..inp {
         // Weights stream from memory once per step (a model's are larger than the L3): ask for
-        // the line PREFETCH k-steps ahead (past the panel's end: the next panel's start).
-        _mm_prefetch::<_MM_HINT_T0>(panel.add((k + PREFETCH) * PANEL) as *const i8);
+        // the line PREFETCH k-steps ahead (past the panel's end: the next panel's start; past
+        // the last panel nothing useful, and a prefetch never faults).
+        _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add((k + PREFETCH) * PANEL) as *const i8);
         let w0 = _mm256_loadu_ps(panel.add(k * PANEL));
         let w1 = _mm256_loadu_ps(panel.add(k * PANEL + 8));
         for (r, a) in acc.iter_mut().enumerate() {
