@@ -18,6 +18,10 @@ use crate::llama::{group_rows, positions_from_mask, Model, SMALL_M_ROWS};
 /// for [`crate::packed`]: packing costs about as much as the GEMMs of one or two steps and saves
 /// about a quarter of every step's.
 const PACK_MIN_STEPS: i64 = 4;
+/// Tokens from which a forward without gradients packs the weights for itself
+/// ([`token_logprobs_from`]): the packing copies the weights once, the packed kernel saves
+/// ~15–35% of each GEMM at these sizes.
+const PACK_MIN_TOKENS: i64 = 256;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -205,13 +209,22 @@ pub fn generate(
         Some((firsts, _)) => t.index_select(0, firsts),
         None => t.shallow_clone(),
     };
+    // Decode steps of few rows (and the prefill before them) project through weights packed
+    // once for this call, when the packing (about one step's worth of weight traffic) pays for
+    // itself.
+    let packed = if b <= SMALL_M_ROWS && max_new > PACK_MIN_STEPS {
+        model.pack_for_decode()
+    } else {
+        None
+    };
     let prefill_ids = distinct(&prompt_ids);
     let mut cache = model.new_cache(prefill_ids.size()[0], capacity)?;
-    let hidden = model.forward_hidden(
+    let hidden = model.forward_hidden_with(
         &prefill_ids,
         &distinct(&positions),
         key_valid.as_ref().map(distinct).as_ref(),
         Some(&mut cache),
+        packed.as_ref(),
     )?;
     let mut last = hidden.narrow(1, width - 1, 1);
     drop(hidden);
@@ -219,13 +232,6 @@ pub fn generate(
         cache = cache.select_rows(rows)?;
         last = last.index_select(0, rows);
     }
-    // Decode steps of few rows project through weights packed once for this call, when the
-    // packing (about one step's worth of weight traffic) pays for itself.
-    let packed = if b <= SMALL_M_ROWS && max_new > PACK_MIN_STEPS {
-        model.pack_for_decode()
-    } else {
-        None
-    };
     let mut logits = model.logits_with(&last, packed.as_ref())?.squeeze_dim(1);
     drop(last);
     let mut next_pos = positions.narrow(1, width - 1, 1) + 1; // (b, 1)
@@ -446,10 +452,19 @@ pub fn token_logprobs_from(
     temperature: f64,
     entropy: Entropy,
 ) -> Result<TokenLogProbs> {
+    // Without gradients (reference log-probs, old log-probs) a large enough forward runs its
+    // projections through weights packed for this call: the packed kernel beats libtorch's GEMM
+    // at these shapes by more than the packing costs (docs/benchmarks.md).
+    let packed = if input_ids.numel() as i64 >= PACK_MIN_TOKENS && !model.builds_graph() {
+        model.pack_for_decode()
+    } else {
+        None
+    };
     // Checks the shapes and `from` for both.
-    let hidden = model.forward_predicting(input_ids, attention_mask, from)?;
+    let hidden = model.forward_predicting_with(input_ids, attention_mask, from, packed.as_ref())?;
     let n = hidden.size()[1];
-    let mut logits = model.logits(&hidden)?;
+    let mut logits = model.logits_with(&hidden, packed.as_ref())?;
+    drop(packed);
     drop(hidden);
     if temperature != 1.0 {
         logits = logits / temperature;

@@ -219,6 +219,29 @@ impl Attention {
         linear_fwd(&self.o_proj, &self.attend(&q, &k, &v, cos, sin, mask, kv))
     }
 
+    /// [`Attention::forward`] with the projections through `l`'s packed weights (q/k/v fused).
+    /// No autograd graph: for forwards without gradients only.
+    fn forward_packed(
+        &self,
+        x: &Tensor,
+        l: &CpuLayer,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttnMask,
+        kv: LayerKv<'_>,
+    ) -> Result<Tensor> {
+        let (b, t, h) = x.size3()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
+        let qkv = l.qkv.forward(&x.reshape([b * t, h]))?;
+        // Contiguous copies of q and k (attend's rotary needs them); v may stay a view.
+        let part = |from: i64, heads: i64| qkv.narrow(1, from * hd, heads * hd);
+        let q = part(0, nh).contiguous().view([b, t, nh, hd]);
+        let k = part(nh, nkv).contiguous().view([b, t, nkv, hd]);
+        let v = part(nh + nkv, nkv).reshape([b, t, nkv, hd]);
+        let y = self.attend(&q, &k, &v, cos, sin, mask, kv);
+        Ok(l.o.forward(&y.view([b * t, nh * hd]))?.view([b, t, -1]))
+    }
+
     /// One decode step over a feature-major (hidden, rows) `x_t`; returns the output the same
     /// way. The projections run as [`linear_fm`]; attention runs on the row-major layout
     /// ([`Attention::attend`]): q and k are transposed back (two small copies), v is a view.
@@ -358,6 +381,15 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Tensor {
         let gate = linear_fwd(&self.gate_proj, x).silu();
         linear_fwd(&self.down_proj, &(gate * linear_fwd(&self.up_proj, x)))
+    }
+
+    /// [`Mlp::forward`] through `l`'s packed weights (gate/up fused). No autograd graph.
+    fn forward_packed(x: &Tensor, l: &CpuLayer) -> Result<Tensor> {
+        let (b, t, h) = x.size3()?;
+        let gu = l.gate_up.forward(&x.reshape([b * t, h]))?;
+        let i = gu.size()[1] / 2;
+        let act = gu.narrow(1, 0, i).silu() * gu.narrow(1, i, i);
+        Ok(l.down.forward(&act)?.view([b, t, h]))
     }
 
     /// The same over a feature-major (hidden, rows) `x_t`.
@@ -741,7 +773,7 @@ impl Model {
             (KvMode::Cache(c), Some(w)) if t == 1 && b <= SMALL_M_ROWS => {
                 self.decode_packed(input_ids, positions, &mask, c, offset, w)?
             }
-            _ => self.trunk(input_ids, positions, &mask, &mut mode, offset)?,
+            _ => self.trunk(input_ids, positions, &mask, &mut mode, offset, packed)?,
         };
         if let KvMode::Cache(c) = mode {
             c.len += t;
@@ -757,6 +789,7 @@ impl Model {
         mask: &AttnMask,
         mode: &mut KvMode<'_>,
         offset: i64,
+        packed: Option<&DecodeWeights>,
     ) -> Result<Tensor> {
         let (cos, sin) = self.rope.at(positions, self.kind);
         let mut x = Tensor::f_embedding(&self.embed_tokens, input_ids, -1, false, false)?;
@@ -774,10 +807,19 @@ impl Model {
                 KvMode::After(prefix) => LayerKv::After(&prefix[i]),
             };
             let h = layer.input_layernorm.forward(&x);
-            let attn = layer.self_attn.forward(&h, &cos, &sin, mask, kv);
+            let pl = packed.map(|w| &w.layers[i]);
+            let attn = match pl {
+                Some(l) => layer
+                    .self_attn
+                    .forward_packed(&h, l, &cos, &sin, mask, kv)?,
+                None => layer.self_attn.forward(&h, &cos, &sin, mask, kv),
+            };
             x = x + attn;
             let h = layer.post_attention_layernorm.forward(&x);
-            x = x + layer.mlp.forward(&h);
+            x = x + match pl {
+                Some(l) => Mlp::forward_packed(&h, l)?,
+                None => layer.mlp.forward(&h),
+            };
         }
         Ok(self.norm.forward(&x))
     }
@@ -813,6 +855,12 @@ impl Model {
             x_t = x_t + mlp;
         }
         self.norm.forward_fm(&x_t).tr().unsqueeze(1)
+    }
+
+    /// Whether a forward would record an autograd graph now: gradients enabled and the weights
+    /// requiring them. Packed projections record none, so they serve only forwards that don't.
+    pub(crate) fn builds_graph(&self) -> bool {
+        (&self.norm.weight * 1.0).requires_grad()
     }
 
     /// This model's weights laid out for [`crate::decode_cpu`]'s decode steps, from the current
@@ -959,6 +1007,20 @@ impl Model {
         attention_mask: &Tensor,
         from: i64,
     ) -> Result<Tensor> {
+        self.forward_predicting_with(input_ids, attention_mask, from, None)
+    }
+
+    /// [`Model::forward_predicting`] with every projection through `packed` (weights packed by
+    /// [`Model::pack_for_decode`] from this model's current weights) when given: for forwards
+    /// that build no autograd graph ([`Model::builds_graph`]), since the packed kernel records
+    /// none.
+    pub(crate) fn forward_predicting_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        from: i64,
+        packed: Option<&DecodeWeights>,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.size2()?;
         if attention_mask.size() != [b, t] {
             return Err(ModelError::invalid(
@@ -991,7 +1053,9 @@ impl Model {
         let shared = shared_prefixes(input_ids, attention_mask, w)?
             .filter(|(firsts, _)| (b - firsts.len() as i64) * w >= b);
         let Some((firsts, rows)) = shared else {
-            let hidden = self.forward_padded(input_ids, attention_mask)?;
+            let (positions, key_valid) = positions_from_mask(attention_mask)?;
+            let hidden =
+                self.forward_hidden_with(input_ids, &positions, key_valid.as_ref(), None, packed)?;
             return Ok(hidden.f_narrow(1, from, t - from)?);
         };
         let dev = self.device();
@@ -1006,7 +1070,7 @@ impl Model {
         let u = firsts.size()[0];
         let p_mask = self.attention_mask(p_valid.as_ref(), u, w, 0)?;
         let mut mode = KvMode::Record(Vec::with_capacity(self.layers.len()));
-        let p_hidden = self.trunk(&p_ids, &p_pos, &p_mask, &mut mode, 0)?;
+        let p_hidden = self.trunk(&p_ids, &p_pos, &p_mask, &mut mode, 0, packed)?;
         let KvMode::Record(recorded) = mode else {
             unreachable!("the prefix pass records")
         };
@@ -1030,6 +1094,7 @@ impl Model {
             &mask,
             &mut mode,
             w,
+            packed,
         )?;
         Ok(Tensor::f_cat(&[last, rest], 1)?)
     }
@@ -1096,7 +1161,7 @@ impl Model {
     }
 
     /// Next-token logits (b, t, vocab) in f32 from hidden states. Causal-LM heads only.
-    /// [`Model::logits`], through the packed head of `packed` for at most [`SMALL_M_ROWS`] rows.
+    /// [`Model::logits`], through the packed head of `packed` when it has one.
     pub(crate) fn logits_with(
         &self,
         hidden: &Tensor,
@@ -1106,7 +1171,7 @@ impl Model {
         let k = size[size.len() - 1];
         let rows = hidden.numel() as i64 / k.max(1);
         match packed.and_then(|w| w.head.as_ref()) {
-            Some(head) if rows > 0 && rows <= SMALL_M_ROWS => {
+            Some(head) if rows > 0 => {
                 let mut shape = size.clone();
                 shape[size.len() - 1] = -1;
                 Ok(head
@@ -1371,6 +1436,42 @@ mod tests {
         let diff = (h - h2.narrow(1, 2, 3)).abs().max().double_value(&[]);
         assert!(diff < 1e-5, "left padding changed outputs by {diff}");
         assert!(!bool::try_from(h2.isnan().any()).unwrap());
+    }
+
+    #[test]
+    fn packed_no_grad_log_probs_equal_the_libtorch_ones() {
+        if !packed::available(tch::get_num_threads().max(1) as usize) {
+            return;
+        }
+        let mut c = tiny("LlamaForCausalLM", false);
+        c.vocab_size = 64;
+        let m = Model::new(c, Device::Cpu, Kind::Float, 5).unwrap();
+        assert!(m.pack_for_decode().is_some());
+        // 8 copies of the grouped batch: 40 rows x 7 = 280 tokens, enough to pack.
+        let (ids, mask) = grouped_batch();
+        let (ids, mask) = (ids.repeat([8, 1]), mask.repeat([8, 1]));
+        // from 3: shared prefixes (the recorded prefix pass and the rest); from 0: plain.
+        for from in [3, 0] {
+            let lp = |grad: bool| {
+                let _g = (!grad).then(tch::no_grad_guard);
+                assert_eq!(m.builds_graph(), grad);
+                crate::generate::token_logprobs_from(
+                    &m,
+                    &ids,
+                    &mask,
+                    from,
+                    1.0,
+                    crate::generate::Entropy::Off,
+                )
+                .unwrap()
+                .logprobs
+            };
+            let (libtorch, packed) = (lp(true), lp(false));
+            assert!(libtorch.requires_grad() && !packed.requires_grad());
+            let real = mask.narrow(1, from + 1, 6 - from).to_kind(Kind::Float);
+            let d = max_diff(&(libtorch.detach() * &real), &(packed * &real));
+            assert!(d < 1e-5, "from {from}: packed log-probs differ by {d}");
+        }
     }
 
     #[test]
