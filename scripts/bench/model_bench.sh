@@ -25,7 +25,8 @@ best = {}
 for r in rows:
     b = best.setdefault(r["impl"], {})
     for k, v in r.items():
-        if k != "impl":
+        # Numbers only: rows also carry strings (impl, device).
+        if isinstance(v, (int, float)):
             b[k] = max(b.get(k, 0), v)
 ours, hf = best["rlhf-model"], best["transformers"]
 print(f"\nmodel {sys.argv[4]}, workload (batch prompt_len new_tokens train_batch train_seq iters) = {sys.argv[2]}, threads {sys.argv[3]}")
