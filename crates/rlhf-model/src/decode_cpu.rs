@@ -17,8 +17,6 @@
 
 use std::ops::Range;
 
-use tch::{Kind, Tensor};
-
 use crate::packed::{parallel_for, PackedLinear, SendPtr};
 
 /// Shapes of the model the buffers belong to.
@@ -62,14 +60,6 @@ pub(crate) struct Step<'a> {
     pub sin: &'a [f32],
     /// (rows, offset + 1): whether row r attends to slot j; `None`: every slot up to `offset`.
     pub valid: Option<&'a [bool]>,
-}
-
-/// The contents of an f32 CPU tensor as a `Vec` (copied).
-pub(crate) fn to_vec(t: &Tensor) -> Option<Vec<f32>> {
-    if t.kind() != Kind::Float {
-        return None;
-    }
-    Vec::<f32>::try_from(t.contiguous().view([-1])).ok()
 }
 
 /// RMSNorm of each of `rows` rows of `x` (width `w.len()`) into `out`, as HF's LlamaRMSNorm in
@@ -246,6 +236,16 @@ unsafe fn attend_one(
     }
 }
 
+/// The eight lanes of `acc` summed in lane order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn sum_lanes(acc: std::arch::x86_64::__m256) -> f32 {
+    let mut lanes = [0f32; 8];
+    std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    lanes.iter().sum()
+}
+
 /// Σ a[i] b[i] with eight lanes, then the lanes in order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -257,9 +257,7 @@ unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
         acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc);
         i += 8;
     }
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-    let mut s: f32 = lanes.iter().sum();
+    let mut s = sum_lanes(acc);
     while i < n {
         s += *a.add(i) * *b.add(i);
         i += 1;
@@ -300,9 +298,7 @@ unsafe fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
         acc = _mm256_add_ps(acc, e);
         i += 8;
     }
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-    let mut s: f32 = lanes.iter().sum();
+    let mut s = sum_lanes(acc);
     for v in &mut x[i..] {
         *v = (*v - m).exp();
         s += *v;
@@ -391,6 +387,8 @@ unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
 mod tests {
     use super::*;
     use crate::llama::seeded_randn;
+    use crate::packed::to_vec;
+    use tch::{Kind, Tensor};
 
     #[test]
     fn rms_norm_matches_the_libtorch_formula() {

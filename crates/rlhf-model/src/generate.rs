@@ -213,7 +213,7 @@ pub fn generate(
     // once for this call, when the packing (about one step's worth of weight traffic) pays for
     // itself.
     let packed = if b <= SMALL_M_ROWS && max_new > PACK_MIN_STEPS {
-        model.pack_for_decode()
+        model.pack_weights()
     } else {
         None
     };
@@ -456,7 +456,7 @@ pub fn token_logprobs_from(
     // projections through weights packed for this call: the packed kernel beats libtorch's GEMM
     // at these shapes by more than the packing costs (docs/benchmarks.md).
     let packed = if input_ids.numel() as i64 >= PACK_MIN_TOKENS && !model.builds_graph() {
-        model.pack_for_decode()
+        model.pack_weights()
     } else {
         None
     };

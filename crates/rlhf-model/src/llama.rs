@@ -406,10 +406,10 @@ struct DecoderLayer {
     post_attention_layernorm: RmsNorm,
 }
 
-/// A model's weights laid out for [`crate::decode_cpu`]'s decode steps ([`Model::pack_for_decode`]):
-/// per layer the norms and the packed projections (q/k/v fused, gate/up fused), the final norm,
-/// and the vocabulary head (`None`: its width is not a multiple of 16, libtorch computes it).
-pub(crate) struct DecodeWeights {
+/// A model's weights packed by [`Model::pack_weights`] for forwards without gradients: per
+/// layer the norms and the packed projections (q/k/v fused, gate/up fused), the final norm, and
+/// the vocabulary head (`None`: its width is not a multiple of 16, libtorch computes it).
+pub(crate) struct PackedWeights {
     layers: Vec<CpuLayer>,
     norm: Vec<f32>,
     dims: Dims,
@@ -732,16 +732,17 @@ impl Model {
         self.forward_hidden_with(input_ids, positions, key_valid, cache, None)
     }
 
-    /// [`Model::forward_hidden`], with decode steps (one token, at most [`SMALL_M_ROWS`] rows,
-    /// a cache) projected by `packed` when given: weights packed by [`Model::pack_for_decode`]
-    /// from this model's current weights.
+    /// [`Model::forward_hidden`] with the projections through `packed` when given (weights
+    /// packed by [`Model::pack_weights`] from this model's current weights; no autograd graph):
+    /// decode steps (one token, at most [`SMALL_M_ROWS`] rows, a cache) run whole in
+    /// [`crate::decode_cpu`], everything else through the layer loop's packed projections.
     pub(crate) fn forward_hidden_with(
         &self,
         input_ids: &Tensor,
         positions: &Tensor,
         key_valid: Option<&Tensor>,
         cache: Option<&mut KvCache>,
-        packed: Option<&DecodeWeights>,
+        packed: Option<&PackedWeights>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.size2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len);
@@ -789,7 +790,7 @@ impl Model {
         mask: &AttnMask,
         mode: &mut KvMode<'_>,
         offset: i64,
-        packed: Option<&DecodeWeights>,
+        packed: Option<&PackedWeights>,
     ) -> Result<Tensor> {
         let (cos, sin) = self.rope.at(positions, self.kind);
         let mut x = Tensor::f_embedding(&self.embed_tokens, input_ids, -1, false, false)?;
@@ -863,13 +864,14 @@ impl Model {
         (&self.norm.weight * 1.0).requires_grad()
     }
 
-    /// This model's weights laid out for [`crate::decode_cpu`]'s decode steps, from the current
-    /// weights; `None` where those do not apply (not an f32 model on the CPU, no AVX2/FMA, no
-    /// OpenMP entry points with several threads, a fused projection whose width is not a
-    /// multiple of 16, head_dim over 512 or odd): decode steps then stay with libtorch
-    /// ([`Model::decode_fm`]). The copy is as large as the weights and goes stale when they
-    /// change: `generate` makes one per call and drops it.
-    pub(crate) fn pack_for_decode(&self) -> Option<DecodeWeights> {
+    /// This model's weights packed for [`crate::packed`]'s kernel and [`crate::decode_cpu`]'s
+    /// decode steps, from the current weights; `None` where those do not apply (not an f32 model
+    /// on the CPU, no AVX2/FMA, no OpenMP entry points with several threads, a fused projection
+    /// whose width is not a multiple of 16, head_dim over 512 or odd): the forwards then stay
+    /// with libtorch (decode steps in [`Model::decode_fm`]). The copy is as large as the weights
+    /// and goes stale when they change: `generate` and `token_logprobs_from` make one per call
+    /// and drop it.
+    pub(crate) fn pack_weights(&self) -> Option<PackedWeights> {
         let c = &self.config;
         if self.device() != Device::Cpu
             || self.kind != Kind::Float
@@ -884,6 +886,9 @@ impl Model {
         let _guard = tch::no_grad_guard();
         // Weights (out, in) stacked along out, biases likewise (zeros where a part has none).
         let fused = |parts: &[&nn::Linear]| {
+            if let [l] = parts {
+                return PackedLinear::pack(&l.ws, l.bs.as_ref());
+            }
             let w = Tensor::cat(&parts.iter().map(|l| &l.ws).collect::<Vec<_>>(), 0);
             let b = parts.iter().any(|l| l.bs.is_some()).then(|| {
                 let bs: Vec<Tensor> = parts
@@ -903,10 +908,10 @@ impl Model {
             .map(|l| {
                 let (a, m) = (&l.self_attn, &l.mlp);
                 Some(CpuLayer {
-                    ln1: decode_cpu::to_vec(&l.input_layernorm.weight)?,
+                    ln1: packed::to_vec(&l.input_layernorm.weight)?,
                     qkv: fused(&[&a.q_proj, &a.k_proj, &a.v_proj])?,
                     o: fused(&[&a.o_proj])?,
-                    ln2: decode_cpu::to_vec(&l.post_attention_layernorm.weight)?,
+                    ln2: packed::to_vec(&l.post_attention_layernorm.weight)?,
                     gate_up: fused(&[&m.gate_proj, &m.up_proj])?,
                     down: fused(&[&m.down_proj])?,
                 })
@@ -917,9 +922,9 @@ impl Model {
             Head::Lm(None) => PackedLinear::pack(&self.embed_tokens, None),
             Head::Score(_) => None,
         };
-        Some(DecodeWeights {
+        Some(PackedWeights {
             layers,
-            norm: decode_cpu::to_vec(&self.norm.weight)?,
+            norm: packed::to_vec(&self.norm.weight)?,
             dims: Dims {
                 hidden: c.hidden_size,
                 heads: c.num_attention_heads,
@@ -942,22 +947,22 @@ impl Model {
         mask: &AttnMask,
         cache: &mut KvCache,
         offset: i64,
-        w: &DecodeWeights,
+        w: &PackedWeights,
     ) -> Result<Tensor> {
         let b = input_ids.size()[0];
         let (rows, d) = (b as usize, w.dims);
         let total = offset + 1;
         let (cos, sin) = self.rope.at(positions, Kind::Float);
         let bad = |what: &str| ModelError::invalid("decode step", what.to_string(), "a bug");
-        let cos = decode_cpu::to_vec(&cos).ok_or_else(|| bad("rotary table"))?;
-        let sin = decode_cpu::to_vec(&sin).ok_or_else(|| bad("rotary table"))?;
+        let cos = packed::to_vec(&cos).ok_or_else(|| bad("rotary table"))?;
+        let sin = packed::to_vec(&sin).ok_or_else(|| bad("rotary table"))?;
         let valid: Option<Vec<bool>> = match mask {
             AttnMask::All => None,
             AttnMask::Explicit(m) => Some(Vec::<bool>::try_from(m.reshape([b * total]))?),
             AttnMask::Causal => return Err(bad("causal mask for one token")),
         };
         let x = Tensor::f_embedding(&self.embed_tokens, &input_ids.view([b]), -1, false, false)?;
-        let mut x = decode_cpu::to_vec(&x).ok_or_else(|| bad("embedding"))?;
+        let mut x = packed::to_vec(&x).ok_or_else(|| bad("embedding"))?;
         let step = Step {
             rows,
             offset: offset as usize,
@@ -975,7 +980,7 @@ impl Model {
             }
             // SAFETY: both caches checked above as contiguous f32 (b, n_kv, capacity,
             // head_dim), exclusively borrowed; `l` packed from this model (dims `d`);
-            // pack_for_decode checked AVX2/FMA.
+            // pack_weights checked AVX2/FMA.
             unsafe {
                 decode_cpu::layer_step(
                     l,
@@ -1011,7 +1016,7 @@ impl Model {
     }
 
     /// [`Model::forward_predicting`] with every projection through `packed` (weights packed by
-    /// [`Model::pack_for_decode`] from this model's current weights) when given: for forwards
+    /// [`Model::pack_weights`] from this model's current weights) when given: for forwards
     /// that build no autograd graph ([`Model::builds_graph`]), since the packed kernel records
     /// none.
     pub(crate) fn forward_predicting_with(
@@ -1019,7 +1024,7 @@ impl Model {
         input_ids: &Tensor,
         attention_mask: &Tensor,
         from: i64,
-        packed: Option<&DecodeWeights>,
+        packed: Option<&PackedWeights>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.size2()?;
         if attention_mask.size() != [b, t] {
@@ -1053,9 +1058,7 @@ impl Model {
         let shared = shared_prefixes(input_ids, attention_mask, w)?
             .filter(|(firsts, _)| (b - firsts.len() as i64) * w >= b);
         let Some((firsts, rows)) = shared else {
-            let (positions, key_valid) = positions_from_mask(attention_mask)?;
-            let hidden =
-                self.forward_hidden_with(input_ids, &positions, key_valid.as_ref(), None, packed)?;
+            let hidden = self.forward_padded_with(input_ids, attention_mask, packed)?;
             return Ok(hidden.f_narrow(1, from, t - from)?);
         };
         let dev = self.device();
@@ -1160,12 +1163,11 @@ impl Model {
         Ok(AttnMask::Explicit(m.f_logical_or(&diag)?.unsqueeze(1)))
     }
 
-    /// Next-token logits (b, t, vocab) in f32 from hidden states. Causal-LM heads only.
     /// [`Model::logits`], through the packed head of `packed` when it has one.
     pub(crate) fn logits_with(
         &self,
         hidden: &Tensor,
-        packed: Option<&DecodeWeights>,
+        packed: Option<&PackedWeights>,
     ) -> Result<Tensor> {
         let size = hidden.size();
         let k = size[size.len() - 1];
@@ -1182,6 +1184,7 @@ impl Model {
         }
     }
 
+    /// Next-token logits (b, t, vocab) in f32 from hidden states. Causal-LM heads only.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let w = match &self.head {
             Head::Lm(Some(w)) => w,
@@ -1226,8 +1229,18 @@ impl Model {
     /// Trunk over a padded batch: positions and masks derived from `attention_mask` (b, t) of
     /// 0/1 (left or right padding). Returns hidden states (b, t, hidden).
     pub fn forward_padded(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        self.forward_padded_with(input_ids, attention_mask, None)
+    }
+
+    /// [`Model::forward_padded`] with the projections through `packed` when given.
+    fn forward_padded_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        packed: Option<&PackedWeights>,
+    ) -> Result<Tensor> {
         let (positions, key_valid) = positions_from_mask(attention_mask)?;
-        self.forward_hidden(input_ids, &positions, key_valid.as_ref(), None)
+        self.forward_hidden_with(input_ids, &positions, key_valid.as_ref(), None, packed)
     }
 }
 
@@ -1446,7 +1459,7 @@ mod tests {
         let mut c = tiny("LlamaForCausalLM", false);
         c.vocab_size = 64;
         let m = Model::new(c, Device::Cpu, Kind::Float, 5).unwrap();
-        assert!(m.pack_for_decode().is_some());
+        assert!(m.pack_weights().is_some());
         // 8 copies of the grouped batch: 40 rows x 7 = 280 tokens, enough to pack.
         let (ids, mask) = grouped_batch();
         let (ids, mask) = (ids.repeat([8, 1]), mask.repeat([8, 1]));
@@ -1491,7 +1504,7 @@ mod tests {
             let mut c = tiny(arch, tied);
             c.vocab_size = vocab;
             let m = Model::new(c, Device::Cpu, Kind::Float, 3).unwrap();
-            let w = m.pack_for_decode().expect("f32 on the CPU packs");
+            let w = m.pack_weights().expect("f32 on the CPU packs");
             assert_eq!(w.head.is_some(), vocab % 16 == 0);
             assert_eq!(w.layers.len(), 2);
             let b = 5;

@@ -4,7 +4,7 @@
 //! [`crate::llama::SMALL_M_ROWS`]) by every weight matrix of the model. MKL's sgemm repacks the
 //! whole weight into its panel layout on every call, so at 32 rows a decode step spends about a
 //! fifth of its time copying weights (`perf`: `mkl_blas_def_sgemm_scopy_right4_bdz`). The
-//! weights do not change during one `generate` call, so `Model::pack_for_decode` packs each of
+//! weights do not change during one `generate` call, so `Model::pack_weights` packs each of
 //! them once per call into panels of 16 output features (k-major: the 16 weights of input
 //! feature k are adjacent) and [`PackedLinear::forward_slice`] multiplies with a
 //! register-blocked AVX2/FMA kernel: 6 rows x 16 outputs of accumulators, one broadcast per row
@@ -134,6 +134,14 @@ pub(crate) fn parallel_for(n: usize, work: &(dyn Fn(Range<usize>) + Sync)) {
     }
 }
 
+/// The contents of an f32 CPU tensor as a `Vec` (copied).
+pub(crate) fn to_vec(t: &Tensor) -> Option<Vec<f32>> {
+    if t.kind() != Kind::Float {
+        return None;
+    }
+    Vec::<f32>::try_from(t.contiguous().view([-1])).ok()
+}
+
 /// 64-byte aligned f32 storage (every panel row of 16 floats is one cache line).
 struct Aligned {
     buf: Vec<f32>,
@@ -208,7 +216,7 @@ impl PackedLinear {
             out,
             inp,
             bias: match bias {
-                Some(b) => Some(crate::decode_cpu::to_vec(b).filter(|b| b.len() == out)?),
+                Some(b) => Some(to_vec(b).filter(|b| b.len() == out)?),
                 None => None,
             },
         })
