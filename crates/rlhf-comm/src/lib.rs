@@ -30,6 +30,7 @@
 mod error;
 #[cfg(feature = "nccl")]
 mod nccl;
+pub mod net;
 mod tcp;
 mod wire;
 

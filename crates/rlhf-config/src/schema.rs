@@ -147,9 +147,17 @@ pub struct LauncherConfig {
     /// Path to the `rlhf-worker` binary. Default: null, meaning the `rlhf-worker` next to the
     /// `rlhf-coord` executable.
     pub worker_bin: Option<PathBuf>,
-    /// Interface (IP address) the coordinator and workers listen on. Default: `127.0.0.1`
-    /// (loopback unless named).
+    /// Interface (IP address) the coordinator and workers listen on. `0.0.0.0` (or `::`)
+    /// listens everywhere and advertises each host's name, which other nodes resolve. A run
+    /// whose workers sit on several Slurm nodes needs a non-loopback address here or
+    /// `interface`. Default: `127.0.0.1` (loopback unless named).
     pub bind: IpAddr,
+    /// Network interface whose address every listener of the run advertises (and listens on,
+    /// unless `bind` is `0.0.0.0`/`::`), chosen on each host the way `NCCL_SOCKET_IFNAME` chooses
+    /// one, and handed to NCCL as that variable: e.g. `eth0`, `ib0`. Its IPv4 address, else its
+    /// global IPv6 one. Default: null (use `bind`).
+    #[serde(deserialize_with = "lenient_opt_string")]
+    pub interface: Option<String>,
     /// Port of the coordinator's service (workers pick free ports themselves). Default: 0, any
     /// free port; name one when a firewall needs it.
     pub port: u16,
@@ -182,6 +190,7 @@ impl Default for LauncherConfig {
             kind: LauncherKind::Local,
             worker_bin: None,
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            interface: None,
             port: 0,
             startup_timeout_s: 60.0,
             heartbeat_interval_ms: 500,
@@ -215,8 +224,14 @@ pub struct SlurmConfig {
     /// `--cpus-per-task`; >= 1 when set. Default: null.
     pub cpus_per_task: Option<u32>,
     /// Seconds between Slurm's `USR1` warning and the kill (`--signal=B:USR1@N`): the time to
-    /// write a checkpoint. Default: 120.
+    /// write a checkpoint; below `time`. Default: 120.
     pub signal_grace_s: u64,
+    /// Requeues in a row that may end without a new checkpoint: after a preemption, a time
+    /// limit, a `scancel --signal` or a lost node the job requeues itself to resume, but a
+    /// restart that ended with no checkpoint newer than the one it started from counts
+    /// against this, and once it is exceeded the job ends instead (a restart that saved a
+    /// newer checkpoint resets the count). 0 never requeues. Default: 3.
+    pub max_restarts: u32,
     /// Extra `#SBATCH` lines, written verbatim. Default: `[]`.
     pub extra_directives: Vec<String>,
     /// Memory of one GPU in GiB, for `rlhf-coord plan`'s fit check. Default: 80.
@@ -236,6 +251,7 @@ impl Default for SlurmConfig {
             gpus_per_node: 0,
             cpus_per_task: None,
             signal_grace_s: 120,
+            max_restarts: 3,
             extra_directives: Vec::new(),
             gpu_memory_gib: 80.0,
             mem_per_node_gib: None,

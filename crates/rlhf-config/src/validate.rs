@@ -164,6 +164,19 @@ fn is_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// Slurm `--time` in `HH:MM:SS` or `D-HH:MM:SS`, in seconds.
+fn slurm_time_seconds(s: &str) -> Option<u64> {
+    if !is_slurm_time(s) {
+        return None;
+    }
+    let (days, clock) = s.split_once('-').unwrap_or(("0", s));
+    let mut secs = days.parse::<u64>().ok()? * 86_400;
+    for (part, unit) in clock.split(':').zip([3600, 60, 1]) {
+        secs += part.parse::<u64>().ok()? * unit;
+    }
+    Some(secs)
+}
+
 /// Slurm `--time` in `HH:MM:SS` or `D-HH:MM:SS`.
 fn is_slurm_time(s: &str) -> bool {
     let (days, clock) = match s.split_once('-') {
@@ -214,10 +227,47 @@ impl RunConfig {
             c.at_least("launcher.slurm.cpus_per_task", cpus.into(), 1)?;
         }
         if let Some(time) = &s.time {
-            if !is_slurm_time(time) {
+            let Some(limit) = slurm_time_seconds(time) else {
                 return c.fail(
                     "launcher.slurm.time",
                     format!("`{time}` is not a Slurm time limit; write HH:MM:SS or D-HH:MM:SS (e.g. 12:00:00, 2-00:00:00)"),
+                );
+            };
+            if l.kind == crate::schema::LauncherKind::Slurm && s.signal_grace_s >= limit {
+                return c.fail(
+                    "launcher.slurm.signal_grace_s",
+                    format!("{} s is not shorter than the job's time limit launcher.slurm.time = {time} ({limit} s): Slurm would warn before the job starts; lower it or raise the time limit", s.signal_grace_s),
+                );
+            }
+        }
+        if let Some(name) = &l.interface {
+            if name.is_empty() || name.chars().any(|ch| ch.is_whitespace() || ch == '/') {
+                return c.fail(
+                    "launcher.interface",
+                    format!("`{name}` is not a network interface name (e.g. eth0, ib0)"),
+                );
+            }
+            if !l.bind.is_unspecified() && !l.bind.is_loopback() {
+                return c.fail(
+                    "launcher.interface",
+                    format!("both launcher.bind ({}) and launcher.interface ({name}) name where to listen; set one of them", l.bind),
+                );
+            }
+        }
+        if l.kind == crate::schema::LauncherKind::Slurm
+            && l.interface.is_none()
+            && l.bind.is_loopback()
+        {
+            let nodes = s.nodes.max(1) as usize;
+            let spans = self
+                .workers
+                .iter()
+                .enumerate()
+                .any(|(i, w)| w.node.unwrap_or(i % nodes) != 0);
+            if spans {
+                return c.fail(
+                    "launcher.bind",
+                    format!("{} is loopback, but workers are placed on {nodes} nodes and could not reach each other or the coordinator; set launcher.bind: 0.0.0.0 (hosts advertise their names) or launcher.interface: IFACE", l.bind),
                 );
             }
         }

@@ -325,3 +325,56 @@ fn async_generation_needs_generators() {
         "{msg}"
     );
 }
+
+#[test]
+fn multi_node_addresses_and_slurm_time_rules() {
+    let f = Fixture::new();
+    let slurm =
+        format!("{BASE}launcher:\n  kind: slurm\n  slurm: {{nodes: 2, time: \"00:10:00\"}}\n");
+    // Workers round-robin over two nodes cannot meet on loopback.
+    let msg = err(f.load(&slurm, &[], &[]));
+    assert!(
+        msg.starts_with("launcher.bind: 127.0.0.1 is loopback, but workers are placed on 2 nodes"),
+        "{msg}"
+    );
+    f.load(&slurm, &["launcher.bind=0.0.0.0"], &[])
+        .expect("every interface is fine");
+    f.load(&slurm, &["launcher.interface=eth0"], &[])
+        .expect("an interface is fine");
+    // One node: loopback is enough.
+    f.load(&slurm, &["launcher.slurm.nodes=1"], &[])
+        .expect("one node");
+    for (set, key, says) in [
+        (
+            "launcher.slurm.signal_grace_s=600",
+            "launcher.slurm.signal_grace_s",
+            "600 s is not shorter than the job's time limit launcher.slurm.time = 00:10:00 (600 s)",
+        ),
+        (
+            "launcher.interface=eth 0",
+            "launcher.interface",
+            "is not a network interface name",
+        ),
+    ] {
+        let msg = err(f.load(&slurm, &["launcher.bind=0.0.0.0", set], &[]));
+        assert!(msg.starts_with(&format!("{key}: ")), "{set}: {msg}");
+        assert!(msg.contains(says), "{set}: {msg}");
+    }
+    let msg = err(f.load(
+        &slurm,
+        &["launcher.bind=10.0.0.1", "launcher.interface=eth0"],
+        &[],
+    ));
+    assert!(
+        msg.starts_with(
+            "launcher.interface: both launcher.bind (10.0.0.1) and launcher.interface (eth0)"
+        ),
+        "{msg}"
+    );
+    f.load(
+        &slurm,
+        &["launcher.bind=0.0.0.0", "launcher.slurm.signal_grace_s=599"],
+        &[],
+    )
+    .expect("a grace time below the limit");
+}

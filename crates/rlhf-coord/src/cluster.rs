@@ -25,7 +25,30 @@ pub struct WorkerFailure {
     pub worker: String,
     pub roles: Vec<String>,
     pub cause: String,
+    /// The worker went silent (its node or the network to it is presumed gone) rather than
+    /// exiting with an error: on Slurm the job requeues itself to resume, on other nodes.
+    pub lost: bool,
 }
+
+/// The run stopped because a worker failed: the failure, and the call that failed with it when
+/// a call noticed first.
+#[derive(Debug)]
+pub struct StoppedByWorker {
+    pub failure: WorkerFailure,
+    pub call: Option<String>,
+}
+
+impl std::fmt::Display for StoppedByWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; stopping the run", self.failure)?;
+        if let Some(call) = &self.call {
+            write!(f, " (the failed call: {call})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for StoppedByWorker {}
 
 impl std::fmt::Display for WorkerFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -60,6 +83,9 @@ pub struct Registry {
     heartbeat_interval: Duration,
     shutdown: watch::Receiver<bool>,
     registered: watch::Sender<usize>,
+    /// The run's stop request (as a signal to the coordinator sets it): a worker reporting a
+    /// signal it held sets it too.
+    stop_request: watch::Sender<Option<String>>,
 }
 
 impl Registry {
@@ -68,6 +94,7 @@ impl Registry {
         expected: BTreeMap<String, Vec<String>>,
         heartbeat_interval: Duration,
         shutdown: watch::Receiver<bool>,
+        stop_request: watch::Sender<Option<String>>,
     ) -> Arc<Registry> {
         Arc::new(Registry {
             run_name: run_name.to_string(),
@@ -76,6 +103,7 @@ impl Registry {
             heartbeat_interval,
             shutdown,
             registered: watch::channel(0).0,
+            stop_request,
         })
     }
 
@@ -119,13 +147,16 @@ impl Registry {
                 worker: w.name.clone(),
                 roles: self.roles_of(&w.name),
                 cause: format!(
-                    "on host {} (pid {}) missed heartbeats for {:.1} s \
-                     (launcher.heartbeat_timeout_ms = {}); it is presumed dead",
+                    "on node {} (pid {}, address {}) missed heartbeats for {:.1} s \
+                     (launcher.heartbeat_timeout_ms = {}); the node or the network to it is \
+                     presumed down",
                     w.host,
                     w.pid,
+                    w.address,
                     quiet.as_secs_f64(),
                     timeout.as_millis()
                 ),
+                lost: true,
             })
         })
     }
@@ -163,9 +194,15 @@ impl Coordinator for CoordinatorService {
                 env!("CARGO_PKG_VERSION")
             )));
         }
-        address
-            .parse::<SocketAddr>()
-            .map_err(|_| Status::invalid_argument(format!("address `{address}` is not ip:port")))?;
+        // A host name is fine (workers bound to every interface advertise theirs); it must
+        // resolve here, where the calls to the worker start.
+        rlhf_comm::net::resolve(&address, Duration::from_secs(10))
+            .await
+            .map_err(|e| {
+                Status::invalid_argument(format!(
+                    "worker `{worker_name}` on host {host} advertised address: {e}"
+                ))
+            })?;
         {
             let mut w = r
                 .workers
@@ -208,6 +245,7 @@ impl Coordinator for CoordinatorService {
             worker_name,
             seq: _,
             rss_bytes,
+            signal,
         } = req.into_inner();
         let mut w = self
             .registry
@@ -219,6 +257,19 @@ impl Coordinator for CoordinatorService {
         })?;
         info.last_seen = Instant::now();
         info.rss_bytes = rss_bytes;
+        if !signal.is_empty() {
+            // Slurm signalled the job's tasks (a preemption, `scancel --signal=TERM`) and
+            // perhaps not this process: stop the run as if it had been.
+            let from = format!("{signal} at worker `{worker_name}` on node {}", info.host);
+            self.registry.stop_request.send_if_modified(|r| {
+                let first = r.is_none();
+                if first {
+                    warn!(signal = %from, "a worker was signalled: finishing the current step, then writing a checkpoint and stopping");
+                    *r = Some(from);
+                }
+                first
+            });
+        }
         Ok(Response::new(pb::HeartbeatResponse {
             shutdown: *self.registry.shutdown.borrow(),
         }))
@@ -301,7 +352,13 @@ mod tests {
                 let names: Vec<String> = (0..32).map(|i| format!("w{i}")).collect();
                 let expected = names.iter().map(|n| (n.clone(), vec![])).collect();
                 let (_stop_tx, stop) = watch::channel(false);
-                let registry = Registry::new("t", expected, Duration::from_secs(1), stop);
+                let registry = Registry::new(
+                    "t",
+                    expected,
+                    Duration::from_secs(1),
+                    stop,
+                    watch::channel(None).0,
+                );
                 let svc = Arc::new(CoordinatorService {
                     registry: registry.clone(),
                 });

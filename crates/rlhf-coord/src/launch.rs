@@ -175,21 +175,77 @@ fn prepare(args: &LaunchArgs, started: Instant) -> Result<Prepared> {
 /// Runs `launch`; returns when the run ends.
 pub fn run(args: LaunchArgs) -> Result<()> {
     let started = Instant::now();
-    let p = prepare(&args, started)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(launch(args, started))
+}
+
+async fn launch(args: LaunchArgs, started: Instant) -> Result<()> {
+    // Listening before anything slow: a signal while checkpoints are hashed, models load or
+    // workers register is honoured at the first step boundary, never fatal.
+    let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (stop_request, stop_sig) = watch::channel(None);
+    listen_for_signals(pids.clone(), stop_request.clone())?;
+    let p = tokio::task::block_in_place(|| prepare(&args, started))?;
     info!(run_dir = %p.run_dir.display(), "run directory ready");
-    let cfg = &p.loaded.config;
+    let cfg = p.loaded.config.clone();
     if cfg.launcher.kind == LauncherKind::Slurm && !slurm::in_allocation() {
         return submit_to_slurm(&args, &p);
     }
     if args.dry_run {
         bail!("--dry-run prints the sbatch script of launcher.kind: slurm outside a Slurm job; this launch would run locally");
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(run_async(p))
+    let allocation = if cfg.launcher.kind == LauncherKind::Slurm {
+        let a = slurm::allocation()?;
+        a.check_devices(&cfg)?;
+        info!(job = %a.job_id, nodes = ?a.nodes, restarts = a.restarts, gpus_per_node = ?a.gpus_per_node, "inside Slurm job");
+        Some(a)
+    } else {
+        None
+    };
+    let resumed_from = p.resume.as_ref().map(|r| r.state.step);
+    let run_dir = p.run_dir.clone();
+    let early_signal = stop_sig.borrow().clone();
+    let result = match early_signal {
+        Some(sig) => Err(Preempted {
+            step: resumed_from.unwrap_or(0),
+            reason: format!("{sig} received before the workers started"),
+        }
+        .into()),
+        None => run_async(p, allocation.as_ref(), pids, (stop_request, stop_sig)).await,
+    };
+    let Some(a) = allocation else {
+        return result;
+    };
+    // Inside Slurm, a run stopped by a preemption, a time limit, a signal or a lost node comes
+    // back by requeue and resumes from its newest checkpoint.
+    let why = match &result {
+        Err(e) => match (
+            e.downcast_ref::<Preempted>(),
+            e.downcast_ref::<cluster::StoppedByWorker>(),
+        ) {
+            (Some(p), _) => Some(p.reason.clone()),
+            (None, Some(s)) if s.failure.lost => {
+                Some(format!("worker `{}` lost", s.failure.worker))
+            }
+            _ => None,
+        },
+        Ok(()) => None,
+    };
+    if let Some(why) = why {
+        let requeue = slurm::Requeue {
+            run_dir: &run_dir,
+            resumed_from,
+            max_restarts: cfg.launcher.slurm.max_restarts,
+        };
+        if let Err(e) = tokio::task::block_in_place(|| requeue.run(&a, &why)) {
+            warn!(error = %format!("{e:#}"), "the job could not requeue itself");
+        }
+    }
+    result
 }
 
 /// Outside an allocation: write the sbatch script into the run directory and submit it (or
@@ -243,29 +299,32 @@ impl Roles {
 }
 
 /// Listens for SIGTERM, SIGUSR1 (Slurm's warning) and SIGINT. The first sets the returned
-/// watch to the signal's name: the loop finishes its step, writes a checkpoint and stops. The
-/// second kills the workers and exits at once with [`EXIT_FORCED`].
+/// watch to the signal's name: the loop finishes its step, writes a checkpoint and stops. A
+/// second SIGINT (Ctrl-C again) kills the workers and exits at once with [`EXIT_FORCED`]. More
+/// SIGTERMs and SIGUSR1s change nothing: Slurm delivers them more than once (to the batch
+/// shell and to every process of the step; again at the time limit), and its SIGKILL after the
+/// grace time is the hard stop.
 fn listen_for_signals(
     pids: Arc<std::sync::Mutex<Vec<u32>>>,
-) -> Result<watch::Receiver<Option<String>>> {
+    tx: watch::Sender<Option<String>>,
+) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
-        let mut seen = 0;
+        let mut interrupts = 0;
         loop {
             let name = tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = usr1.recv() => "SIGUSR1",
-                _ = int.recv() => "SIGINT",
+                _ = int.recv() => { interrupts += 1; "SIGINT" }
             };
-            seen += 1;
-            if seen == 1 {
-                warn!(signal = name, "finishing the current step, then writing a checkpoint and stopping (send it again to exit at once)");
+            let first = tx.borrow().is_none();
+            if first {
+                warn!(signal = name, "finishing the current step, then writing a checkpoint and stopping (Ctrl-C again to exit at once)");
                 let _ = tx.send(Some(name.to_string()));
-            } else {
+            } else if name == "SIGINT" && interrupts >= 2 {
                 warn!(
                     signal = name,
                     "second signal: killing the workers and exiting without a checkpoint"
@@ -274,16 +333,24 @@ fn listen_for_signals(
                     launcher::kill_hard(pid);
                 }
                 std::process::exit(EXIT_FORCED);
+            } else {
+                info!(signal = name, "already stopping after the current step");
             }
         }
     });
-    Ok(rx)
+    Ok(())
 }
 
-async fn run_async(p: Prepared) -> Result<()> {
+async fn run_async(
+    p: Prepared,
+    allocation: Option<&slurm::Allocation>,
+    pids: Arc<std::sync::Mutex<Vec<u32>>>,
+    (stop_request, stop_sig): (
+        watch::Sender<Option<String>>,
+        watch::Receiver<Option<String>>,
+    ),
+) -> Result<()> {
     let cfg = p.loaded.config.clone();
-    let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let stop_sig = listen_for_signals(pids.clone())?;
     let token = RunToken::generate().context("reading random bytes for the run token")?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let expected: BTreeMap<String, Vec<String>> = cfg
@@ -301,33 +368,21 @@ async fn run_async(p: Prepared) -> Result<()> {
         expected,
         Duration::from_millis(cfg.launcher.heartbeat_interval_ms),
         stop_rx.clone(),
+        stop_request,
     );
+    // The same choice of address as every worker makes (rlhf_comm::net): the interface's
+    // address, the bound one, or this host's name when bound to every interface. It is also
+    // published in the run directory.
+    let listen = rlhf_comm::net::choose(cfg.launcher.bind, cfg.launcher.interface.as_deref())?;
     let addr = cluster::serve(
-        SocketAddr::new(cfg.launcher.bind, cfg.launcher.port),
+        SocketAddr::new(listen.bind, cfg.launcher.port),
         registry.clone(),
         token.clone(),
         stop_rx.clone(),
     )
     .await?;
-    info!(%addr, "coordinator listening");
-    let allocation = if cfg.launcher.kind == LauncherKind::Slurm {
-        let a = slurm::allocation()?;
-        a.check_devices(&cfg)?;
-        info!(job = %a.job_id, nodes = ?a.nodes, restarts = a.restarts, gpus_per_node = ?a.gpus_per_node, "inside Slurm job");
-        Some(a)
-    } else {
-        None
-    };
-    // Workers on other hosts reach a coordinator bound to every interface by its host name;
-    // the address is also published in the run directory.
-    let advertised = if addr.ip().is_unspecified() {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "localhost".into());
-        format!("{host}:{}", addr.port())
-    } else {
-        addr.to_string()
-    };
+    let advertised = listen.advertise(addr.port());
+    info!(%addr, %advertised, "coordinator listening");
     rlhf_ckpt::write_atomic(
         &p.run_dir.join("coordinator.addr"),
         format!("{advertised}\n").as_bytes(),
@@ -339,7 +394,7 @@ async fn run_async(p: Prepared) -> Result<()> {
         &advertised,
         &token,
         &p.run_dir,
-        allocation.as_ref(),
+        allocation,
     )?;
     if let Ok(mut v) = pids.lock() {
         v.extend(children.iter().filter_map(|c| c.child.id()));
@@ -365,7 +420,7 @@ async fn run_async(p: Prepared) -> Result<()> {
         );
         let r = tokio::select! {
             r = train(&p, &registry, &token, stop_sig.clone()) => r,
-            Some(f) = fail_rx.recv() => Err(anyhow!("{f}; stopping the run")),
+            Some(f) = fail_rx.recv() => Err(cluster::StoppedByWorker { failure: f, call: None }.into()),
         };
         // A call that failed because its worker died usually returns before the process watch
         // reports the death; the death (with its node and log tail) is the better message.
@@ -373,7 +428,11 @@ async fn run_async(p: Prepared) -> Result<()> {
             Err(e) if e.downcast_ref::<Preempted>().is_none() => {
                 let wait = Duration::from_secs(2);
                 match tokio::time::timeout(wait, fail_rx.recv()).await {
-                    Ok(Some(f)) => Err(anyhow!("{f}; stopping the run (the failed call: {e:#})")),
+                    Ok(Some(f)) => Err(cluster::StoppedByWorker {
+                        failure: f,
+                        call: Some(format!("{e:#}")),
+                    }
+                    .into()),
                     _ => Err(e),
                 }
             }

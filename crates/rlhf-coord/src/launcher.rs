@@ -104,6 +104,14 @@ pub fn spawn_all(
             }
             None => Command::new(bin),
         };
+        if let Some(iface) = &cfg.launcher.interface {
+            cmd.env("RLHF_WORKER_INTERFACE", iface);
+            // NCCL's bootstrap and rings choose their interface the same way, unless the user
+            // already chose one for NCCL.
+            if std::env::var_os("NCCL_SOCKET_IFNAME").is_none() {
+                cmd.env("NCCL_SOCKET_IFNAME", iface);
+            }
+        }
         cmd.env("RLHF_COORD_ADDR", coordinator)
             .env("RLHF_WORKER_NAME", &w.name)
             .env("RLHF_WORKER_BIND", cfg.launcher.bind.to_string())
@@ -182,6 +190,7 @@ pub fn watch_children(
                         let _ = tx.send(WorkerFailure {
                             worker: w.name.clone(),
                             roles,
+                            lost: false,
                             cause: format!(
                                 "exited unexpectedly{on} ({status}); log {}:\n{tail}",
                                 w.log.display()

@@ -5,11 +5,16 @@
 //! `rlhf-worker` per worker as its own Slurm task (`srun --nodes=1 --ntasks=1 --nodelist=HOST
 //! --overlap`), so Slurm accounts, signals and kills them like any job step.
 //!
-//! Preemption: Slurm sends USR1 to the batch shell `signal_grace_s` before the walltime
-//! (`--signal=B:USR1@N`); the script forwards it to the coordinator, which checkpoints and exits
-//! with 75; the script then runs `scontrol requeue $SLURM_JOB_ID`, and the requeued job resumes
-//! from the checkpoint. A TERM to the batch shell (`scancel`, or the time limit itself) is
-//! forwarded too, but never requeues: a job the user cancelled stays cancelled.
+//! Stopping and coming back. The batch script `exec`s the coordinator, so every signal Slurm
+//! sends the batch step reaches it directly: USR1 `signal_grace_s` before the walltime
+//! (`--signal=B:USR1@N`), SIGTERM from a preemption (with or without
+//! `preempt_send_user_signal`), a time limit or `scancel`. Workers hold their ground on those
+//! signals (rlhf-worker's daemon); the coordinator finishes the step, writes a checkpoint, stops
+//! the workers and then decides ([`Requeue`]): a job the user cancelled (`JobState=CANCELLED`)
+//! ends; any other early stop (preemption, time limit, `scancel --signal`, a lost node) requeues
+//! the job with `scontrol requeue`, unless `launcher.slurm.max_restarts` restarts in a row ended
+//! without a new checkpoint. Where Slurm requeues the job itself (a preemption with
+//! `GraceTime=0`, a node failure), the requeued job simply resumes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -191,29 +196,123 @@ pub fn sbatch_script(
     }
     text.push_str(&format!(
         r#"
-# The coordinator runs here, on the first node; it starts one rlhf-worker per configured worker
-# with srun. USR1 (Slurm's warning before the walltime, --signal above) and TERM are forwarded
-# to it: it finishes the step, checkpoints and exits 75. Only after USR1 (or must_save_by) does
-# this script requeue the job; a TERM (scancel, the time limit) never does.
-echo "rlhf-coord: job $SLURM_JOB_ID start $SLURM_RESTART_COUNT on $(hostname) at $(date -u +%FT%TZ)"
-got_term=0
-{cmd} &
-pid=$!
-trap 'kill -USR1 "$pid" 2>/dev/null' USR1
-trap 'got_term=1; kill -TERM "$pid" 2>/dev/null' TERM
-while :; do
-  wait "$pid"; rc=$?
-  kill -0 "$pid" 2>/dev/null || break
-done
-if [ "$rc" -eq 75 ] && [ "$got_term" -eq 0 ]; then
-  echo "rlhf-coord: checkpoint written; requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID" && exit 0
-fi
-exit "$rc"
+# The coordinator runs here, on the first node, in place of this shell (exec), so Slurm's
+# signals reach it once and directly: USR1 before the walltime (--signal above), TERM from a
+# preemption, a time limit or scancel. It finishes the step, writes a checkpoint, stops its
+# workers (one Slurm task each, started with srun), and requeues the job itself unless the
+# user cancelled it.
+echo "rlhf-coord: job $SLURM_JOB_ID start ${{SLURM_RESTART_COUNT:-0}} on $(hostname) at $(date -u +%FT%TZ)"
+exec {cmd}
 "#,
         cmd = cmd.join(" ")
     ));
     text
+}
+
+/// The Slurm state of job `id` (`JobState` of `scontrol show job`: RUNNING, CANCELLED, TIMEOUT,
+/// PREEMPTED, ...).
+pub fn job_state(id: &str) -> Result<String> {
+    let out = Command::new("scontrol")
+        .args(["show", "job", "--oneliner", id])
+        .output()
+        .context("running `scontrol show job` (is Slurm's scontrol on PATH?)")?;
+    if !out.status.success() {
+        bail!(
+            "`scontrol show job {id}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|f| f.strip_prefix("JobState="))
+        .map(str::to_string)
+        .with_context(|| format!("no JobState in `scontrol show job {id}`: {}", text.trim()))
+}
+
+/// The restarts in a row that ended without a new checkpoint, kept in the run directory
+/// (`slurm/restarts.json`) across requeues.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct RestartCount {
+    without_progress: u32,
+}
+
+/// A job that stopped early (preempted, timed out, signalled, a node lost) requeueing itself.
+pub struct Requeue<'a> {
+    pub run_dir: &'a Path,
+    /// The checkpoint step this launch resumed from (None: it started fresh).
+    pub resumed_from: Option<u64>,
+    /// `launcher.slurm.max_restarts`.
+    pub max_restarts: u32,
+}
+
+impl Requeue<'_> {
+    /// Requeues job `a` (`scontrol requeue`) unless the user cancelled it or too many restarts
+    /// in a row made no progress; says which on stderr. Returns whether it requeued.
+    pub fn run(&self, a: &Allocation, why: &str) -> Result<bool> {
+        let id = &a.job_id;
+        let state = job_state(id)?;
+        if state.starts_with("CANCELLED") {
+            eprintln!("rlhf-coord: job {id} was cancelled ({why}); not requeueing");
+            return Ok(false);
+        }
+        if self.max_restarts == 0 {
+            eprintln!(
+                "rlhf-coord: launcher.slurm.max_restarts is 0; not requeueing job {id} ({why})"
+            );
+            return Ok(false);
+        }
+        let path = self.run_dir.join("slurm").join("restarts.json");
+        let mut count: RestartCount = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let latest = rlhf_ckpt::read_latest(self.run_dir)?
+            .as_deref()
+            .and_then(rlhf_ckpt::parse_dir_name);
+        let progressed = latest > self.resumed_from;
+        count.without_progress = if progressed {
+            0
+        } else {
+            count.without_progress + 1
+        };
+        if count.without_progress > self.max_restarts {
+            eprintln!(
+                "rlhf-coord: not requeueing job {id} ({why}): {} restarts in a row ended without a \
+                 new checkpoint (launcher.slurm.max_restarts = {}); look at the logs under {}, then \
+                 launch again to resume",
+                count.without_progress,
+                self.max_restarts,
+                self.run_dir.join("logs").display()
+            );
+            return Ok(false);
+        }
+        std::fs::create_dir_all(path.parent().unwrap_or(self.run_dir))
+            .with_context(|| format!("creating {}", self.run_dir.join("slurm").display()))?;
+        rlhf_ckpt::write_atomic(&path, &serde_json::to_vec(&count)?)?;
+        let out = Command::new("scontrol")
+            .args(["requeue", id])
+            .output()
+            .context("running `scontrol requeue`")?;
+        if !out.status.success() {
+            let now = job_state(id).unwrap_or_default();
+            if matches!(
+                now.as_str(),
+                "PENDING" | "REQUEUED" | "REQUEUE_FED" | "REQUEUE_HOLD"
+            ) {
+                eprintln!("rlhf-coord: Slurm already requeued job {id} ({why})");
+                return Ok(true);
+            }
+            bail!(
+                "`scontrol requeue {id}` failed (job state {now}): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        eprintln!(
+            "rlhf-coord: requeueing job {id} ({why}; newest checkpoint {}); it resumes from there",
+            latest.map_or("none".into(), rlhf_ckpt::dir_name)
+        );
+        Ok(true)
+    }
 }
 
 /// Writes the script to `RUN_DIR/slurm/job.sbatch` and submits it; returns the job id.
@@ -292,8 +391,7 @@ mod tests {
             "#SBATCH --output=/runs/r/slurm/slurm-%j.out\n",
             "#SBATCH --exclusive\n",
             "#SBATCH --qos=high\n",
-            "/opt/bin/rlhf-coord launch '/home/u/run file.yaml' --set train.steps=5 &",
-            "scontrol requeue \"$SLURM_JOB_ID\"",
+            "exec /opt/bin/rlhf-coord launch '/home/u/run file.yaml' --set train.steps=5\n",
         ] {
             assert!(s.contains(want), "missing {want:?} in\n{s}");
         }

@@ -1,6 +1,13 @@
 //! The daemon's life: listen, register with the coordinator, heartbeat, serve until told to stop
-//! (a `Shutdown` call, a heartbeat answer, SIGTERM/SIGINT, or the coordinator unreachable for
-//! longer than the orphan timeout, so a worker never outlives its run by more than that).
+//! (a `Shutdown` call, a heartbeat answer, or the coordinator unreachable for longer than the
+//! orphan timeout, so a worker never outlives its run by more than that).
+//!
+//! Signals do not stop a worker while its coordinator lives. Slurm delivers a preemption's, a
+//! time limit's or a `scancel`'s SIGTERM to every task of the job at once, workers included,
+//! while the coordinator still needs them to finish the step and write the checkpoint; the
+//! coordinator then sends `Shutdown`, and Slurm's SIGKILL after the grace time is the hard stop.
+//! So SIGTERM, SIGUSR1 and a first SIGINT are logged and held; a second SIGINT (Ctrl-C twice on
+//! a worker run by hand) stops it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -26,10 +33,13 @@ pub struct DaemonArgs {
     pub name: String,
     /// Interface to listen on.
     pub bind: IpAddr,
+    /// Network interface whose address to listen on and advertise (`launcher.interface`).
+    pub interface: Option<String>,
     /// Port to listen on; 0 picks a free one.
     pub port: u16,
     pub token: RunToken,
-    /// Give up registering after this long.
+    /// Give up registering after this long, whether the coordinator is unreachable or
+    /// reachable but silent.
     pub register_timeout: Duration,
     /// Stop when the coordinator has not answered a heartbeat for this long.
     pub orphan_timeout: Duration,
@@ -55,7 +65,10 @@ async fn connect(addr: &str, token: &RunToken, deadline: Instant) -> Result<Clie
                 warn!(error = %e, "coordinator at {addr} not reachable yet; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(e) => bail!("could not reach the coordinator at {addr}: {e}"),
+            Err(e) => bail!(
+                "could not reach the coordinator at {addr} from host {}: {e}",
+                rlhf_comm::net::host_name()
+            ),
         }
     }
 }
@@ -102,40 +115,64 @@ fn devices() -> Vec<pb::DeviceInfo> {
     d
 }
 
-async fn wait_for_signal() -> Result<&'static str> {
+/// Holds SIGTERM, SIGUSR1 and a first SIGINT (see the module docs); returns on a second SIGINT.
+/// The handlers are installed before this returns its future, so a signal during start-up is
+/// held too.
+fn hold_signals(
+    held: watch::Sender<Option<&'static str>>,
+) -> Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    Ok(async move {
+        let mut interrupts = 0;
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = usr1.recv() => "SIGUSR1",
+                _ = int.recv() => { interrupts += 1; "SIGINT" }
+            };
+            if interrupts >= 2 {
+                warn!("second SIGINT: stopping without waiting for the coordinator");
+                return;
+            }
+            // The first one goes to the coordinator with the next heartbeat.
+            held.send_if_modified(|h| {
+                let first = h.is_none();
+                if first {
+                    *h = Some(name);
+                }
+                first
+            });
+            warn!(
+                signal = name,
+                "held: the coordinator stops this worker once its checkpoint is written \
+                 (or this worker stops by itself when the coordinator is gone); SIGINT twice stops it now"
+            );
+        }
     })
 }
 
 /// Runs the daemon until it is told to stop. Returns an error when it could not start.
 pub async fn run(args: DaemonArgs) -> Result<()> {
-    let addr = SocketAddr::new(args.bind, args.port);
+    let (held_tx, held) = watch::channel(None);
+    let mut signals = std::pin::pin!(hold_signals(held_tx)?);
+    let listen = rlhf_comm::net::choose(args.bind, args.interface.as_deref())?;
+    let addr = SocketAddr::new(listen.bind, args.port);
     let listener = TcpListener::bind(addr).await.with_context(|| {
         format!("cannot listen on {addr} (port in use? pick another with --port)")
     })?;
     let local = listener.local_addr()?;
-    info!(worker = %args.name, address = %local, "worker listening");
-
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
-    // Bound to every interface (multi-node): other hosts reach us by host name.
-    let advertised = match local.ip() {
-        ip if ip.is_unspecified() => host.clone(),
-        IpAddr::V6(ip) => format!("[{ip}]"),
-        IpAddr::V4(ip) => ip.to_string(),
-    };
+    let host = rlhf_comm::net::host_name();
+    let advertised = listen.advertise(local.port());
+    info!(worker = %args.name, address = %local, %advertised, "worker listening");
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let service = WorkerService::new(
         stop_tx.clone(),
         PeerAddress {
-            bind: local.ip(),
-            host: advertised.clone(),
+            bind: listen.bind,
+            host: listen.host.clone(),
         },
     );
     let server = WorkerServer::new(service)
@@ -155,21 +192,44 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             ),
     );
 
-    // Register.
+    // Register, within the deadline as a whole: a coordinator (or a stranger on its port) that
+    // accepts the connection but never answers must not hold the worker.
     let deadline = Instant::now() + args.register_timeout;
-    let mut client = connect(&args.coordinator, &args.token, deadline).await?;
-    let reg = client
-        .register(pb::RegisterRequest {
-            worker_name: args.name.clone(),
-            host: host.clone(),
-            address: format!("{advertised}:{}", local.port()),
-            devices: devices(),
-            pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-        })
-        .await
-        .with_context(|| format!("registering with the coordinator at {}", args.coordinator))?
-        .into_inner();
+    let registering = async {
+        let mut client = connect(&args.coordinator, &args.token, deadline).await?;
+        let reg = client
+            .register(pb::RegisterRequest {
+                worker_name: args.name.clone(),
+                host: host.clone(),
+                address: advertised.clone(),
+                devices: devices(),
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .await
+            .with_context(|| {
+                format!(
+                    "registering with the coordinator at {} from host {host}",
+                    args.coordinator
+                )
+            })?
+            .into_inner();
+        anyhow::Ok((client, reg))
+    };
+    let registered = tokio::select! {
+        r = tokio::time::timeout_at(deadline.into(), registering) => r,
+        _ = &mut signals => bail!("stopped by a second SIGINT while registering"),
+    };
+    let (mut client, reg) = registered
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "registering with the coordinator at {} from host {host} did not finish within {:.1} s \
+                 (launcher.startup_timeout_s): it accepted the connection but never answered; \
+                 is that address the run's coordinator?",
+                args.coordinator,
+                args.register_timeout.as_secs_f64()
+            )
+        })??;
     let interval = Duration::from_millis(reg.heartbeat_interval_ms.max(10));
     info!(run = %reg.run_name, ?interval, "registered");
 
@@ -189,6 +249,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
                 worker_name: name.clone(),
                 seq,
                 rss_bytes: rss_bytes(),
+                signal: held.borrow().unwrap_or_default().to_string(),
             });
             req.set_timeout(interval.max(Duration::from_secs(1)));
             match client.heartbeat(req).await {
@@ -211,8 +272,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     });
 
     tokio::select! {
-        sig = wait_for_signal() => {
-            info!(signal = sig?, "stopping");
+        _ = &mut signals => {
             let _ = stop_tx.send(true);
         }
         _ = stop_rx.wait_for(|s| *s) => {}

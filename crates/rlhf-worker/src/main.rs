@@ -25,6 +25,9 @@ struct Cli {
     /// Interface to listen on.
     #[arg(long, env = "RLHF_WORKER_BIND", default_value = "127.0.0.1")]
     bind: IpAddr,
+    /// Network interface whose address to listen on and advertise (as NCCL_SOCKET_IFNAME).
+    #[arg(long, env = "RLHF_WORKER_INTERFACE")]
+    interface: Option<String>,
     /// Port to listen on (0: any free port).
     #[arg(long, env = "RLHF_WORKER_PORT", default_value_t = 0)]
     port: u16,
@@ -79,6 +82,7 @@ fn real_main(cli: Cli) -> Result<()> {
         coordinator: cli.coordinator,
         name: cli.name,
         bind: cli.bind,
+        interface: cli.interface,
         port: cli.port,
         token,
         register_timeout: Duration::from_secs_f64(cli.register_timeout_s.max(0.1)),

@@ -562,7 +562,7 @@ impl Worker for WorkerService {
             .lock()
             .await
             .insert((role_id.clone(), group_id), listener);
-        let address = format!("{}:{port}", self.peers.host);
+        let address = rlhf_comm::net::host_port(&self.peers.host, port);
         info!(role = %role_id, group = group_id, %address, "group listener open");
         Ok(Response::new(pb::OpenGroupResponse {
             address,
