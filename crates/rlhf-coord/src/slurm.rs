@@ -10,11 +10,12 @@
 //! (`--signal=B:USR1@N`), SIGTERM from a preemption (with or without
 //! `preempt_send_user_signal`), a time limit or `scancel`. Workers hold their ground on those
 //! signals (rlhf-worker's daemon); the coordinator finishes the step, writes a checkpoint, stops
-//! the workers and then decides ([`Requeue`]): a job the user cancelled (`JobState=CANCELLED`)
-//! ends; any other early stop (preemption, time limit, `scancel --signal`, a lost node) requeues
-//! the job with `scontrol requeue`, unless `launcher.slurm.max_restarts` restarts in a row ended
-//! without a new checkpoint. Where Slurm requeues the job itself (a preemption with
-//! `GraceTime=0`, a node failure), the requeued job simply resumes.
+//! the workers and then decides ([`Requeue`]): a job that still runs (preempted with a grace
+//! time, warned before its time limit, signalled with `scancel --signal`, or that lost a node)
+//! requeues itself with `scontrol requeue`, unless `launcher.slurm.max_restarts` restarts in a
+//! row ended without a new checkpoint; a job Slurm is already ending (a plain `scancel`, the
+//! time limit itself, a preemption with `GraceTime=0`) is left to Slurm, which requeues the
+//! preempted one and leaves the cancelled one ended.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -229,6 +230,14 @@ pub fn job_state(id: &str) -> Result<String> {
         .with_context(|| format!("no JobState in `scontrol show job {id}`: {}", text.trim()))
 }
 
+/// A job state after a requeue: waiting to start again.
+fn requeued(state: &str) -> bool {
+    matches!(
+        state,
+        "PENDING" | "REQUEUED" | "REQUEUE_FED" | "REQUEUE_HOLD"
+    )
+}
+
 /// The restarts in a row that ended without a new checkpoint, kept in the run directory
 /// (`slurm/restarts.json`) across requeues.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -250,10 +259,24 @@ impl Requeue<'_> {
     /// in a row made no progress; says which on stderr. Returns whether it requeued.
     pub fn run(&self, a: &Allocation, why: &str) -> Result<bool> {
         let id = &a.job_id;
+        // Only a job that still runs asks to come back. A cancelled or timed-out job, or one
+        // Slurm is already requeueing (a preemption with GraceTime=0, a node failure), is
+        // COMPLETING (`scontrol` shows that flag instead of the base state), and `scontrol
+        // requeue` would bring even a cancelled job back: leave those to Slurm.
         let state = job_state(id)?;
-        if state.starts_with("CANCELLED") {
-            eprintln!("rlhf-coord: job {id} was cancelled ({why}); not requeueing");
-            return Ok(false);
+        match state.as_str() {
+            "RUNNING" => {}
+            s if requeued(s) => {
+                eprintln!("rlhf-coord: Slurm already requeued job {id} ({why})");
+                return Ok(true);
+            }
+            other => {
+                eprintln!(
+                    "rlhf-coord: job {id} is ending (JobState={other}: cancelled, timed out, or being \
+                     requeued by Slurm itself); not requeueing it ({why})"
+                );
+                return Ok(false);
+            }
         }
         if self.max_restarts == 0 {
             eprintln!(
@@ -295,10 +318,7 @@ impl Requeue<'_> {
             .context("running `scontrol requeue`")?;
         if !out.status.success() {
             let now = job_state(id).unwrap_or_default();
-            if matches!(
-                now.as_str(),
-                "PENDING" | "REQUEUED" | "REQUEUE_FED" | "REQUEUE_HOLD"
-            ) {
+            if requeued(&now) {
                 eprintln!("rlhf-coord: Slurm already requeued job {id} ({why})");
                 return Ok(true);
             }

@@ -87,8 +87,13 @@ fn rloo_with_colocated_roles() {
         "algorithm: {name: rloo, kl: {coef: 0.01, estimator: k3}}\n\
          workers:\n  - {name: policy-host, roles: [actor, reference]}\n  - {name: judge, roles: [reward, critic]}\n",
     );
-    let out = launch(&f, &["train.steps=2"]);
+    // Listening on every interface, as a multi-node run does: workers advertise this host's
+    // name, which the coordinator resolves (it once refused anything but ip:port).
+    let out = launch(&f, &["train.steps=2", "launcher.bind=0.0.0.0"]);
     assert_ok(&out);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains(&format!("address={}:", host.trim())), "{log}");
     let m = metrics(tmp.path());
     assert_eq!(m.len(), 2);
     assert!(

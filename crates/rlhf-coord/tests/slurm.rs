@@ -2,19 +2,20 @@
 //! loopback by `scripts/slurm-local.sh`): `plan` and `launch --dry-run` without Slurm; then on
 //! the cluster a submitted PPO run whose coordinator starts its workers as separate Slurm tasks;
 //! a preemption drill (USR1 to the batch shell → checkpoint → requeue → resume, with every step
-//! in `metrics.jsonl` exactly once); and a worker task cancelled by Slurm, reported with its
-//! node.
+//! in `metrics.jsonl` exactly once); a worker task killed, reported with its node; and a job the
+//! user cancels, which is not requeued. Runs across nodes and Slurm's own preemption:
+//! `multinode.rs`.
 //!
 //! Needs `sbatch`, `slurmctld`, `slurmd` and `munged` (`scripts/slurm-local.sh install`, which
 //! `scripts/test.sh` runs). Without them the cluster test prints SKIPPED, unless
 //! `RLHF_REQUIRE_SLURM=1` (set by `scripts/test.sh`), which turns that into a failure.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
-use common::{arithmetic_prompts, coord, repo, text, tiny_model, worker_bin};
+use common::slurm::{steps, wait_for_step, Cluster};
+use common::{arithmetic_prompts, coord, text, tiny_model, worker_bin};
 
 fn setup(dir: &Path, extra: &str) -> PathBuf {
     tiny_model(&dir.join("policy"));
@@ -108,125 +109,6 @@ fn plan_and_dry_run_need_no_slurm() {
     );
 }
 
-/// A Slurm cluster from `scripts/slurm-local.sh up`, torn down on drop.
-struct Cluster {
-    dir: String,
-    conf: String,
-}
-
-impl Cluster {
-    fn up() -> Option<Cluster> {
-        let have = Command::new("sh")
-            .args([
-                "-c",
-                "command -v sbatch && command -v slurmctld && command -v munged",
-            ])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !have {
-            assert!(
-                std::env::var("RLHF_REQUIRE_SLURM").as_deref() != Ok("1"),
-                "RLHF_REQUIRE_SLURM=1 but Slurm is not installed (scripts/slurm-local.sh install)"
-            );
-            eprintln!("SKIPPED: Slurm is not installed (scripts/slurm-local.sh install)");
-            return None;
-        }
-        let out = Command::new(repo().join("scripts/slurm-local.sh"))
-            .arg("up")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "slurm-local.sh up:\n{}", text(&out));
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let get = |k: &str| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("export {k}=")))
-                .map(|v| v.trim_matches(|c| c == '"' || c == '\'').to_string())
-                .unwrap_or_else(|| panic!("no {k} in:\n{stdout}"))
-        };
-        Some(Cluster {
-            dir: get("RLHF_SLURM_DIR"),
-            conf: get("SLURM_CONF"),
-        })
-    }
-
-    fn cmd(&self, prog: &str) -> Command {
-        let mut c = Command::new(prog);
-        c.env("SLURM_CONF", &self.conf);
-        c
-    }
-
-    fn launch(&self, f: &Path, set: &[&str]) -> String {
-        let mut c = coord();
-        c.env("SLURM_CONF", &self.conf).arg("launch").arg(f);
-        for s in set {
-            c.args(["--set", s]);
-        }
-        let out = c.output().unwrap();
-        let t = text(&out);
-        assert!(out.status.success(), "launch (submit):\n{t}");
-        t.split("submitted job ")
-            .nth(1)
-            .and_then(|r| r.split(';').next())
-            .unwrap_or_else(|| panic!("no job id in:\n{t}"))
-            .trim()
-            .to_string()
-    }
-
-    fn job_active(&self, id: &str) -> bool {
-        let out = self
-            .cmd("squeue")
-            .args(["-h", "-j", id, "-o", "%T"])
-            .output()
-            .unwrap();
-        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
-    }
-
-    fn wait_gone(&self, id: &str, limit: Duration, what: &str, out_file: &Path) {
-        let t0 = Instant::now();
-        while self.job_active(id) {
-            if t0.elapsed() > limit {
-                let _ = self.cmd("scancel").arg(id).status();
-                panic!(
-                    "{what}: job {id} still active after {limit:?}; its output:\n{}",
-                    std::fs::read_to_string(out_file).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new(repo().join("scripts/slurm-local.sh"))
-            .args(["down", &self.dir])
-            .status();
-    }
-}
-
-fn steps(run: &Path) -> Vec<u64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["step"].as_u64())
-        .collect()
-}
-
-fn wait_for_step(run: &Path, step: u64, limit: Duration, out_file: &Path) {
-    let t0 = Instant::now();
-    while (steps(run).len() as u64) < step {
-        assert!(
-            t0.elapsed() < limit,
-            "no step {step} after {limit:?}; job output:\n{}",
-            std::fs::read_to_string(out_file).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn runs_preempts_requeues_and_reports_dead_workers_on_real_slurm() {
     let Some(cluster) = Cluster::up() else {
@@ -318,18 +200,15 @@ fn runs_preempts_requeues_and_reports_dead_workers_on_real_slurm() {
         .and_then(|l| l.split_whitespace().next())
         .unwrap_or_else(|| panic!("no worker step in:\n{listing}"))
         .to_string();
-    assert!(cluster
-        .cmd("scancel")
-        .arg(&step)
-        .status()
-        .unwrap()
-        .success());
+    // Killed, as a crash or the OOM killer would: a plain `scancel STEP` sends SIGTERM first,
+    // which a worker holds and reports (the run would checkpoint and requeue).
+    cluster.run("scancel", &["--signal=KILL", &step]);
     cluster.wait_gone(&id, Duration::from_secs(120), "dead worker", &out_of(&id));
     let log = std::fs::read_to_string(out_of(&id)).unwrap();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     assert!(log.contains("worker `b`"), "{log}");
     assert!(log.contains(&format!("on node {}", host.trim())), "{log}");
-    assert!(!log.contains("requeueing"), "{log}");
+    assert!(!log.contains("requeueing job"), "{log}");
 
     // 4. The user cancels the job (TERM to the batch shell and the steps): it is not requeued.
     std::fs::remove_dir_all(&run).unwrap();
@@ -340,5 +219,6 @@ fn runs_preempts_requeues_and_reports_dead_workers_on_real_slurm() {
     std::thread::sleep(Duration::from_secs(2));
     assert!(!cluster.job_active(&id), "a cancelled job came back");
     let log = std::fs::read_to_string(out_of(&id)).unwrap();
-    assert!(!log.contains("requeueing"), "{log}");
+    assert!(!log.contains("requeueing job"), "{log}");
+    assert!(log.contains("not requeueing it"), "{log}");
 }

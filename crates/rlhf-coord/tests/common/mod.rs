@@ -2,6 +2,8 @@
 //! the binaries, a tiny model, arithmetic prompts and output text. Each test file uses a subset.
 #![allow(dead_code)]
 
+pub mod slurm;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
