@@ -388,3 +388,40 @@ fn a_second_signal_exits_at_once_and_kills_the_workers() {
         assert!(!alive, "worker pid {w} survived the forced exit");
     }
 }
+
+/// A signal during start-up (the config checked, workers starting and loading) is honoured at
+/// the first step boundary, not fatal; a repeated SIGTERM (Slurm sends more than one) does not
+/// force the exit either.
+#[test]
+fn a_signal_during_start_up_stops_cleanly_and_repeated_terms_do_not_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = setup(tmp.path(), 100, "checkpoint: {every: 0}\n");
+    let mut child = coord()
+        .arg("launch")
+        .arg(&f)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut err = String::new();
+    for l in lines.by_ref() {
+        let l = l.unwrap();
+        err.push_str(&l);
+        err.push('\n');
+        if l.contains("run directory ready") {
+            break;
+        }
+    }
+    signal(child.id(), libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(100));
+    signal(child.id(), libc::SIGTERM);
+    for l in lines {
+        err.push_str(&l.unwrap());
+        err.push('\n');
+    }
+    let code = child.wait().unwrap().code();
+    assert_eq!(code, Some(EXIT_PREEMPTED), "{err}");
+    assert!(err.contains("stopped before the first step"), "{err}");
+    assert!(err.contains("already stopping"), "{err}");
+    assert!(metrics(tmp.path()).is_empty(), "{err}");
+}
