@@ -12,7 +12,9 @@
 //!    time, no `preempt_send_user_signal`): a higher-priority job takes the nodes, the run
 //!    checkpoints at the step it was on, comes back by requeue and resumes; every step is in
 //!    `metrics.jsonl` exactly once. Then `scancel --signal=TERM` of the job (only its tasks get
-//!    it), then a plain `scancel`, which must not requeue.
+//!    it), then a plain `scancel`, which must not requeue; a preemption with `GraceTime=0`
+//!    (Slurm requeues the job itself; it resumes from the last checkpoint); the time limit's
+//!    USR1 warning.
 //!
 //! Needs root and Slurm (`scripts/test.sh` installs it and sets `RLHF_REQUIRE_SLURM=1`).
 
@@ -42,8 +44,40 @@ fn run_file(dir: &Path, name: &str, nodes: usize, workers: &str, extra: &str) ->
     f
 }
 
+/// The step of the checkpoint `LATEST` names.
+fn latest_step(run: &Path) -> u64 {
+    let name = std::fs::read_to_string(run.join("checkpoints/LATEST")).unwrap();
+    name.trim().trim_start_matches("step-").parse().unwrap()
+}
+
 fn log_of(run: &Path, id: &str) -> String {
     std::fs::read_to_string(run.join(format!("slurm/slurm-{id}.out"))).unwrap_or_default()
+}
+
+/// The number after `key` on the first line containing `marker`.
+fn field_after(log: &str, marker: &str, key: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains(marker))
+        .find_map(|l| l.split(key).nth(1)?.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {marker:?} line with {key}:\n{log}"))
+}
+
+/// Seconds since midnight UTC of a log line's leading RFC 3339 timestamp.
+fn seconds_of_day(line: &str) -> Option<f64> {
+    let clock = line.get(11..26)?; // HH:MM:SS.ffffff in 2026-12-06THH:MM:SS.ffffffZ
+    let mut parts = clock.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+fn now_seconds_of_day() -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    now % 86_400.0
 }
 
 /// The host each worker registered from, from the coordinator's log.
@@ -104,7 +138,7 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
         tmp.path(),
         "dp",
         3,
-        "  - {name: a0, roles: [actor, reference, reward], node: 0}\n  - {name: a1, roles: [actor], node: 1}\n  - {name: g, roles: [generator], node: 2}\n",
+        "  - {name: a0, roles: [actor, reference, reward, critic], node: 0}\n  - {name: a1, roles: [actor], node: 1}\n  - {name: g, roles: [generator], node: 2}\n",
         "algorithm: {name: rloo, kl: {coef: 0.05}}\ntrain: {steps: 40, micro_batch_size: 4, replica_check_every: 2}\ncheckpoint: {every: 2}\n",
     );
     let run = tmp.path().join("runs/dp");
@@ -157,13 +191,29 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
     let s = steps(&run);
     let expect: Vec<u64> = (1..=s.len() as u64).collect();
     assert_eq!(s, expect, "every step once, in order:\n{log}");
+    // The same run on two nodes instead of three (the generator moves to node 1): it resumes.
+    let done = latest_step(&run);
+    let id = cluster.launch(
+        &f,
+        &[
+            "launcher.slurm.nodes=2",
+            "workers.2.node=1",
+            &format!("train.steps={}", done + 2),
+        ],
+    );
+    let out = run.join(format!("slurm/slurm-{id}.out"));
+    cluster.wait_gone(&id, Duration::from_secs(240), "resume on two nodes", &out);
+    let log = log_of(&run, &id);
+    assert!(log.contains("resuming from"), "{log}");
+    assert!(log.contains("run finished"), "{log}");
+    assert_eq!(steps(&run), (1..=done + 2).collect::<Vec<u64>>(), "{log}");
 
     // 3. Preemption by a higher-priority job, without preempt_send_user_signal.
     let f = run_file(
         tmp.path(),
         "pre",
         2,
-        "  - {name: a, roles: [actor, reference], node: 0}\n  - {name: b, roles: [reward], node: 1}\n",
+        "  - {name: a, roles: [actor, reference], node: 0}\n  - {name: b, roles: [reward, critic], node: 1}\n",
         "algorithm: {name: rloo, kl: {coef: 0.05}}\ntrain: {steps: 30, micro_batch_size: 4}\ncheckpoint: {every: 0}\n",
     );
     let run = tmp.path().join("runs/pre");
@@ -172,6 +222,7 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
     wait_for_step(&run, 3, Duration::from_secs(240), &out);
     let nodes = cluster.job_field(&id, "NodeList");
     let t_preempt = Instant::now();
+    let submitted = now_seconds_of_day();
     let high = cluster.run(
         "sbatch",
         &[
@@ -210,9 +261,38 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
     assert!(log.contains("run finished"), "{log}");
     assert_eq!(steps(&run), (1..=30).collect::<Vec<u64>>(), "{log}");
     assert_eq!(cluster.job_field(&id, "JobState"), "COMPLETED", "{log}");
+    // Nothing lost: the checkpoint is of the step the run was on when the signal came, and the
+    // requeued run continues right after it.
+    let saved = field_after(&log, "writing a checkpoint before stopping", "step=");
+    let restored = field_after(&log, "state restored; continuing", "step=");
+    let done_before = log
+        .split(&format!("job {id} start 1 "))
+        .next()
+        .unwrap()
+        .matches("rlhf_coord::metrics: step ")
+        .count() as u64;
+    assert_eq!((saved, restored), (done_before, done_before), "{log}");
+    let at = |marker: &str| {
+        log.lines()
+            .filter(|l| l.contains(marker))
+            .find_map(seconds_of_day)
+            .unwrap_or_else(|| panic!("no {marker:?} line:\n{log}"))
+    };
+    let signalled = at("a worker was signalled");
     eprintln!(
-        "preemption: checkpoint committed and requeue asked {:.1} s after the preempting job was submitted",
-        stopped_after.as_secs_f64()
+        "preemption timeline (s after the preempting job was submitted): workers' SIGTERM reported {:.1}, \
+         checkpoint of step {saved} committed {:.1}, requeue asked {:.1}; requeued job's \
+         coordinator found the checkpoint {:.1}, state restored {:.1}, next step done {:.1}; steps lost 0",
+        signalled - submitted,
+        at("checkpoint committed") - submitted,
+        stopped_after.as_secs_f64(),
+        at("resuming from") - submitted,
+        at("state restored") - submitted,
+        log.lines()
+            .filter(|l| l.contains(&format!("metrics: step {}:", saved + 1)))
+            .find_map(seconds_of_day)
+            .unwrap_or(f64::NAN)
+            - submitted,
     );
 
     // 4. `scancel --signal=TERM JOB` reaches only the tasks (the workers), which hold it and
@@ -287,4 +367,37 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
     assert!(log.contains("resuming from"), "{log}");
     assert_eq!(steps(&run), (1..=12).collect::<Vec<u64>>(), "{log}");
     assert_eq!(cluster.job_field(&id, "JobState"), "COMPLETED", "{log}");
+
+    // 6. The time limit: Slurm's USR1 `signal_grace_s` before it (the sbatch script's
+    //    --signal=B:USR1@N) stops the run with a checkpoint, and the job comes back.
+    std::fs::remove_dir_all(&run).unwrap();
+    let id = cluster.launch(
+        &f,
+        &[
+            "train.steps=100000",
+            "launcher.slurm.time=00:01:00",
+            "launcher.slurm.signal_grace_s=45",
+        ],
+    );
+    let out = run.join(format!("slurm/slurm-{id}.out"));
+    cluster.wait_until(
+        Duration::from_secs(180),
+        "resume after the time-limit warning",
+        &out,
+        || log_of(&run, &id).contains("resuming from"),
+    );
+    let before = steps(&run).len() as u64;
+    wait_for_step(&run, before + 1, Duration::from_secs(120), &out);
+    cluster.run("scancel", &[&id]);
+    cluster.wait_gone(
+        &id,
+        Duration::from_secs(60),
+        "cancel after the time limit",
+        &out,
+    );
+    let log = log_of(&run, &id);
+    assert!(log.contains("SIGUSR1"), "{log}");
+    assert!(log.contains("requeueing job"), "{log}");
+    let s = steps(&run);
+    assert_eq!(s, (1..=s.len() as u64).collect::<Vec<u64>>(), "{log}");
 }
