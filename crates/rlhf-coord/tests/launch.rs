@@ -49,9 +49,12 @@ fn assert_ok(out: &Output) {
 fn ppo_with_every_role_in_its_own_process() {
     let tmp = tempfile::tempdir().unwrap();
     let f = setup(tmp.path(), "algorithm: {name: ppo, kl: {coef: 0.01}}\n");
-    let out = launch(&f, &[]);
+    // Over IPv6: every address on the wire is a bracketed literal.
+    let out = launch(&f, &["launcher.bind=::1"]);
     assert_ok(&out);
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("advertised=[::1]:"), "{err}");
+    assert!(err.contains("address=[::1]:"), "{err}");
     for w in ["actor", "critic", "reward", "reference"] {
         assert!(
             err.contains(&format!("worker registered worker={w}")) || err.contains(w),

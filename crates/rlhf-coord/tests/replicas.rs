@@ -99,8 +99,12 @@ fn a_separate_generator_matches_the_colocated_run_bitwise() {
     run_ok(&setup(&one, &COLOCATED, 3, ""));
     let mut split = COLOCATED.to_vec();
     split.push("{name: g, roles: [generator], threads: 1}");
-    let log = run_ok(&setup(&two, &split, 3, ""));
+    // The weight-sync group's TCP listeners over IPv6 (bracketed literals on the wire).
+    let out = launch(&setup(&two, &split, 3, ""), &["launcher.bind=::1"]);
+    let log = text(&out);
+    assert!(out.status.success(), "launch failed:\n{log}");
     assert!(log.contains("generators hold the actor's weights"), "{log}");
+    assert!(log.contains("address=[::1]:"), "{log}");
 
     let (want, got) = (metrics(&one), metrics(&two));
     assert_eq!(got.len(), 3);
