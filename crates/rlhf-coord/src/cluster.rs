@@ -324,6 +324,7 @@ pub fn watch_heartbeats(
         loop {
             tick.tick().await;
             if let Some(f) = registry.silent_worker(timeout) {
+                warn!(worker = %f.worker, "{f}");
                 let _ = tx.send(f);
                 return;
             }

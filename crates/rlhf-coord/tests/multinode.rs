@@ -150,12 +150,13 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
     let lost = registered_host(&log, "g");
     let first_nodes = cluster.job_field(&id, "NodeList");
     let t_down = Instant::now();
+    let down_at = now_seconds_of_day();
     cluster.link(&lost, false);
     cluster.wait_until(
         Duration::from_secs(120),
         "requeue after the link loss",
         &out,
-        || log_of(&run, &id).contains("requeueing job"),
+        || log_of(&run, &id).contains("rlhf-coord: requeueing job"),
     );
     let log = log_of(&run, &id);
     let stopped = log
@@ -164,7 +165,18 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
         .unwrap_or_else(|| panic!("no heartbeat loss reported:\n{log}"));
     assert!(stopped.contains(&format!("on node {lost}")), "{stopped}");
     assert!(stopped.contains("worker `g`"), "{stopped}");
-    let detected = t_down.elapsed();
+    // Noticed within the heartbeat timeout (3 s) and its check interval (a tenth of it).
+    let noticed = log
+        .lines()
+        .filter(|l| l.contains("missed heartbeats") || l.contains("stopping the run"))
+        .find_map(seconds_of_day)
+        .unwrap_or_else(|| panic!("no timestamped heartbeat loss:\n{log}"))
+        - down_at;
+    assert!(
+        noticed < 3.3 + 1.0,
+        "noticed {noticed:.1} s after the link went down:\n{log}"
+    );
+    let requeued = t_down.elapsed();
     // The requeued job starts on the nodes that are up and resumes from the newest checkpoint.
     cluster.wait_until(
         Duration::from_secs(180),
@@ -180,8 +192,8 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
     );
     let now_nodes = cluster.job_field(&id, "NodeList");
     eprintln!(
-        "link down: requeue reported {:.1} s later; nodes {first_nodes} -> {now_nodes}",
-        detected.as_secs_f64()
+        "link down: run stopped {noticed:.1} s later, requeue asked {:.1} s later; nodes {first_nodes} -> {now_nodes}",
+        requeued.as_secs_f64()
     );
     cluster.link(&lost, true);
     assert!(cluster.run("scancel", &[&id]).is_empty());
@@ -228,6 +240,7 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
         &[
             "--parsable",
             "--partition=high",
+            "--output=/dev/null",
             "--exclusive",
             &format!("--nodelist={nodes}"),
             "-N2",
@@ -237,7 +250,7 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
     );
     let high = high.trim().split(';').next().unwrap().to_string();
     cluster.wait_until(Duration::from_secs(120), "preemption", &out, || {
-        log_of(&run, &id).contains("requeueing job")
+        log_of(&run, &id).contains("rlhf-coord: requeueing job")
     });
     let stopped_after = t_preempt.elapsed();
     assert!(
@@ -307,7 +320,7 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
         Duration::from_secs(120),
         "requeue after scancel --signal=TERM",
         &out,
-        || log_of(&run, &id).contains("requeueing job"),
+        || log_of(&run, &id).contains("rlhf-coord: requeueing job"),
     );
     let log = log_of(&run, &id);
     assert!(log.contains("SIGTERM at worker"), "{log}");
@@ -326,7 +339,11 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
     std::thread::sleep(Duration::from_secs(12));
     assert!(!cluster.job_active(&id), "a cancelled job came back");
     let log = log_of(&run, &id);
-    assert_eq!(log.matches("requeueing job").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("rlhf-coord: requeueing job").count(),
+        1,
+        "{log}"
+    );
     assert!(!log.contains(&format!("job {id} start 2 ")), "{log}");
 
     // 5. Preemption with GraceTime=0: Slurm kills and requeues the job at once; it comes back
@@ -344,6 +361,7 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
         "sbatch",
         &[
             "--partition=high",
+            "--output=/dev/null",
             "--exclusive",
             &format!("--nodelist={nodes}"),
             "-N2",
@@ -397,7 +415,7 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
     );
     let log = log_of(&run, &id);
     assert!(log.contains("SIGUSR1"), "{log}");
-    assert!(log.contains("requeueing job"), "{log}");
+    assert!(log.contains("rlhf-coord: requeueing job"), "{log}");
     let s = steps(&run);
     assert_eq!(s, (1..=s.len() as u64).collect::<Vec<u64>>(), "{log}");
 }

@@ -2,8 +2,9 @@
 //! loopback by `scripts/slurm-local.sh`): `plan` and `launch --dry-run` without Slurm; then on
 //! the cluster a submitted PPO run whose coordinator starts its workers as separate Slurm tasks;
 //! a preemption drill (USR1 to the batch shell → checkpoint → requeue → resume, with every step
-//! in `metrics.jsonl` exactly once); a worker task killed, reported with its node; and a job the
-//! user cancels, which is not requeued. Runs across nodes and Slurm's own preemption:
+//! in `metrics.jsonl` exactly once); a worker task killed, reported with its node; a job the
+//! user cancels, which is not requeued; and a job that keeps stopping without progress, which
+//! stops requeueing after `launcher.slurm.max_restarts`. Runs across nodes and Slurm's own preemption:
 //! `multinode.rs`.
 //!
 //! Needs `sbatch`, `slurmctld`, `slurmd` and `munged` (`scripts/slurm-local.sh install`, which
@@ -178,7 +179,7 @@ fn runs_preempts_requeues_and_reports_dead_workers_on_real_slurm() {
     );
     let log = std::fs::read_to_string(out_of(&id)).unwrap();
     assert!(log.contains("SIGUSR1"), "{log}");
-    assert!(log.contains("requeueing job"), "{log}");
+    assert!(log.contains("rlhf-coord: requeueing job"), "{log}");
     assert!(log.contains(&format!("job {id} start 1 ")), "{log}");
     assert!(log.contains("resuming from"), "{log}");
     assert_eq!(steps(&run), (1..=40).collect::<Vec<u64>>(), "{log}");
@@ -208,7 +209,7 @@ fn runs_preempts_requeues_and_reports_dead_workers_on_real_slurm() {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     assert!(log.contains("worker `b`"), "{log}");
     assert!(log.contains(&format!("on node {}", host.trim())), "{log}");
-    assert!(!log.contains("requeueing job"), "{log}");
+    assert!(!log.contains("rlhf-coord: requeueing job"), "{log}");
 
     // 4. The user cancels the job (TERM to the batch shell and the steps): it is not requeued.
     std::fs::remove_dir_all(&run).unwrap();
@@ -219,6 +220,35 @@ fn runs_preempts_requeues_and_reports_dead_workers_on_real_slurm() {
     std::thread::sleep(Duration::from_secs(2));
     assert!(!cluster.job_active(&id), "a cancelled job came back");
     let log = std::fs::read_to_string(out_of(&id)).unwrap();
-    assert!(!log.contains("requeueing job"), "{log}");
+    assert!(!log.contains("rlhf-coord: requeueing job"), "{log}");
     assert!(log.contains("not requeueing it"), "{log}");
+
+    // 5. No endless requeue: a run that stops before its first step every time (here a
+    //    must_save_by budget already spent at start) saves nothing new, so each restart counts
+    //    against launcher.slurm.max_restarts and the job ends after one requeue.
+    std::fs::remove_dir_all(&run).unwrap();
+    let id = cluster.launch(
+        &f,
+        &[
+            "checkpoint.must_save_by=0.001",
+            "launcher.slurm.max_restarts=1",
+        ],
+    );
+    cluster.wait_gone(&id, Duration::from_secs(120), "requeue guard", &out_of(&id));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!cluster.job_active(&id), "the job came back again");
+    let log = std::fs::read_to_string(out_of(&id)).unwrap();
+    assert_eq!(
+        log.matches("rlhf-coord: requeueing job").count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains(&format!("job {id} start 1 ")), "{log}");
+    assert!(
+        log.contains(
+            "2 restarts in a row ended without a new checkpoint (launcher.slurm.max_restarts = 1)"
+        ),
+        "{log}"
+    );
+    assert!(steps(&run).is_empty(), "{log}");
 }
