@@ -33,7 +33,12 @@ pub async fn connect(address: &str, token: &RunToken) -> Result<Inner> {
         .http2_keep_alive_interval(Duration::from_secs(10))
         .connect()
         .await
-        .map_err(|e| anyhow!("connecting to the worker at {address}: {e}"))?;
+        .map_err(|e| {
+            anyhow!(
+                "connecting to the worker at {address} from host {}: {e}",
+                rlhf_comm::net::host_name()
+            )
+        })?;
     Ok(WorkerClient::with_interceptor(ch, AddToken(token.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
