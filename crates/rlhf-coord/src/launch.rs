@@ -220,22 +220,7 @@ async fn launch(args: LaunchArgs, started: Instant) -> Result<()> {
     let Some(a) = allocation else {
         return result;
     };
-    // Inside Slurm, a run stopped by a preemption, a time limit, a signal or a lost node comes
-    // back by requeue and resumes from its newest checkpoint.
-    let why = match &result {
-        Err(e) => match (
-            e.downcast_ref::<Preempted>(),
-            e.downcast_ref::<cluster::StoppedByWorker>(),
-        ) {
-            (Some(p), _) => Some(p.reason.clone()),
-            (None, Some(s)) if s.failure.lost => {
-                Some(format!("worker `{}` lost", s.failure.worker))
-            }
-            _ => None,
-        },
-        Ok(()) => None,
-    };
-    if let Some(why) = why {
+    if let Some(why) = requeue_reason(&result) {
         let requeue = slurm::Requeue {
             run_dir: &run_dir,
             resumed_from,
@@ -246,6 +231,20 @@ async fn launch(args: LaunchArgs, started: Instant) -> Result<()> {
         }
     }
     result
+}
+
+/// Why a Slurm job should come back by requeue and resume from its newest checkpoint: it was
+/// stopped early (a preemption, the time limit's warning, a signal, `must_save_by`) or lost a
+/// worker's node. None for a finished run or any other failure.
+fn requeue_reason(result: &Result<()>) -> Option<String> {
+    let e = result.as_ref().err()?;
+    if let Some(p) = e.downcast_ref::<Preempted>() {
+        return Some(p.reason.clone());
+    }
+    let s = e.downcast_ref::<cluster::StoppedByWorker>()?;
+    s.failure
+        .lost
+        .then(|| format!("worker `{}` lost", s.failure.worker))
 }
 
 /// Outside an allocation: write the sbatch script into the run directory and submit it (or
@@ -1337,4 +1336,46 @@ async fn train(
     }
     info!(steps = cfg.train.steps, run_dir = %p.run_dir.display(), "run finished");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lost(lost: bool) -> Result<()> {
+        Err(cluster::StoppedByWorker {
+            failure: WorkerFailure {
+                worker: "g".into(),
+                roles: vec!["generator".into()],
+                cause: "went quiet".into(),
+                lost,
+            },
+            call: None,
+        }
+        .into())
+    }
+
+    #[test]
+    fn only_early_stops_and_lost_nodes_requeue() {
+        assert_eq!(requeue_reason(&Ok(())), None);
+        let preempted: Result<()> = Err(Preempted {
+            step: 3,
+            reason: "SIGTERM received".into(),
+        }
+        .into());
+        assert_eq!(
+            requeue_reason(&preempted).as_deref(),
+            Some("SIGTERM received")
+        );
+        assert_eq!(
+            requeue_reason(&lost(true)).as_deref(),
+            Some("worker `g` lost")
+        );
+        // A worker that exited (a crash, a bad input) would only fail again.
+        assert_eq!(requeue_reason(&lost(false)), None);
+        assert_eq!(requeue_reason(&Err(anyhow!("bad prompts file"))), None);
+        // Context added on the way up does not hide the cause.
+        let wrapped = preempted.context("while stopping");
+        assert!(requeue_reason(&wrapped).is_some());
+    }
 }
