@@ -11,10 +11,10 @@
 //! 3. Preemption as Slurm does it (`preempt/partition_prio`, `PreemptMode=REQUEUE`, a grace
 //!    time, no `preempt_send_user_signal`): a higher-priority job takes the nodes, the run
 //!    checkpoints at the step it was on, comes back by requeue and resumes; every step is in
-//!    `metrics.jsonl` exactly once. Then `scancel --signal=TERM` of the job (only its tasks get
-//!    it), then a plain `scancel`, which must not requeue; a preemption with `GraceTime=0`
-//!    (Slurm requeues the job itself; it resumes from the last checkpoint); the time limit's
-//!    USR1 warning.
+//!    `metrics.jsonl` exactly once; again with `preempt_send_user_signal` (the job's USR1
+//!    instead). Then `scancel --signal=TERM` of the job (only its tasks get it), then a plain
+//!    `scancel`, which must not requeue; a preemption with `GraceTime=0` (Slurm requeues the
+//!    job itself; it resumes from the last checkpoint); the time limit's USR1 warning.
 //!
 //! Needs root and Slurm (`scripts/test.sh` installs it and sets `RLHF_REQUIRE_SLURM=1`).
 
@@ -307,6 +307,57 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
             .unwrap_or(f64::NAN)
             - submitted,
     );
+
+    // 3b. The same preemption on a cluster that sets preempt_send_user_signal: Slurm sends the
+    //     job's --signal (B:USR1, to the batch step: the coordinator) instead of SIGTERM.
+    let conf = std::fs::read_to_string(&cluster.conf).unwrap();
+    let off = "# SlurmctldParameters=preempt_send_user_signal";
+    assert!(conf.contains(off), "{conf}");
+    let on = conf.replace(off, "SlurmctldParameters=preempt_send_user_signal\n#");
+    std::fs::write(&cluster.conf, &on).unwrap();
+    cluster.run("scontrol", &["reconfigure"]);
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::remove_dir_all(&run).unwrap();
+    let id = cluster.launch(&f, &["train.steps=100000"]);
+    let out = run.join(format!("slurm/slurm-{id}.out"));
+    wait_for_step(&run, 2, Duration::from_secs(240), &out);
+    let nodes = cluster.job_field(&id, "NodeList");
+    cluster.run(
+        "sbatch",
+        &[
+            "--partition=high",
+            "--output=/dev/null",
+            "--exclusive",
+            &format!("--nodelist={nodes}"),
+            "-N2",
+            "--wrap",
+            "sleep 2",
+        ],
+    );
+    cluster.wait_until(
+        Duration::from_secs(240),
+        "resume after a USR1 preemption",
+        &out,
+        || log_of(&run, &id).contains(&format!("job {id} start 1 ")),
+    );
+    let before = steps(&run).len() as u64;
+    wait_for_step(&run, before + 1, Duration::from_secs(180), &out);
+    cluster.run("scancel", &[&id]);
+    cluster.wait_gone(
+        &id,
+        Duration::from_secs(60),
+        "cancel after a USR1 preemption",
+        &out,
+    );
+    let log = log_of(&run, &id);
+    assert!(log.contains("signal=\"SIGUSR1\""), "{log}");
+    assert!(log.contains("rlhf-coord: requeueing job"), "{log}");
+    assert!(log.contains("resuming from"), "{log}");
+    let s = steps(&run);
+    assert_eq!(s, (1..=s.len() as u64).collect::<Vec<u64>>(), "{log}");
+    std::fs::write(&cluster.conf, &conf).unwrap();
+    cluster.run("scontrol", &["reconfigure"]);
+    std::thread::sleep(Duration::from_secs(2));
 
     // 4. `scancel --signal=TERM JOB` reaches only the tasks (the workers), which hold it and
     //    tell the coordinator: the run checkpoints and requeues. Then a plain `scancel`: the
