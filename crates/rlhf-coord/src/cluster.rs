@@ -257,11 +257,15 @@ impl Coordinator for CoordinatorService {
         })?;
         info.last_seen = Instant::now();
         info.rss_bytes = rss_bytes;
-        if !signal.is_empty() {
-            // Slurm signalled the job's tasks (a preemption, `scancel --signal=TERM`) and
-            // perhaps not this process: stop the run as if it had been.
-            let from = format!("{signal} at worker `{worker_name}` on node {}", info.host);
-            self.registry.stop_request.send_if_modified(|r| {
+        let host = info.host.clone();
+        drop(w);
+        // Slurm signalled the job's tasks (a preemption, `scancel --signal=TERM`) and perhaps
+        // not this process: stop the run as if it had been. Once a stop is requested, later
+        // reports (every worker sends one with each heartbeat) only read the request.
+        let stop = &self.registry.stop_request;
+        if !signal.is_empty() && stop.borrow().is_none() {
+            let from = format!("{signal} at worker `{worker_name}` on node {host}");
+            stop.send_if_modified(|r| {
                 let first = r.is_none();
                 if first {
                     warn!(signal = %from, "a worker was signalled: finishing the current step, then writing a checkpoint and stopping");
@@ -335,6 +339,71 @@ pub fn watch_heartbeats(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every worker reports the signal it held with each heartbeat. Once the run is stopping,
+    /// those reports must not wait for the stop request's lock, which the step loop may be
+    /// reading: a heartbeat blocked there while holding the registry once deadlocked a run's
+    /// checkpoint-on-stop (seen in CI with `scancel --signal=TERM`).
+    #[test]
+    fn signal_reports_neither_block_nor_overwrite_a_stop_in_progress() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let expected = [("a".to_string(), vec![]), ("b".to_string(), vec![])].into();
+            let (_stop_tx, stop) = watch::channel(false);
+            let (request, requested) = watch::channel(None);
+            let registry = Registry::new("t", expected, Duration::from_secs(1), stop, request);
+            let svc = Arc::new(CoordinatorService {
+                registry: registry.clone(),
+            });
+            for (i, name) in ["a", "b"].into_iter().enumerate() {
+                svc.register(Request::new(pb::RegisterRequest {
+                    worker_name: name.into(),
+                    host: format!("node{i}"),
+                    address: format!("127.0.0.1:{}", 1000 + i),
+                    devices: vec![],
+                    pid: 1,
+                    version: env!("CARGO_PKG_VERSION").into(),
+                }))
+                .await
+                .unwrap();
+            }
+            let beat = |name: &str| {
+                Request::new(pb::HeartbeatRequest {
+                    worker_name: name.into(),
+                    seq: 1,
+                    rss_bytes: 0,
+                    signal: "SIGTERM".into(),
+                })
+            };
+            svc.heartbeat(beat("a")).await.unwrap();
+            let first = requested.borrow().clone();
+            assert_eq!(
+                first.as_deref(),
+                Some("SIGTERM at worker `a` on node node0")
+            );
+            // The step loop reading the request while it writes the checkpoint; worker b's
+            // report arrives on another thread (a lock wait would block that thread outright).
+            let reading = requested.borrow();
+            let (done_tx, done) = std::sync::mpsc::channel();
+            let (svc2, handle) = (svc.clone(), tokio::runtime::Handle::current());
+            std::thread::spawn(move || {
+                let r = handle.block_on(svc2.heartbeat(beat("b")));
+                let _ = done_tx.send(r.is_ok());
+            });
+            let answered = done.recv_timeout(Duration::from_secs(2));
+            drop(reading);
+            assert_eq!(
+                answered,
+                Ok(true),
+                "a heartbeat waited for the stop request's lock"
+            );
+            assert_eq!(requested.borrow().clone(), first);
+        });
+    }
 
     /// Workers registering at the same instant (all daemons start together) must all be counted:
     /// CI once saw two registrations in the same microsecond publish their counts out of order,

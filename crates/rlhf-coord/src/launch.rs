@@ -1033,7 +1033,11 @@ async fn train(
     let mut last_step_time = Duration::ZERO;
     let mut prefetch: Option<Prefetch> = None;
     while st.step < cfg.train.steps {
-        if let Some(sig) = stop.borrow().clone() {
+        // Copied out: a `borrow()` in the `if let` would hold the watch's read lock through the
+        // whole checkpoint below, and a worker reporting a signal meanwhile (a writer) would
+        // block on it while the heartbeat service holds the registry: a deadlock.
+        let requested = stop.borrow().clone();
+        if let Some(sig) = requested {
             // A prefetched batch is dropped: the checkpoint's cursor points before it.
             if let Some(pf) = prefetch.take() {
                 st.cursor = pf.cursor_before;

@@ -44,6 +44,26 @@ fn run_file(dir: &Path, name: &str, nodes: usize, workers: &str, extra: &str) ->
     f
 }
 
+/// Submits a job to the `high` partition that needs job `id`'s two nodes to itself for `secs`
+/// seconds (Slurm preempts `id` for it); returns its id.
+fn preempt(cluster: &Cluster, id: &str, secs: u32) -> String {
+    let nodes = cluster.job_field(id, "NodeList");
+    let out = cluster.run(
+        "sbatch",
+        &[
+            "--parsable",
+            "--partition=high",
+            "--output=/dev/null",
+            "--exclusive",
+            &format!("--nodelist={nodes}"),
+            "-N2",
+            "--wrap",
+            &format!("sleep {secs}"),
+        ],
+    );
+    out.trim().split(';').next().unwrap_or_default().to_string()
+}
+
 /// The step of the checkpoint `LATEST` names.
 fn latest_step(run: &Path) -> u64 {
     let name = std::fs::read_to_string(run.join("checkpoints/LATEST")).unwrap();
@@ -232,23 +252,9 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
     let id = cluster.launch(&f, &[]);
     let out = run.join(format!("slurm/slurm-{id}.out"));
     wait_for_step(&run, 3, Duration::from_secs(240), &out);
-    let nodes = cluster.job_field(&id, "NodeList");
     let t_preempt = Instant::now();
     let submitted = now_seconds_of_day();
-    let high = cluster.run(
-        "sbatch",
-        &[
-            "--parsable",
-            "--partition=high",
-            "--output=/dev/null",
-            "--exclusive",
-            &format!("--nodelist={nodes}"),
-            "-N2",
-            "--wrap",
-            "sleep 5",
-        ],
-    );
-    let high = high.trim().split(';').next().unwrap().to_string();
+    let high = preempt(&cluster, &id, 5);
     cluster.wait_until(Duration::from_secs(120), "preemption", &out, || {
         log_of(&run, &id).contains("rlhf-coord: requeueing job")
     });
@@ -321,19 +327,7 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
     let id = cluster.launch(&f, &["train.steps=100000"]);
     let out = run.join(format!("slurm/slurm-{id}.out"));
     wait_for_step(&run, 2, Duration::from_secs(240), &out);
-    let nodes = cluster.job_field(&id, "NodeList");
-    cluster.run(
-        "sbatch",
-        &[
-            "--partition=high",
-            "--output=/dev/null",
-            "--exclusive",
-            &format!("--nodelist={nodes}"),
-            "-N2",
-            "--wrap",
-            "sleep 2",
-        ],
-    );
+    preempt(&cluster, &id, 2);
     cluster.wait_until(
         Duration::from_secs(240),
         "resume after a USR1 preemption",
@@ -407,19 +401,7 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
     let id = cluster.launch(&f, &["train.steps=12", "checkpoint.every=2"]);
     let out = run.join(format!("slurm/slurm-{id}.out"));
     wait_for_step(&run, 5, Duration::from_secs(240), &out);
-    let nodes = cluster.job_field(&id, "NodeList");
-    cluster.run(
-        "sbatch",
-        &[
-            "--partition=high",
-            "--output=/dev/null",
-            "--exclusive",
-            &format!("--nodelist={nodes}"),
-            "-N2",
-            "--wrap",
-            "sleep 2",
-        ],
-    );
+    preempt(&cluster, &id, 2);
     cluster.wait_until(
         Duration::from_secs(240),
         "resume after GraceTime=0",

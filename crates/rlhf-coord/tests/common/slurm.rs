@@ -173,8 +173,9 @@ impl Cluster {
             if t0.elapsed() > limit {
                 let _ = self.cmd("scancel").arg("--user=root").status();
                 panic!(
-                    "{what}: not done after {limit:?}; job output:\n{}",
-                    std::fs::read_to_string(out_file).unwrap_or_default()
+                    "{what}: not done after {limit:?}; job output:\n{}{}",
+                    std::fs::read_to_string(out_file).unwrap_or_default(),
+                    worker_logs(out_file)
                 );
             }
             std::thread::sleep(Duration::from_millis(250));
@@ -188,6 +189,30 @@ impl Drop for Cluster {
             .args(["down", &self.dir])
             .status();
     }
+}
+
+/// The last lines of every worker log of the run whose job output is `RUN/slurm/OUT`.
+fn worker_logs(out_file: &Path) -> String {
+    let Some(run) = out_file.parent().and_then(Path::parent) else {
+        return String::new();
+    };
+    let mut logs: Vec<_> = std::fs::read_dir(run.join("logs"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    logs.sort();
+    logs.iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            format!(
+                "\n==> {} (last 40 lines) <==\n{}",
+                p.display(),
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            )
+        })
+        .collect()
 }
 
 /// The `step` of every line of `RUN/metrics.jsonl`, in order.
@@ -206,8 +231,9 @@ pub fn wait_for_step(run: &Path, step: u64, limit: Duration, out_file: &Path) {
     while (steps(run).len() as u64) < step {
         assert!(
             t0.elapsed() < limit,
-            "no step {step} after {limit:?}; job output:\n{}",
-            std::fs::read_to_string(out_file).unwrap_or_default()
+            "no step {step} after {limit:?}; job output:\n{}{}",
+            std::fs::read_to_string(out_file).unwrap_or_default(),
+            worker_logs(out_file)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
