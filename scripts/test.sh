@@ -5,9 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/setup-torch.sh --test-deps)"
-# A real single-node Slurm for crates/rlhf-coord/tests/slurm.rs (Debian's slurm-wlm + munge; the
-# test brings the cluster up and down with scripts/slurm-local.sh). As root (CI) it is installed
-# and required; elsewhere the test runs when Slurm is installed and says SKIPPED otherwise.
+# A real Slurm for crates/rlhf-coord/tests/slurm.rs (one node on loopback) and multinode.rs (four
+# nodes, each in its own network namespace: needs root and iproute2), from Debian's slurm-wlm +
+# munge; the tests bring their clusters up and down with scripts/slurm-local.sh. As root (CI) it
+# is installed and required; elsewhere the tests run when Slurm is installed and say SKIPPED
+# otherwise.
 if [ "$(id -u)" = 0 ]; then
   scripts/slurm-local.sh install
   export RLHF_REQUIRE_SLURM=${RLHF_REQUIRE_SLURM:-1}
