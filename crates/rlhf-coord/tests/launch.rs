@@ -107,6 +107,26 @@ fn rloo_with_colocated_roles() {
     assert!(m[1]["actor/pg_loss"].is_number());
     assert!(!tmp.path().join("runs/t/logs/actor.log").exists());
     assert!(tmp.path().join("runs/t/logs/policy-host.log").exists());
+
+    // An interface instead: its address is listened on and advertised by every process, and
+    // NCCL is pointed at the same interface.
+    std::fs::remove_dir_all(tmp.path().join("runs")).unwrap();
+    let out = launch(&f, &["train.steps=1", "launcher.interface=lo"]);
+    assert_ok(&out);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("advertised=127.0.0.1:"), "{log}");
+    let worker = std::fs::read_to_string(tmp.path().join("runs/t/logs/judge.log")).unwrap();
+    assert!(worker.contains("advertised=127.0.0.1:"), "{worker}");
+    assert!(worker.contains("nccl_ifname=lo"), "{worker}");
+    // A name this host does not have: refused before any worker starts, naming it.
+    let out = launch(&f, &["launcher.interface=nope9"]);
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("interface `nope9` does not exist on host"),
+        "{log}"
+    );
+    assert!(!log.contains("worker started"), "{log}");
 }
 
 /// Starts a long run in the background and returns it once a step has completed.

@@ -166,7 +166,11 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let local = listener.local_addr()?;
     let host = rlhf_comm::net::host_name();
     let advertised = listen.advertise(local.port());
-    info!(worker = %args.name, address = %local, %advertised, "worker listening");
+    // NCCL picks its bootstrap and ring interface by itself unless this names one (the launcher
+    // sets it from launcher.interface): worth seeing when a multi-node NCCL group hangs.
+    let nccl_ifname =
+        std::env::var("NCCL_SOCKET_IFNAME").unwrap_or_else(|_| "(NCCL's own choice)".into());
+    info!(worker = %args.name, address = %local, %advertised, %nccl_ifname, "worker listening");
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let service = WorkerService::new(
         stop_tx.clone(),
