@@ -64,6 +64,35 @@ fn preempt(cluster: &Cluster, id: &str, secs: u32) -> String {
     out.trim().split(';').next().unwrap_or_default().to_string()
 }
 
+/// Waits for job `id` of run `run` to finish one more step, then cancels it (plain `scancel`)
+/// and waits until it has left the queue; returns its output.
+fn one_more_step_then_cancel(
+    cluster: &Cluster,
+    run: &Path,
+    id: &str,
+    step_limit: Duration,
+    what: &str,
+) -> String {
+    let out = run.join(format!("slurm/slurm-{id}.out"));
+    let before = steps(run).len() as u64;
+    wait_for_step(run, before + 1, step_limit, &out);
+    cluster.run("scancel", &[id]);
+    cluster.wait_gone(
+        id,
+        Duration::from_secs(60),
+        &format!("cancel after {what}"),
+        &out,
+    );
+    log_of(run, id)
+}
+
+/// Every step is in `metrics.jsonl` exactly once, in order.
+fn assert_each_step_once(run: &Path, log: &str) {
+    let s = steps(run);
+    let expect: Vec<u64> = (1..=s.len() as u64).collect();
+    assert_eq!(s, expect, "every step once, in order:\n{log}");
+}
+
 /// The step of the checkpoint `LATEST` names.
 fn latest_step(run: &Path) -> u64 {
     let name = std::fs::read_to_string(run.join("checkpoints/LATEST")).unwrap();
@@ -220,9 +249,7 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
     cluster.wait_gone(&id, Duration::from_secs(120), "cancel after resume", &out);
     let log = log_of(&run, &id);
     assert!(log.contains(&format!("job {id} start 1 ")), "{log}");
-    let s = steps(&run);
-    let expect: Vec<u64> = (1..=s.len() as u64).collect();
-    assert_eq!(s, expect, "every step once, in order:\n{log}");
+    assert_each_step_once(&run, &log);
     // The same run on two nodes instead of three (the generator moves to node 1): it resumes.
     let done = latest_step(&run);
     let id = cluster.launch(
@@ -334,21 +361,17 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
         &out,
         || log_of(&run, &id).contains(&format!("job {id} start 1 ")),
     );
-    let before = steps(&run).len() as u64;
-    wait_for_step(&run, before + 1, Duration::from_secs(180), &out);
-    cluster.run("scancel", &[&id]);
-    cluster.wait_gone(
+    let log = one_more_step_then_cancel(
+        &cluster,
+        &run,
         &id,
-        Duration::from_secs(60),
-        "cancel after a USR1 preemption",
-        &out,
+        Duration::from_secs(180),
+        "a USR1 preemption",
     );
-    let log = log_of(&run, &id);
     assert!(log.contains("signal=\"SIGUSR1\""), "{log}");
     assert!(log.contains("rlhf-coord: requeueing job"), "{log}");
     assert!(log.contains("resuming from"), "{log}");
-    let s = steps(&run);
-    assert_eq!(s, (1..=s.len() as u64).collect::<Vec<u64>>(), "{log}");
+    assert_each_step_once(&run, &log);
     std::fs::write(&cluster.conf, &conf).unwrap();
     cluster.run("scontrol", &["reconfigure"]);
     std::thread::sleep(Duration::from_secs(2));
@@ -375,12 +398,15 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
         &out,
         || log_of(&run, &id).contains(&format!("job {id} start 1 ")),
     );
-    let before = steps(&run).len() as u64;
-    wait_for_step(&run, before + 1, Duration::from_secs(180), &out);
-    // A plain scancel terminates every step at once (srun turns its SIGTERM into a SIGKILL of
-    // its task), so the run may not get to checkpoint; what matters is that it stays ended.
-    cluster.run("scancel", &[&id]);
-    cluster.wait_gone(&id, Duration::from_secs(60), "plain scancel", &out);
+    // A plain scancel signals every process and SIGKILLs them after KillWait (5 s here), so
+    // the run may or may not get to checkpoint; what matters is that it stays ended.
+    one_more_step_then_cancel(
+        &cluster,
+        &run,
+        &id,
+        Duration::from_secs(180),
+        "plain scancel",
+    );
     std::thread::sleep(Duration::from_secs(12));
     assert!(!cluster.job_active(&id), "a cancelled job came back");
     let log = log_of(&run, &id);
@@ -437,18 +463,14 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
         &out,
         || log_of(&run, &id).contains("resuming from"),
     );
-    let before = steps(&run).len() as u64;
-    wait_for_step(&run, before + 1, Duration::from_secs(120), &out);
-    cluster.run("scancel", &[&id]);
-    cluster.wait_gone(
+    let log = one_more_step_then_cancel(
+        &cluster,
+        &run,
         &id,
-        Duration::from_secs(60),
-        "cancel after the time limit",
-        &out,
+        Duration::from_secs(120),
+        "the time limit",
     );
-    let log = log_of(&run, &id);
     assert!(log.contains("SIGUSR1"), "{log}");
     assert!(log.contains("rlhf-coord: requeueing job"), "{log}");
-    let s = steps(&run);
-    assert_eq!(s, (1..=s.len() as u64).collect::<Vec<u64>>(), "{log}");
+    assert_each_step_once(&run, &log);
 }
