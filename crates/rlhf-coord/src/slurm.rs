@@ -67,17 +67,7 @@ pub fn allocation() -> Result<Allocation> {
     let list = std::env::var("SLURM_JOB_NODELIST")
         .or_else(|_| std::env::var("SLURM_NODELIST"))
         .context("SLURM_JOB_NODELIST is not set inside the Slurm job")?;
-    let out = Command::new("scontrol")
-        .args(["show", "hostnames", &list])
-        .output()
-        .context("running `scontrol show hostnames` (is Slurm's scontrol on PATH?)")?;
-    if !out.status.success() {
-        bail!(
-            "`scontrol show hostnames {list}` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let nodes: Vec<String> = String::from_utf8_lossy(&out.stdout)
+    let nodes: Vec<String> = scontrol(&["show", "hostnames", &list])?
         .split_whitespace()
         .map(str::to_string)
         .collect();
@@ -210,20 +200,26 @@ exec {cmd}
     text
 }
 
-/// The Slurm state of job `id` (`JobState` of `scontrol show job`: RUNNING, CANCELLED, TIMEOUT,
-/// PREEMPTED, ...).
-pub fn job_state(id: &str) -> Result<String> {
+/// Runs `scontrol ARGS`; its stdout, or an error with the command and its stderr.
+fn scontrol(args: &[&str]) -> Result<String> {
+    let shown = args.join(" ");
     let out = Command::new("scontrol")
-        .args(["show", "job", "--oneliner", id])
+        .args(args)
         .output()
-        .context("running `scontrol show job` (is Slurm's scontrol on PATH?)")?;
+        .with_context(|| format!("running `scontrol {shown}` (is Slurm's scontrol on PATH?)"))?;
     if !out.status.success() {
         bail!(
-            "`scontrol show job {id}` failed: {}",
+            "`scontrol {shown}` failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The Slurm state of job `id` (`JobState` of `scontrol show job`: RUNNING, PENDING, ...; a job
+/// being ended shows COMPLETING, whatever ended it).
+pub fn job_state(id: &str) -> Result<String> {
+    let text = scontrol(&["show", "job", "--oneliner", id])?;
     text.split_whitespace()
         .find_map(|f| f.strip_prefix("JobState="))
         .map(str::to_string)
@@ -255,8 +251,9 @@ pub struct Requeue<'a> {
 }
 
 impl Requeue<'_> {
-    /// Requeues job `a` (`scontrol requeue`) unless the user cancelled it or too many restarts
-    /// in a row made no progress; says which on stderr. Returns whether it requeued.
+    /// Requeues job `a` (`scontrol requeue`) unless Slurm is already ending it (cancelled, timed
+    /// out, requeued by Slurm) or too many restarts in a row made no progress; says which on
+    /// stderr. Returns whether the job is coming back.
     pub fn run(&self, a: &Allocation, why: &str) -> Result<bool> {
         let id = &a.job_id;
         // Only a job that still runs asks to come back. A cancelled or timed-out job, or one
@@ -312,20 +309,13 @@ impl Requeue<'_> {
         std::fs::create_dir_all(path.parent().unwrap_or(self.run_dir))
             .with_context(|| format!("creating {}", self.run_dir.join("slurm").display()))?;
         rlhf_ckpt::write_atomic(&path, &serde_json::to_vec(&count)?)?;
-        let out = Command::new("scontrol")
-            .args(["requeue", id])
-            .output()
-            .context("running `scontrol requeue`")?;
-        if !out.status.success() {
+        if let Err(e) = scontrol(&["requeue", id]) {
             let now = job_state(id).unwrap_or_default();
             if requeued(&now) {
                 eprintln!("rlhf-coord: Slurm already requeued job {id} ({why})");
                 return Ok(true);
             }
-            bail!(
-                "`scontrol requeue {id}` failed (job state {now}): {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            return Err(e.context(format!("job {id} is in state {now}")));
         }
         eprintln!(
             "rlhf-coord: requeueing job {id} ({why}; newest checkpoint {}); it resumes from there",
