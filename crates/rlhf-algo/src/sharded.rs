@@ -384,7 +384,7 @@ impl ShardedAdamW {
 
     /// The full state under per-parameter names when this replica owns everything.
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        if self.owned != [0..self.total] {
+        if self.owned_len != self.total {
             return Err(state_err(
                 "state",
                 "this replica owns a shard: gather every replica's flat_state and assemble it",

@@ -19,6 +19,8 @@ pub enum Op {
     AllGather,
     /// [`crate::Collective::barrier`].
     Barrier,
+    /// [`crate::Collective::reduce_scatter`].
+    ReduceScatter,
 }
 
 impl Op {
@@ -29,6 +31,7 @@ impl Op {
             Op::AllReduce => 2,
             Op::AllGather => 3,
             Op::Barrier => 4,
+            Op::ReduceScatter => 5,
         }
     }
 
@@ -39,6 +42,7 @@ impl Op {
             Op::AllReduce,
             Op::AllGather,
             Op::Barrier,
+            Op::ReduceScatter,
         ]
         .into_iter()
         .find(|op| op.code() == code)
@@ -53,6 +57,7 @@ impl fmt::Display for Op {
             Op::AllReduce => "all_reduce",
             Op::AllGather => "all_gather",
             Op::Barrier => "barrier",
+            Op::ReduceScatter => "reduce_scatter",
         })
     }
 }

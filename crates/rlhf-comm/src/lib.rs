@@ -96,6 +96,16 @@ pub trait Collective {
         op: ReduceOp,
     ) -> impl Future<Output = Result<(), CommError>> + Send;
 
+    /// Reduces `buf` element-wise over all ranks and leaves rank `r` with its chunk
+    /// [`scatter_chunk`]`(len, world, r)` of the result (the rest of `buf` is unspecified).
+    /// Lengths must agree. The sharded gradient reduction of ZeRO: afterwards each rank holds
+    /// the reduced gradient of the elements it updates.
+    fn reduce_scatter(
+        &mut self,
+        buf: &mut [f32],
+        op: ReduceOp,
+    ) -> impl Future<Output = Result<(), CommError>> + Send;
+
     /// Returns every rank's `local`, indexed by rank. Lengths may differ between ranks.
     fn all_gather(
         &mut self,
@@ -116,6 +126,16 @@ pub fn ring_segment(len: usize, world: usize, k: usize) -> Range<usize> {
     // u128 so that `len * world` cannot overflow for any buffer that fits in memory.
     let at = |i: usize| (i as u128 * len as u128 / world as u128) as usize;
     at(k)..at(k + 1)
+}
+
+/// The elements of a `len`-element buffer that rank `k` of `world` owns after
+/// [`Collective::reduce_scatter`]: equal chunks of `ceil(len / world)` elements in rank order,
+/// the last ones cut short (or empty) at `len`. Equal chunks are what `ncclReduceScatter` and
+/// `ncclAllGather` need, so both backends shard a buffer the same way.
+pub fn scatter_chunk(len: usize, world: usize, k: usize) -> Range<usize> {
+    assert!(world > 0 && k < world, "chunk {k} of a group of {world}");
+    let c = len.div_ceil(world);
+    (k * c).min(len)..((k + 1) * c).min(len)
 }
 
 #[cfg(test)]

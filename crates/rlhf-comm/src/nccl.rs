@@ -146,6 +146,16 @@ struct Nccl {
     ) -> c_int,
     all_gather:
         unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, Stream) -> c_int,
+    #[allow(clippy::type_complexity)]
+    reduce_scatter: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        c_int,
+        c_int,
+        Comm,
+        Stream,
+    ) -> c_int,
     _lib: Library,
 }
 
@@ -244,6 +254,7 @@ fn load_nccl(names: &[OsString], origin: &str) -> Result<Nccl, String> {
         broadcast: sym!("ncclBroadcast"),
         all_reduce: sym!("ncclAllReduce"),
         all_gather: sym!("ncclAllGather"),
+        reduce_scatter: sym!("ncclReduceScatter"),
         _lib: lib,
     })
 }
@@ -672,6 +683,41 @@ impl NcclGroup {
         self.run(op, "ncclAllGather", |comm| {
             let (s, r) = (send_ptr as *const c_void, recv_ptr as *mut c_void);
             (nccl.all_gather)(s, r, len_per_rank, NCCL_FLOAT32, comm, ptr::null_mut())
+        })
+    }
+
+    /// Reduces the `world * len_per_rank` `f32`s at `send_ptr` over all ranks and writes rank
+    /// `r`'s chunk (elements `r * len_per_rank..`, [`crate::scatter_chunk`] of a buffer padded
+    /// to `world * len_per_rank`) to `recv_ptr` (`ncclReduceScatter`). In place when `recv_ptr`
+    /// is this rank's chunk of `send_ptr`. Lengths must agree.
+    ///
+    /// # Safety
+    /// As [`NcclGroup::broadcast_raw`], for `world * len_per_rank * 4` bytes at `send_ptr` and
+    /// `len_per_rank * 4` bytes at `recv_ptr`; the two overlap only in place.
+    pub unsafe fn reduce_scatter_f32_raw(
+        &mut self,
+        send_ptr: u64,
+        recv_ptr: u64,
+        len_per_rank: usize,
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        let o = Op::ReduceScatter;
+        self.start(o)?;
+        let send_bytes = f32_bytes(o, len_per_rank, self.cfg.world)?;
+        let recv_bytes = f32_bytes(o, len_per_rank, 1)?;
+        self.valid_ptr(o, "send_ptr", send_ptr, send_bytes)?;
+        self.valid_ptr(o, "recv_ptr", recv_ptr, recv_bytes)?;
+        if len_per_rank == 0 {
+            return Ok(());
+        }
+        let red = match op {
+            ReduceOp::Sum => NCCL_SUM,
+            ReduceOp::Mean => NCCL_AVG,
+        };
+        let nccl = self.nccl;
+        self.run(o, "ncclReduceScatter", |comm| {
+            let (s, r) = (send_ptr as *const c_void, recv_ptr as *mut c_void);
+            (nccl.reduce_scatter)(s, r, len_per_rank, NCCL_FLOAT32, red, comm, ptr::null_mut())
         })
     }
 

@@ -27,7 +27,7 @@ use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
 use crate::error::{CommError, Op};
 use crate::wire::{Ctx, Header, Rx, Tx, TAG_OP, TAG_PIECE};
-use crate::{ring_segment, Collective, ReduceOp};
+use crate::{ring_segment, scatter_chunk, Collective, ReduceOp};
 
 const MAGIC: &[u8; 8] = b"RLHFCOMM";
 const VERSION: u32 = 1;
@@ -384,6 +384,59 @@ impl TcpGroup {
         Ok(())
     }
 
+    /// The reduce-scatter half of the ring of [`TcpGroup::all_reduce_inner`], over the chunks of
+    /// [`scatter_chunk`] and shifted by one so that rank `r` ends with chunk `r` complete: in step
+    /// `s` rank `r` sends chunk `r-s-1` and adds chunk `r-s-2` into its own copy.
+    async fn reduce_scatter_inner(
+        &mut self,
+        seq: u64,
+        buf: &mut [f32],
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        let TcpGroup {
+            cfg,
+            peers,
+            tx,
+            rx,
+            scratch,
+            ..
+        } = self;
+        let (Some(tx), Some(rx)) = (tx.as_mut(), rx.as_mut()) else {
+            return Ok(());
+        };
+        let (n, r, chunk) = (cfg.world, cfg.rank, cfg.chunk_bytes);
+        let len = buf.len();
+        let ctx = Ctx {
+            op: Op::ReduceScatter,
+            timeout: cfg.timeout,
+            peers,
+        };
+        let hdr = Header::new(TAG_OP, Op::ReduceScatter, 0, seq, len as u64);
+        let ((), theirs) = tokio::try_join!(tx.frame(&ctx, hdr, &[]), rx.header(&ctx))?;
+        check_op(&ctx, rx.peer, &hdr, &theirs, "floats")?;
+        if scratch.is_empty() {
+            scratch.resize(chunk / 4, 0.0);
+        }
+        for s in 0..n - 1 {
+            let (send, recv) = split(
+                buf,
+                scatter_chunk(len, n, (r + 2 * n - s - 1) % n),
+                scatter_chunk(len, n, (r + 2 * n - s - 2) % n),
+            );
+            tokio::try_join!(
+                tx.data(&ctx, bytemuck::cast_slice(send), chunk),
+                rx.reduce(&ctx, recv, scratch),
+            )?;
+        }
+        if op == ReduceOp::Mean {
+            let w = n as f32;
+            for x in &mut buf[scatter_chunk(len, n, r)] {
+                *x /= w;
+            }
+        }
+        Ok(())
+    }
+
     async fn all_gather_inner(
         &mut self,
         op: Op,
@@ -462,6 +515,12 @@ impl Collective for TcpGroup {
         let seq = self.start(Op::AllReduce)?;
         let r = self.all_reduce_inner(seq, buf, op).await;
         self.finish(Op::AllReduce, r).await
+    }
+
+    async fn reduce_scatter(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+        let seq = self.start(Op::ReduceScatter)?;
+        let r = self.reduce_scatter_inner(seq, buf, op).await;
+        self.finish(Op::ReduceScatter, r).await
     }
 
     async fn all_gather(&mut self, local: &[f32]) -> Result<Vec<Vec<f32>>, CommError> {

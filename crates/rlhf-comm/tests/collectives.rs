@@ -1,5 +1,5 @@
 //! Results of the collectives on real loopback TCP groups of 1 to 4 ranks: all-reduce (sum and
-//! mean, bit for bit in ring order), broadcast from every root, all-gather, barrier, and calls
+//! mean, bit for bit in ring order), reduce-scatter (each rank's chunk, close to the sum), broadcast from every root, all-gather, barrier, and calls
 //! that disagree between ranks.
 
 mod common;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::run;
-use rlhf_comm::{ring_segment, Collective, CommError, ReduceOp};
+use rlhf_comm::{ring_segment, scatter_chunk, Collective, CommError, ReduceOp};
 
 const T: Duration = Duration::from_secs(10);
 const SIZES: [usize; 4] = [0, 1, 7, (1 << 20) + 3];
@@ -136,6 +136,65 @@ async fn broadcast_from_every_root() {
                 );
             }
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reduce_scatter_leaves_each_rank_its_chunk_of_the_sum() {
+    for world in [1, 2, 3, 4] {
+        let results = run(world, T, move |mut g| async move {
+            let mut outs = Vec::new();
+            for len in SIZES.into_iter().chain([2, world + 1]) {
+                for op in [ReduceOp::Sum, ReduceOp::Mean] {
+                    let mut buf: Vec<f32> = (0..len).map(|i| value(g.rank(), i)).collect();
+                    g.reduce_scatter(&mut buf, op)
+                        .await
+                        .expect("reduce_scatter");
+                    outs.push((len, op, buf[scatter_chunk(len, world, g.rank())].to_vec()));
+                }
+            }
+            // The group stays usable for the other collectives.
+            let mut buf = vec![1.0f32; 3];
+            g.all_reduce(&mut buf, ReduceOp::Sum)
+                .await
+                .expect("all_reduce after");
+            assert_eq!(buf, vec![world as f32; 3]);
+            outs
+        })
+        .await;
+        for (rank, outs) in results.iter().enumerate() {
+            for (len, op, got) in outs {
+                let chunk = scatter_chunk(*len, world, rank);
+                assert_eq!(
+                    got.len(),
+                    chunk.len(),
+                    "world {world} len {len} rank {rank}"
+                );
+                for (j, i) in chunk.enumerate() {
+                    let vals: Vec<f64> = (0..world).map(|r| f64::from(value(r, i))).collect();
+                    let mut exact: f64 = vals.iter().sum();
+                    let mut scale: f64 = vals.iter().map(|v| v.abs()).sum();
+                    if *op == ReduceOp::Mean {
+                        exact /= world as f64;
+                        scale /= world as f64;
+                    }
+                    let err = (f64::from(got[j]) - exact).abs();
+                    assert!(
+                        err <= 1e-6 * scale + 1e-30,
+                        "world {world} len {len} rank {rank} i {i}: {} vs {exact}",
+                        got[j]
+                    );
+                }
+            }
+        }
+    }
+    // Chunks tile the buffer in rank order, equal but for the last ones.
+    for (len, world) in [(10, 3), (2, 4), (0, 2), (12, 4)] {
+        let chunks: Vec<_> = (0..world).map(|k| scatter_chunk(len, world, k)).collect();
+        assert_eq!(chunks.first().map(|c| c.start), Some(0));
+        assert_eq!(chunks.last().map(|c| c.end), Some(len));
+        assert!(chunks.windows(2).all(|w| w[0].end == w[1].start));
+        assert!(chunks.iter().all(|c| c.len() <= len.div_ceil(world)));
     }
 }
 

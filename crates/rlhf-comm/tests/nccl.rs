@@ -235,6 +235,16 @@ fn one_rank_group_runs_every_collective_on_device_buffers() {
     unsafe { g.all_gather_f32_raw(both.at(0), both.ptr, 2) }.expect("in-place all_gather");
     assert_eq!(both.read(), vec![9.0, 8.0]);
 
+    // Reduce-scatter of one rank: its chunk is the whole buffer, separate and in place.
+    let send = DevBuf::new(&ctx, &[1.0, 2.0, 3.0]);
+    let recv = DevBuf::new(&ctx, &[0.0; 3]);
+    unsafe { g.reduce_scatter_f32_raw(send.ptr, recv.ptr, 3, ReduceOp::Sum) }
+        .expect("reduce_scatter");
+    assert_eq!(recv.read(), vec![1.0, 2.0, 3.0]);
+    unsafe { g.reduce_scatter_f32_raw(send.ptr, send.ptr, 3, ReduceOp::Mean) }
+        .expect("in-place reduce_scatter");
+    assert_eq!(send.read(), vec![1.0, 2.0, 3.0]);
+
     // Zero-length calls return at once.
     unsafe { g.all_reduce_f32_raw(0, 0, ReduceOp::Sum) }.expect("empty all_reduce");
     unsafe { g.broadcast_raw(0, 0, 0) }.expect("empty broadcast");
