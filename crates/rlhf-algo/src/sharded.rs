@@ -202,6 +202,16 @@ impl ShardedAdamW {
         })
     }
 
+    /// An optimizer owning every element (no sharding).
+    pub fn unsharded(
+        params: Vec<(String, Tensor)>,
+        cfg: &OptimConfig,
+        precision: Precision,
+    ) -> Result<Self> {
+        let everything = std::iter::once(0..flat_len(&params)).collect();
+        Self::new(params, cfg, precision, everything)
+    }
+
     /// The flat length of all parameters.
     pub fn total(&self) -> i64 {
         self.total
@@ -636,8 +646,7 @@ mod tests {
         let (a, b) = (params(Kind::Float), params(Kind::Float));
         let total = flat_len(&a);
         let mut reference = AdamW::new(share(&a), &cfg(1e-2)).unwrap();
-        let mut ours =
-            ShardedAdamW::new(share(&b), &cfg(1e-2), Precision::Mixed, vec![0..total]).unwrap();
+        let mut ours = ShardedAdamW::unsharded(share(&b), &cfg(1e-2), Precision::Mixed).unwrap();
         assert!(!ours.has_masters());
         for step in 0..3 {
             let g = grads(total, step);
@@ -667,13 +676,8 @@ mod tests {
     fn shards_together_equal_the_unsharded_optimizer() {
         let whole_params = params(Kind::Float);
         let total = flat_len(&whole_params);
-        let mut whole = ShardedAdamW::new(
-            share(&whole_params),
-            &cfg(1e-2),
-            Precision::Mixed,
-            vec![0..total],
-        )
-        .unwrap();
+        let mut whole =
+            ShardedAdamW::unsharded(share(&whole_params), &cfg(1e-2), Precision::Mixed).unwrap();
         // Two replicas owning interleaved ranges that cut parameters in the middle.
         let owned = [vec![0..5, 14..20], vec![5..14, 20..total]];
         let replicas: Vec<_> = owned
@@ -741,7 +745,7 @@ mod tests {
         }
         drop(_g);
         let mut resumed =
-            ShardedAdamW::new(share(&ps), &cfg(1e-2), Precision::Mixed, vec![0..total]).unwrap();
+            ShardedAdamW::unsharded(share(&ps), &cfg(1e-2), Precision::Mixed).unwrap();
         resumed.load_state_tensors(&gathered).unwrap();
         let g = grads(total, 9);
         resumed.step(1e-2, &g, 1.0).unwrap();
@@ -760,18 +764,12 @@ mod tests {
             .map(|(n, t)| (n, t.detach().to_kind(Kind::Float).set_requires_grad(true)))
             .collect();
         let total = flat_len(&f32_params);
-        let mut exact = ShardedAdamW::new(
-            share(&f32_params),
-            &cfg(1e-6),
-            Precision::Mixed,
-            vec![0..total],
-        )
-        .unwrap();
+        let mut exact =
+            ShardedAdamW::unsharded(share(&f32_params), &cfg(1e-6), Precision::Mixed).unwrap();
         let run = |precision| {
             let ps = params(Kind::BFloat16);
             let before = flat(&ps);
-            let mut opt =
-                ShardedAdamW::new(share(&ps), &cfg(1e-6), precision, vec![0..total]).unwrap();
+            let mut opt = ShardedAdamW::unsharded(share(&ps), &cfg(1e-6), precision).unwrap();
             for step in 0..2000 {
                 opt.step(1e-6, &grads(total, step % 7), 1.0).unwrap();
             }
@@ -811,7 +809,7 @@ mod tests {
     fn loading_checks_entries_and_steps() {
         let ps = params(Kind::Float);
         let total = flat_len(&ps);
-        let mut opt = ShardedAdamW::new(ps, &cfg(1e-2), Precision::Mixed, vec![0..total]).unwrap();
+        let mut opt = ShardedAdamW::unsharded(ps, &cfg(1e-2), Precision::Mixed).unwrap();
         opt.step(1e-2, &grads(total, 0), 1.0).unwrap();
         let mut state = opt.state_tensors().unwrap();
         state.retain(|(n, _)| n != "a.bias.exp_avg");
