@@ -827,7 +827,7 @@ mod tests {
             params(Kind::Float),
             &cfg(1e-2),
             Precision::Mixed,
-            vec![3..2],
+            vec![4..9, 2..3],
         )
         .unwrap_err()
         .to_string();
