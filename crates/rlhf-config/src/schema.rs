@@ -831,6 +831,19 @@ pub struct TrainConfig {
     /// the actor's and critic's data-parallel replicas and of the generators after weight sync,
     /// and stops the run if any differs from its source; 0 = never. Default: 10.
     pub replica_check_every: u64,
+    /// How the actor's and critic's optimizer state is split over their data-parallel
+    /// replicas (ZeRO): `0` = every replica holds all of it (gradients all-reduced); `1` = each
+    /// replica owns 1/N of the f32 master weights and AdamW moments (gradients reduce-scattered
+    /// once per optimizer step, updated weights all-gathered); `2` = as 1, and gradients are
+    /// reduce-scattered after every micro-batch, so the f32 gradient is 1/N too. Checkpoints
+    /// hold the full state either way: a run resumes on any number of replicas. Default: 0.
+    pub zero_stage: u32,
+    /// With `models.dtype: bf16` or `f16`, train the actor and critic in pure low precision:
+    /// AdamW moments and updates in that dtype, no f32 master weights. Most updates at RLHF
+    /// learning rates round away in bf16 (an lr 1e-6 run changes ~1% of the weights); only for
+    /// memory experiments. Default: false (mixed precision: bf16/f16 compute, f32 master weights
+    /// and moments, and dynamic loss scaling for f16).
+    pub pure_low_precision: bool,
 }
 
 impl Default for TrainConfig {
@@ -843,6 +856,8 @@ impl Default for TrainConfig {
             actor: OptimizerConfig::actor(),
             critic: OptimizerConfig::critic(),
             replica_check_every: 10,
+            zero_stage: 0,
+            pure_low_precision: false,
         }
     }
 }

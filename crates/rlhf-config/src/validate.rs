@@ -476,6 +476,15 @@ impl RunConfig {
             }
         }
         c.at_least("train.micro_batch_size", t.micro_batch_size as u64, 1)?;
+        if t.zero_stage > 2 {
+            return c.fail(
+                "train.zero_stage",
+                format!(
+                    "{}: expected 0 (no sharding), 1 (optimizer state sharded) or 2 (optimizer state and gradients sharded)",
+                    t.zero_stage
+                ),
+            );
+        }
         let mb = self.minibatch_size();
         if mb % t.micro_batch_size != 0 {
             let of = if t.minibatch_size.is_some() {

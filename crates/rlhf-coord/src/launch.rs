@@ -520,6 +520,8 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
             temperature: cfg.rollout.temperature,
             kl_loss_coef: if actor && kl_in_loss { s.kl.coef } else { 0.0 },
             kl_estimator: rl::kl_estimator_name(cfg.algorithm.kl.estimator).into(),
+            pure_low_precision: cfg.train.pure_low_precision,
+            zero_stage: cfg.train.zero_stage,
         })
     };
     let all = |r: Role| -> Result<Vec<(RoleClient, String)>> {
@@ -853,13 +855,22 @@ async fn save_checkpoint_inner(
     let stage = w.dir().to_path_buf();
     let actor_dir = stage.join("actor");
     // Replicas are bitwise equal (checked every train.replica_check_every steps): replica 0
-    // speaks for all of them.
-    let (a, c) = tokio::join!(roles.actor().save_state(&actor_dir), async {
-        match roles.critic() {
-            Some(c) => c.save_state(&stage.join("critic")).await.map(Some),
-            None => Ok(None),
-        }
-    });
+    // speaks for all of them. With sharded optimizer state (train.zero_stage >= 1) every
+    // replica takes part in gathering it and replica 0 writes it.
+    let speakers = |all: &[RoleClient]| -> Vec<RoleClient> {
+        let n = if cfg.train.zero_stage > 0 {
+            all.len()
+        } else {
+            1
+        };
+        all.iter().take(n).cloned().collect()
+    };
+    let (actors, critics) = (speakers(&roles.actors), speakers(&roles.critics));
+    let critic_dir = stage.join("critic");
+    let (a, c) = tokio::join!(
+        futures::future::try_join_all(actors.iter().map(|a| a.save_state(&actor_dir))),
+        futures::future::try_join_all(critics.iter().map(|c| c.save_state(&critic_dir))),
+    );
     a?;
     c?;
     let worker_secs = t0.elapsed().as_secs_f64();

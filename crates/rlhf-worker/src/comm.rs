@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 use tokio::runtime::Handle;
 
-use rlhf_comm::{Collective, NcclGroup, ReduceOp, TcpGroup};
+use rlhf_comm::{scatter_chunk, Collective, NcclGroup, ReduceOp, TcpGroup};
 
 use crate::error::{RoleError, RoleResult};
 
@@ -222,6 +222,275 @@ impl Groups {
         );
         Ok((total as u64, vars.len() as u64))
     }
+}
+
+impl Groups {
+    /// (rank, world) in the gradients group; (0, 1) without one.
+    pub fn grad_rank(&self) -> (usize, usize) {
+        self.grads
+            .as_ref()
+            .map_or((0, 1), |g| (g.rank(), g.world()))
+    }
+
+    /// Sums the f32 flat buffer `flat` (contiguous, on any device) over the replicas in place,
+    /// bucket by bucket ([`flat_buckets`]). A no-op without a gradient group of two or more.
+    pub fn all_reduce_flat(&mut self, flat: &Tensor) -> RoleResult<()> {
+        let Some(group) = self.grads.as_mut().filter(|g| g.world() > 1) else {
+            return Ok(());
+        };
+        let _g = tch::no_grad_guard();
+        for b in flat_buckets(flat.numel() as i64) {
+            let part = flat.f_narrow(0, b.start, b.end - b.start)?;
+            match group {
+                Group::Tcp(tcp) => {
+                    let buf = host_copy(&part, &mut self.grad_buf)?;
+                    self.rt.block_on(tcp.all_reduce(buf, ReduceOp::Sum))?;
+                    part.shallow_clone().f_copy_(&Tensor::f_from_slice(buf)?)?;
+                }
+                Group::Nccl(nccl) => {
+                    let c = part.f_contiguous()?;
+                    // SAFETY: `c` is a contiguous f32 tensor on the group's device, alive and
+                    // used by nothing else until the call returned (it waits for the device).
+                    unsafe {
+                        nccl.all_reduce_f32_raw(c.data_ptr() as u64, c.numel(), ReduceOp::Sum)?
+                    };
+                    part.shallow_clone().f_copy_(&c)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reduce-scatters the f32 flat buffer `flat` (the whole gradient, `total` long) over the
+    /// replicas bucket by bucket and adds this rank's chunk of each bucket, in order, into
+    /// `owned` (f32, the length of [`owned_ranges`]). Without a group of two or more it adds
+    /// `flat` whole.
+    pub fn reduce_scatter_flat(&mut self, flat: &Tensor, owned: &Tensor) -> RoleResult<()> {
+        let (rank, world) = self.grad_rank();
+        let _g = tch::no_grad_guard();
+        let mut at = 0i64;
+        for b in flat_buckets(flat.numel() as i64) {
+            let len = b.end - b.start;
+            let mine = chunk(len, world, rank);
+            let n = mine.end - mine.start;
+            let part = flat.f_narrow(0, b.start, len)?;
+            let reduced = match self.grads.as_mut().filter(|g| g.world() > 1) {
+                None => part,
+                Some(Group::Tcp(tcp)) => {
+                    let buf = host_copy(&part, &mut self.grad_buf)?;
+                    self.rt.block_on(tcp.reduce_scatter(buf, ReduceOp::Sum))?;
+                    let r = scatter_chunk(len as usize, world, rank);
+                    Tensor::f_from_slice(&buf[r])?.f_to_device(owned.device())?
+                }
+                Some(Group::Nccl(nccl)) => {
+                    // Padded to world equal chunks, reduced in place into this rank's chunk.
+                    let per = (len as u64).div_ceil(world as u64) as i64;
+                    let padded =
+                        Tensor::f_zeros([per * world as i64], (Kind::Float, part.device()))?;
+                    padded.f_narrow(0, 0, len)?.f_copy_(&part)?;
+                    let base = padded.data_ptr() as u64;
+                    // SAFETY: `padded` is a contiguous f32 device tensor of world * per elements;
+                    // the receive pointer is its chunk `rank` (in place), alive until the call
+                    // returned (it waits for the device).
+                    unsafe {
+                        nccl.reduce_scatter_f32_raw(
+                            base,
+                            base + (rank as i64 * per * 4) as u64,
+                            per as usize,
+                            ReduceOp::Sum,
+                        )?
+                    };
+                    padded.f_narrow(0, rank as i64 * per, per)?
+                }
+            };
+            // World 1: the chunk is the whole bucket; NCCL's chunk may carry padding.
+            let src = reduced.f_narrow(0, 0, n)?;
+            let _ = owned.f_narrow(0, at, n)?.f_add_(&src)?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Gives every replica the elements of `params` (flat order) that the other replicas own
+    /// and just updated: in each bucket every rank contributes its chunk.
+    pub fn all_gather_params(&mut self, params: &[(String, Tensor)]) -> RoleResult<()> {
+        let (rank, world) = self.grad_rank();
+        let Some(group) = self.grads.as_mut().filter(|g| g.world() > 1) else {
+            return Ok(());
+        };
+        let _g = tch::no_grad_guard();
+        let total: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
+        for b in flat_buckets(total) {
+            let len = b.end - b.start;
+            let mine = chunk(len, world, rank);
+            let local = read_flat(params, b.start + mine.start, b.start + mine.end)?;
+            match group {
+                Group::Tcp(tcp) => {
+                    let buf = host_copy(&local, &mut self.grad_buf)?;
+                    let pieces = self.rt.block_on(tcp.all_gather(buf))?;
+                    for (k, piece) in pieces.iter().enumerate() {
+                        if k != rank {
+                            let c = chunk(len, world, k);
+                            write_flat(params, b.start + c.start, &Tensor::f_from_slice(piece)?)?;
+                        }
+                    }
+                }
+                Group::Nccl(nccl) => {
+                    let per = (len as u64).div_ceil(world as u64) as i64;
+                    let dev = local.device();
+                    let all = Tensor::f_zeros([per * world as i64], (Kind::Float, dev))?;
+                    let slot = all.f_narrow(0, rank as i64 * per, per)?;
+                    slot.f_narrow(0, 0, local.numel() as i64)?.f_copy_(&local)?;
+                    // SAFETY: `all` is a contiguous f32 device tensor of world * per elements and
+                    // the send pointer its own chunk (in place), alive until the call returned.
+                    unsafe {
+                        nccl.all_gather_f32_raw(
+                            slot.data_ptr() as u64,
+                            all.data_ptr() as u64,
+                            per as usize,
+                        )?
+                    };
+                    for k in (0..world).filter(|&k| k != rank) {
+                        let c = chunk(len, world, k);
+                        let src = all.f_narrow(0, k as i64 * per, c.end - c.start)?;
+                        write_flat(params, b.start + c.start, &src)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every replica's `flat` (its f32 values over its [`owned_ranges`] of a `total`-element
+    /// flat vector, concatenated) as one full flat tensor, on every replica.
+    pub fn all_gather_flat(&mut self, flat: &Tensor, total: i64) -> RoleResult<Tensor> {
+        let (rank, world) = self.grad_rank();
+        let Some(group) = self.grads.as_mut().filter(|g| g.world() > 1) else {
+            return Ok(flat.shallow_clone());
+        };
+        let _g = tch::no_grad_guard();
+        let lens: Vec<i64> = (0..world)
+            .map(|k| {
+                owned_ranges(total, k, world)
+                    .iter()
+                    .map(|r| r.end - r.start)
+                    .sum()
+            })
+            .collect();
+        let parts: Vec<Tensor> = match group {
+            Group::Tcp(tcp) => {
+                let buf = host_copy(flat, &mut self.grad_buf)?;
+                let pieces = self.rt.block_on(tcp.all_gather(buf))?;
+                pieces
+                    .iter()
+                    .map(|p| Ok(Tensor::f_from_slice(p)?.f_to_device(flat.device())?))
+                    .collect::<RoleResult<_>>()?
+            }
+            Group::Nccl(nccl) => {
+                let per = lens.iter().copied().max().unwrap_or(0);
+                let all = Tensor::f_zeros([per * world as i64], (Kind::Float, flat.device()))?;
+                let slot = all.f_narrow(0, rank as i64 * per, per)?;
+                slot.f_narrow(0, 0, flat.numel() as i64)?.f_copy_(flat)?;
+                // SAFETY: as in all_gather_params.
+                unsafe {
+                    nccl.all_gather_f32_raw(
+                        slot.data_ptr() as u64,
+                        all.data_ptr() as u64,
+                        per as usize,
+                    )?
+                };
+                (0..world)
+                    .map(|k| Ok(all.f_narrow(0, k as i64 * per, lens[k])?))
+                    .collect::<RoleResult<_>>()?
+            }
+        };
+        let owned: Vec<(Vec<Range<i64>>, Tensor)> = parts
+            .into_iter()
+            .enumerate()
+            .map(|(k, t)| (owned_ranges(total, k, world), t))
+            .collect();
+        Ok(rlhf_algo::assemble(total, &owned)?)
+    }
+}
+
+/// The flat ranges rank `rank` of `world` owns in a `total`-element vector: its chunk
+/// ([`scatter_chunk`]) of every [`GRAD_BUCKET_ELEMS`] bucket, so reduce-scatter and all-gather
+/// run bucket by bucket.
+pub fn owned_ranges(total: i64, rank: usize, world: usize) -> Vec<Range<i64>> {
+    flat_buckets(total)
+        .map(|b| {
+            let c = chunk(b.end - b.start, world, rank);
+            b.start + c.start..b.start + c.end
+        })
+        .filter(|r| r.end > r.start)
+        .collect()
+}
+
+/// Buckets of [`GRAD_BUCKET_ELEMS`] over a `total`-element flat vector.
+fn flat_buckets(total: i64) -> impl Iterator<Item = Range<i64>> {
+    let step = GRAD_BUCKET_ELEMS as i64;
+    (0..(total as u64).div_ceil(step as u64) as i64)
+        .map(move |i| i * step..((i + 1) * step).min(total))
+}
+
+fn chunk(len: i64, world: usize, rank: usize) -> Range<i64> {
+    let r = scatter_chunk(len as usize, world, rank);
+    r.start as i64..r.end as i64
+}
+
+/// `t` (f32, any device) copied into the reused host buffer `buf`.
+fn host_copy<'a>(t: &Tensor, buf: &'a mut Vec<f32>) -> RoleResult<&'a mut [f32]> {
+    let n = t.numel();
+    buf.resize(n, 0.0);
+    let host = t
+        .f_to_device(Device::Cpu)?
+        .f_to_kind(Kind::Float)?
+        .f_contiguous()?;
+    host.f_copy_data(&mut buf[..n], n)?;
+    Ok(&mut buf[..n])
+}
+
+/// Elements `start..end` of the concatenation of `params` (flattened, in order), as f32.
+pub fn read_flat(params: &[(String, Tensor)], start: i64, end: i64) -> RoleResult<Tensor> {
+    let mut parts = vec![];
+    let mut off = 0i64;
+    for (_, p) in params {
+        let n = p.numel() as i64;
+        let (s, e) = (start.max(off), end.min(off + n));
+        if s < e {
+            parts.push(
+                p.f_view([-1])?
+                    .f_narrow(0, s - off, e - s)?
+                    .f_to_kind(Kind::Float)?,
+            );
+        }
+        off += n;
+    }
+    let dev = params.first().map_or(Device::Cpu, |(_, t)| t.device());
+    Ok(if parts.is_empty() {
+        Tensor::f_zeros([0], (Kind::Float, dev))?
+    } else {
+        Tensor::f_cat(&parts, 0)?
+    })
+}
+
+/// Writes `src` into the concatenation of `params` from flat element `start` (cast to each
+/// parameter's dtype, moved to its device).
+pub fn write_flat(params: &[(String, Tensor)], start: i64, src: &Tensor) -> RoleResult<()> {
+    let end = start + src.numel() as i64;
+    let mut off = 0i64;
+    for (_, p) in params {
+        let n = p.numel() as i64;
+        let (s, e) = (start.max(off), end.min(off + n));
+        if s < e {
+            let piece = src.f_narrow(0, s - start, e - s)?.f_to_device(p.device())?;
+            p.f_view([-1])?
+                .f_narrow(0, s - off, e - s)?
+                .f_copy_(&piece)?;
+        }
+        off += n;
+    }
+    Ok(())
 }
 
 /// `grads` cut into all-reduce buckets of at most [`GRAD_BUCKET_ELEMS`] elements (a larger

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rlhf_algo::{
-    policy_loss, value_loss, AdamW, KlEstimator, KlLossTerm, LossAgg, LrSchedule, OptimConfig,
-    PolicyLossConfig, PolicyLossInputs, ValueLossConfig, ValueLossInputs,
+    policy_loss, value_loss, KlEstimator, KlLossTerm, LossAgg, LossScaler, LrSchedule, OptimConfig,
+    PolicyLossConfig, PolicyLossInputs, Precision, ShardedAdamW, ValueLossConfig, ValueLossInputs,
 };
 use rlhf_model::{
     generate, sequence_scores, token_logprobs_from, token_values, ChatMessage, Entropy,
@@ -21,7 +21,7 @@ use rlhf_model::{
 };
 use tch::{Device, Kind, Tensor};
 
-use crate::comm::Groups;
+use crate::comm::{owned_ranges, Groups};
 use crate::error::{RoleError, RoleResult};
 use crate::reward_rules::ExactMatch;
 
@@ -59,6 +59,14 @@ pub struct TrainerSpec {
     pub temperature: f64,
     /// KL term in the actor loss (KL mode "loss").
     pub kl_loss: Option<KlLossTerm>,
+    /// f32 master weights and moments for bf16/f16 models (`Mixed`), or everything in the
+    /// model's dtype (`Pure`, `train.pure_low_precision`).
+    pub precision: Precision,
+    /// ZeRO stage over the data-parallel replicas: 0 = every replica holds the whole optimizer
+    /// state; 1 = each owns 1/N of master weights and moments (gradients reduce-scattered once
+    /// per step, updated weights all-gathered); 2 = as 1, with gradients reduce-scattered after
+    /// every micro-batch so the f32 gradient is 1/N too.
+    pub zero_stage: u32,
 }
 
 /// How a reward role scores.
@@ -228,7 +236,12 @@ pub struct Trainer {
     pub dir: ModelDir,
     source: PathBuf,
     spec: TrainerSpec,
-    opt: AdamW,
+    opt: ShardedAdamW,
+    /// The f32 gradient accumulated over micro-batches: the whole flat gradient (stages 0 and
+    /// 1) or this replica's owned part (stage 2); allocated at the first step.
+    acc: Option<Tensor>,
+    /// Dynamic loss scaling, for f16 models.
+    scaler: Option<LossScaler>,
     schedule: LrSchedule,
     step: u64,
 }
@@ -572,18 +585,19 @@ impl Role {
         Ok(())
     }
 
-    /// Writes the role's trainable state into `dir`; frozen roles write nothing.
-    pub fn save_state(&self, dir: &Path) -> RoleResult<Vec<String>> {
+    /// Writes the role's trainable state into `dir`; frozen roles write nothing, and so do
+    /// replicas other than rank 0 (which take part in gathering sharded state).
+    pub fn save_state(&mut self, dir: &Path, groups: &mut Groups) -> RoleResult<Vec<String>> {
         match self {
-            Role::Actor(t) | Role::Critic(t) => t.save(dir),
+            Role::Actor(t) | Role::Critic(t) => t.save(dir, groups),
             _ => Ok(vec![]),
         }
     }
 
     /// Restores what [`Role::save_state`] wrote.
-    pub fn load_state(&mut self, dir: &Path) -> RoleResult<Vec<String>> {
+    pub fn load_state(&mut self, dir: &Path, groups: &mut Groups) -> RoleResult<Vec<String>> {
         match self {
-            Role::Actor(t) | Role::Critic(t) => t.load(dir),
+            Role::Actor(t) | Role::Critic(t) => t.load(dir, groups),
             _ => Ok(vec![]),
         }
     }
@@ -765,16 +779,121 @@ fn need<'a>(t: &'a Option<Tensor>, field: &'static str, op: &str) -> RoleResult<
 
 impl Trainer {
     fn new(dir: ModelDir, source: &Path, spec: TrainerSpec) -> RoleResult<Trainer> {
-        let opt = AdamW::new(dir.model.named_tensors(), &spec.optim)?;
+        let opt = ShardedAdamW::unsharded(dir.model.named_tensors(), &spec.optim, spec.precision)?;
         let schedule = LrSchedule::new(&spec.optim)?;
+        let scaler = (dir.model.kind() == Kind::Half).then(LossScaler::default);
         Ok(Trainer {
             dir,
             source: source.to_path_buf(),
             spec,
             opt,
+            acc: None,
+            scaler,
             schedule,
             step: 0,
         })
+    }
+
+    /// Whether the optimizer state is sharded over the replicas of `groups`.
+    fn sharded(&self, groups: &Groups) -> bool {
+        self.spec.zero_stage > 0 && groups.grad_rank().1 > 1
+    }
+
+    /// Makes the optimizer own what `groups` and the ZeRO stage say this replica owns: the
+    /// gradient group is joined after the role is created, so the first step (or a LoadState)
+    /// re-shards the still untouched optimizer. A group that changes after training started
+    /// is an error (the state would be lost).
+    fn ensure_layout(&mut self, groups: &Groups) -> RoleResult<()> {
+        let total = self.opt.total();
+        let want = if self.sharded(groups) {
+            let (rank, world) = groups.grad_rank();
+            owned_ranges(total, rank, world)
+        } else {
+            std::iter::once(0..total).collect()
+        };
+        if self.opt.owned() == want.as_slice() {
+            return Ok(());
+        }
+        if self.opt.steps() > 0 {
+            return Err(RoleError::bad(
+                "groups",
+                "the gradient group changed after training started; relaunch from a checkpoint"
+                    .into(),
+            ));
+        }
+        self.opt = ShardedAdamW::new(
+            self.dir.model.named_tensors(),
+            &self.spec.optim,
+            self.spec.precision,
+            want,
+        )?;
+        self.acc = None;
+        Ok(())
+    }
+
+    /// Starts a step: layout checked, gradients zeroed.
+    fn begin_step(&mut self, groups: &Groups) -> RoleResult<()> {
+        self.ensure_layout(groups)?;
+        let (len, dev) = if self.spec.zero_stage >= 2 && self.sharded(groups) {
+            (self.opt.owned_len(), self.dir.model.device())
+        } else {
+            (self.opt.total(), self.dir.model.device())
+        };
+        match &mut self.acc {
+            Some(a) if a.numel() as i64 == len => {
+                let _ = a.f_zero_()?;
+            }
+            _ => self.acc = Some(Tensor::f_zeros([len], (Kind::Float, dev))?),
+        }
+        self.zero_model_grads()
+    }
+
+    fn zero_model_grads(&mut self) -> RoleResult<()> {
+        for (_, p) in self.opt.params() {
+            let mut g = p.f_grad()?;
+            if g.defined() {
+                let _ = g.f_detach_()?;
+                let _ = g.f_zero_()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The factor a micro-batch's loss is multiplied by before backward (f16 loss scaling).
+    fn loss_scale(&self) -> f64 {
+        self.scaler.as_ref().map_or(1.0, LossScaler::scale)
+    }
+
+    /// After a micro-batch's backward: its gradient moves into the f32 accumulator (stage 2:
+    /// reduce-scattered over the replicas first) and the model's gradients are zeroed.
+    fn accumulate(&mut self, groups: &mut Groups) -> RoleResult<()> {
+        let _g = tch::no_grad_guard();
+        let grads: Vec<Tensor> = self
+            .opt
+            .params()
+            .iter()
+            .map(|(_, p)| -> RoleResult<Tensor> {
+                let g = p.f_grad()?;
+                Ok(if g.defined() {
+                    g.f_view([-1])?.f_to_kind(Kind::Float)?
+                } else {
+                    Tensor::f_zeros([p.numel() as i64], (Kind::Float, p.device()))?
+                })
+            })
+            .collect::<RoleResult<_>>()?;
+        let flat = Tensor::f_cat(&grads, 0)?;
+        drop(grads);
+        let acc = self
+            .acc
+            .as_ref()
+            .ok_or_else(|| RoleError::bad("state", "no step begun".into()))?;
+        if acc.numel() as i64 == self.opt.total() {
+            let _ = acc.shallow_clone().f_add_(&flat)?;
+        } else {
+            groups.reduce_scatter_flat(&flat, acc)?;
+        }
+        drop(flat);
+        self.zero_model_grads()
     }
 
     fn finish_step(
@@ -782,14 +901,56 @@ impl Trainer {
         metrics: &mut BTreeMap<String, f64>,
         groups: &mut Groups,
     ) -> RoleResult<u64> {
-        groups.all_reduce_grads(&self.dir.model.named_tensors())?;
-        let norm = self.opt.clip_grad_norm(self.spec.optim.max_grad_norm)?;
+        let sharded = self.sharded(groups);
+        let acc = self
+            .acc
+            .take()
+            .ok_or_else(|| RoleError::bad("state", "no step begun".into()))?;
+        // This replica's owned gradient, summed over the replicas.
+        let grad = if !sharded {
+            groups.all_reduce_flat(&acc)?;
+            acc.shallow_clone()
+        } else if self.spec.zero_stage >= 2 {
+            acc.shallow_clone()
+        } else {
+            let owned = Tensor::f_zeros([self.opt.owned_len()], (Kind::Float, acc.device()))?;
+            groups.reduce_scatter_flat(&acc, &owned)?;
+            owned
+        };
+        // The global norm: each replica's owned square sum, added over the replicas.
+        let mut sq = self.opt.grad_square_sum(&grad)?;
+        if sharded {
+            let t = Tensor::f_from_slice(&[sq as f32])?.f_to_device(acc.device())?;
+            groups.all_reduce_flat(&t)?;
+            sq = f64::from(t.f_double_value(&[0])?);
+        }
+        let unscale = 1.0 / self.loss_scale();
+        let norm = sq.sqrt() * unscale;
+        let finite = norm.is_finite();
+        if !finite && self.scaler.is_none() {
+            return Err(rlhf_algo::AlgoError::NonFiniteGradNorm { value: norm }.into());
+        }
+        let clip = match self.spec.optim.max_grad_norm {
+            Some(max) if finite => (max / (norm + 1e-6)).min(1.0),
+            _ => 1.0,
+        };
         let lr = self.schedule.lr_at(self.step);
-        self.opt.step(lr)?;
-        self.opt.zero_grad()?;
+        let run = self.scaler.as_mut().map_or(true, |s| s.update(finite));
+        if run {
+            self.opt.step(lr, &grad, unscale * clip)?;
+            if sharded {
+                groups.all_gather_params(self.opt.params())?;
+            }
+        }
+        drop(grad);
+        self.acc = Some(acc);
         self.step += 1;
         metrics.insert("grad_norm".into(), norm);
         metrics.insert("lr".into(), lr);
+        if let Some(s) = &self.scaler {
+            metrics.insert("loss_scale".into(), s.scale());
+            metrics.insert("skipped_step".into(), if run { 0.0 } else { 1.0 });
+        }
         Ok(self.step)
     }
 
@@ -819,7 +980,7 @@ impl Trainer {
             b.minibatch,
         )?;
         let mut m: BTreeMap<String, f64> = BTreeMap::new();
-        self.opt.zero_grad()?;
+        self.begin_step(groups)?;
         for (start, n, scale) in parts {
             let s = b.seqs.rows(start, n)?.to(dev)?;
             let rows = |t: &Tensor| -> RoleResult<Tensor> {
@@ -849,7 +1010,8 @@ impl Trainer {
                 },
                 self.spec.kl_loss,
             )?;
-            (out.loss * scale).f_backward()?;
+            (out.loss * (scale * self.loss_scale())).f_backward()?;
+            self.accumulate(groups)?;
             let pm = out.metrics;
             *m.entry("pg_loss".into()).or_default() += scale * pm.pg_loss;
             *m.entry("clip_frac".into()).or_default() += scale * pm.clip_frac;
@@ -882,7 +1044,7 @@ impl Trainer {
             b.minibatch,
         )?;
         let mut m: BTreeMap<String, f64> = BTreeMap::new();
-        self.opt.zero_grad()?;
+        self.begin_step(groups)?;
         for (start, n, scale) in parts {
             let s = b.seqs.rows(start, n)?.to(dev)?;
             let rows = |t: &Tensor| -> RoleResult<Tensor> {
@@ -906,7 +1068,8 @@ impl Trainer {
                     response_mask: &mask.f_to_kind(Kind::Float)?,
                 },
             )?;
-            (out.loss * scale).f_backward()?;
+            (out.loss * (scale * self.loss_scale())).f_backward()?;
+            self.accumulate(groups)?;
             let vm = out.metrics;
             *m.entry("value_loss".into()).or_default() += scale * vm.value_loss;
             *m.entry("value_clip_frac".into()).or_default() += scale * vm.clip_frac;
@@ -920,12 +1083,39 @@ impl Trainer {
     const OPTIMIZER_FILE: &'static str = "optimizer.safetensors";
     const STATE_FILE: &'static str = "trainer_state.json";
 
-    fn save(&self, dir: &Path) -> RoleResult<Vec<String>> {
+    /// Writes the checkpoint: the model in HF layout, the full optimizer state and the step.
+    /// With sharded state every replica takes part in gathering it (the coordinator sends
+    /// SaveState to all of them); only rank 0 writes, the others return no files.
+    fn save(&mut self, dir: &Path, groups: &mut Groups) -> RoleResult<Vec<String>> {
+        self.ensure_layout(groups)?;
+        let state = if self.sharded(groups) {
+            let total = self.opt.total();
+            let flat = self.opt.flat_state()?;
+            let mut full: Vec<Tensor> = Vec::with_capacity(3);
+            for t in &flat {
+                full.push(groups.all_gather_flat(&t.f_to_kind(Kind::Float)?, total)?);
+            }
+            let full: [Tensor; 3] = full
+                .try_into()
+                .map_err(|_| RoleError::bad("state", "three state tensors".into()))?;
+            self.opt.named_state(&full)?
+        } else {
+            self.opt.state_tensors()?
+        };
+        if groups.grad_rank().0 != 0 {
+            return Ok(vec![]);
+        }
         std::fs::create_dir_all(dir).map_err(|e| RoleError::io(dir, e))?;
         self.dir.save(&self.source, dir, &SaveOptions::default())?;
-        self.opt.save(&dir.join(Self::OPTIMIZER_FILE))?;
-        let state = serde_json::json!({ "optimizer_step": self.step });
-        std::fs::write(dir.join(Self::STATE_FILE), state.to_string())
+        let path = dir.join(Self::OPTIMIZER_FILE);
+        Tensor::write_safetensors(&state, &path)
+            .map_err(|e| RoleError::bad("state", format!("{}: {e}", path.display())))?;
+        let mut json = serde_json::json!({ "optimizer_step": self.step });
+        if let Some(s) = &self.scaler {
+            json["loss_scale"] = s.scale().into();
+            json["loss_scale_good_steps"] = s.good_steps().into();
+        }
+        std::fs::write(dir.join(Self::STATE_FILE), json.to_string())
             .map_err(|e| RoleError::io(&dir.join(Self::STATE_FILE), e))?;
         let mut files: Vec<String> = std::fs::read_dir(dir)
             .map_err(|e| RoleError::io(dir, e))?
@@ -935,7 +1125,8 @@ impl Trainer {
         Ok(files)
     }
 
-    fn load(&mut self, dir: &Path) -> RoleResult<Vec<String>> {
+    fn load(&mut self, dir: &Path, groups: &mut Groups) -> RoleResult<Vec<String>> {
+        self.ensure_layout(groups)?;
         let opts = LoadOptions {
             device: self.dir.model.device(),
             dtype: Some(self.dir.model.kind()),
@@ -959,7 +1150,12 @@ impl Trainer {
             var.f_copy_(src)?;
         }
         drop(_g);
-        self.opt.load(&dir.join(Self::OPTIMIZER_FILE))?;
+        let opt_path = dir.join(Self::OPTIMIZER_FILE);
+        let state = Tensor::read_safetensors(&opt_path)
+            .map_err(|e| RoleError::bad("state", format!("{}: {e}", opt_path.display())))?;
+        self.opt
+            .load_state_tensors(&state)
+            .map_err(|e| RoleError::bad("state", format!("{}: {e}", opt_path.display())))?;
         let path = dir.join(Self::STATE_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| RoleError::io(&path, e))?;
         let v: serde_json::Value = serde_json::from_str(&text)
@@ -970,6 +1166,9 @@ impl Trainer {
                 format!("{}: `optimizer_step` missing", path.display()),
             )
         })?;
+        if let (Some(s), Some(scale)) = (&mut self.scaler, v["loss_scale"].as_f64()) {
+            *s = LossScaler::resume(scale, v["loss_scale_good_steps"].as_u64().unwrap_or(0))?;
+        }
         Ok(vec![
             "config.json".into(),
             Self::OPTIMIZER_FILE.into(),

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use rlhf_algo::{KlLossTerm, OptimConfig, PolicyLossConfig, ValueLossConfig};
+use rlhf_algo::{KlLossTerm, OptimConfig, PolicyLossConfig, Precision, ValueLossConfig};
 use rlhf_model::ChatMessage;
 use rlhf_proto::limits::WEIGHT_CHUNK_BYTES;
 use rlhf_proto::pb::{self, worker_server::Worker};
@@ -101,7 +101,15 @@ fn trainer_spec(t: pb::TrainerSpec, actor: bool) -> RoleResult<TrainerSpec> {
         temperature,
         kl_loss_coef,
         kl_estimator: est,
+        pure_low_precision,
+        zero_stage,
     } = t;
+    if zero_stage > 2 {
+        return Err(RoleError::bad(
+            "zero_stage",
+            format!("{zero_stage}: expected 0, 1 or 2"),
+        ));
+    }
     let (policy_loss, value_loss) = if actor {
         (
             json::<PolicyLossConfig>("loss_json", &loss_json)?,
@@ -137,6 +145,12 @@ fn trainer_spec(t: pb::TrainerSpec, actor: bool) -> RoleResult<TrainerSpec> {
         micro_batch_size,
         temperature,
         kl_loss,
+        precision: if pure_low_precision {
+            Precision::Pure
+        } else {
+            Precision::Mixed
+        },
+        zero_stage,
     })
 }
 
@@ -509,7 +523,12 @@ impl Worker for WorkerService {
     ) -> Result<Response<pb::StateResponse>, Status> {
         let pb::StateRequest { role_id, dir } = req.into_inner();
         let role = self.role(&role_id).await?;
-        let files = role.run(move |r| r.save_state(&PathBuf::from(dir))).await?;
+        let files = role
+            .run(move |r| {
+                let Hosted { role, groups } = r;
+                role.save_state(&PathBuf::from(dir), groups)
+            })
+            .await?;
         Ok(Response::new(pb::StateResponse { files }))
     }
 
@@ -519,7 +538,12 @@ impl Worker for WorkerService {
     ) -> Result<Response<pb::StateResponse>, Status> {
         let pb::StateRequest { role_id, dir } = req.into_inner();
         let role = self.role(&role_id).await?;
-        let files = role.run(move |r| r.load_state(&PathBuf::from(dir))).await?;
+        let files = role
+            .run(move |r| {
+                let Hosted { role, groups } = r;
+                role.load_state(&PathBuf::from(dir), groups)
+            })
+            .await?;
         Ok(Response::new(pb::StateResponse { files }))
     }
 
