@@ -520,6 +520,18 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
             temperature: cfg.rollout.temperature,
             kl_loss_coef: if actor && kl_in_loss { s.kl.coef } else { 0.0 },
             kl_estimator: rl::kl_estimator_name(cfg.algorithm.kl.estimator).into(),
+            // Adapters on the actor only; the critic trains its whole trunk.
+            lora: cfg
+                .models
+                .lora
+                .as_ref()
+                .filter(|_| actor)
+                .map(|l| pb::LoraSpec {
+                    rank: l.rank as u32,
+                    alpha: l.alpha,
+                    dropout: l.dropout,
+                    targets: l.targets.clone(),
+                }),
         })
     };
     let all = |r: Role| -> Result<Vec<(RoleClient, String)>> {

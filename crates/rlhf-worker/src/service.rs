@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use rlhf_algo::{KlLossTerm, OptimConfig, PolicyLossConfig, ValueLossConfig};
-use rlhf_model::ChatMessage;
+use rlhf_model::{ChatMessage, LoraConfig, Target};
 use rlhf_proto::limits::WEIGHT_CHUNK_BYTES;
 use rlhf_proto::pb::{self, worker_server::Worker};
 use rlhf_proto::wire::{self, optional, required, to_wire};
@@ -101,6 +101,7 @@ fn trainer_spec(t: pb::TrainerSpec, actor: bool) -> RoleResult<TrainerSpec> {
         temperature,
         kl_loss_coef,
         kl_estimator: est,
+        lora,
     } = t;
     let (policy_loss, value_loss) = if actor {
         (
@@ -130,6 +131,29 @@ fn trainer_spec(t: pb::TrainerSpec, actor: bool) -> RoleResult<TrainerSpec> {
             })
         })
         .transpose()?;
+    let lora = lora
+        .filter(|_| actor)
+        .map(|l| -> RoleResult<LoraConfig> {
+            let pb::LoraSpec {
+                rank,
+                alpha,
+                dropout,
+                targets,
+            } = l;
+            let targets = targets
+                .iter()
+                .map(|t| {
+                    Target::parse(t).ok_or_else(|| {
+                        RoleError::bad(
+                            "lora.targets",
+                            format!("`{t}` is not one of {}", Target::known()),
+                        )
+                    })
+                })
+                .collect::<RoleResult<Vec<_>>>()?;
+            Ok(LoraConfig::new(rank as usize, alpha, dropout, targets))
+        })
+        .transpose()?;
     Ok(TrainerSpec {
         policy_loss,
         value_loss,
@@ -137,6 +161,7 @@ fn trainer_spec(t: pb::TrainerSpec, actor: bool) -> RoleResult<TrainerSpec> {
         micro_batch_size,
         temperature,
         kl_loss,
+        lora,
     })
 }
 
