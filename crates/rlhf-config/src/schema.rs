@@ -424,6 +424,46 @@ pub struct ModelsConfig {
     pub dtype: Dtype,
     /// Where rewards come from.
     pub reward: RewardConfig,
+    /// Train the actor as LoRA adapters on a frozen policy (docs/lora.md). Default: null, meaning
+    /// full fine-tuning.
+    pub lora: Option<LoraConfig>,
+}
+
+/// The projections LoRA can adapt, as PEFT's `target_modules` names them.
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// `models.lora:` — low-rank adapters `W + (alpha / rank) B A` on the actor's projections.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Inner dimension of the adapters (PEFT's `r`); at least 1. Default: 8.
+    pub rank: usize,
+    /// Scale numerator (PEFT's `lora_alpha`): updates are scaled by `alpha / rank`. Default: 16.
+    pub alpha: f64,
+    /// Dropout probability on the adapters' input while training, in [0, 1). Default: 0.
+    pub dropout: f64,
+    /// Projections that get adapters in every layer, from `q_proj`, `k_proj`, `v_proj`,
+    /// `o_proj`, `gate_proj`, `up_proj`, `down_proj`. Default: all seven.
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: LORA_TARGETS.iter().map(|t| t.to_string()).collect(),
+        }
+    }
 }
 
 impl ModelsConfig {

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::ConfigError;
 use crate::load::{ConfigSchema, Provenance};
-use crate::schema::{AnswerExtract, JudgeKind, OptimizerConfig, RewardKind, Role, RunConfig};
+use crate::schema::{
+    AnswerExtract, JudgeKind, OptimizerConfig, RewardKind, Role, RunConfig, LORA_TARGETS,
+};
 
 impl ConfigSchema for RunConfig {
     const REPLACED_MAPS: &'static [&'static str] = &["algorithm.reward.attribute_weights"];
@@ -419,6 +421,27 @@ impl RunConfig {
         }
         if let Some(penalty) = r.truncation_penalty {
             c.finite("algorithm.reward.truncation_penalty", penalty)?;
+        }
+        if let Some(l) = &self.models.lora {
+            c.at_least("models.lora.rank", l.rank as u64, 1)?;
+            c.finite("models.lora.alpha", l.alpha)?;
+            c.within("models.lora.dropout", l.dropout, 0.0, 1.0, true)?;
+            if l.targets.is_empty() {
+                return c.fail(
+                    "models.lora.targets",
+                    format!("must name at least one of {}", LORA_TARGETS.join(", ")),
+                );
+            }
+            if let Some(t) = l
+                .targets
+                .iter()
+                .find(|t| !LORA_TARGETS.contains(&t.as_str()))
+            {
+                return c.fail(
+                    "models.lora.targets",
+                    format!("`{t}` is not one of {}", LORA_TARGETS.join(", ")),
+                );
+            }
         }
         let m = &self.models.reward;
         c.finite("models.reward.correct", m.correct)?;

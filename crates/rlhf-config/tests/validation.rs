@@ -378,3 +378,30 @@ fn multi_node_addresses_and_slurm_time_rules() {
     )
     .expect("a grace time below the limit");
 }
+
+#[test]
+fn lora_is_off_by_default_and_its_keys_are_checked() {
+    let f = Fixture::new();
+    assert_eq!(f.load(BASE, &[], &[]).unwrap().config.models.lora, None);
+    let yaml = BASE.replace("models:\n", "models:\n  lora: {}\n");
+    let lora = f.load(&yaml, &[], &[]).unwrap().config.models.lora.unwrap();
+    assert_eq!(lora, rlhf_config::LoraConfig::default());
+    assert_eq!((lora.rank, lora.alpha, lora.dropout), (8, 16.0, 0.0));
+    assert_eq!(lora.targets.len(), 7);
+    let yaml = BASE.replace(
+        "models:\n",
+        "models:\n  lora:\n    rank: 4\n    targets: [q_proj, v_proj]\n",
+    );
+    let lora = f.load(&yaml, &[], &[]).unwrap().config.models.lora.unwrap();
+    assert_eq!((lora.rank, lora.targets.len()), (4, 2));
+
+    for (set, key, says) in [
+        ("models.lora.rank=0", "models.lora.rank:", ">= 1"),
+        ("models.lora.dropout=1.0", "models.lora.dropout:", "[0, 1)"),
+        ("models.lora.targets=[]", "models.lora.targets:", "q_proj"),
+        ("models.lora.targets=[qkv]", "models.lora.targets:", "`qkv`"),
+    ] {
+        let msg = err(f.load(&yaml, &[set], &[]));
+        assert!(msg.starts_with(key) && msg.contains(says), "{set}: {msg}");
+    }
+}

@@ -522,6 +522,18 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
             kl_estimator: rl::kl_estimator_name(cfg.algorithm.kl.estimator).into(),
             pure_low_precision: cfg.train.pure_low_precision,
             zero_stage: cfg.train.zero_stage,
+            // Adapters on the actor only; the critic trains its whole trunk.
+            lora: cfg
+                .models
+                .lora
+                .as_ref()
+                .filter(|_| actor)
+                .map(|l| pb::LoraSpec {
+                    rank: l.rank as u32,
+                    alpha: l.alpha,
+                    dropout: l.dropout,
+                    targets: l.targets.clone(),
+                }),
         })
     };
     let all = |r: Role| -> Result<Vec<(RoleClient, String)>> {

@@ -15,6 +15,7 @@ pub mod error;
 pub mod generate;
 pub mod init;
 pub mod llama;
+pub mod lora;
 mod packed;
 pub mod reward_spec;
 pub mod tokenizer;
@@ -29,6 +30,7 @@ pub use generate::{
     token_values, Entropy, GenerationConfig, GenerationOutput, Sampling, TokenLogProbs,
 };
 pub use llama::{KvCache, LoadOptions, Model, SaveOptions};
+pub use lora::{Lora, LoraConfig, Target};
 pub use reward_spec::{RewardHead, RewardSpec};
 pub use tokenizer::{ChatMessage, Tokenizer};
 

@@ -16,6 +16,7 @@ use tch::{nn, nn::Module, Device, Kind, Tensor};
 use crate::config::{Config, HeadKind, RopeScaling};
 use crate::decode_cpu::{self, CpuLayer, Dims, Step};
 use crate::error::{ModelError, Result};
+use crate::lora::{Adapter, LayerAdapters, Lora, Target};
 use crate::packed::{self, PackedLinear};
 use crate::weights::{self, WeightFiles};
 
@@ -178,6 +179,24 @@ fn linear_fm(l: &nn::Linear, x_t: &Tensor) -> Tensor {
     }
 }
 
+/// [`linear_fwd`] plus the projection's adapter, if any.
+fn proj(l: &nn::Linear, ad: Option<&Adapter<'_>>, x: &Tensor) -> Tensor {
+    let y = linear_fwd(l, x);
+    match ad {
+        Some(ad) => y + ad.delta(x),
+        None => y,
+    }
+}
+
+/// [`linear_fm`] plus the projection's adapter, if any.
+fn proj_fm(l: &nn::Linear, ad: Option<&Adapter<'_>>, x_t: &Tensor) -> Tensor {
+    let y = linear_fm(l, x_t);
+    match ad {
+        Some(ad) => y + ad.delta_fm(x_t),
+        None => y,
+    }
+}
+
 struct Attention {
     q_proj: nn::Linear,
     k_proj: nn::Linear,
@@ -211,12 +230,14 @@ impl Attention {
         sin: &Tensor,
         mask: &AttnMask,
         kv: LayerKv<'_>,
+        ad: &LayerAdapters<'_>,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap_or((0, 0, 0));
-        let q = linear_fwd(&self.q_proj, x).view([b, t, self.n_heads, self.head_dim]);
-        let k = linear_fwd(&self.k_proj, x).view([b, t, self.n_kv, self.head_dim]);
-        let v = linear_fwd(&self.v_proj, x).view([b, t, self.n_kv, self.head_dim]);
-        linear_fwd(&self.o_proj, &self.attend(&q, &k, &v, cos, sin, mask, kv))
+        let q = proj(&self.q_proj, ad.get(Target::Q), x).view([b, t, self.n_heads, self.head_dim]);
+        let k = proj(&self.k_proj, ad.get(Target::K), x).view([b, t, self.n_kv, self.head_dim]);
+        let v = proj(&self.v_proj, ad.get(Target::V), x).view([b, t, self.n_kv, self.head_dim]);
+        let y = self.attend(&q, &k, &v, cos, sin, mask, kv);
+        proj(&self.o_proj, ad.get(Target::O), &y)
     }
 
     /// [`Attention::forward`] with the projections through `l`'s packed weights (q/k/v fused).
@@ -252,22 +273,27 @@ impl Attention {
         sin: &Tensor,
         mask: &AttnMask,
         kv: LayerKv<'_>,
+        ad: &LayerAdapters<'_>,
     ) -> Tensor {
         let b = x_t.size()[1];
-        let row_major = |l: &nn::Linear, heads: i64| {
-            linear_fm(l, x_t)
+        let row_major = |l: &nn::Linear, t: Target, heads: i64| {
+            proj_fm(l, ad.get(t), x_t)
                 .tr()
                 .contiguous()
                 .view([b, 1, heads, self.head_dim])
         };
-        let q = row_major(&self.q_proj, self.n_heads);
-        let k = row_major(&self.k_proj, self.n_kv);
-        let v = linear_fm(&self.v_proj, x_t)
-            .tr()
-            .reshape([b, 1, self.n_kv, self.head_dim]);
+        let q = row_major(&self.q_proj, Target::Q, self.n_heads);
+        let k = row_major(&self.k_proj, Target::K, self.n_kv);
+        let v = proj_fm(&self.v_proj, ad.get(Target::V), x_t).tr().reshape([
+            b,
+            1,
+            self.n_kv,
+            self.head_dim,
+        ]);
         let y = self.attend(&q, &k, &v, cos, sin, mask, kv);
-        linear_fm(
+        proj_fm(
             &self.o_proj,
+            ad.get(Target::O),
             &y.view([b, self.n_heads * self.head_dim]).tr().contiguous(),
         )
     }
@@ -378,9 +404,10 @@ impl Mlp {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let gate = linear_fwd(&self.gate_proj, x).silu();
-        linear_fwd(&self.down_proj, &(gate * linear_fwd(&self.up_proj, x)))
+    fn forward(&self, x: &Tensor, ad: &LayerAdapters<'_>) -> Tensor {
+        let gate = proj(&self.gate_proj, ad.get(Target::Gate), x).silu();
+        let up = proj(&self.up_proj, ad.get(Target::Up), x);
+        proj(&self.down_proj, ad.get(Target::Down), &(gate * up))
     }
 
     /// [`Mlp::forward`] through `l`'s packed weights (gate/up fused). No autograd graph.
@@ -393,9 +420,10 @@ impl Mlp {
     }
 
     /// The same over a feature-major (hidden, rows) `x_t`.
-    fn forward_fm(&self, x_t: &Tensor) -> Tensor {
-        let gate = linear_fm(&self.gate_proj, x_t).silu();
-        linear_fm(&self.down_proj, &(gate * linear_fm(&self.up_proj, x_t)))
+    fn forward_fm(&self, x_t: &Tensor, ad: &LayerAdapters<'_>) -> Tensor {
+        let gate = proj_fm(&self.gate_proj, ad.get(Target::Gate), x_t).silu();
+        let up = proj_fm(&self.up_proj, ad.get(Target::Up), x_t);
+        proj_fm(&self.down_proj, ad.get(Target::Down), &(gate * up))
     }
 }
 
@@ -536,6 +564,8 @@ pub struct Model {
     head: Head,
     rope: Rope,
     kind: Kind,
+    /// LoRA adapters in a `VarStore` of their own ([`crate::lora`]); `None`: a plain model.
+    pub(crate) lora: Option<Lora>,
 }
 
 /// Held while seeding and drawing from libtorch's global generator ([`Model::new`]), so draws
@@ -619,6 +649,7 @@ impl Model {
             head,
             rope,
             kind,
+            lora: None,
         })
     }
 
@@ -671,9 +702,28 @@ impl Model {
     pub fn save(&self, dir: &Path, opts: &SaveOptions) -> Result<()> {
         let kind = opts.dtype.unwrap_or(self.kind);
         weights::save(dir, &self.named_tensors(), kind, opts.max_shard_bytes)?;
+        self.save_config(dir, kind)
+    }
+
+    /// Writes `DIR/config.json` for weights stored in `kind`.
+    pub(crate) fn save_config(&self, dir: &Path, kind: Kind) -> Result<()> {
         let json = serde_json::to_vec_pretty(&self.config.to_hf_json(kind))
             .map_err(|e| ModelError::config(dir.join("config.json"), "(all)", e.to_string()))?;
         crate::error::write_atomic(&dir.join("config.json"), &json)
+    }
+
+    /// The base projection `t` of layer `i` (its `ws` is (out, in)).
+    pub(crate) fn projection(&self, i: usize, t: Target) -> &nn::Linear {
+        let (a, m) = (&self.layers[i].self_attn, &self.layers[i].mlp);
+        match t {
+            Target::Q => &a.q_proj,
+            Target::K => &a.k_proj,
+            Target::V => &a.v_proj,
+            Target::O => &a.o_proj,
+            Target::Gate => &m.gate_proj,
+            Target::Up => &m.up_proj,
+            Target::Down => &m.down_proj,
+        }
     }
 
     /// Every weight with its checkpoint name, sorted by name.
@@ -808,18 +858,20 @@ impl Model {
                 KvMode::After(prefix) => LayerKv::After(&prefix[i]),
             };
             let h = layer.input_layernorm.forward(&x);
+            // Packed weights already hold the merged adapters (pack_weights).
             let pl = packed.map(|w| &w.layers[i]);
+            let ad = self.adapters(i);
             let attn = match pl {
                 Some(l) => layer
                     .self_attn
                     .forward_packed(&h, l, &cos, &sin, mask, kv)?,
-                None => layer.self_attn.forward(&h, &cos, &sin, mask, kv),
+                None => layer.self_attn.forward(&h, &cos, &sin, mask, kv, &ad),
             };
             x = x + attn;
             let h = layer.post_attention_layernorm.forward(&x);
             x = x + match pl {
                 Some(l) => Mlp::forward_packed(&h, l)?,
-                None => layer.mlp.forward(&h),
+                None => layer.mlp.forward(&h, &ad),
             };
         }
         Ok(self.norm.forward(&x))
@@ -841,27 +893,31 @@ impl Model {
     ) -> Tensor {
         let (b, h) = (x.size()[0], x.size()[2]);
         let mut x_t = x.view([b, h]).tr().contiguous();
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let ad = self.adapters(i);
             let attn = layer.self_attn.forward_fm(
                 &layer.input_layernorm.forward_fm(&x_t),
                 cos,
                 sin,
                 mask,
                 LayerKv::Cache(kv, offset),
+                &ad,
             );
             x_t = x_t + attn;
             let mlp = layer
                 .mlp
-                .forward_fm(&layer.post_attention_layernorm.forward_fm(&x_t));
+                .forward_fm(&layer.post_attention_layernorm.forward_fm(&x_t), &ad);
             x_t = x_t + mlp;
         }
         self.norm.forward_fm(&x_t).tr().unsqueeze(1)
     }
 
     /// Whether a forward would record an autograd graph now: gradients enabled and the weights
-    /// requiring them. Packed projections record none, so they serve only forwards that don't.
+    /// (or, with the base frozen, the adapters) requiring them. Packed projections record none,
+    /// so they serve only forwards that don't.
     pub(crate) fn builds_graph(&self) -> bool {
         (&self.norm.weight * 1.0).requires_grad()
+            || self.lora.as_ref().is_some_and(Lora::builds_graph)
     }
 
     /// This model's weights packed for [`crate::packed`]'s kernel and [`crate::decode_cpu`]'s
@@ -870,9 +926,13 @@ impl Model {
     /// whose width is not a multiple of 16, head_dim over 512 or odd): the forwards then stay
     /// with libtorch (decode steps in [`Model::decode_fm`]). The copy is as large as the weights
     /// and goes stale when they change: `generate` and `token_logprobs_from` make one per call
-    /// and drop it.
+    /// and drop it. Adapters that are on are merged into the packed weights (the same function;
+    /// none while their dropout is active).
     pub(crate) fn pack_weights(&self) -> Option<PackedWeights> {
         let c = &self.config;
+        if self.lora.as_ref().is_some_and(|l| !l.packable()) {
+            return None;
+        }
         if self.device() != Device::Cpu
             || self.kind != Kind::Float
             || !packed::available(tch::get_num_threads().max(1) as usize)
@@ -884,12 +944,23 @@ impl Model {
             return None;
         }
         let _guard = tch::no_grad_guard();
-        // Weights (out, in) stacked along out, biases likewise (zeros where a part has none).
-        let fused = |parts: &[&nn::Linear]| {
-            if let [l] = parts {
-                return PackedLinear::pack(&l.ws, l.bs.as_ref());
+        // Weights (out, in) stacked along out, biases likewise (zeros where a part has none);
+        // an adapted projection's weight merged with its adapter.
+        let fused = |i: usize, targets: &[Target]| {
+            let ad = self.adapters(i);
+            let parts: Vec<&nn::Linear> = targets.iter().map(|&t| self.projection(i, t)).collect();
+            let ws: Vec<Tensor> = targets
+                .iter()
+                .zip(&parts)
+                .map(|(&t, l)| match ad.get(t) {
+                    Some(a) => a.merged(&l.ws),
+                    None => l.ws.shallow_clone(),
+                })
+                .collect();
+            if let ([l], [w]) = (parts.as_slice(), ws.as_slice()) {
+                return PackedLinear::pack(w, l.bs.as_ref());
             }
-            let w = Tensor::cat(&parts.iter().map(|l| &l.ws).collect::<Vec<_>>(), 0);
+            let w = Tensor::cat(&ws, 0);
             let b = parts.iter().any(|l| l.bs.is_some()).then(|| {
                 let bs: Vec<Tensor> = parts
                     .iter()
@@ -905,15 +976,15 @@ impl Model {
         let layers = self
             .layers
             .iter()
-            .map(|l| {
-                let (a, m) = (&l.self_attn, &l.mlp);
+            .enumerate()
+            .map(|(i, l)| {
                 Some(CpuLayer {
                     ln1: packed::to_vec(&l.input_layernorm.weight)?,
-                    qkv: fused(&[&a.q_proj, &a.k_proj, &a.v_proj])?,
-                    o: fused(&[&a.o_proj])?,
+                    qkv: fused(i, &[Target::Q, Target::K, Target::V])?,
+                    o: fused(i, &[Target::O])?,
                     ln2: packed::to_vec(&l.post_attention_layernorm.weight)?,
-                    gate_up: fused(&[&m.gate_proj, &m.up_proj])?,
-                    down: fused(&[&m.down_proj])?,
+                    gate_up: fused(i, &[Target::Gate, Target::Up])?,
+                    down: fused(i, &[Target::Down])?,
                 })
             })
             .collect::<Option<Vec<_>>>()?;

@@ -71,6 +71,15 @@ impl WeightFiles {
         } else {
             vec![dir.join(SINGLE_FILE)]
         };
+        Self::open_files(names)
+    }
+
+    /// Opens one safetensors file of any name (e.g. PEFT's `adapter_model.safetensors`).
+    pub fn open_file(path: &Path) -> Result<Self> {
+        Self::open_files(vec![path.to_path_buf()])
+    }
+
+    fn open_files(names: Vec<PathBuf>) -> Result<Self> {
         let mut files = Vec::with_capacity(names.len());
         let mut location = HashMap::new();
         for (i, path) in names.into_iter().enumerate() {
@@ -181,6 +190,57 @@ pub fn load_into(vs: &VarStore, files: &WeightFiles, skip: &[&str]) -> Result<Ve
     Ok(unused)
 }
 
+/// (name, shape, bytes) of one tensor serialised for safetensors.
+type Blob = (String, Vec<usize>, Vec<u8>);
+
+/// Named tensors sorted by name (files are byte-reproducible), converted to `dtype` on the CPU.
+fn to_blobs(tensors: &[(String, Tensor)], dtype: Kind) -> Result<(Dtype, Vec<Blob>)> {
+    let st_dtype = dtype_of(dtype)
+        .ok_or_else(|| ModelError::invalid("dtype", format!("{dtype:?}"), "not storable"))?;
+    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut blobs: Vec<Blob> = Vec::with_capacity(sorted.len());
+    for (name, t) in sorted {
+        let t = t
+            .f_detach()?
+            .f_to_kind(dtype)?
+            .f_to_device(tch::Device::Cpu)?
+            .f_contiguous()?;
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * dtype.elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, numel)?;
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        blobs.push((name.clone(), shape, bytes));
+    }
+    Ok((st_dtype, blobs))
+}
+
+/// Writes `blobs` as one safetensors file (metadata `format: pt`, as torch's writers put it),
+/// atomically.
+fn write_blobs<'a>(
+    path: &Path,
+    st_dtype: Dtype,
+    blobs: impl Iterator<Item = &'a Blob>,
+) -> Result<()> {
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let views = blobs
+        .map(|(name, shape, bytes)| {
+            TensorView::new(st_dtype, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| ModelError::tensor(path, name, e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| ModelError::tensor(path, "(all)", e.to_string()))?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes named tensors in `dtype` to the one safetensors file `path` (any name), atomically.
+pub fn save_file(path: &Path, tensors: &[(String, Tensor)], dtype: Kind) -> Result<()> {
+    let (st_dtype, blobs) = to_blobs(tensors, dtype)?;
+    write_blobs(path, st_dtype, blobs.iter())
+}
+
 /// Serialises named tensors in `dtype` and writes them to `dir` as `model.safetensors`, or as
 /// shards of at most `max_shard_bytes` plus `model.safetensors.index.json`. Every file is written
 /// atomically; stale weight files of the other layout are removed.
@@ -191,23 +251,7 @@ pub fn save(
     max_shard_bytes: usize,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-    let st_dtype = dtype_of(dtype)
-        .ok_or_else(|| ModelError::invalid("dtype", format!("{dtype:?}"), "not storable"))?;
-    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    // (name, shape, bytes)
-    let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(sorted.len());
-    for (name, t) in sorted {
-        let t = t
-            .f_to_kind(dtype)?
-            .f_to_device(tch::Device::Cpu)?
-            .f_contiguous()?;
-        let numel = t.numel();
-        let mut bytes = vec![0u8; numel * dtype.elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut bytes, numel)?;
-        let shape = t.size().iter().map(|&d| d as usize).collect();
-        blobs.push((name.clone(), shape, bytes));
-    }
+    let (st_dtype, blobs) = to_blobs(tensors, dtype)?;
     let mut shards: Vec<Vec<usize>> = vec![vec![]];
     let mut cur = 0usize;
     for (i, b) in blobs.iter().enumerate() {
@@ -220,20 +264,8 @@ pub fn save(
             last.push(i);
         }
     }
-    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let write_shard = |path: &Path, members: &[usize]| -> Result<()> {
-        let views = members
-            .iter()
-            .map(|&i| {
-                let (name, shape, bytes) = &blobs[i];
-                TensorView::new(st_dtype, shape.clone(), bytes)
-                    .map(|v| (name.clone(), v))
-                    .map_err(|e| ModelError::tensor(path, name, e.to_string()))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let bytes = safetensors::serialize(views, Some(metadata.clone()))
-            .map_err(|e| ModelError::tensor(path, "(all)", e.to_string()))?;
-        write_atomic(path, &bytes)
+    let write_shard = |path: &Path, members: &[usize]| {
+        write_blobs(path, st_dtype, members.iter().map(|&i| &blobs[i]))
     };
     let single = dir.join(SINGLE_FILE);
     let index_path = dir.join(INDEX_FILE);

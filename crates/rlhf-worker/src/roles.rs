@@ -16,8 +16,8 @@ use rlhf_algo::{
 };
 use rlhf_model::{
     generate, sequence_scores, token_logprobs_from, token_values, ChatMessage, Entropy,
-    GenerationConfig, HeadKind, LoadOptions, ModelDir, RewardHead, RewardSpec, Sampling,
-    SaveOptions,
+    GenerationConfig, HeadKind, LoadOptions, LoraConfig, ModelDir, RewardHead, RewardSpec,
+    Sampling, SaveOptions,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -67,6 +67,8 @@ pub struct TrainerSpec {
     /// per step, updated weights all-gathered); 2 = as 1, with gradients reduce-scattered after
     /// every micro-batch so the f32 gradient is 1/N too.
     pub zero_stage: u32,
+    /// Train LoRA adapters on the frozen model (actor only); `None`: every weight.
+    pub lora: Option<LoraConfig>,
 }
 
 /// How a reward role scores.
@@ -301,11 +303,11 @@ impl Role {
         let role = match &spec.detail {
             RoleDetail::Actor(t) => {
                 let dir = load_dir(spec, Some(HeadKind::CausalLm))?;
-                Role::Actor(Trainer::new(dir, &spec.model_path, t.clone())?)
+                Role::Actor(Trainer::new(dir, &spec.model_path, t.clone(), spec.seed)?)
             }
             RoleDetail::Critic(t) => {
                 let dir = load_dir(spec, Some(HeadKind::Score { num_labels: 1 }))?;
-                Role::Critic(Trainer::new(dir, &spec.model_path, t.clone())?)
+                Role::Critic(Trainer::new(dir, &spec.model_path, t.clone(), spec.seed)?)
             }
             RoleDetail::Reference => {
                 let dir = load_dir(spec, Some(HeadKind::CausalLm))?;
@@ -539,17 +541,26 @@ impl Role {
         self.weights_dir().map(|d| d.model.device())
     }
 
-    /// Named weights in name order, for weight sync and digests.
+    /// Named weights in name order, for weight sync and digests. A model with LoRA adapters
+    /// gives its merged weights (`W + scale · B A`): what generators and digests must see.
     pub fn weights(&self, op: &str) -> RoleResult<Vec<(String, Tensor)>> {
-        Ok(self
-            .weights_dir()
-            .ok_or_else(|| self.wrong(op))?
-            .model
-            .named_tensors())
+        let model = &self.weights_dir().ok_or_else(|| self.wrong(op))?.model;
+        Ok(match model.lora() {
+            Some(_) => model.merged_tensors()?,
+            None => model.named_tensors(),
+        })
     }
 
     /// Replaces every weight; names and shapes must match the role's model exactly.
     pub fn import_weights(&mut self, new: Vec<(String, Tensor)>) -> RoleResult<()> {
+        if self.weights_dir().is_some_and(|d| d.model.lora().is_some()) {
+            // Its weights() are merged copies: writing into them would change nothing.
+            return Err(RoleError::bad(
+                "weights",
+                "this role trains LoRA adapters on frozen weights; it cannot import full weights"
+                    .into(),
+            ));
+        }
         let mut vars = self.weights("ImportWeights")?;
         if new.len() != vars.len() {
             return Err(RoleError::bad(
@@ -778,8 +789,14 @@ fn need<'a>(t: &'a Option<Tensor>, field: &'static str, op: &str) -> RoleResult<
 }
 
 impl Trainer {
-    fn new(dir: ModelDir, source: &Path, spec: TrainerSpec) -> RoleResult<Trainer> {
-        let opt = ShardedAdamW::unsharded(dir.model.named_tensors(), &spec.optim, spec.precision)?;
+    fn new(mut dir: ModelDir, source: &Path, spec: TrainerSpec, seed: u64) -> RoleResult<Trainer> {
+        if let Some(lora) = &spec.lora {
+            // Same seed on every replica: their adapters start (and stay) bitwise equal.
+            dir.model.add_lora(lora.clone(), seed as i64)?;
+        }
+        // Only the adapters with LoRA (the base is frozen), else every weight.
+        let opt =
+            ShardedAdamW::unsharded(dir.model.trainable_tensors(), &spec.optim, spec.precision)?;
         let schedule = LrSchedule::new(&spec.optim)?;
         let scaler = (dir.model.kind() == Kind::Half).then(LossScaler::default);
         Ok(Trainer {
@@ -822,7 +839,7 @@ impl Trainer {
             ));
         }
         self.opt = ShardedAdamW::new(
-            self.dir.model.named_tensors(),
+            self.dir.model.trainable_tensors(),
             &self.spec.optim,
             self.spec.precision,
             want,
@@ -922,7 +939,7 @@ impl Trainer {
         if sharded {
             let t = Tensor::f_from_slice(&[sq as f32])?.f_to_device(acc.device())?;
             groups.all_reduce_flat(&t)?;
-            sq = f64::from(t.f_double_value(&[0])?);
+            sq = t.f_double_value(&[0])?;
         }
         let unscale = 1.0 / self.loss_scale();
         let norm = sq.sqrt() * unscale;
@@ -935,7 +952,7 @@ impl Trainer {
             _ => 1.0,
         };
         let lr = self.schedule.lr_at(self.step);
-        let run = self.scaler.as_mut().map_or(true, |s| s.update(finite));
+        let run = self.scaler.as_mut().is_none_or(|s| s.update(finite));
         if run {
             self.opt.step(lr, &grad, unscale * clip)?;
             if sharded {
@@ -955,6 +972,18 @@ impl Trainer {
     }
 
     fn step_actor(
+        &mut self,
+        b: TrainBatch,
+        groups: &mut Groups,
+    ) -> RoleResult<(BTreeMap<String, f64>, u64)> {
+        // LoRA dropout applies to these forwards only (not to log-probs or generation).
+        self.dir.model.set_lora_training(true);
+        let out = self.step_actor_inner(b, groups);
+        self.dir.model.set_lora_training(false);
+        out
+    }
+
+    fn step_actor_inner(
         &mut self,
         b: TrainBatch,
         groups: &mut Groups,
@@ -1107,6 +1136,11 @@ impl Trainer {
         }
         std::fs::create_dir_all(dir).map_err(|e| RoleError::io(dir, e))?;
         self.dir.save(&self.source, dir, &SaveOptions::default())?;
+        if self.dir.model.lora().is_some() {
+            // PEFT's adapter_config.json + adapter_model.safetensors beside the (frozen) base.
+            let base = self.source.to_string_lossy();
+            self.dir.model.save_lora(dir, Some(&base))?;
+        }
         let path = dir.join(Self::OPTIMIZER_FILE);
         Tensor::write_safetensors(&state, &path)
             .map_err(|e| RoleError::bad("state", format!("{}: {e}", path.display())))?;
@@ -1150,6 +1184,15 @@ impl Trainer {
             var.f_copy_(src)?;
         }
         drop(_g);
+        let mut files = vec!["config.json".to_string()];
+        if self.dir.model.lora().is_some() {
+            // In place: the optimizer holds these tensors.
+            self.dir.model.load_lora(dir)?;
+            files.extend([
+                rlhf_model::lora::ADAPTER_CONFIG.to_string(),
+                rlhf_model::lora::ADAPTER_WEIGHTS.to_string(),
+            ]);
+        }
         let opt_path = dir.join(Self::OPTIMIZER_FILE);
         let state = Tensor::read_safetensors(&opt_path)
             .map_err(|e| RoleError::bad("state", format!("{}: {e}", opt_path.display())))?;
@@ -1169,11 +1212,8 @@ impl Trainer {
         if let (Some(s), Some(scale)) = (&mut self.scaler, v["loss_scale"].as_f64()) {
             *s = LossScaler::resume(scale, v["loss_scale_good_steps"].as_u64().unwrap_or(0))?;
         }
-        Ok(vec![
-            "config.json".into(),
-            Self::OPTIMIZER_FILE.into(),
-            Self::STATE_FILE.into(),
-        ])
+        files.extend([Self::OPTIMIZER_FILE.into(), Self::STATE_FILE.into()]);
+        Ok(files)
     }
 }
 
@@ -1203,5 +1243,114 @@ mod tests {
         // In between: as many rows as fit in 2^26 elements.
         assert_eq!(rows_per_forward(100, 512 * 32_000), 4);
         assert_eq!(rows_per_forward(0, 10), 1);
+    }
+
+    /// An actor with `models.lora`: one train step moves the adapters only, sync/digest
+    /// weights are the merged ones, save writes PEFT's files and load restores the adapters.
+    #[test]
+    fn a_lora_actor_trains_saves_and_restores_its_adapters_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model_dir = tmp.path().join("policy");
+        let init = rlhf_model::init::InitSpec::new(
+            rlhf_model::Family::Llama,
+            rlhf_model::init::Preset::Tiny,
+        );
+        rlhf_model::init::init_model(&init, &model_dir).unwrap();
+        let spec = RoleSpec {
+            role_id: "actor-0".into(),
+            model_path: model_dir.clone(),
+            device: Device::Cpu,
+            dtype: Kind::Float,
+            seed: 7,
+            detail: RoleDetail::Actor(TrainerSpec {
+                policy_loss: PolicyLossConfig::default(),
+                value_loss: ValueLossConfig::default(),
+                optim: OptimConfig::default(),
+                micro_batch_size: 2,
+                temperature: 1.0,
+                kl_loss: None,
+                precision: Precision::Mixed,
+                zero_stage: 0,
+                lora: Some(LoraConfig::new(
+                    4,
+                    8.0,
+                    0.1,
+                    vec![rlhf_model::Target::Q, rlhf_model::Target::Up],
+                )),
+            }),
+        };
+        let (mut role, _) = Role::create(&spec).unwrap();
+        let Role::Actor(t) = &role else {
+            panic!("not an actor")
+        };
+        let copy = |v: Vec<(String, Tensor)>| -> Vec<(String, Tensor)> {
+            v.into_iter().map(|(n, t)| (n, t.detach().copy())).collect()
+        };
+        let base = copy(t.dir.model.named_tensors());
+        let adapters = copy(t.dir.model.trainable_tensors());
+        assert!(adapters.iter().all(|(n, _)| n.contains(".lora_")));
+
+        let ids = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]).view([2, 6]);
+        let batch = TrainBatch {
+            seqs: Seqs {
+                input_ids: ids.shallow_clone(),
+                attention_mask: ids.ones_like(),
+                prompt_width: 3,
+                response_len: 3,
+            },
+            response_mask: Tensor::ones([2, 3], (Kind::Bool, Device::Cpu)),
+            advantages: Some(Tensor::ones([2, 3], (Kind::Float, Device::Cpu))),
+            old_logprobs: Some(Tensor::zeros([2, 3], (Kind::Float, Device::Cpu))),
+            ref_logprobs: None,
+            old_values: None,
+            returns: None,
+            minibatch: None,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut groups = Groups::new(rt.handle().clone());
+        role.train_step(batch, &mut groups).unwrap();
+        let Role::Actor(t) = &role else {
+            panic!("not an actor")
+        };
+        let same = |a: &[(String, Tensor)], b: &[(String, Tensor)]| {
+            a.len() == b.len() && a.iter().zip(b).all(|((_, x), (_, y))| x.equal(y))
+        };
+        assert!(same(&base, &t.dir.model.named_tensors()), "base moved");
+        let trained = copy(t.dir.model.trainable_tensors());
+        assert!(!same(&adapters, &trained), "adapters did not move");
+        // Generators and digests get the merged weights, which now differ from the base.
+        let merged = role.weights("SyncWeights").unwrap();
+        assert_eq!(merged.len(), base.len());
+        assert!(!same(&base, &merged));
+        assert!(role.import_weights(merged).is_err());
+
+        let ckpt = tmp.path().join("ckpt");
+        let files = role.save_state(&ckpt, &mut groups).unwrap();
+        for f in [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "model.safetensors",
+        ] {
+            assert!(files.contains(&f.to_string()), "{f} not in {files:?}");
+        }
+        let Role::Actor(t) = &role else {
+            panic!("not an actor")
+        };
+        tch::no_grad(|| {
+            for (_, mut v) in t.dir.model.trainable_tensors() {
+                let _ = v.fill_(0.5);
+            }
+        });
+        let loaded = role.load_state(&ckpt, &mut groups).unwrap();
+        assert!(loaded.contains(&"adapter_model.safetensors".to_string()));
+        let Role::Actor(t) = &role else {
+            panic!("not an actor")
+        };
+        assert!(
+            same(&trained, &t.dir.model.trainable_tensors()),
+            "not restored"
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use rlhf_algo::{KlLossTerm, OptimConfig, PolicyLossConfig, Precision, ValueLossConfig};
-use rlhf_model::ChatMessage;
+use rlhf_model::{ChatMessage, LoraConfig, Target};
 use rlhf_proto::limits::WEIGHT_CHUNK_BYTES;
 use rlhf_proto::pb::{self, worker_server::Worker};
 use rlhf_proto::wire::{self, optional, required, to_wire};
@@ -103,6 +103,7 @@ fn trainer_spec(t: pb::TrainerSpec, actor: bool) -> RoleResult<TrainerSpec> {
         kl_estimator: est,
         pure_low_precision,
         zero_stage,
+        lora,
     } = t;
     if zero_stage > 2 {
         return Err(RoleError::bad(
@@ -138,6 +139,29 @@ fn trainer_spec(t: pb::TrainerSpec, actor: bool) -> RoleResult<TrainerSpec> {
             })
         })
         .transpose()?;
+    let lora = lora
+        .filter(|_| actor)
+        .map(|l| -> RoleResult<LoraConfig> {
+            let pb::LoraSpec {
+                rank,
+                alpha,
+                dropout,
+                targets,
+            } = l;
+            let targets = targets
+                .iter()
+                .map(|t| {
+                    Target::parse(t).ok_or_else(|| {
+                        RoleError::bad(
+                            "lora.targets",
+                            format!("`{t}` is not one of {}", Target::known()),
+                        )
+                    })
+                })
+                .collect::<RoleResult<Vec<_>>>()?;
+            Ok(LoraConfig::new(rank as usize, alpha, dropout, targets))
+        })
+        .transpose()?;
     Ok(TrainerSpec {
         policy_loss,
         value_loss,
@@ -151,6 +175,7 @@ fn trainer_spec(t: pb::TrainerSpec, actor: bool) -> RoleResult<TrainerSpec> {
             Precision::Mixed
         },
         zero_stage,
+        lora,
     })
 }
 
