@@ -466,6 +466,11 @@ pub fn token_logprobs_from(
     let mut logits = model.logits_with(&hidden, packed.as_ref())?;
     drop(packed);
     drop(hidden);
+    // Log-probs are f32 whatever the model's dtype (mixed precision): a bf16 logsumexp over a
+    // large vocabulary is off by ~1e-2, more than the PPO ratio's clip range cares to absorb.
+    if logits.kind() != Kind::Float && logits.kind() != Kind::Double {
+        logits = logits.to_kind(Kind::Float);
+    }
     if temperature != 1.0 {
         logits = logits / temperature;
     }
