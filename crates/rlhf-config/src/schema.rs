@@ -863,6 +863,12 @@ pub struct TrainConfig {
     /// Sequences per forward/backward (gradient accumulation); >= 1, must divide the
     /// minibatch size. Default: 8.
     pub micro_batch_size: usize,
+    /// Activation checkpointing per decoder layer in the actor's and critic's training
+    /// forwards: each layer keeps only its input hidden states and is recomputed in the
+    /// backward, so activations take about `layers * tokens * hidden` values plus one layer's
+    /// worth instead of every layer's, for one more forward per micro-batch. Gradients equal
+    /// the plain backward's (f32, 1e-5). Default: false.
+    pub gradient_checkpointing: bool,
     /// The actor's optimizer.
     pub actor: OptimizerConfig,
     /// The critic's optimizer.
@@ -893,6 +899,7 @@ impl Default for TrainConfig {
             epochs: 1,
             minibatch_size: None,
             micro_batch_size: 8,
+            gradient_checkpointing: false,
             actor: OptimizerConfig::actor(),
             critic: OptimizerConfig::critic(),
             replica_check_every: 10,

@@ -517,6 +517,7 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
             loss_json,
             optim_json: serde_json::to_string(optim)?,
             micro_batch_size: cfg.train.micro_batch_size as i64,
+            gradient_checkpointing: cfg.train.gradient_checkpointing,
             temperature: cfg.rollout.temperature,
             kl_loss_coef: if actor && kl_in_loss { s.kl.coef } else { 0.0 },
             kl_estimator: rl::kl_estimator_name(cfg.algorithm.kl.estimator).into(),

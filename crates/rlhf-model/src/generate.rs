@@ -12,7 +12,9 @@ use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::llama::{group_rows, positions_from_mask, Model, SMALL_M_ROWS};
+use crate::llama::{
+    group_rows, positions_from_mask, Checkpointed, Model, PackedWeights, SMALL_M_ROWS,
+};
 
 /// Decode steps below which `generate` keeps libtorch's GEMMs rather than packing the weights
 /// for [`crate::packed`]: packing costs about as much as the GEMMs of one or two steps and saves
@@ -462,6 +464,36 @@ pub fn token_logprobs_from(
     };
     // Checks the shapes and `from` for both.
     let hidden = model.forward_predicting_with(input_ids, attention_mask, from, packed.as_ref())?;
+    logprobs_of(model, hidden, packed, input_ids, from, temperature, entropy)
+}
+
+/// [`token_logprobs_from`] with activation checkpointing per decoder layer
+/// ([`Model::forward_predicting_checkpointed`]): the same log-probs and entropy, and a
+/// [`Checkpointed`] whose `backward()` the caller runs right after `loss.backward()`.
+pub fn token_logprobs_checkpointed<'m>(
+    model: &'m Model,
+    input_ids: &Tensor,
+    attention_mask: &Tensor,
+    from: i64,
+    temperature: f64,
+    entropy: Entropy,
+) -> Result<(TokenLogProbs, Checkpointed<'m>)> {
+    let (hidden, ckpt) = model.forward_predicting_checkpointed(input_ids, attention_mask, from)?;
+    let lp = logprobs_of(model, hidden, None, input_ids, from, temperature, entropy)?;
+    Ok((lp, ckpt))
+}
+
+/// The head side of [`token_logprobs_from`]: log-probs (and entropy) of the tokens after
+/// `from` from the hidden states of the columns that predict them.
+fn logprobs_of(
+    model: &Model,
+    hidden: Tensor,
+    packed: Option<PackedWeights>,
+    input_ids: &Tensor,
+    from: i64,
+    temperature: f64,
+    entropy: Entropy,
+) -> Result<TokenLogProbs> {
     let n = hidden.size()[1];
     let mut logits = model.logits_with(&hidden, packed.as_ref())?;
     drop(packed);
@@ -506,7 +538,24 @@ pub fn token_values(
     from: i64,
 ) -> Result<Tensor> {
     let hidden = model.forward_predicting(input_ids, attention_mask, from)?;
-    let s = model.score(&hidden)?;
+    values_of(model, &hidden)
+}
+
+/// [`token_values`] with activation checkpointing per decoder layer
+/// ([`Model::forward_predicting_checkpointed`]): the same values, and a [`Checkpointed`] whose
+/// `backward()` the caller runs right after `loss.backward()`.
+pub fn token_values_checkpointed<'m>(
+    model: &'m Model,
+    input_ids: &Tensor,
+    attention_mask: &Tensor,
+    from: i64,
+) -> Result<(Tensor, Checkpointed<'m>)> {
+    let (hidden, ckpt) = model.forward_predicting_checkpointed(input_ids, attention_mask, from)?;
+    Ok((values_of(model, &hidden)?, ckpt))
+}
+
+fn values_of(model: &Model, hidden: &Tensor) -> Result<Tensor> {
+    let s = model.score(hidden)?;
     if s.size()[2] != 1 {
         return Err(ModelError::invalid(
             "head",
@@ -524,9 +573,25 @@ pub fn sequence_scores(
     input_ids: &Tensor,
     attention_mask: &Tensor,
 ) -> Result<Tensor> {
-    let (_, t) = input_ids.size2()?;
     let hidden = model.forward_padded(input_ids, attention_mask)?;
-    let s = model.score(&hidden)?;
+    scores_of(model, &hidden, attention_mask)
+}
+
+/// [`sequence_scores`] with activation checkpointing per decoder layer
+/// ([`Model::forward_padded_checkpointed`]): the same scores, and a [`Checkpointed`] whose
+/// `backward()` the caller runs right after `loss.backward()`.
+pub fn sequence_scores_checkpointed<'m>(
+    model: &'m Model,
+    input_ids: &Tensor,
+    attention_mask: &Tensor,
+) -> Result<(Tensor, Checkpointed<'m>)> {
+    let (hidden, ckpt) = model.forward_padded_checkpointed(input_ids, attention_mask)?;
+    Ok((scores_of(model, &hidden, attention_mask)?, ckpt))
+}
+
+fn scores_of(model: &Model, hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+    let t = hidden.size()[1];
+    let s = model.score(hidden)?;
     let last = last_token_index(attention_mask, t)?;
     let n = s.size()[2];
     Ok(

@@ -26,10 +26,12 @@ use std::path::Path;
 pub use config::{Config, Family, HeadKind, HfConfig};
 pub use error::{ModelError, Result};
 pub use generate::{
-    generate, last_token_index, sequence_scores, splitmix64, token_logprobs, token_logprobs_from,
-    token_values, Entropy, GenerationConfig, GenerationOutput, Sampling, TokenLogProbs,
+    generate, last_token_index, sequence_scores, sequence_scores_checkpointed, splitmix64,
+    token_logprobs, token_logprobs_checkpointed, token_logprobs_from, token_values,
+    token_values_checkpointed, Entropy, GenerationConfig, GenerationOutput, Sampling,
+    TokenLogProbs,
 };
-pub use llama::{KvCache, LoadOptions, Model, SaveOptions};
+pub use llama::{Checkpointed, KvCache, LoadOptions, Model, SaveOptions};
 pub use lora::{Lora, LoraConfig, Target};
 pub use reward_spec::{RewardHead, RewardSpec};
 pub use tokenizer::{ChatMessage, Tokenizer};

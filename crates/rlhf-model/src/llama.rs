@@ -20,6 +20,9 @@ use crate::lora::{Adapter, LayerAdapters, Lora, Target};
 use crate::packed::{self, PackedLinear};
 use crate::weights::{self, WeightFiles};
 
+mod checkpoint;
+pub use checkpoint::Checkpointed;
+
 /// How a model is loaded.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -432,6 +435,38 @@ struct DecoderLayer {
     mlp: Mlp,
     input_layernorm: RmsNorm,
     post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    /// The layer over row-major (b, t, hidden) `x`, attention fed as `kv` says, projections
+    /// through `packed` when given (no autograd graph then). The one layer body of the
+    /// row-major paths: [`Model::trunk`] and the checkpointed forward and its recomputation.
+    // The rotary tables, mask, cache mode, packed weights and adapters are each one layer's
+    // view of a different per-forward value; bundling them would only move the list.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttnMask,
+        kv: LayerKv<'_>,
+        packed: Option<&CpuLayer>,
+        ad: &LayerAdapters<'_>,
+    ) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x);
+        // Packed weights already hold the merged adapters (pack_weights).
+        let attn = match packed {
+            Some(l) => self.self_attn.forward_packed(&h, l, cos, sin, mask, kv)?,
+            None => self.self_attn.forward(&h, cos, sin, mask, kv, ad),
+        };
+        let x = x + attn;
+        let h = self.post_attention_layernorm.forward(&x);
+        Ok(x + match packed {
+            Some(l) => Mlp::forward_packed(&h, l)?,
+            None => self.mlp.forward(&h, ad),
+        })
+    }
 }
 
 /// A model's weights packed by [`Model::pack_weights`] for forwards without gradients: per
@@ -857,22 +892,8 @@ impl Model {
                 KvMode::Record(out) => LayerKv::Record(out),
                 KvMode::After(prefix) => LayerKv::After(&prefix[i]),
             };
-            let h = layer.input_layernorm.forward(&x);
-            // Packed weights already hold the merged adapters (pack_weights).
-            let pl = packed.map(|w| &w.layers[i]);
             let ad = self.adapters(i);
-            let attn = match pl {
-                Some(l) => layer
-                    .self_attn
-                    .forward_packed(&h, l, &cos, &sin, mask, kv)?,
-                None => layer.self_attn.forward(&h, &cos, &sin, mask, kv, &ad),
-            };
-            x = x + attn;
-            let h = layer.post_attention_layernorm.forward(&x);
-            x = x + match pl {
-                Some(l) => Mlp::forward_packed(&h, l)?,
-                None => layer.mlp.forward(&h, &ad),
-            };
+            x = layer.forward(&x, &cos, &sin, mask, kv, packed.map(|w| &w.layers[i]), &ad)?;
         }
         Ok(self.norm.forward(&x))
     }
@@ -1086,17 +1107,17 @@ impl Model {
         self.forward_predicting_with(input_ids, attention_mask, from, None)
     }
 
-    /// [`Model::forward_predicting`] with every projection through `packed` (weights packed by
-    /// [`Model::pack_weights`] from this model's current weights) when given: for forwards
-    /// that build no autograd graph ([`Model::builds_graph`]), since the packed kernel records
-    /// none.
-    pub(crate) fn forward_predicting_with(
+    /// The checked inputs of a predicting forward ([`Model::forward_predicting`]): `input_ids`
+    /// and `attention_mask` without their last column (it predicts nothing), and the rows'
+    /// shared prefixes of `from + 1` tokens as [`shared_prefixes`] groups them, when sharing
+    /// saves at least a token per row.
+    #[allow(clippy::type_complexity)]
+    fn predicting_inputs(
         &self,
         input_ids: &Tensor,
         attention_mask: &Tensor,
         from: i64,
-        packed: Option<&PackedWeights>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor, Option<(Vec<i64>, Vec<i64>)>)> {
         let (b, t) = input_ids.size2()?;
         if attention_mask.size() != [b, t] {
             return Err(ModelError::invalid(
@@ -1121,13 +1142,32 @@ impl Model {
         }
         // The last column predicts nothing: drop it.
         let t = t - 1;
-        let input_ids = &input_ids.f_narrow(1, 0, t)?;
-        let attention_mask = &attention_mask.f_narrow(1, 0, t)?;
+        let input_ids = input_ids.f_narrow(1, 0, t)?;
+        let attention_mask = attention_mask.f_narrow(1, 0, t)?;
         let w = from + 1;
         // Shared only when it saves at least a token per row: a one-token prefix (a common BOS)
         // is not worth the extra pass.
-        let shared = shared_prefixes(input_ids, attention_mask, w)?
+        let shared = shared_prefixes(&input_ids, &attention_mask, w)?
             .filter(|(firsts, _)| (b - firsts.len() as i64) * w >= b);
+        Ok((input_ids, attention_mask, shared))
+    }
+
+    /// [`Model::forward_predicting`] with every projection through `packed` (weights packed by
+    /// [`Model::pack_weights`] from this model's current weights) when given: for forwards
+    /// that build no autograd graph ([`Model::builds_graph`]), since the packed kernel records
+    /// none.
+    pub(crate) fn forward_predicting_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        from: i64,
+        packed: Option<&PackedWeights>,
+    ) -> Result<Tensor> {
+        let (input_ids, attention_mask, shared) =
+            self.predicting_inputs(input_ids, attention_mask, from)?;
+        let (input_ids, attention_mask) = (&input_ids, &attention_mask);
+        let (b, t) = input_ids.size2()?;
+        let w = from + 1;
         let Some((firsts, rows)) = shared else {
             let hidden = self.forward_padded_with(input_ids, attention_mask, packed)?;
             return Ok(hidden.f_narrow(1, from, t - from)?);
@@ -1403,7 +1443,7 @@ mod tests {
 
     /// Two prompts (left-padded to width 4) with three and two samples, responses right-padded:
     /// rows share their first 4 tokens in groups {0, 2, 4} and {1, 3}.
-    fn grouped_batch() -> (Tensor, Tensor) {
+    pub(super) fn grouped_batch() -> (Tensor, Tensor) {
         let ids = Tensor::from_slice(&[
             0i64, 5, 6, 7, 11, 12, 13, //
             8, 9, 10, 11, 14, 15, 0, //
@@ -1423,7 +1463,7 @@ mod tests {
         (ids, mask)
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    pub(super) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).abs().max().double_value(&[])
     }
 

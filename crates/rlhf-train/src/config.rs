@@ -104,6 +104,10 @@ pub struct TrainConfig {
     pub device: String,
     /// Compute dtype: `float32`, `bfloat16`, `float16`. Default `float32`.
     pub dtype: String,
+    /// Activation checkpointing per decoder layer: each layer keeps only its input and is
+    /// recomputed in the backward (less activation memory, one more forward per micro-batch;
+    /// the same gradients). Default false.
+    pub gradient_checkpointing: bool,
     /// Steps between log lines (and `metrics.jsonl` records). Default 10.
     pub log_every: u64,
     /// Steps between evaluations on `data.eval`. Default: only at the end.
@@ -120,6 +124,7 @@ impl Default for TrainConfig {
             seed: 0,
             device: "cpu".into(),
             dtype: "float32".into(),
+            gradient_checkpointing: false,
             log_every: 10,
             eval_every: None,
         }

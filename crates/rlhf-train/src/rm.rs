@@ -5,7 +5,10 @@
 
 use std::path::Path;
 
-use rlhf_model::{sequence_scores, Config, HeadKind, Model, RewardHead, RewardSpec, Tokenizer};
+use rlhf_model::{
+    sequence_scores, sequence_scores_checkpointed, Checkpointed, Config, HeadKind, Model,
+    RewardHead, RewardSpec, Tokenizer,
+};
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
@@ -159,6 +162,8 @@ pub struct RmTask {
     pair_loss: PairLoss,
     attributes: Vec<String>,
     eval_batch: usize,
+    /// `train.gradient_checkpointing`: the training forward is checkpointed.
+    gradient_checkpointing: bool,
 }
 
 fn seqs_of<'a>(all: &'a [Vec<u32>], idx: &[usize]) -> Vec<&'a [u32]> {
@@ -166,6 +171,22 @@ fn seqs_of<'a>(all: &'a [Vec<u32>], idx: &[usize]) -> Vec<&'a [u32]> {
 }
 
 impl RmTask {
+    /// The training forward's scores (b, num_labels), with `train.gradient_checkpointing` the
+    /// [`Checkpointed`] to run after the loss's backward.
+    fn train_scores<'m>(
+        &self,
+        model: &'m Model,
+        ids: &Tensor,
+        mask: &Tensor,
+    ) -> Result<(Tensor, Option<Checkpointed<'m>>)> {
+        Ok(if self.gradient_checkpointing {
+            let (s, c) = sequence_scores_checkpointed(model, ids, mask)?;
+            (s, Some(c))
+        } else {
+            (sequence_scores(model, ids, mask)?, None)
+        })
+    }
+
     fn pair_tensors(
         &self,
         set: &PairSet,
@@ -205,24 +226,26 @@ impl RmTask {
     }
 
     /// Per-pair losses and the chosen/rejected scores of pairs `idx` of `set`.
-    fn pair_forward(
+    #[allow(clippy::type_complexity)]
+    fn pair_forward<'m>(
         &self,
-        model: &Model,
+        model: &'m Model,
         set: &PairSet,
         idx: &[usize],
-    ) -> Result<(Tensor, Tensor, Tensor, u64)> {
+    ) -> Result<(Tensor, Tensor, Tensor, u64, Option<Checkpointed<'m>>)> {
         let mut seqs = seqs_of(&set.chosen, idx);
         seqs.extend(seqs_of(&set.rejected, idx));
         let tokens = seqs.iter().map(|s| s.len() as u64).sum();
         let (ids, mask) = pad_batch(&seqs, self.pad_id, model.device())?;
         // (2b, 1): chosen rows first, then rejected.
-        let s = sequence_scores(model, &ids, &mask)?.f_squeeze_dim(1)?;
+        let (s, ckpt) = self.train_scores(model, &ids, &mask)?;
+        let s = s.f_squeeze_dim(1)?;
         let b = idx.len() as i64;
         let rc = s.f_narrow(0, 0, b)?;
         let rr = s.f_narrow(0, b, b)?;
         let (margin, weight) = self.pair_tensors(set, idx, model.device())?;
         let per = bradley_terry_loss(&rc, &rr, margin.as_ref(), weight.as_ref())?;
-        Ok((per, rc, rr, tokens))
+        Ok((per, rc, rr, tokens, ckpt))
     }
 }
 
@@ -264,7 +287,7 @@ impl Task for RmTask {
                 let seqs = seqs_of(&set.seqs, idx);
                 let tokens = seqs.iter().map(|s| s.len() as u64).sum();
                 let (ids, mask) = pad_batch(&seqs, self.pad_id, dev)?;
-                let pred = sequence_scores(model, &ids, &mask)?;
+                let (pred, ckpt) = self.train_scores(model, &ids, &mask)?;
                 let a = self.attributes.len();
                 let flat: Vec<f32> = idx.iter().flat_map(|&i| set.targets[i].clone()).collect();
                 let target = Tensor::f_from_slice(&flat)?
@@ -273,6 +296,9 @@ impl Task for RmTask {
                 let per = regression_loss(&pred, &target)?;
                 let sum = per.f_sum(Kind::Float)?;
                 (&sum / denom).f_backward()?;
+                if let Some(c) = ckpt {
+                    c.backward()?;
+                }
                 Ok(BatchStats {
                     loss_sum: sum.f_double_value(&[])?,
                     count: idx.len() as f64,
@@ -281,9 +307,12 @@ impl Task for RmTask {
                 })
             }
             RmData::Pairs(set) => {
-                let (per, rc, rr, tokens) = self.pair_forward(model, set, idx)?;
+                let (per, rc, rr, tokens, ckpt) = self.pair_forward(model, set, idx)?;
                 let sum = per.f_sum(Kind::Float)?;
                 (&sum / denom).f_backward()?;
+                if let Some(c) = ckpt {
+                    c.backward()?;
+                }
                 let correct = rc
                     .f_gt_tensor(&rr)?
                     .f_sum(Kind::Float)?
@@ -430,6 +459,7 @@ pub fn train_reward_model(cfg: &RmJobConfig, control: &JobControl) -> Result<Job
         },
         attributes: attributes.clone(),
         eval_batch: cfg.train.micro_batch_size,
+        gradient_checkpointing: cfg.train.gradient_checkpointing,
     };
     let head = HeadKind::Score {
         num_labels: attributes.len(),

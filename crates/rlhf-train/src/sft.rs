@@ -4,7 +4,10 @@
 
 use std::path::Path;
 
-use rlhf_model::{token_logprobs, Config, HeadKind, LoadOptions, Model, Tokenizer};
+use rlhf_model::{
+    token_logprobs, token_logprobs_checkpointed, Checkpointed, Config, Entropy, HeadKind,
+    LoadOptions, Model, Tokenizer,
+};
 use serde_json::{json, Value};
 use tch::Kind;
 
@@ -54,6 +57,8 @@ pub struct SftTask {
     eval: Option<Vec<MaskedTokens>>,
     pad_id: i64,
     eval_batch: usize,
+    /// `train.gradient_checkpointing`: the training forward is checkpointed.
+    gradient_checkpointing: bool,
 }
 
 /// Target tokens of an example: assistant marks from position 1 on (position 0 is never a
@@ -63,24 +68,34 @@ fn targets(t: &MaskedTokens) -> u64 {
 }
 
 impl SftTask {
-    /// Summed NLL over the assistant tokens of `idx` and the number of such tokens.
-    fn nll(
+    /// Summed NLL over the assistant tokens of `idx`, the number of such tokens, the number of
+    /// tokens, and with `checkpointed` the [`Checkpointed`] to run after the loss's backward.
+    fn nll<'m>(
         &self,
-        model: &Model,
+        model: &'m Model,
         set: &[MaskedTokens],
         idx: &[usize],
-    ) -> Result<(tch::Tensor, f64, u64)> {
+        checkpointed: bool,
+    ) -> Result<(tch::Tensor, f64, u64, Option<Checkpointed<'m>>)> {
         let seqs: Vec<&[u32]> = idx.iter().map(|&i| set[i].ids.as_slice()).collect();
         let marks: Vec<&[u8]> = idx.iter().map(|&i| set[i].assistant.as_slice()).collect();
         let tokens = seqs.iter().map(|s| s.len() as u64).sum();
         let (ids, mask) = pad_batch(&seqs, self.pad_id, model.device())?;
         let m = pad_marks(&marks, model.device())?;
         let t = m.size()[1];
-        let lp = token_logprobs(model, &ids, &mask, 1.0, false)?.logprobs;
+        let (lp, ckpt) = if checkpointed {
+            let (lp, c) = token_logprobs_checkpointed(model, &ids, &mask, 0, 1.0, Entropy::Off)?;
+            (lp.logprobs, Some(c))
+        } else {
+            (
+                token_logprobs(model, &ids, &mask, 1.0, false)?.logprobs,
+                None,
+            )
+        };
         // Log-probs are for targets at positions 1..t.
         let loss = sft_loss_sum(&lp, &m.f_narrow(1, 1, t - 1)?)?;
         let n = idx.iter().map(|&i| targets(&set[i]) as f64).sum();
-        Ok((loss, n, tokens))
+        Ok((loss, n, tokens, ckpt))
     }
 }
 
@@ -105,8 +120,13 @@ impl Task for SftTask {
     }
 
     fn backward(&self, model: &Model, idx: &[usize], denom: f64) -> Result<BatchStats> {
-        let (loss, n, tokens) = self.nll(model, &self.train, idx)?;
+        let (loss, n, tokens, ckpt) =
+            self.nll(model, &self.train, idx, self.gradient_checkpointing)?;
         (&loss / denom).f_backward()?;
+        // The decoder layers' share of the backward, recomputed layer by layer.
+        if let Some(c) = ckpt {
+            c.backward()?;
+        }
         Ok(BatchStats {
             loss_sum: loss.f_double_value(&[])?,
             count: n,
@@ -123,7 +143,7 @@ impl Task for SftTask {
         let (mut sum, mut n) = (0.0, 0.0);
         let all: Vec<usize> = (0..eval.len()).collect();
         for chunk in all.chunks(self.eval_batch.max(1)) {
-            let (loss, k, _) = self.nll(model, eval, chunk)?;
+            let (loss, k, _, _) = self.nll(model, eval, chunk, false)?;
             sum += loss.f_to_kind(Kind::Double)?.f_double_value(&[])?;
             n += k;
         }
@@ -180,6 +200,7 @@ pub fn train_sft(cfg: &SftJobConfig, control: &JobControl) -> Result<JobReport> 
         eval,
         pad_id: crate::reward::pad_id(&tok, &base_cfg),
         eval_batch: cfg.train.micro_batch_size,
+        gradient_checkpointing: cfg.train.gradient_checkpointing,
     };
     let opts = LoadOptions {
         device,

@@ -15,9 +15,9 @@ use rlhf_algo::{
     PolicyLossConfig, PolicyLossInputs, Precision, ShardedAdamW, ValueLossConfig, ValueLossInputs,
 };
 use rlhf_model::{
-    generate, sequence_scores, token_logprobs_from, token_values, ChatMessage, Entropy,
-    GenerationConfig, HeadKind, LoadOptions, LoraConfig, ModelDir, RewardHead, RewardSpec,
-    Sampling, SaveOptions,
+    generate, sequence_scores, token_logprobs_checkpointed, token_logprobs_from, token_values,
+    token_values_checkpointed, ChatMessage, Entropy, GenerationConfig, HeadKind, LoadOptions,
+    LoraConfig, ModelDir, RewardHead, RewardSpec, Sampling, SaveOptions,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -55,6 +55,9 @@ pub struct TrainerSpec {
     pub value_loss: ValueLossConfig,
     pub optim: OptimConfig,
     pub micro_batch_size: i64,
+    /// Activation checkpointing per decoder layer (`train.gradient_checkpointing`): the
+    /// training forward keeps only each layer's input and the backward recomputes the layer.
+    pub gradient_checkpointing: bool,
     /// Sampling temperature; training forwards divide logits by it.
     pub temperature: f64,
     /// KL term in the actor loss (KL mode "loss").
@@ -1017,14 +1020,17 @@ impl Trainer {
             };
             let (mask, adv, old) = (rows(&b.response_mask)?, rows(adv)?, rows(old)?);
             let reference = b.ref_logprobs.as_ref().map(rows).transpose()?;
-            let lp = token_logprobs_from(
-                &self.dir.model,
-                &s.input_ids,
-                &s.attention_mask,
-                s.prompt_width - 1,
-                self.spec.temperature,
-                entropy,
-            )?;
+            let (model, from) = (&self.dir.model, s.prompt_width - 1);
+            let (ids, attention) = (&s.input_ids, &s.attention_mask);
+            let temperature = self.spec.temperature;
+            let (lp, ckpt) = if self.spec.gradient_checkpointing {
+                let (lp, c) =
+                    token_logprobs_checkpointed(model, ids, attention, from, temperature, entropy)?;
+                (lp, Some(c))
+            } else {
+                let lp = token_logprobs_from(model, ids, attention, from, temperature, entropy)?;
+                (lp, None)
+            };
             let new_lp = lp.logprobs;
             let ent = lp.entropy;
             let out = policy_loss(
@@ -1040,6 +1046,11 @@ impl Trainer {
                 self.spec.kl_loss,
             )?;
             (out.loss * (scale * self.loss_scale())).f_backward()?;
+            // With checkpointing that backward stopped at the trunk's output; the decoder
+            // layers' gradients come from recomputing them now.
+            if let Some(c) = ckpt {
+                c.backward()?;
+            }
             self.accumulate(groups)?;
             let pm = out.metrics;
             *m.entry("pg_loss".into()).or_default() += scale * pm.pg_loss;
@@ -1080,14 +1091,15 @@ impl Trainer {
                 Ok(t.f_narrow(0, start, n)?.f_to_device(dev)?)
             };
             let (mask, old_v, ret) = (rows(&b.response_mask)?, rows(old_v)?, rows(ret)?);
-            let v = token_values(
-                &self.dir.model,
-                &s.input_ids,
-                &s.attention_mask,
-                s.prompt_width - 1,
-            )?
-            .f_narrow(1, 0, s.response_len)?
-            .f_to_kind(Kind::Float)?;
+            let (model, from) = (&self.dir.model, s.prompt_width - 1);
+            let (ids, attention) = (&s.input_ids, &s.attention_mask);
+            let (v, ckpt) = if self.spec.gradient_checkpointing {
+                let (v, c) = token_values_checkpointed(model, ids, attention, from)?;
+                (v, Some(c))
+            } else {
+                (token_values(model, ids, attention, from)?, None)
+            };
+            let v = v.f_narrow(1, 0, s.response_len)?.f_to_kind(Kind::Float)?;
             let out = value_loss(
                 &cfg,
                 &ValueLossInputs {
@@ -1098,6 +1110,10 @@ impl Trainer {
                 },
             )?;
             (out.loss * (scale * self.loss_scale())).f_backward()?;
+            // See step_actor: the decoder layers' share of the backward.
+            if let Some(c) = ckpt {
+                c.backward()?;
+            }
             self.accumulate(groups)?;
             let vm = out.metrics;
             *m.entry("value_loss".into()).or_default() += scale * vm.value_loss;
@@ -1232,7 +1248,119 @@ pub fn kl_estimator(name: &str) -> RoleResult<KlEstimator> {
 
 #[cfg(test)]
 mod tests {
+    use rlhf_model::init::{init_model, InitSpec, Preset};
+    use rlhf_model::Family;
+
     use super::*;
+
+    /// One actor and one critic `TrainStep` with `train.gradient_checkpointing` off and on,
+    /// from the same weights: the same losses and gradient norms and the same updated weights.
+    /// Four rows, two per prompt (one prompt left-padded), two micro-batches, so the shared
+    /// prefix path and gradient accumulation both run.
+    #[test]
+    fn checkpointed_train_steps_equal_the_plain_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        init_model(&InitSpec::new(Family::Llama, Preset::Tiny), tmp.path()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let t = |v: &[i64], shape: [i64; 2]| Tensor::from_slice(v).view(shape);
+        let f = |v: &[f32]| Tensor::from_slice(v).view([4, 3]);
+        let input_ids = t(
+            &[
+                0, 7, 8, 9, 20, 21, 22, //
+                10, 11, 12, 13, 23, 24, 0, //
+                0, 7, 8, 9, 25, 26, 0, //
+                10, 11, 12, 13, 27, 28, 29,
+            ],
+            [4, 7],
+        );
+        let attention_mask = t(
+            &[
+                0, 1, 1, 1, 1, 1, 1, //
+                1, 1, 1, 1, 1, 1, 0, //
+                0, 1, 1, 1, 1, 1, 0, //
+                1, 1, 1, 1, 1, 1, 1,
+            ],
+            [4, 7],
+        );
+        let response_mask = attention_mask.narrow(1, 4, 3).copy();
+        let batch = || TrainBatch {
+            seqs: Seqs {
+                input_ids: input_ids.copy(),
+                attention_mask: attention_mask.copy(),
+                prompt_width: 4,
+                response_len: 3,
+            },
+            response_mask: response_mask.copy(),
+            advantages: Some(f(&[
+                1.0, -0.5, 0.3, -1.0, 0.2, 0.0, 0.7, 0.1, 0.0, -0.3, 0.4, 0.9,
+            ])),
+            old_logprobs: Some(Tensor::full([4, 3], -6.0, (Kind::Float, Device::Cpu))),
+            ref_logprobs: None,
+            old_values: Some(Tensor::zeros([4, 3], (Kind::Float, Device::Cpu))),
+            returns: Some(f(&[
+                0.5, 0.1, -0.2, 0.3, 0.9, 0.0, -0.4, 0.2, 0.0, 0.6, -0.1, 0.8,
+            ])),
+            minibatch: None,
+        };
+        let step = |critic: bool, gradient_checkpointing: bool| {
+            let spec = TrainerSpec {
+                policy_loss: PolicyLossConfig::default(),
+                value_loss: ValueLossConfig::default(),
+                optim: OptimConfig {
+                    lr: 1e-3,
+                    ..OptimConfig::default()
+                },
+                micro_batch_size: 2,
+                gradient_checkpointing,
+                temperature: 1.0,
+                kl_loss: None,
+                precision: Precision::Mixed,
+                zero_stage: 0,
+                lora: None,
+            };
+            let detail = if critic {
+                RoleDetail::Critic(spec)
+            } else {
+                RoleDetail::Actor(spec)
+            };
+            let (mut role, _) = Role::create(&RoleSpec {
+                role_id: "r".into(),
+                model_path: tmp.path().to_path_buf(),
+                device: Device::Cpu,
+                dtype: Kind::Float,
+                seed: 1,
+                detail,
+            })
+            .unwrap();
+            let mut groups = Groups::new(rt.handle().clone());
+            let (metrics, _) = role.train_step(batch(), &mut groups).unwrap();
+            let weights = role.weights_dir().unwrap().model.named_tensors();
+            (metrics, weights)
+        };
+        for critic in [false, true] {
+            let (plain, ckpt) = (step(critic, false), step(critic, true));
+            assert_eq!(
+                plain.0.keys().collect::<Vec<_>>(),
+                ckpt.0.keys().collect::<Vec<_>>()
+            );
+            for (k, a) in &plain.0 {
+                let b = ckpt.0[k];
+                assert!(
+                    (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                    "critic {critic}: {k} {a} vs {b}"
+                );
+            }
+            assert!(plain.0["grad_norm"] > 0.0);
+            for ((name, a), (_, b)) in plain.1.iter().zip(&ckpt.1) {
+                // An AdamW step moves each weight by about lr = 1e-3; the runs agree far
+                // closer than that.
+                let d = (a - b).abs().max().double_value(&[]);
+                assert!(d < 1e-6, "critic {critic}: {name} differs by {d}");
+            }
+        }
+    }
 
     #[test]
     fn forwards_take_as_many_rows_as_the_output_budget_allows() {
@@ -1269,6 +1397,7 @@ mod tests {
                 micro_batch_size: 2,
                 temperature: 1.0,
                 kl_loss: None,
+                gradient_checkpointing: false,
                 precision: Precision::Mixed,
                 zero_stage: 0,
                 lora: Some(LoraConfig::new(

@@ -104,6 +104,7 @@ fn trainer_spec(t: pb::TrainerSpec, actor: bool) -> RoleResult<TrainerSpec> {
         pure_low_precision,
         zero_stage,
         lora,
+        gradient_checkpointing,
     } = t;
     if zero_stage > 2 {
         return Err(RoleError::bad(
@@ -167,6 +168,7 @@ fn trainer_spec(t: pb::TrainerSpec, actor: bool) -> RoleResult<TrainerSpec> {
         value_loss,
         optim,
         micro_batch_size,
+        gradient_checkpointing,
         temperature,
         kl_loss,
         precision: if pure_low_precision {
@@ -755,5 +757,29 @@ impl Worker for WorkerService {
         info!("shutdown requested by the coordinator");
         let _ = self.shutdown.send(true);
         Ok(Response::new(pb::Empty {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trainer_spec_carries_gradient_checkpointing() {
+        for on in [false, true] {
+            let t = pb::TrainerSpec {
+                loss_json: serde_json::to_string(&PolicyLossConfig::default()).unwrap(),
+                optim_json: serde_json::to_string(&OptimConfig::default()).unwrap(),
+                micro_batch_size: 2,
+                temperature: 1.0,
+                kl_loss_coef: 0.0,
+                kl_estimator: "k1".into(),
+                gradient_checkpointing: on,
+                pure_low_precision: false,
+                zero_stage: 0,
+                lora: None,
+            };
+            assert_eq!(trainer_spec(t, true).unwrap().gradient_checkpointing, on);
+        }
     }
 }
