@@ -311,6 +311,28 @@ impl Groups {
         Ok(())
     }
 
+    /// [`Groups::reduce_scatter_flat`] of the gradients `grads` (flat order, any float dtype)
+    /// one bucket at a time, so the only f32 copy is one bucket's.
+    pub fn reduce_scatter_grads(
+        &mut self,
+        grads: &[(String, Tensor)],
+        owned: &Tensor,
+    ) -> RoleResult<()> {
+        let (rank, world) = self.grad_rank();
+        let total: i64 = grads.iter().map(|(_, t)| t.numel() as i64).sum();
+        let mut at = 0i64;
+        for b in flat_buckets(total) {
+            let n = {
+                let c = chunk(b.end - b.start, world, rank);
+                c.end - c.start
+            };
+            let part = read_flat(grads, b.start, b.end)?;
+            self.reduce_scatter_flat(&part, &owned.f_narrow(0, at, n)?)?;
+            at += n;
+        }
+        Ok(())
+    }
+
     /// Gives every replica the elements of `params` (flat order) that the other replicas own
     /// and just updated: in each bucket every rank contributes its chunk.
     pub fn all_gather_params(&mut self, params: &[(String, Tensor)]) -> RoleResult<()> {

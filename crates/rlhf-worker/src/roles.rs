@@ -885,34 +885,42 @@ impl Trainer {
     }
 
     /// After a micro-batch's backward: its gradient moves into the f32 accumulator (stage 2:
-    /// reduce-scattered over the replicas first) and the model's gradients are zeroed.
+    /// reduce-scattered over the replicas first, one bucket at a time) and the model's
+    /// gradients are zeroed. No full-size copy: each gradient is added in place (stages 0 and
+    /// 1), or one bucket at a time is converted (stage 2).
     fn accumulate(&mut self, groups: &mut Groups) -> RoleResult<()> {
         let _g = tch::no_grad_guard();
-        let grads: Vec<Tensor> = self
+        let grads: Vec<(String, Tensor)> = self
             .opt
             .params()
             .iter()
-            .map(|(_, p)| -> RoleResult<Tensor> {
+            .map(|(n, p)| -> RoleResult<(String, Tensor)> {
                 let g = p.f_grad()?;
-                Ok(if g.defined() {
-                    g.f_view([-1])?.f_to_kind(Kind::Float)?
-                } else {
-                    Tensor::f_zeros([p.numel() as i64], (Kind::Float, p.device()))?
-                })
+                Ok((
+                    n.clone(),
+                    if g.defined() {
+                        g
+                    } else {
+                        p.f_zeros_like()?
+                    },
+                ))
             })
             .collect::<RoleResult<_>>()?;
-        let flat = Tensor::f_cat(&grads, 0)?;
-        drop(grads);
         let acc = self
             .acc
             .as_ref()
             .ok_or_else(|| RoleError::bad("state", "no step begun".into()))?;
         if acc.numel() as i64 == self.opt.total() {
-            let _ = acc.shallow_clone().f_add_(&flat)?;
+            let mut off = 0i64;
+            for (_, g) in &grads {
+                let n = g.numel() as i64;
+                let _ = acc.f_narrow(0, off, n)?.f_add_(&g.f_view([-1])?)?;
+                off += n;
+            }
         } else {
-            groups.reduce_scatter_flat(&flat, acc)?;
+            groups.reduce_scatter_grads(&grads, acc)?;
         }
-        drop(flat);
+        drop(grads);
         self.zero_model_grads()
     }
 
