@@ -258,7 +258,11 @@ fn trainable(s: &TrainState) -> Breakdown {
     let p = s.trainable;
     let shard = |bytes: u64, sharded: bool| if sharded { bytes.div_ceil(n) } else { bytes };
     let accumulator = shard(p * 4, stage >= 2);
-    let masters = if s.masters { shard(p * 4, stage >= 1) } else { 0 };
+    let masters = if s.masters {
+        shard(p * 4, stage >= 1)
+    } else {
+        0
+    };
     let m = if s.masters { 4 } else { s.d };
     let moments = shard(2 * m * p, stage >= 1);
     // accumulate(): every gradient as f32 (copies unless the dtype is f32), then their
@@ -534,7 +538,11 @@ pub fn plan_text(cfg: &RunConfig, script: Option<String>) -> Result<String> {
         cfg.train.zero_stage,
         cfg.train.gradient_checkpointing,
         cfg.train.micro_batch_size,
-        if cfg.models.lora.is_some() { "on" } else { "off" },
+        if cfg.models.lora.is_some() {
+            "on"
+        } else {
+            "off"
+        },
     )?;
     if let Some(s) = script {
         writeln!(out, "sbatch script:")?;
