@@ -1,14 +1,44 @@
 //! `rlhf-coord plan RUN.yaml`: the placement (which role on which node and device), the
 //! estimated memory per device from the model files, and (for `launcher.kind: slurm`) the sbatch
 //! script, without starting anything. A device whose estimate exceeds its capacity is an error
-//! saying by how much.
+//! saying by how much and which keys would make it fit.
 //!
-//! Estimate per role, from the safetensors headers (exact parameter bytes, no weights read):
-//! frozen roles (reference, reward) hold their weights; trainable roles (actor, critic) hold
-//! weights + gradients (in `models.dtype`) + AdamW's two f32 moments; the actor also holds its
-//! generation KV cache for the rollout batch (`batch_size * samples_per_prompt` sequences of
-//! `max_prompt_tokens + max_new_tokens`). Activations of training forwards are not counted
-//! (they scale with `train.micro_batch_size`); the report says so.
+//! The estimate reads the safetensors headers (exact parameter counts, no weights read) and
+//! `config.json`. With W the role's parameters, d the bytes of `models.dtype` (f32 4, bf16/f16
+//! 2), per role replica:
+//! - frozen roles (reference, reward, generator): weights `W*d`; a generator also its share of
+//!   the rollout's KV cache (the rollout sequences split over the generators, or over the actor
+//!   replicas when there are none), `2 * layers * kv_heads * head_dim * (max_prompt_tokens +
+//!   max_new_tokens) * d` per sequence.
+//! - trainable roles (actor, critic), as `Trainer` and `ShardedAdamW` hold them, with P the
+//!   trainable parameters (all of them, or the actor's LoRA adapters under `models.lora`:
+//!   `rank * (in + out)` per adapted projection and layer), N the role's data-parallel replicas,
+//!   Z `train.zero_stage` (taken as 0 when N = 1), masters = dtype bf16/f16 and not
+//!   `train.pure_low_precision`, m the moment bytes (4 with masters, else d):
+//!   - weights `W*d`;
+//!   - grads: autograd's `P*d`, plus the f32 accumulator `P*4` (`P*4/N` at Z = 2);
+//!   - optimizer: f32 master weights `P*4` with masters (`P*4/N` at Z >= 1), AdamW's two
+//!     moments `2*m*P` (`2*m*P/N` at Z >= 1);
+//!   - activations: the peak of what lives only for part of a step, the largest of: one
+//!     training micro-batch's saved activations (below); what `Trainer::accumulate` makes
+//!     after each micro-batch, the gradients as f32 (`P*4`, copies unless d = 4) and their flat
+//!     concatenation (`P*4`), so `P*8` in bf16/f16; at Z = 1 the owned f32 gradient shard of
+//!     the step, `P*4/N`; and, for an actor that samples its own rollouts, its KV cache.
+//!
+//! Saved activations of one micro-batch, T = `micro_batch_size * (max_prompt_tokens +
+//! max_new_tokens)` tokens, from what each op of `rlhf_model::llama`'s decoder layer keeps for
+//! backward (h hidden, i intermediate, q = heads * head_dim, kv = kv_heads * head_dim):
+//! each RMSNorm keeps its f32 input (4h bytes), its normalised value and its output (2 * d*h);
+//! attention keeps q and k after rotary, v, SDPA's output and its contiguous copy fed to o_proj
+//! (d * (3q + 2kv); SDPA keeps no t x t matrix); the MLP keeps gate before and after SiLU, up,
+//! and their product (4 * d*i). Per layer and token: `a = 8h + d*(4h + 3q + 2kv + 4i)` bytes,
+//! i.e. `c1 = 8 + 7d` bytes per hidden unit (q = h) and `c2 = 4d` per intermediate unit, plus
+//! `2d*kv`. A micro-batch keeps `layers * T * a`; with `train.gradient_checkpointing` it keeps
+//! one hidden state per layer and token plus one layer recomputed, `layers * T * d*h + T * a`.
+//! The actor adds its response logits, `micro_batch_size * max_new_tokens * vocab * (d + 4)`
+//! (the lm_head output and log-softmax's f32 result); the critic's value head is negligible.
+//! Not counted: the CUDA context and allocator slack, libtorch's own memory on CPU, LoRA's
+//! rank-sized intermediates, and the forwards of frozen roles (no graph; chunked logits).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -97,26 +127,327 @@ fn model_size(dir: &Path) -> Result<ModelSize> {
     Ok(size)
 }
 
-fn kv_cache_bytes(cfg: &RunConfig, dir: &Path, dtype_bytes: u64) -> Result<u64> {
-    // The model loader's reading of config.json (defaults and all), not a second one.
-    let c = rlhf_model::config::Config::from_dir(dir)?;
-    let per_token = (c.num_hidden_layers * c.num_key_value_heads * c.head_dim) as u64;
-    let seqs = cfg.rollout_sequences() as u64;
-    let len = (cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens) as u64;
-    Ok(2 * per_token * seqs * len * dtype_bytes)
+/// The shape numbers of a decoder the estimate needs, from `config.json`.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    hidden: u64,
+    intermediate: u64,
+    layers: u64,
+    vocab: u64,
+    q_dim: u64,
+    kv_dim: u64,
+}
+
+impl Shape {
+    fn from_dir(dir: &Path) -> Result<Shape> {
+        // The model loader's reading of config.json (defaults and all), not a second one.
+        let c = rlhf_model::config::Config::from_dir(dir)?;
+        Ok(Shape {
+            hidden: c.hidden_size as u64,
+            intermediate: c.intermediate_size as u64,
+            layers: c.num_hidden_layers as u64,
+            vocab: c.vocab_size as u64,
+            q_dim: (c.num_attention_heads * c.head_dim) as u64,
+            kv_dim: (c.num_key_value_heads * c.head_dim) as u64,
+        })
+    }
+
+    /// Bytes one sequence of `len` tokens takes in the KV cache.
+    fn kv_cache_per_seq(&self, len: u64, d: u64) -> u64 {
+        2 * self.layers * self.kv_dim * len * d
+    }
+
+    /// Bytes a decoder layer keeps for backward per token (see the module doc).
+    fn layer_activation_per_token(&self, d: u64) -> u64 {
+        let (h, i, q, kv) = (self.hidden, self.intermediate, self.q_dim, self.kv_dim);
+        8 * h + d * (4 * h + 3 * q + 2 * kv + 4 * i)
+    }
+
+    /// LoRA adapter parameters: `rank * (in + out)` per adapted projection and layer.
+    fn lora_params(&self, lora: &rlhf_config::LoraConfig) -> u64 {
+        let (h, i, q, kv) = (self.hidden, self.intermediate, self.q_dim, self.kv_dim);
+        let per_layer: u64 = lora
+            .targets
+            .iter()
+            .map(|t| match t.as_str() {
+                "q_proj" => h + q,
+                "k_proj" | "v_proj" => h + kv,
+                "o_proj" => q + h,
+                "gate_proj" | "up_proj" | "down_proj" => h + i,
+                _ => 0,
+            })
+            .sum();
+        lora.rank as u64 * per_layer * self.layers
+    }
+}
+
+/// Saved activations of one training micro-batch (see the module doc).
+fn train_activations(
+    shape: &Shape,
+    d: u64,
+    micro_batch: u64,
+    seq_len: u64,
+    response_len: u64,
+    checkpointing: bool,
+    logits: bool,
+) -> u64 {
+    let tokens = micro_batch * seq_len;
+    let a = shape.layer_activation_per_token(d);
+    let layers = if checkpointing {
+        shape.layers * tokens * d * shape.hidden + tokens * a
+    } else {
+        shape.layers * tokens * a
+    };
+    // The final RMSNorm keeps its f32 input, normalised value and output.
+    let final_norm = tokens * (4 + 2 * d) * shape.hidden;
+    let logits = if logits {
+        micro_batch * response_len * shape.vocab * (d + 4)
+    } else {
+        0
+    };
+    layers + final_norm + logits
+}
+
+/// Memory of one role replica by kind, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Breakdown {
+    weights: u64,
+    grads: u64,
+    optimizer: u64,
+    /// The peak of what lives for part of a step only (activations, transient copies, KV cache).
+    activations: u64,
+}
+
+impl Breakdown {
+    fn total(&self) -> u64 {
+        self.weights + self.grads + self.optimizer + self.activations
+    }
+
+    fn add(&mut self, o: &Breakdown) {
+        self.weights += o.weights;
+        self.grads += o.grads;
+        self.optimizer += o.optimizer;
+        self.activations += o.activations;
+    }
+}
+
+/// What a trainable replica's state depends on.
+#[derive(Debug, Clone, Copy)]
+struct TrainState {
+    /// All parameters.
+    params: u64,
+    /// Trainable parameters (the LoRA adapters only under LoRA).
+    trainable: u64,
+    /// Bytes per value of `models.dtype`.
+    d: u64,
+    /// Data-parallel replicas of the role.
+    replicas: u64,
+    zero_stage: u32,
+    /// f32 master weights and moments (bf16/f16 without `pure_low_precision`).
+    masters: bool,
+    /// Saved activations of one micro-batch.
+    activations: u64,
+    /// Any other phase's transient peak (the actor's own generation KV cache).
+    other_transient: u64,
+}
+
+/// The arithmetic of the module doc for one trainable replica.
+fn trainable(s: &TrainState) -> Breakdown {
+    let n = s.replicas.max(1);
+    let stage = if n == 1 { 0 } else { s.zero_stage };
+    let p = s.trainable;
+    let shard = |bytes: u64, sharded: bool| if sharded { bytes.div_ceil(n) } else { bytes };
+    let accumulator = shard(p * 4, stage >= 2);
+    let masters = if s.masters {
+        shard(p * 4, stage >= 1)
+    } else {
+        0
+    };
+    let m = if s.masters { 4 } else { s.d };
+    let moments = shard(2 * m * p, stage >= 1);
+    // accumulate(): every gradient as f32 (copies unless the dtype is f32), then their
+    // concatenation, both alive until the concatenation is made.
+    let flat_copy = p * 4 + if s.d == 4 { 0 } else { p * 4 };
+    let step_shard = if stage == 1 { (p * 4).div_ceil(n) } else { 0 };
+    Breakdown {
+        weights: s.params * s.d,
+        grads: p * s.d + accumulator,
+        optimizer: masters + moments,
+        activations: s
+            .activations
+            .max(flat_copy)
+            .max(step_shard)
+            .max(s.other_transient),
+    }
+}
+
+/// Per-worker estimates, read once per model directory.
+struct Estimator<'a> {
+    cfg: &'a RunConfig,
+    sizes: BTreeMap<PathBuf, (ModelSize, Shape)>,
+}
+
+impl<'a> Estimator<'a> {
+    fn new(cfg: &'a RunConfig) -> Self {
+        Estimator {
+            cfg,
+            sizes: BTreeMap::new(),
+        }
+    }
+
+    fn model(&mut self, dir: &Path) -> Result<(ModelSize, Shape)> {
+        if let Some(v) = self.sizes.get(dir) {
+            return Ok(*v);
+        }
+        let v = (model_size(dir)?, Shape::from_dir(dir)?);
+        self.sizes.insert(dir.to_path_buf(), v);
+        Ok(v)
+    }
+
+    fn role(&mut self, role: Role) -> Result<Breakdown> {
+        let cfg = self.cfg;
+        let d: u64 = match cfg.models.dtype {
+            rlhf_config::Dtype::F32 => 4,
+            _ => 2,
+        };
+        let seq_len = (cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens) as u64;
+        let samplers = match cfg.replicas(Role::Generator) {
+            0 => cfg.replicas(Role::Actor),
+            n => n,
+        }
+        .max(1) as u64;
+        let sampled_per_replica = (cfg.rollout_sequences() as u64).div_ceil(samplers);
+        let frozen = |size: ModelSize| Breakdown {
+            weights: size.params * d,
+            ..Breakdown::default()
+        };
+        Ok(match role {
+            Role::Actor | Role::Critic => {
+                let dir = if role == Role::Actor {
+                    cfg.models.policy.clone()
+                } else {
+                    cfg.models.critic_dir().to_path_buf()
+                };
+                let (size, shape) = self.model(&dir)?;
+                let lora = cfg.models.lora.as_ref().filter(|_| role == Role::Actor);
+                let own_kv = if role == Role::Actor && cfg.replicas(Role::Generator) == 0 {
+                    sampled_per_replica * shape.kv_cache_per_seq(seq_len, d)
+                } else {
+                    0
+                };
+                trainable(&TrainState {
+                    params: size.params,
+                    trainable: lora.map_or(size.params, |l| shape.lora_params(l)),
+                    d,
+                    replicas: cfg.replicas(role) as u64,
+                    zero_stage: cfg.train.zero_stage,
+                    masters: d == 2 && !cfg.train.pure_low_precision,
+                    activations: train_activations(
+                        &shape,
+                        d,
+                        cfg.train.micro_batch_size as u64,
+                        seq_len,
+                        cfg.rollout.max_new_tokens as u64,
+                        cfg.train.gradient_checkpointing,
+                        role == Role::Actor,
+                    ),
+                    other_transient: own_kv,
+                })
+            }
+            Role::Reference => frozen(self.model(cfg.models.reference_dir())?.0),
+            Role::Generator => {
+                let (size, shape) = self.model(&cfg.models.policy)?;
+                Breakdown {
+                    activations: sampled_per_replica * shape.kv_cache_per_seq(seq_len, d),
+                    ..frozen(size)
+                }
+            }
+            Role::Reward => match (&cfg.models.reward.kind, &cfg.models.reward.path) {
+                (RewardKind::Model, Some(p)) => frozen(self.model(p)?.0),
+                _ => Breakdown::default(),
+            },
+        })
+    }
+
+    /// Each worker's breakdown, in `cfg.workers` order.
+    fn workers(&mut self) -> Result<Vec<Breakdown>> {
+        let cfg = self.cfg;
+        cfg.workers
+            .iter()
+            .map(|w| {
+                let mut b = Breakdown::default();
+                for role in &w.roles {
+                    b.add(&self.role(*role)?);
+                }
+                Ok(b)
+            })
+            .collect()
+    }
 }
 
 fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
+/// (node, device) of every worker, in `cfg.workers` order.
+fn devices(cfg: &RunConfig) -> Vec<(usize, String)> {
+    let nodes = slurm::node_indices(cfg);
+    let slurm_kind = cfg.launcher.kind == LauncherKind::Slurm;
+    cfg.workers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (if slurm_kind { nodes[i] } else { 0 }, w.device.to_string()))
+        .collect()
+}
+
+fn per_device(cfg: &RunConfig) -> Result<BTreeMap<(usize, String), Breakdown>> {
+    let est = Estimator::new(cfg).workers()?;
+    let mut out: BTreeMap<(usize, String), Breakdown> = BTreeMap::new();
+    for (key, b) in devices(cfg).into_iter().zip(est) {
+        out.entry(key).or_default().add(&b);
+    }
+    Ok(out)
+}
+
+/// The changes that would shrink what `roles` on a device need, each with that device's
+/// estimate under it, for the error of a device that does not fit.
+fn remedies(cfg: &RunConfig, key: &(usize, String), roles: &[Role]) -> Vec<String> {
+    let trains = |r: Role| roles.contains(&r);
+    let mut tries: Vec<(String, RunConfig)> = vec![];
+    let sharded = [Role::Actor, Role::Critic]
+        .iter()
+        .any(|r| trains(*r) && cfg.replicas(*r) > 1);
+    if sharded && cfg.train.zero_stage < 2 {
+        let mut c = cfg.clone();
+        c.train.zero_stage = 2;
+        tries.push(("train.zero_stage: 2".into(), c));
+    }
+    if (trains(Role::Actor) || trains(Role::Critic)) && !cfg.train.gradient_checkpointing {
+        let mut c = cfg.clone();
+        c.train.gradient_checkpointing = true;
+        tries.push(("train.gradient_checkpointing: true".into(), c));
+    }
+    if trains(Role::Actor) && cfg.models.lora.is_none() {
+        let mut c = cfg.clone();
+        c.models.lora = Some(rlhf_config::LoraConfig::default());
+        tries.push(("models.lora: {} (rank 8 adapters on the actor)".into(), c));
+    }
+    if (trains(Role::Actor) || trains(Role::Critic)) && cfg.train.micro_batch_size > 1 {
+        let mut c = cfg.clone();
+        c.train.micro_batch_size = 1;
+        tries.push(("train.micro_batch_size: 1".into(), c));
+    }
+    tries
+        .into_iter()
+        .filter_map(|(what, c)| {
+            let b = per_device(&c).ok()?.get(key).copied()?;
+            Some(format!("{what} -> {:.3} GiB", gib(b.total())))
+        })
+        .collect()
+}
+
 /// The plan as text; an error when a device cannot hold its roles.
 pub fn plan_text(cfg: &RunConfig, script: Option<String>) -> Result<String> {
-    let dtype_bytes: u64 = match cfg.models.dtype {
-        rlhf_config::Dtype::F32 => 4,
-        _ => 2,
-    };
-    let nodes = slurm::node_indices(cfg);
     let slurm_kind = cfg.launcher.kind == LauncherKind::Slurm;
     let mut out = String::new();
     writeln!(
@@ -128,81 +459,91 @@ pub fn plan_text(cfg: &RunConfig, script: Option<String>) -> Result<String> {
             "local".into()
         }
     )?;
+    let header = |out: &mut String, first: &str| {
+        writeln!(
+            out,
+            "  {first:<26} {:>9} {:>9} {:>9} {:>9} {:>10}",
+            "weights", "grads", "optim.", "activ.", "est. GiB"
+        )
+    };
     writeln!(
         out,
-        "  {:<14} {:<5} {:<8} {:<26} {:>12}",
-        "worker", "node", "device", "roles", "est. GiB"
+        "  {:<14} {:<5} {:<8} {:<26}",
+        "worker", "node", "device", "roles"
     )?;
-    // (node, device) -> bytes
-    let mut per_device: BTreeMap<(usize, String), u64> = BTreeMap::new();
-    let mut notes = vec![];
-    for (i, w) in cfg.workers.iter().enumerate() {
-        let mut bytes = 0u64;
-        for role in &w.roles {
-            let b = match role {
-                Role::Actor => {
-                    let s = model_size(&cfg.models.policy)?;
-                    s.bytes * 2
-                        + s.params * 8
-                        + kv_cache_bytes(cfg, &cfg.models.policy, dtype_bytes)?
-                }
-                Role::Critic => {
-                    let s = model_size(cfg.models.critic_dir())?;
-                    s.bytes * 2 + s.params * 8
-                }
-                Role::Reference => model_size(cfg.models.reference_dir())?.bytes,
-                Role::Generator => {
-                    model_size(&cfg.models.policy)?.bytes
-                        + kv_cache_bytes(cfg, &cfg.models.policy, dtype_bytes)?
-                }
-                Role::Reward => match (&cfg.models.reward.kind, &cfg.models.reward.path) {
-                    (RewardKind::Model, Some(p)) => model_size(p)?.bytes,
-                    _ => 0,
-                },
-            };
-            bytes += b;
-        }
-        let node = if slurm_kind { nodes[i] } else { 0 };
+    header(&mut out, "")?;
+    let est = Estimator::new(cfg).workers()?;
+    let keys = devices(cfg);
+    let mut per_device: BTreeMap<(usize, String), (Breakdown, Vec<Role>)> = BTreeMap::new();
+    let row = |out: &mut String, first: &str, b: &Breakdown| {
+        writeln!(
+            out,
+            "  {first:<26} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>10.3}",
+            gib(b.weights),
+            gib(b.grads),
+            gib(b.optimizer),
+            gib(b.activations),
+            gib(b.total())
+        )
+    };
+    for ((w, b), key) in cfg.workers.iter().zip(&est).zip(&keys) {
         let roles: Vec<&str> = w.roles.iter().map(|r| r.as_str()).collect();
         writeln!(
             out,
-            "  {:<14} {:<5} {:<8} {:<26} {:>12.3}",
+            "  {:<14} {:<5} {:<8} {:<26}",
             w.name,
-            node,
-            w.device.to_string(),
-            roles.join(","),
-            gib(bytes)
+            key.0,
+            key.1,
+            roles.join(",")
         )?;
-        *per_device.entry((node, w.device.to_string())).or_default() += bytes;
+        row(&mut out, "", b)?;
+        let e = per_device.entry(key.clone()).or_default();
+        e.0.add(b);
+        e.1.extend(w.roles.iter().copied());
     }
-    writeln!(out, "per device:")?;
+    writeln!(out, "per device (GiB):")?;
+    header(&mut out, "")?;
     let mut errors = vec![];
-    for ((node, dev), bytes) in &per_device {
+    for (key @ (node, dev), (b, roles)) in &per_device {
         let cap = match dev.parse::<Device>() {
             Ok(Device::Cuda(_)) => Some(cfg.launcher.slurm.gpu_memory_gib),
             _ => cfg.launcher.slurm.mem_per_node_gib,
         };
-        let used = gib(*bytes);
-        let cap_s = cap.map_or("unchecked".to_string(), |c| format!("{c:.1} GiB"));
-        writeln!(out, "  node {node} {dev:<8} {used:>10.3} GiB of {cap_s}")?;
+        let used = gib(b.total());
+        let cap_s = cap.map_or("unchecked".to_string(), |c| format!("of {c:.1} GiB"));
+        row(&mut out, &format!("node {node} {dev:<8} {cap_s}"), b)?;
         if let Some(c) = cap {
             if used > c {
+                let fixes = remedies(cfg, key, roles);
+                let fixes = if fixes.is_empty() {
+                    String::new()
+                } else {
+                    format!("; estimates with one change: {}", fixes.join(", "))
+                };
                 errors.push(format!(
-                    "node {node} {dev}: the roles placed there need an estimated {used:.3} GiB, {:.3} GiB more than its {c} GiB; move a role to another worker or node, use a smaller dtype, or raise launcher.slurm.{}",
+                    "node {node} {dev}: the roles placed there need an estimated {used:.3} GiB, {:.3} GiB more than its {c} GiB; move a role to another worker or node, use a smaller dtype, shard or shrink the training state, or raise launcher.slurm.{}{fixes}",
                     used - c,
                     if dev.starts_with("cuda") { "gpu_memory_gib" } else { "mem_per_node_gib" }
                 ));
             }
         }
     }
-    notes.push(
-        "estimates: weights, gradients and AdamW moments of trainable roles, the actor's KV cache; \
-         training activations are not counted"
-            .to_string(),
-    );
-    for n in notes {
-        writeln!(out, "({n})")?;
-    }
+    writeln!(
+        out,
+        "(estimates: weights, gradients (autograd's and the f32 accumulator), optimizer state \
+         (f32 masters and AdamW moments, 1/N per replica with train.zero_stage), and the peak of \
+         one micro-batch's activations, transient copies and the KV cache; train.zero_stage {}, \
+         gradient_checkpointing {}, micro_batch_size {}, lora {}; CUDA context and allocator \
+         slack not counted)",
+        cfg.train.zero_stage,
+        cfg.train.gradient_checkpointing,
+        cfg.train.micro_batch_size,
+        if cfg.models.lora.is_some() {
+            "on"
+        } else {
+            "off"
+        },
+    )?;
     if let Some(s) = script {
         writeln!(out, "sbatch script:")?;
         out.push_str(&s);
@@ -234,4 +575,98 @@ pub fn run(args: PlanArgs) -> Result<()> {
     };
     print!("{}", plan_text(cfg, script)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GB: u64 = 1_000_000_000;
+
+    fn state(stage: u32, replicas: u64, masters: bool) -> TrainState {
+        TrainState {
+            params: GB,
+            trainable: GB,
+            d: 2,
+            replicas,
+            zero_stage: stage,
+            masters,
+            activations: 0,
+            other_transient: 0,
+        }
+    }
+
+    #[test]
+    fn zero_stages_divide_what_they_shard() {
+        // 1e9 bf16 parameters with f32 masters over 4 replicas.
+        let s0 = trainable(&state(0, 4, true));
+        assert_eq!(s0.weights, 2 * GB);
+        assert_eq!(s0.grads, 2 * GB + 4 * GB);
+        assert_eq!(s0.optimizer, 4 * GB + 8 * GB);
+        // accumulate's f32 copies and their concatenation.
+        assert_eq!(s0.activations, 8 * GB);
+        let s1 = trainable(&state(1, 4, true));
+        assert_eq!(s1.grads, s0.grads);
+        assert_eq!(s1.optimizer, GB + 2 * GB);
+        let s2 = trainable(&state(2, 4, true));
+        assert_eq!(s2.grads, 2 * GB + GB);
+        assert_eq!(s2.optimizer, s1.optimizer);
+        // One replica shards nothing, whatever the stage.
+        assert_eq!(trainable(&state(2, 1, true)), s0);
+    }
+
+    #[test]
+    fn pure_low_precision_keeps_moments_in_the_dtype_and_no_masters() {
+        let b = trainable(&state(0, 1, false));
+        assert_eq!(b.optimizer, 2 * 2 * GB);
+        let f32 = trainable(&TrainState {
+            d: 4,
+            ..state(0, 1, false)
+        });
+        assert_eq!(f32.weights, 4 * GB);
+        assert_eq!(f32.optimizer, 8 * GB);
+        // f32 gradients are viewed, not copied, before the concatenation.
+        assert_eq!(f32.activations, 4 * GB);
+    }
+
+    fn llama3_8b() -> Shape {
+        Shape {
+            hidden: 4096,
+            intermediate: 14336,
+            layers: 32,
+            vocab: 128256,
+            q_dim: 4096,
+            kv_dim: 1024,
+        }
+    }
+
+    #[test]
+    fn lora_counts_rank_times_in_plus_out_per_adapted_projection() {
+        let s = llama3_8b();
+        let lora = rlhf_config::LoraConfig::default();
+        // PEFT reports 20,971,520 trainable parameters for r=8 on all seven Llama-3-8B
+        // projections.
+        assert_eq!(s.lora_params(&lora), 20_971_520);
+        let b = trainable(&TrainState {
+            trainable: s.lora_params(&lora),
+            ..state(0, 1, true)
+        });
+        assert_eq!(b.weights, 2 * GB);
+        assert!(b.grads + b.optimizer < GB / 2, "{b:?}");
+    }
+
+    #[test]
+    fn checkpointing_keeps_one_hidden_state_per_layer() {
+        let s = llama3_8b();
+        // 8h + d(4h + 3q + 2kv + 4i) bytes per layer and token in bf16.
+        assert_eq!(s.layer_activation_per_token(2), 208_896);
+        let full = train_activations(&s, 2, 1, 3072, 1024, false, false);
+        let ckpt = train_activations(&s, 2, 1, 3072, 1024, true, false);
+        let final_norm = 3072 * 8 * 4096;
+        assert_eq!(full, 32 * 3072 * 208_896 + final_norm);
+        assert_eq!(ckpt, 32 * 3072 * 2 * 4096 + 3072 * 208_896 + final_norm);
+        // The actor's response logits: lm_head output plus the f32 log-softmax.
+        let logits = train_activations(&s, 2, 1, 3072, 1024, true, true) - ckpt;
+        assert_eq!(logits, 1024 * 128256 * 6);
+    }
 }
