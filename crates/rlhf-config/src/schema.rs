@@ -890,11 +890,6 @@ pub struct TrainConfig {
     /// memory experiments. Default: false (mixed precision: bf16/f16 compute, f32 master weights
     /// and moments, and dynamic loss scaling for f16).
     pub pure_low_precision: bool,
-    /// Recompute each decoder layer's activations in the backward pass instead of keeping
-    /// them (activation checkpointing per layer): a training forward keeps one hidden state per
-    /// layer and token, plus one layer's activations while it is recomputed, at the cost of a
-    /// second forward. Default: false.
-    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -910,7 +905,6 @@ impl Default for TrainConfig {
             replica_check_every: 10,
             zero_stage: 0,
             pure_low_precision: false,
-            gradient_checkpointing: false,
         }
     }
 }

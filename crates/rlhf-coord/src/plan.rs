@@ -20,10 +20,11 @@
 //!   - optimizer: f32 master weights `P*4` with masters (`P*4/N` at Z >= 1), AdamW's two
 //!     moments `2*m*P` (`2*m*P/N` at Z >= 1);
 //!   - activations: the peak of what lives only for part of a step, the largest of: one
-//!     training micro-batch's saved activations (below); what `Trainer::accumulate` makes
-//!     after each micro-batch, the gradients as f32 (`P*4`, copies unless d = 4) and their flat
-//!     concatenation (`P*4`), so `P*8` in bf16/f16; at Z = 1 the owned f32 gradient shard of
-//!     the step, `P*4/N`; and, for an actor that samples its own rollouts, its KV cache.
+//!     training micro-batch's saved activations (below); at Z = 2 the one f32 bucket
+//!     (16M elements) `Trainer::accumulate` converts at a time for the reduce-scatter (at
+//!     Z = 0/1 each gradient is added into the accumulator in place); at Z = 1 the owned f32
+//!     gradient shard of the step, `P*4/N`; and, for an actor that samples its own rollouts,
+//!     its KV cache.
 //!
 //! Saved activations of one micro-batch, T = `micro_batch_size * (max_prompt_tokens +
 //! max_new_tokens)` tokens, from what each op of `rlhf_model::llama`'s decoder layer keeps for
@@ -265,9 +266,9 @@ fn trainable(s: &TrainState) -> Breakdown {
     };
     let m = if s.masters { 4 } else { s.d };
     let moments = shard(2 * m * p, stage >= 1);
-    // accumulate(): every gradient as f32 (copies unless the dtype is f32), then their
-    // concatenation, both alive until the concatenation is made.
-    let flat_copy = p * 4 + if s.d == 4 { 0 } else { p * 4 };
+    // accumulate(): at stage 2 one f32 bucket of the gradients at a time (rlhf-worker's
+    // GRAD_BUCKET_ELEMS); at stages 0 and 1 each gradient is added in place.
+    let flat_copy = if stage >= 2 { p.min(16 << 20) * 4 } else { 0 };
     let step_shard = if stage == 1 { (p * 4).div_ceil(n) } else { 0 };
     Breakdown {
         weights: s.params * s.d,
@@ -603,8 +604,8 @@ mod tests {
         assert_eq!(s0.weights, 2 * GB);
         assert_eq!(s0.grads, 2 * GB + 4 * GB);
         assert_eq!(s0.optimizer, 4 * GB + 8 * GB);
-        // accumulate's f32 copies and their concatenation.
-        assert_eq!(s0.activations, 8 * GB);
+        // Nothing transient but the (here zero) micro-batch activations at stage 0.
+        assert_eq!(s0.activations, 0);
         let s1 = trainable(&state(1, 4, true));
         assert_eq!(s1.grads, s0.grads);
         assert_eq!(s1.optimizer, GB + 2 * GB);
@@ -625,8 +626,10 @@ mod tests {
         });
         assert_eq!(f32.weights, 4 * GB);
         assert_eq!(f32.optimizer, 8 * GB);
-        // f32 gradients are viewed, not copied, before the concatenation.
-        assert_eq!(f32.activations, 4 * GB);
+        // Gradients are added into the accumulator in place: nothing transient.
+        assert_eq!(f32.activations, 0);
+        // At stage 2 one f32 bucket (16M elements) is converted at a time.
+        assert_eq!(trainable(&state(2, 4, true)).activations, (16 << 20) * 4);
     }
 
     fn llama3_8b() -> Shape {

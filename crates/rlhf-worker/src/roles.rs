@@ -896,14 +896,7 @@ impl Trainer {
             .iter()
             .map(|(n, p)| -> RoleResult<(String, Tensor)> {
                 let g = p.f_grad()?;
-                Ok((
-                    n.clone(),
-                    if g.defined() {
-                        g
-                    } else {
-                        p.f_zeros_like()?
-                    },
-                ))
+                Ok((n.clone(), if g.defined() { g } else { p.f_zeros_like()? }))
             })
             .collect::<RoleResult<_>>()?;
         let acc = self
