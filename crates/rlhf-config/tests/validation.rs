@@ -311,9 +311,12 @@ fn the_shipped_run_files_load() {
     let loaded = rlhf_config::load(&root.join("cluster/example.yaml"), &sets, vars(&[]))
         .unwrap_or_else(|e| panic!("cluster/example.yaml does not load: {e}"));
     let c = &loaded.config;
-    assert_eq!(c.replicas(rlhf_config::Role::Actor), 2);
-    assert_eq!(c.replicas(rlhf_config::Role::Critic), 2);
-    assert_eq!(c.replicas(rlhf_config::Role::Generator), 2);
+    // Four actor and four critic replicas with ZeRO-2 (the 8B layout `plan` fits; plan_8b.rs).
+    assert_eq!(c.replicas(rlhf_config::Role::Actor), 4);
+    assert_eq!(c.replicas(rlhf_config::Role::Critic), 4);
+    assert_eq!(c.replicas(rlhf_config::Role::Generator), 4);
+    assert_eq!(c.train.zero_stage, 2);
+    assert!(c.train.gradient_checkpointing);
 }
 
 #[test]
