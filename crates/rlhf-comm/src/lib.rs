@@ -128,6 +128,11 @@ pub fn ring_segment(len: usize, world: usize, k: usize) -> Range<usize> {
     at(k)..at(k + 1)
 }
 
+/// Elements per bucket of a flat f32 gradient (64 MiB): the unit in which workers run their
+/// gradient and optimizer-state collectives and split ZeRO ownership, and the transient f32
+/// copy `rlhf-coord plan` counts for it.
+pub const GRAD_BUCKET_ELEMS: usize = 16 << 20;
+
 /// The elements of a `len`-element buffer that rank `k` of `world` owns after
 /// [`Collective::reduce_scatter`]: equal chunks of `ceil(len / world)` elements in rank order,
 /// the last ones cut short (or empty) at `len`. Equal chunks are what `ncclReduceScatter` and

@@ -266,9 +266,10 @@ fn trainable(s: &TrainState) -> Breakdown {
     };
     let m = if s.masters { 4 } else { s.d };
     let moments = shard(2 * m * p, stage >= 1);
-    // accumulate(): at stage 2 one f32 bucket of the gradients at a time (rlhf-worker's
-    // GRAD_BUCKET_ELEMS); at stages 0 and 1 each gradient is added in place.
-    let flat_copy = if stage >= 2 { p.min(16 << 20) * 4 } else { 0 };
+    // The worker's accumulate(): at stage 2 one f32 bucket of the gradients at a time; at
+    // stages 0 and 1 each gradient is added in place.
+    let bucket = rlhf_comm::GRAD_BUCKET_ELEMS as u64;
+    let flat_copy = if stage >= 2 { p.min(bucket) * 4 } else { 0 };
     let step_shard = if stage == 1 { (p * 4).div_ceil(n) } else { 0 };
     Breakdown {
         weights: s.params * s.d,
@@ -629,7 +630,10 @@ mod tests {
         // Gradients are added into the accumulator in place: nothing transient.
         assert_eq!(f32.activations, 0);
         // At stage 2 one f32 bucket (16M elements) is converted at a time.
-        assert_eq!(trainable(&state(2, 4, true)).activations, (16 << 20) * 4);
+        assert_eq!(
+            trainable(&state(2, 4, true)).activations,
+            rlhf_comm::GRAD_BUCKET_ELEMS as u64 * 4
+        );
     }
 
     fn llama3_8b() -> Shape {

@@ -1,5 +1,7 @@
 //! A role's collective groups (through `rlhf-comm`) and what the role does with them: the
-//! gradient all-reduce of data-parallel replicas, the weight broadcast from the training actor
+//! gradient reduction of data-parallel replicas over the flat f32 gradient (all-reduce, or with
+//! ZeRO reduce-scatter plus the all-gather of updated weights and of the optimizer state), the
+//! weight broadcast from the training actor
 //! to generators, and the weight digest that proves replicas and generators bitwise equal.
 //!
 //! The groups live on the role's thread next to its tensors. A group is TCP ([`TcpGroup`]: host
@@ -20,12 +22,10 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 use tokio::runtime::Handle;
 
-use rlhf_comm::{scatter_chunk, Collective, NcclGroup, ReduceOp, TcpGroup};
+use rlhf_comm::{scatter_chunk, Collective, NcclGroup, ReduceOp, TcpGroup, GRAD_BUCKET_ELEMS};
 
 use crate::error::{RoleError, RoleResult};
 
-/// Elements per gradient all-reduce bucket (64 MiB of f32).
-const GRAD_BUCKET_ELEMS: usize = 16 << 20;
 /// Bytes per TCP weight broadcast bucket.
 const WEIGHT_BUCKET_BYTES: usize = 64 << 20;
 
@@ -98,75 +98,6 @@ impl Groups {
             Purpose::Gradients => self.grads = Some(group),
             Purpose::Weights => self.weights = Some(group),
         }
-    }
-
-    /// Sums every parameter's gradient over the replicas, in buckets; afterwards all replicas
-    /// hold identical gradients (TCP: bit-identical by rlhf-comm's ring order; NCCL: as its
-    /// ring computes them). A no-op without a gradient group. Every replica runs the same
-    /// graph, so a parameter has a gradient on all or on none.
-    pub fn all_reduce_grads(&mut self, vars: &[(String, Tensor)]) -> RoleResult<()> {
-        let Some(group) = self.grads.as_mut() else {
-            return Ok(());
-        };
-        if group.world() == 1 {
-            return Ok(());
-        }
-        let _g = tch::no_grad_guard();
-        let grads: Vec<Tensor> = vars
-            .iter()
-            .map(|(_, v)| v.grad())
-            .filter(|g| g.defined())
-            .collect();
-        for bucket in buckets(&grads) {
-            let grads = &grads[bucket];
-            match group {
-                Group::Tcp(tcp) => {
-                    let elems: usize = grads.iter().map(Tensor::numel).sum();
-                    let buf = &mut self.grad_buf;
-                    buf.resize(elems, 0.0);
-                    let mut off = 0;
-                    for g in grads {
-                        let n = g.numel();
-                        let flat = g
-                            .f_to_device(Device::Cpu)?
-                            .f_to_kind(Kind::Float)?
-                            .f_contiguous()?;
-                        flat.f_copy_data(&mut buf[off..off + n], n)?;
-                        off += n;
-                    }
-                    self.rt.block_on(tcp.all_reduce(buf, ReduceOp::Sum))?;
-                    let mut off = 0;
-                    for g in grads {
-                        let n = g.numel();
-                        let src = Tensor::f_from_slice(&buf[off..off + n])?
-                            .f_view(g.size().as_slice())?;
-                        g.shallow_clone().f_copy_(&src)?;
-                        off += n;
-                    }
-                }
-                Group::Nccl(nccl) => {
-                    // One contiguous f32 buffer on the device, reduced in place by NCCL.
-                    let flat: Vec<Tensor> = grads
-                        .iter()
-                        .map(|g| g.f_flatten(0, -1)?.f_to_kind(Kind::Float))
-                        .collect::<Result<_, _>>()?;
-                    let buf = Tensor::f_cat(&flat, 0)?.f_contiguous()?;
-                    // SAFETY: `buf` is a contiguous f32 tensor on the group's device, alive and
-                    // used by nothing else until the call returned (it waits for the device).
-                    unsafe {
-                        nccl.all_reduce_f32_raw(buf.data_ptr() as u64, buf.numel(), ReduceOp::Sum)?
-                    };
-                    let mut off = 0i64;
-                    for g in grads {
-                        let n = g.numel() as i64;
-                        let src = buf.f_narrow(0, off, n)?.f_view(g.size().as_slice())?;
-                        g.shallow_clone().f_copy_(&src)?;
-                        off += n;
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Broadcasts `vars` from rank `root` of the weights group to every other member, which
@@ -513,28 +444,6 @@ pub fn write_flat(params: &[(String, Tensor)], start: i64, src: &Tensor) -> Role
         off += n;
     }
     Ok(())
-}
-
-/// `grads` cut into all-reduce buckets of at most [`GRAD_BUCKET_ELEMS`] elements (a larger
-/// tensor goes alone), in order.
-fn buckets(grads: &[Tensor]) -> Vec<Range<usize>> {
-    let mut out = vec![];
-    let mut start = 0;
-    while start < grads.len() {
-        let mut end = start;
-        let mut elems = 0usize;
-        while end < grads.len() {
-            let n = grads[end].numel();
-            if end > start && elems + n > GRAD_BUCKET_ELEMS {
-                break;
-            }
-            elems += n;
-            end += 1;
-        }
-        out.push(start..end);
-        start = end;
-    }
-    out
 }
 
 fn check_header(
