@@ -198,23 +198,86 @@ struct ParamState {
     decay: bool,
 }
 
-/// AdamW over named parameter tensors (e.g. `VarStore::variables()`), updated in place.
-pub struct AdamW {
-    params: Vec<ParamState>,
+/// AdamW's hyper-parameters and its update, op for op as `torch.optim.AdamW` does it: the one
+/// update both [`AdamW`] and [`crate::ShardedAdamW`] apply.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamUpdate {
     beta1: f64,
     beta2: f64,
     eps: f64,
     weight_decay: f64,
 }
 
+impl AdamUpdate {
+    pub(crate) fn new(cfg: &OptimConfig) -> Self {
+        AdamUpdate {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+        }
+    }
+
+    /// Step `step` (1-based) with learning rate `lr`: decays `target` when `decay`, moves the
+    /// moments towards `grad` and `grad^2`, and applies the bias-corrected update to `target`
+    /// (all in place; nothing but the moments changes at `lr == 0`).
+    #[allow(clippy::too_many_arguments)] // the three tensors updated, the gradient, the step
+    pub(crate) fn apply(
+        &self,
+        target: &mut Tensor,
+        exp_avg: &mut Tensor,
+        exp_avg_sq: &mut Tensor,
+        grad: &Tensor,
+        lr: f64,
+        step: u64,
+        decay: bool,
+    ) -> Result<()> {
+        let (b1, b2) = (self.beta1, self.beta2);
+        if decay && self.weight_decay != 0.0 {
+            let _ = target.f_mul_scalar_(1.0 - lr * self.weight_decay)?;
+        }
+        // m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2 (as a lerp towards g^2).
+        let _ = exp_avg.f_lerp_(grad, 1.0 - b1)?;
+        let _ = exp_avg_sq.f_lerp_(&grad.f_square()?, 1.0 - b2)?;
+        if lr == 0.0 {
+            return Ok(());
+        }
+        let bias1 = 1.0 - b1.powi(step as i32);
+        let bias2_sqrt = (1.0 - b2.powi(step as i32)).sqrt();
+        // param -= lr / bias1 * m / (sqrt(v) / bias2_sqrt + eps), with the step size folded
+        // into the one temporary: fewer passes over the weights than op-by-op.
+        let mut denom = exp_avg_sq.f_sqrt()?;
+        let _ = denom.f_div_scalar_(bias2_sqrt)?;
+        let _ = denom.f_add_scalar_(self.eps)?;
+        let _ = denom.f_mul_scalar_(-bias1 / lr)?;
+        let _ = target.f_addcdiv_(exp_avg, &denom)?;
+        Ok(())
+    }
+}
+
+/// Zeroes (and detaches) the gradients of `params` that have one.
+pub(crate) fn zero_grads<'a>(params: impl IntoIterator<Item = &'a Tensor>) -> Result<()> {
+    for p in params {
+        let mut g = p.f_grad()?;
+        if g.defined() {
+            let _ = g.f_detach_()?;
+            let _ = g.f_zero_()?;
+        }
+    }
+    Ok(())
+}
+
+/// AdamW over named parameter tensors (e.g. `VarStore::variables()`), updated in place.
+pub struct AdamW {
+    params: Vec<ParamState>,
+    update: AdamUpdate,
+}
+
 impl std::fmt::Debug for AdamW {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdamW")
             .field("params", &self.params.len())
-            .field("beta1", &self.beta1)
-            .field("beta2", &self.beta2)
-            .field("eps", &self.eps)
-            .field("weight_decay", &self.weight_decay)
+            .field("update", &self.update)
             .finish()
     }
 }
@@ -258,10 +321,7 @@ impl AdamW {
         }
         Ok(AdamW {
             params: states,
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.eps,
-            weight_decay: cfg.weight_decay,
+            update: AdamUpdate::new(cfg),
         })
     }
 
@@ -277,45 +337,28 @@ impl AdamW {
     /// step count does not advance), as in PyTorch.
     pub fn step(&mut self, lr: f64) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        let (b1, b2) = (self.beta1, self.beta2);
         for p in &mut self.params {
             let grad = p.param.f_grad()?;
             if !grad.defined() {
                 continue;
             }
             p.step += 1;
-            if p.decay && self.weight_decay != 0.0 {
-                let _ = p.param.f_mul_scalar_(1.0 - lr * self.weight_decay)?;
-            }
-            // m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2 (as a lerp towards g^2).
-            let _ = p.exp_avg.f_lerp_(&grad, 1.0 - b1)?;
-            let _ = p.exp_avg_sq.f_lerp_(&grad.f_square()?, 1.0 - b2)?;
-            if lr == 0.0 {
-                continue;
-            }
-            let bias1 = 1.0 - b1.powi(p.step as i32);
-            let bias2_sqrt = (1.0 - b2.powi(p.step as i32)).sqrt();
-            // param -= lr / bias1 * m / (sqrt(v) / bias2_sqrt + eps), with the step size folded
-            // into the one temporary: fewer passes over the weights than op-by-op.
-            let mut denom = p.exp_avg_sq.f_sqrt()?;
-            let _ = denom.f_div_scalar_(bias2_sqrt)?;
-            let _ = denom.f_add_scalar_(self.eps)?;
-            let _ = denom.f_mul_scalar_(-bias1 / lr)?;
-            let _ = p.param.f_addcdiv_(&p.exp_avg, &denom)?;
+            self.update.apply(
+                &mut p.param,
+                &mut p.exp_avg,
+                &mut p.exp_avg_sq,
+                &grad,
+                lr,
+                p.step,
+                p.decay,
+            )?;
         }
         Ok(())
     }
 
     /// Zeroes every parameter's gradient.
     pub fn zero_grad(&mut self) -> Result<()> {
-        for p in &self.params {
-            let mut g = p.param.f_grad()?;
-            if g.defined() {
-                let _ = g.f_detach_()?;
-                let _ = g.f_zero_()?;
-            }
-        }
-        Ok(())
+        zero_grads(self.params.iter().map(|p| &p.param))
     }
 
     /// Global L2 norm of the gradients, clipped to `max_norm` (see [`clip_grad_norm`]).

@@ -22,7 +22,7 @@ use std::ops::Range;
 use tch::{Kind, Tensor};
 
 use crate::error::{AlgoError, Result};
-use crate::optim::{uses_weight_decay, OptimConfig};
+use crate::optim::{uses_weight_decay, zero_grads, AdamUpdate, OptimConfig};
 
 /// How low-precision (bf16, f16) parameters are trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -77,10 +77,7 @@ pub struct ShardedAdamW {
     pieces: Vec<PieceState>,
     masters: bool,
     step: u64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
+    update: AdamUpdate,
 }
 
 impl std::fmt::Debug for ShardedAdamW {
@@ -195,10 +192,7 @@ impl ShardedAdamW {
             pieces,
             masters,
             step: 0,
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.eps,
-            weight_decay: cfg.weight_decay,
+            update: AdamUpdate::new(cfg),
         })
     }
 
@@ -283,9 +277,6 @@ impl ShardedAdamW {
         self.check_grads(grads)?;
         let _guard = tch::no_grad_guard();
         self.step += 1;
-        let (b1, b2) = (self.beta1, self.beta2);
-        let bias1 = 1.0 - b1.powi(self.step as i32);
-        let bias2_sqrt = (1.0 - b2.powi(self.step as i32)).sqrt();
         for s in &mut self.pieces {
             let piece = &s.piece;
             let view = self.params[piece.param].1.f_view([-1])?.f_narrow(
@@ -303,24 +294,25 @@ impl ShardedAdamW {
                 Some(m) => m.shallow_clone(),
                 None => view.shallow_clone(),
             };
-            // The update of torch.optim.AdamW, op for op as crate::AdamW does it.
-            if s.decay && self.weight_decay != 0.0 {
-                let _ = target.f_mul_scalar_(1.0 - lr * self.weight_decay)?;
-            }
-            let _ = s.exp_avg.f_lerp_(&g, 1.0 - b1)?;
-            let _ = s.exp_avg_sq.f_lerp_(&g.f_square()?, 1.0 - b2)?;
-            if lr != 0.0 {
-                let mut denom = s.exp_avg_sq.f_sqrt()?;
-                let _ = denom.f_div_scalar_(bias2_sqrt)?;
-                let _ = denom.f_add_scalar_(self.eps)?;
-                let _ = denom.f_mul_scalar_(-bias1 / lr)?;
-                let _ = target.f_addcdiv_(&s.exp_avg, &denom)?;
-            }
+            self.update.apply(
+                &mut target,
+                &mut s.exp_avg,
+                &mut s.exp_avg_sq,
+                &g,
+                lr,
+                self.step,
+                s.decay,
+            )?;
             if s.master.is_some() {
                 view.shallow_clone().f_copy_(&target)?;
             }
         }
         Ok(())
+    }
+
+    /// Zeroes (and detaches) the parameters' gradients.
+    pub fn zero_grad(&self) -> Result<()> {
+        zero_grads(self.params.iter().map(|(_, p)| p))
     }
 
     /// This replica's state as three flat tensors over the owned pieces (f32 with masters, else

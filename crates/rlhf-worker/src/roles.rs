@@ -865,18 +865,7 @@ impl Trainer {
             }
             _ => self.acc = Some(Tensor::f_zeros([len], (Kind::Float, dev))?),
         }
-        self.zero_model_grads()
-    }
-
-    fn zero_model_grads(&mut self) -> RoleResult<()> {
-        for (_, p) in self.opt.params() {
-            let mut g = p.f_grad()?;
-            if g.defined() {
-                let _ = g.f_detach_()?;
-                let _ = g.f_zero_()?;
-            }
-        }
-        Ok(())
+        Ok(self.opt.zero_grad()?)
     }
 
     /// The factor a micro-batch's loss is multiplied by before backward (f16 loss scaling).
@@ -914,7 +903,7 @@ impl Trainer {
             groups.reduce_scatter_grads(&grads, acc)?;
         }
         drop(grads);
-        self.zero_model_grads()
+        Ok(self.opt.zero_grad()?)
     }
 
     fn finish_step(
