@@ -646,10 +646,7 @@ impl NcclGroup {
         if len == 0 {
             return Ok(());
         }
-        let red = match op {
-            ReduceOp::Sum => NCCL_SUM,
-            ReduceOp::Mean => NCCL_AVG,
-        };
+        let red = nccl_red_op(op);
         let nccl = self.nccl;
         self.run(Op::AllReduce, "ncclAllReduce", |comm| {
             let p = ptr as *mut c_void;
@@ -710,10 +707,7 @@ impl NcclGroup {
         if len_per_rank == 0 {
             return Ok(());
         }
-        let red = match op {
-            ReduceOp::Sum => NCCL_SUM,
-            ReduceOp::Mean => NCCL_AVG,
-        };
+        let red = nccl_red_op(op);
         let nccl = self.nccl;
         self.run(o, "ncclReduceScatter", |comm| {
             let (s, r) = (send_ptr as *const c_void, recv_ptr as *mut c_void);
@@ -959,6 +953,14 @@ impl Drop for NcclGroup {
 }
 
 /// `len * per` `f32`s in bytes, or an invalid-argument error on overflow.
+/// NCCL's reduction for `op` (`ncclSum`, or `ncclAvg` for the mean).
+fn nccl_red_op(op: ReduceOp) -> c_int {
+    match op {
+        ReduceOp::Sum => NCCL_SUM,
+        ReduceOp::Mean => NCCL_AVG,
+    }
+}
+
 fn f32_bytes(op: Op, len: usize, per: usize) -> Result<usize, CommError> {
     len.checked_mul(per)
         .and_then(|n| n.checked_mul(4))

@@ -318,8 +318,15 @@ impl TcpGroup {
         Ok(())
     }
 
-    async fn all_reduce_inner(
+    /// All-reduce (`Op::AllReduce`) or reduce-scatter (`Op::ReduceScatter`) over the ring.
+    /// The reduce half: in step `s` rank `r` sends segment `r-s-shift` and adds segment
+    /// `r-s-shift-1` into its own copy, so each segment accumulates the ranks in ring order.
+    /// All-reduce cuts [`ring_segment`]s with shift 0 (segment `k` starts at rank `k` and is
+    /// complete at rank `k-1`), then runs the all-gather half; reduce-scatter cuts
+    /// [`scatter_chunk`]s with shift 1, so rank `r` ends with chunk `r` complete.
+    async fn ring_inner(
         &mut self,
+        kind: Op,
         seq: u64,
         buf: &mut [f32],
         op: ReduceOp,
@@ -338,99 +345,52 @@ impl TcpGroup {
         let (n, r, chunk) = (cfg.world, cfg.rank, cfg.chunk_bytes);
         let len = buf.len();
         let ctx = Ctx {
-            op: Op::AllReduce,
+            op: kind,
             timeout: cfg.timeout,
             peers,
         };
-        let hdr = Header::new(TAG_OP, Op::AllReduce, 0, seq, len as u64);
+        let hdr = Header::new(TAG_OP, kind, 0, seq, len as u64);
         let ((), theirs) = tokio::try_join!(tx.frame(&ctx, hdr, &[]), rx.header(&ctx))?;
         check_op(&ctx, rx.peer, &hdr, &theirs, "floats")?;
         if scratch.is_empty() {
             scratch.resize(chunk / 4, 0.0);
         }
-        // Reduce-scatter: in step s rank r sends segment r-s and adds segment r-s-1 into its
-        // own copy, so segment k accumulates rank k, k+1, ... in ring order and is complete at
-        // rank k-1 after n-1 steps.
+        let scatter = kind == Op::ReduceScatter;
+        let segment: fn(usize, usize, usize) -> Range<usize> =
+            if scatter { scatter_chunk } else { ring_segment };
+        let shift = usize::from(scatter);
         for s in 0..n - 1 {
             let (send, recv) = split(
                 buf,
-                ring_segment(len, n, (r + n - s) % n),
-                ring_segment(len, n, (r + 2 * n - s - 1) % n),
+                segment(len, n, (r + 2 * n - s - shift) % n),
+                segment(len, n, (r + 2 * n - s - shift - 1) % n),
             );
             tokio::try_join!(
                 tx.data(&ctx, bytemuck::cast_slice(send), chunk),
                 rx.reduce(&ctx, recv, scratch),
             )?;
         }
-        // All-gather: rank r starts with the finished segment r+1 and passes segments on; they
-        // are copied, never re-added, which keeps every rank's result bit-identical.
-        for s in 0..n - 1 {
-            let (send, recv) = split(
-                buf,
-                ring_segment(len, n, (r + 1 + n - s) % n),
-                ring_segment(len, n, (r + n - s) % n),
-            );
-            tokio::try_join!(
-                tx.data(&ctx, bytemuck::cast_slice(send), chunk),
-                rx.data(&ctx, bytemuck::cast_slice_mut(recv), chunk),
-            )?;
-        }
-        if op == ReduceOp::Mean {
-            let w = n as f32;
-            for x in buf.iter_mut() {
-                *x /= w;
+        let done = if scatter {
+            scatter_chunk(len, n, r)
+        } else {
+            // All-gather: rank r starts with the finished segment r+1 and passes segments on;
+            // they are copied, never re-added, which keeps every rank's result bit-identical.
+            for s in 0..n - 1 {
+                let (send, recv) = split(
+                    buf,
+                    ring_segment(len, n, (r + 1 + n - s) % n),
+                    ring_segment(len, n, (r + n - s) % n),
+                );
+                tokio::try_join!(
+                    tx.data(&ctx, bytemuck::cast_slice(send), chunk),
+                    rx.data(&ctx, bytemuck::cast_slice_mut(recv), chunk),
+                )?;
             }
-        }
-        Ok(())
-    }
-
-    /// The reduce-scatter half of the ring of [`TcpGroup::all_reduce_inner`], over the chunks of
-    /// [`scatter_chunk`] and shifted by one so that rank `r` ends with chunk `r` complete: in step
-    /// `s` rank `r` sends chunk `r-s-1` and adds chunk `r-s-2` into its own copy.
-    async fn reduce_scatter_inner(
-        &mut self,
-        seq: u64,
-        buf: &mut [f32],
-        op: ReduceOp,
-    ) -> Result<(), CommError> {
-        let TcpGroup {
-            cfg,
-            peers,
-            tx,
-            rx,
-            scratch,
-            ..
-        } = self;
-        let (Some(tx), Some(rx)) = (tx.as_mut(), rx.as_mut()) else {
-            return Ok(());
+            0..len
         };
-        let (n, r, chunk) = (cfg.world, cfg.rank, cfg.chunk_bytes);
-        let len = buf.len();
-        let ctx = Ctx {
-            op: Op::ReduceScatter,
-            timeout: cfg.timeout,
-            peers,
-        };
-        let hdr = Header::new(TAG_OP, Op::ReduceScatter, 0, seq, len as u64);
-        let ((), theirs) = tokio::try_join!(tx.frame(&ctx, hdr, &[]), rx.header(&ctx))?;
-        check_op(&ctx, rx.peer, &hdr, &theirs, "floats")?;
-        if scratch.is_empty() {
-            scratch.resize(chunk / 4, 0.0);
-        }
-        for s in 0..n - 1 {
-            let (send, recv) = split(
-                buf,
-                scatter_chunk(len, n, (r + 2 * n - s - 1) % n),
-                scatter_chunk(len, n, (r + 2 * n - s - 2) % n),
-            );
-            tokio::try_join!(
-                tx.data(&ctx, bytemuck::cast_slice(send), chunk),
-                rx.reduce(&ctx, recv, scratch),
-            )?;
-        }
         if op == ReduceOp::Mean {
             let w = n as f32;
-            for x in &mut buf[scatter_chunk(len, n, r)] {
+            for x in &mut buf[done] {
                 *x /= w;
             }
         }
@@ -513,13 +473,13 @@ impl Collective for TcpGroup {
 
     async fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
         let seq = self.start(Op::AllReduce)?;
-        let r = self.all_reduce_inner(seq, buf, op).await;
+        let r = self.ring_inner(Op::AllReduce, seq, buf, op).await;
         self.finish(Op::AllReduce, r).await
     }
 
     async fn reduce_scatter(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
         let seq = self.start(Op::ReduceScatter)?;
-        let r = self.reduce_scatter_inner(seq, buf, op).await;
+        let r = self.ring_inner(Op::ReduceScatter, seq, buf, op).await;
         self.finish(Op::ReduceScatter, r).await
     }
 
