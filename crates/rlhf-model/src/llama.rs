@@ -469,6 +469,15 @@ impl DecoderLayer {
     }
 }
 
+/// What [`Model::split_at_prefix`] returns: per pass (ids, positions, mask).
+pub(crate) struct PrefixSplit {
+    /// For each row, the index of its prefix among the prefix pass's rows.
+    pub(crate) rows: Tensor,
+    pub(crate) prefix: (Tensor, Tensor, AttnMask),
+    /// The tokens after the prefix; `None` when the rows end with it.
+    pub(crate) rest: Option<(Tensor, Tensor, AttnMask)>,
+}
+
 /// A model's weights packed by [`Model::pack_weights`] for forwards without gradients: per
 /// layer the norms and the packed projections (q/k/v fused, gate/up fused), the final norm, and
 /// the vocabulary head (`None`: its width is not a multiple of 16, libtorch computes it).
@@ -1166,16 +1175,52 @@ impl Model {
         let (input_ids, attention_mask, shared) =
             self.predicting_inputs(input_ids, attention_mask, from)?;
         let (input_ids, attention_mask) = (&input_ids, &attention_mask);
-        let (b, t) = input_ids.size2()?;
+        let t = input_ids.size()[1];
         let w = from + 1;
         let Some((firsts, rows)) = shared else {
             let hidden = self.forward_padded_with(input_ids, attention_mask, packed)?;
             return Ok(hidden.f_narrow(1, from, t - from)?);
         };
-        let dev = self.device();
-        let firsts = Tensor::f_from_slice(&firsts)?.f_to_device(dev)?;
-        let rows = Tensor::f_from_slice(&rows)?.f_to_device(dev)?;
+        let split = self.split_at_prefix(input_ids, attention_mask, w, &firsts, &rows)?;
         // Prefix pass over one row per distinct prefix, keeping every layer's keys/values.
+        let (p_ids, p_pos, p_mask) = &split.prefix;
+        let mut mode = KvMode::Record(Vec::with_capacity(self.layers.len()));
+        let p_hidden = self.trunk(p_ids, p_pos, p_mask, &mut mode, 0, packed)?;
+        let KvMode::Record(recorded) = mode else {
+            unreachable!("the prefix pass records")
+        };
+        // Each row gets its prefix's keys/values; the rest of the row attends to them.
+        let rows = &split.rows;
+        let prefix = recorded
+            .iter()
+            .map(|(k, v)| Ok((k.f_index_select(0, rows)?, v.f_index_select(0, rows)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let last = p_hidden.f_narrow(1, from, 1)?.f_index_select(0, rows)?;
+        let Some((ids, positions, mask)) = &split.rest else {
+            return Ok(last);
+        };
+        let mut mode = KvMode::After(prefix);
+        let rest = self.trunk(ids, positions, mask, &mut mode, w, packed)?;
+        Ok(Tensor::f_cat(&[last, rest], 1)?)
+    }
+
+    /// A padded batch (b, t) split at its first `w` tokens, which the rows share with the row
+    /// `firsts[rows[i]]` (the samples of one prompt): the prefix pass's ids, positions and mask
+    /// over one row per distinct prefix, the row -> prefix map, and the rest pass's ids,
+    /// positions and mask (keys: the prefix's and the rest's) when the rows go beyond `w`. The
+    /// one split of the plain and the checkpointed prefix-sharing forwards.
+    pub(crate) fn split_at_prefix(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        w: i64,
+        firsts: &[i64],
+        rows: &[i64],
+    ) -> Result<PrefixSplit> {
+        let (b, t) = input_ids.size2()?;
+        let dev = self.device();
+        let firsts = Tensor::f_from_slice(firsts)?.f_to_device(dev)?;
+        let rows = Tensor::f_from_slice(rows)?.f_to_device(dev)?;
         let p_ids = input_ids.f_narrow(1, 0, w)?.f_index_select(0, &firsts)?;
         let p_attention = attention_mask
             .f_narrow(1, 0, w)?
@@ -1183,34 +1228,24 @@ impl Model {
         let (p_pos, p_valid) = positions_from_mask(&p_attention)?;
         let u = firsts.size()[0];
         let p_mask = self.attention_mask(p_valid.as_ref(), u, w, 0)?;
-        let mut mode = KvMode::Record(Vec::with_capacity(self.layers.len()));
-        let p_hidden = self.trunk(&p_ids, &p_pos, &p_mask, &mut mode, 0, packed)?;
-        let KvMode::Record(recorded) = mode else {
-            unreachable!("the prefix pass records")
-        };
-        // Each row gets its prefix's keys/values; the rest of the row attends to them.
-        let prefix = recorded
-            .iter()
-            .map(|(k, v)| Ok((k.f_index_select(0, &rows)?, v.f_index_select(0, &rows)?)))
-            .collect::<Result<Vec<_>>>()?;
-        let last = p_hidden.f_narrow(1, from, 1)?.f_index_select(0, &rows)?;
         let s = t - w;
-        if s == 0 {
-            return Ok(last);
-        }
-        let (positions, key_valid) = positions_from_mask(attention_mask)?;
-        let key_valid = key_valid.unwrap_or_else(|| attention_mask.ones_like().ne(0));
-        let mask = self.explicit_mask(Some(&key_valid), b, s, w, self.sliding_window())?;
-        let mut mode = KvMode::After(prefix);
-        let rest = self.trunk(
-            &input_ids.f_narrow(1, w, s)?,
-            &positions.f_narrow(1, w, s)?,
-            &mask,
-            &mut mode,
-            w,
-            packed,
-        )?;
-        Ok(Tensor::f_cat(&[last, rest], 1)?)
+        let rest = if s > 0 {
+            let (positions, key_valid) = positions_from_mask(attention_mask)?;
+            let key_valid = key_valid.unwrap_or_else(|| attention_mask.ones_like().ne(0));
+            let mask = self.explicit_mask(Some(&key_valid), b, s, w, self.sliding_window())?;
+            Some((
+                input_ids.f_narrow(1, w, s)?,
+                positions.f_narrow(1, w, s)?,
+                mask,
+            ))
+        } else {
+            None
+        };
+        Ok(PrefixSplit {
+            rows,
+            prefix: (p_ids, p_pos, p_mask),
+            rest,
+        })
     }
 
     fn sliding_window(&self) -> Option<i64> {

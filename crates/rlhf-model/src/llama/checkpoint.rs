@@ -118,38 +118,22 @@ impl Model {
         self.check_checkpointing()?;
         let (input_ids, attention_mask, shared) =
             self.predicting_inputs(input_ids, attention_mask, from)?;
-        let (b, t) = input_ids.size2()?;
+        let t = input_ids.size()[1];
         let w = from + 1;
         let Some((firsts, rows)) = shared else {
             let (hidden, ckpt) = self.forward_padded_checkpointed(&input_ids, &attention_mask)?;
             return Ok((hidden.f_narrow(1, from, t - from)?, ckpt));
         };
-        let dev = self.device();
-        let firsts = Tensor::f_from_slice(&firsts)?.f_to_device(dev)?;
-        let rows = Tensor::f_from_slice(&rows)?.f_to_device(dev)?;
         // As forward_predicting_with: one row per distinct prefix, then the rest of every row
         // attending to its prefix's keys/values.
-        let p_ids = input_ids.f_narrow(1, 0, w)?.f_index_select(0, &firsts)?;
-        let p_attention = attention_mask
-            .f_narrow(1, 0, w)?
-            .f_index_select(0, &firsts)?;
-        let (p_pos, p_valid) = positions_from_mask(&p_attention)?;
-        let u = firsts.size()[0];
-        let p_mask = self.attention_mask(p_valid.as_ref(), u, w, 0)?;
+        let split = self.split_at_prefix(&input_ids, &attention_mask, w, &firsts, &rows)?;
+        let (p_ids, p_pos, p_mask) = split.prefix;
         let prefix = self.pass_inputs(p_ids, &p_pos, p_mask)?;
-        let s = t - w;
-        let rest = if s > 0 {
-            let (positions, key_valid) = positions_from_mask(&attention_mask)?;
-            let key_valid = key_valid.unwrap_or_else(|| attention_mask.ones_like().ne(0));
-            let mask = self.explicit_mask(Some(&key_valid), b, s, w, self.sliding_window())?;
-            Some(self.pass_inputs(
-                input_ids.f_narrow(1, w, s)?,
-                &positions.f_narrow(1, w, s)?,
-                mask,
-            )?)
-        } else {
-            None
-        };
+        let rest = split
+            .rest
+            .map(|(ids, positions, mask)| self.pass_inputs(ids, &positions, mask))
+            .transpose()?;
+        let rows = split.rows;
         let ckpt = self.run_checkpointed(Some(prefix), Some(rows), rest)?;
         let (Some(p), Some(rows)) = (&ckpt.prefix, &ckpt.rows) else {
             unreachable!("run_checkpointed keeps the prefix pass it was given")
