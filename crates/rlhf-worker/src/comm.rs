@@ -290,19 +290,7 @@ impl Groups {
                 }
                 Group::Nccl(nccl) => {
                     let per = (len as u64).div_ceil(world as u64) as i64;
-                    let dev = local.device();
-                    let all = Tensor::f_zeros([per * world as i64], (Kind::Float, dev))?;
-                    let slot = all.f_narrow(0, rank as i64 * per, per)?;
-                    slot.f_narrow(0, 0, local.numel() as i64)?.f_copy_(&local)?;
-                    // SAFETY: `all` is a contiguous f32 device tensor of world * per elements and
-                    // the send pointer its own chunk (in place), alive until the call returned.
-                    unsafe {
-                        nccl.all_gather_f32_raw(
-                            slot.data_ptr() as u64,
-                            all.data_ptr() as u64,
-                            per as usize,
-                        )?
-                    };
+                    let all = nccl_all_gather(nccl, &local, per)?;
                     for k in (0..world).filter(|&k| k != rank) {
                         let c = chunk(len, world, k);
                         let src = all.f_narrow(0, k as i64 * per, c.end - c.start)?;
@@ -317,7 +305,7 @@ impl Groups {
     /// Every replica's `flat` (its f32 values over its [`owned_ranges`] of a `total`-element
     /// flat vector, concatenated) as one full flat tensor, on every replica.
     pub fn all_gather_flat(&mut self, flat: &Tensor, total: i64) -> RoleResult<Tensor> {
-        let (rank, world) = self.grad_rank();
+        let world = self.grad_rank().1;
         let Some(group) = self.grads.as_mut().filter(|g| g.world() > 1) else {
             return Ok(flat.shallow_clone());
         };
@@ -341,17 +329,7 @@ impl Groups {
             }
             Group::Nccl(nccl) => {
                 let per = lens.iter().copied().max().unwrap_or(0);
-                let all = Tensor::f_zeros([per * world as i64], (Kind::Float, flat.device()))?;
-                let slot = all.f_narrow(0, rank as i64 * per, per)?;
-                slot.f_narrow(0, 0, flat.numel() as i64)?.f_copy_(flat)?;
-                // SAFETY: as in all_gather_params.
-                unsafe {
-                    nccl.all_gather_f32_raw(
-                        slot.data_ptr() as u64,
-                        all.data_ptr() as u64,
-                        per as usize,
-                    )?
-                };
+                let all = nccl_all_gather(nccl, flat, per)?;
                 (0..world)
                     .map(|k| Ok(all.f_narrow(0, k as i64 * per, lens[k])?))
                     .collect::<RoleResult<_>>()?
@@ -389,6 +367,22 @@ fn flat_buckets(total: i64) -> impl Iterator<Item = Range<i64>> {
 fn chunk(len: i64, world: usize, rank: usize) -> Range<i64> {
     let r = scatter_chunk(len as usize, world, rank);
     r.start as i64..r.end as i64
+}
+
+/// Every rank's `local` (f32, on the group's device, at most `per` elements) in one tensor of
+/// `world * per` elements, rank `k`'s at `k * per` (zero-padded): NCCL's all-gather needs
+/// equal lengths.
+fn nccl_all_gather(nccl: &mut NcclGroup, local: &Tensor, per: i64) -> RoleResult<Tensor> {
+    let (rank, world) = (nccl.rank() as i64, nccl.world() as i64);
+    let all = Tensor::f_zeros([per * world], (Kind::Float, local.device()))?;
+    let slot = all.f_narrow(0, rank * per, per)?;
+    slot.f_narrow(0, 0, local.numel() as i64)?.f_copy_(local)?;
+    // SAFETY: `all` is a contiguous f32 device tensor of world * per elements and the send
+    // pointer its own chunk (in place), alive until the call returned (it waits for the device).
+    unsafe {
+        nccl.all_gather_f32_raw(slot.data_ptr() as u64, all.data_ptr() as u64, per as usize)?
+    };
+    Ok(all)
 }
 
 /// `t` (f32, any device) copied into the reused host buffer `buf`.
