@@ -851,19 +851,28 @@ impl Trainer {
         Ok(())
     }
 
+    /// Whether the f32 gradient itself is sharded: ZeRO-2 over two or more replicas, where
+    /// each micro-batch's gradient is reduce-scattered into this replica's part.
+    fn grads_sharded(&self, groups: &Groups) -> bool {
+        self.spec.zero_stage >= 2 && self.sharded(groups)
+    }
+
     /// Starts a step: layout checked, gradients zeroed.
     fn begin_step(&mut self, groups: &Groups) -> RoleResult<()> {
         self.ensure_layout(groups)?;
-        let (len, dev) = if self.spec.zero_stage >= 2 && self.sharded(groups) {
-            (self.opt.owned_len(), self.dir.model.device())
+        let len = if self.grads_sharded(groups) {
+            self.opt.owned_len()
         } else {
-            (self.opt.total(), self.dir.model.device())
+            self.opt.total()
         };
         match &mut self.acc {
             Some(a) if a.numel() as i64 == len => {
                 let _ = a.f_zero_()?;
             }
-            _ => self.acc = Some(Tensor::f_zeros([len], (Kind::Float, dev))?),
+            _ => {
+                let dev = self.dir.model.device();
+                self.acc = Some(Tensor::f_zeros([len], (Kind::Float, dev))?);
+            }
         }
         Ok(self.opt.zero_grad()?)
     }
@@ -892,7 +901,7 @@ impl Trainer {
             .acc
             .as_ref()
             .ok_or_else(|| RoleError::bad("state", "no step begun".into()))?;
-        if acc.numel() as i64 == self.opt.total() {
+        if !self.grads_sharded(groups) {
             let mut off = 0i64;
             for (_, g) in &grads {
                 let n = g.numel() as i64;
@@ -920,7 +929,7 @@ impl Trainer {
         let grad = if !sharded {
             groups.all_reduce_flat(&acc)?;
             acc.shallow_clone()
-        } else if self.spec.zero_stage >= 2 {
+        } else if self.grads_sharded(groups) {
             acc.shallow_clone()
         } else {
             let owned = Tensor::f_zeros([self.opt.owned_len()], (Kind::Float, acc.device()))?;
