@@ -53,7 +53,7 @@ pub use reward::{
     combine_attributes, last_response_index, normalization_stats, shape_rewards,
     token_level_rewards, truncated_rows, RewardConfig, HELPSTEER2_ATTRIBUTES,
 };
-pub use sharded::{assemble, flat_len, LossScaler, Piece, Precision, ShardedAdamW};
+pub use sharded::{assemble, flat_len, LossScaler, Precision, ShardedAdamW};
 
 /// Every algorithm setting of a run, for the config crate to embed under one key.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

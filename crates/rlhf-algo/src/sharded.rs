@@ -38,14 +38,14 @@ pub enum Precision {
 
 /// A contiguous run of one parameter's elements that this replica owns.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Piece {
+struct Piece {
     /// Index of the parameter in the list the optimizer was built from.
-    pub param: usize,
+    param: usize,
     /// Element range inside the flattened parameter.
-    pub within: Range<i64>,
+    within: Range<i64>,
     /// Offset of the piece in the concatenation of the owned ranges (the flat gradient and
     /// state the caller exchanges).
-    pub at: i64,
+    at: i64,
 }
 
 impl Piece {
@@ -230,16 +230,6 @@ impl ShardedAdamW {
     /// The parameters, in flat order.
     pub fn params(&self) -> &[(String, Tensor)] {
         &self.params
-    }
-
-    /// Offset of parameter `i` in the flat vector.
-    pub fn offset(&self, i: usize) -> i64 {
-        self.offsets[i]
-    }
-
-    /// The owned pieces, in flat order.
-    pub fn pieces(&self) -> impl Iterator<Item = &Piece> {
-        self.pieces.iter().map(|p| &p.piece)
     }
 
     /// Optimizer steps taken.
