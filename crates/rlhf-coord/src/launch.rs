@@ -241,10 +241,16 @@ fn requeue_reason(result: &Result<()>) -> Option<String> {
     if let Some(p) = e.downcast_ref::<Preempted>() {
         return Some(p.reason.clone());
     }
-    let s = e.downcast_ref::<cluster::StoppedByWorker>()?;
-    s.failure
-        .lost
-        .then(|| format!("worker `{}` lost", s.failure.worker))
+    lost_worker(result).map(|w| format!("worker `{w}` lost"))
+}
+
+/// The worker whose node the heartbeats declared lost, when that stopped the run.
+fn lost_worker(result: &Result<()>) -> Option<&str> {
+    let s = result
+        .as_ref()
+        .err()?
+        .downcast_ref::<cluster::StoppedByWorker>()?;
+    s.failure.lost.then_some(s.failure.worker.as_str())
 }
 
 /// Outside an allocation: write the sbatch script into the run directory and submit it (or
@@ -398,6 +404,10 @@ async fn run_async(
     if let Ok(mut v) = pids.lock() {
         v.extend(children.iter().filter_map(|c| c.child.id()));
     }
+    let child_pids: Vec<(String, u32)> = children
+        .iter()
+        .filter_map(|c| Some((c.name.clone(), c.child.id()?)))
+        .collect();
     let reg = registry.clone();
     let reaper = launcher::watch_children(
         children,
@@ -442,16 +452,30 @@ async fn run_async(
     }
     .await;
 
-    // Tear down: heartbeats now answer "shutdown", each worker is asked to stop, and the reaper
-    // waits for (or kills) every child.
+    // Tear down: heartbeats now answer "shutdown", the workers are asked to stop (all at once),
+    // and the reaper waits for (or kills) every child. A lost worker's node is unreachable:
+    // asking it would only wait out the connect timeout and its process here (srun) would not
+    // exit, so it is killed at once. Under Slurm the requeue comes after this, and it has to
+    // come before slurmctld declares the node down and cancels the job (SlurmdTimeout).
     let _ = stop_tx.send(true);
-    for w in &cfg.workers {
-        if let Some(info) = registry.get(&w.name) {
-            if let Ok(c) = workers::connect(&info.address, &token).await {
-                workers::shutdown(c).await;
-            }
+    let lost = lost_worker(&result);
+    for (name, pid) in &child_pids {
+        if lost == Some(name.as_str()) {
+            launcher::kill_hard(*pid);
         }
     }
+    let token = &token;
+    let asks = cfg
+        .workers
+        .iter()
+        .filter(|w| lost != Some(w.name.as_str()))
+        .filter_map(|w| registry.get(&w.name))
+        .map(|info| async move {
+            if let Ok(c) = workers::connect(&info.address, token).await {
+                workers::shutdown(c).await;
+            }
+        });
+    futures::future::join_all(asks).await;
     if tokio::time::timeout(Duration::from_secs(15), reaper)
         .await
         .is_err()

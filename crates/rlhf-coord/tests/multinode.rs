@@ -226,6 +226,14 @@ fn runs_span_nodes_and_survive_slurms_own_stops() {
         "noticed {noticed:.1} s after the link went down:\n{log}"
     );
     let requeued = t_down.elapsed();
+    // The requeue must beat slurmctld's own verdict on the node (SlurmdTimeout = 10 s above):
+    // after that the job is cancelled for the node's failure instead of requeued. The tear-down
+    // does not wait on the lost node for this (measured 5.0 s; 15 s when it did).
+    assert!(
+        requeued < Duration::from_secs(10),
+        "requeue asked {:.1} s after the link went down, after SlurmdTimeout:\n{log}",
+        requeued.as_secs_f64()
+    );
     // The requeued job starts on the nodes that are up and resumes from the newest checkpoint.
     cluster.wait_until(
         Duration::from_secs(180),
