@@ -562,6 +562,12 @@ impl AlgorithmName {
         }
     }
 
+    /// Whether the algorithm trains a critic (PPO's GAE needs values; the REINFORCE family's
+    /// baselines come from the rewards).
+    pub fn uses_critic(self) -> bool {
+        self == AlgorithmName::Ppo
+    }
+
     /// Whether the advantage estimator compares samples of the same prompt.
     pub fn needs_groups(self) -> bool {
         matches!(self, AlgorithmName::Rloo | AlgorithmName::Grpo)

@@ -365,10 +365,11 @@ impl RunConfig {
             let replicable = matches!(role, Role::Actor | Role::Critic | Role::Generator);
             match hosts.len() {
                 0 if role == Role::Generator => {}
+                0 if role == Role::Critic && !self.algorithm.name.uses_critic() => {}
                 0 => {
                     return c.fail(
                         "workers",
-                        format!("role {role} is placed on no worker; add `{role}` to one worker's roles (reward and reference on exactly one worker, actor and critic on one or more)"),
+                        format!("role {role} is placed on no worker; add `{role}` to one worker's roles (reward and reference on exactly one worker, actor and critic on one or more{})", if role == Role::Critic { "; only ppo trains a critic" } else { "" }),
                     )
                 }
                 1 => {}

@@ -105,6 +105,12 @@ fn a_missing_role_is_named() {
         "{msg}"
     );
     assert!(msg.contains(&f.at(line_of(&yaml, "workers:"))), "{msg}");
+    assert!(msg.contains("only ppo trains a critic"), "{msg}");
+
+    // The REINFORCE family trains no critic, so none need be placed.
+    let grpo = format!("{yaml}algorithm:\n  name: grpo\n");
+    f.load(&grpo, &["rollout.samples_per_prompt=2"], &[])
+        .unwrap();
 }
 
 #[test]

@@ -49,7 +49,8 @@ enum Cmd {
         /// Model family: llama, mistral or qwen2.
         #[arg(long, default_value = "llama")]
         arch: String,
-        /// tiny (tests) or small (demos, benchmarks).
+        /// tiny (tests), small (demos, benchmarks), or a released model's shape with random
+        /// weights for GPU runs: qwen2.5-1.5b (with --arch qwen2), llama3-8b.
         #[arg(long, default_value = "tiny")]
         preset: String,
         #[arg(long)]
@@ -65,6 +66,10 @@ enum Cmd {
         dtype: String,
         #[arg(long, default_value_t = 0)]
         seed: i64,
+        /// Where the random weights are drawn (cpu, cuda, cuda:N); a GPU draws a 8B model's
+        /// weights in seconds where the CPU takes minutes.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Generate completions for one prompt or a JSONL file of prompts.
     Generate(generate_cmd::GenerateArgs),
@@ -135,6 +140,7 @@ fn run(cli: Cli) -> Result<()> {
             num_kv_heads,
             dtype,
             seed,
+            device,
         } => {
             let preset: Preset = preset
                 .parse()
@@ -144,6 +150,7 @@ fn run(cli: Cli) -> Result<()> {
             spec.num_key_value_heads = num_kv_heads;
             spec.dtype = parse_kind("--dtype", &dtype)?;
             spec.seed = seed;
+            spec.device = parse_device(&device)?;
             let cfg = init_model(&spec, &out)
                 .with_context(|| format!("writing a new model to {}", out.display()))?;
             tracing::info!(

@@ -23,13 +23,22 @@ pub const ENDOFTEXT: &str = "<|endoftext|>";
 pub const IM_START: &str = "<|im_start|>";
 pub const IM_END: &str = "<|im_end|>";
 
-/// Model sizes for tests (`tiny`) and demos/benchmarks (`small`).
+/// Model sizes for tests (`tiny`), demos and benchmarks (`small`), and the shapes of two
+/// released models for GPU runs at the size users train (`qwen2.5-1.5b`, `llama3-8b`): their
+/// `config.json` shapes with random weights and this crate's small tokenizer (the embedding keeps
+/// the released vocabulary size; ids past the tokenizer's are never produced).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preset {
     /// ~0.1M parameters: 2 layers, hidden 64, 4 heads over 2 KV heads.
     Tiny,
     /// ~30M parameters: 8 layers, hidden 512, 8 heads over 4 KV heads, vocab 4096.
     Small,
+    /// Qwen2.5-1.5B's shape (1.54B parameters, tied embeddings): 28 layers, hidden 1536,
+    /// 12 heads over 2 KV heads, MLP 8960, vocab 151936, rope theta 1e6.
+    Qwen25_1_5B,
+    /// Llama-3-8B's shape (8.03B parameters): 32 layers, hidden 4096, 32 heads over 8 KV heads,
+    /// MLP 14336, vocab 128256, rope theta 5e5.
+    Llama3_8B,
 }
 
 impl std::str::FromStr for Preset {
@@ -38,7 +47,11 @@ impl std::str::FromStr for Preset {
         match s {
             "tiny" => Ok(Preset::Tiny),
             "small" => Ok(Preset::Small),
-            _ => Err(format!("unknown preset {s:?}; expected tiny or small")),
+            "qwen2.5-1.5b" => Ok(Preset::Qwen25_1_5B),
+            "llama3-8b" => Ok(Preset::Llama3_8B),
+            _ => Err(format!(
+                "unknown preset {s:?}; expected tiny, small, qwen2.5-1.5b or llama3-8b"
+            )),
         }
     }
 }
@@ -52,6 +65,8 @@ pub struct InitSpec {
     pub num_key_value_heads: Option<usize>,
     pub dtype: Kind,
     pub seed: i64,
+    /// Where the weights are drawn before they are saved.
+    pub device: Device,
 }
 
 impl InitSpec {
@@ -63,21 +78,24 @@ impl InitSpec {
             num_key_value_heads: None,
             dtype: Kind::Float,
             seed: 0,
+            device: Device::Cpu,
         }
     }
 
     fn tokenizer_vocab(&self) -> usize {
         match self.preset {
             Preset::Tiny => 384,
-            Preset::Small => 1024,
+            Preset::Small | Preset::Qwen25_1_5B | Preset::Llama3_8B => 1024,
         }
     }
 
     /// The `config.json` contents.
     pub fn hf_config(&self) -> HfConfig {
-        let (vocab, hidden, inter, layers, heads, kv, ctx) = match self.preset {
-            Preset::Tiny => (512, 64, 176, 2, 4, 2, 512),
-            Preset::Small => (4096, 512, 1408, 8, 8, 4, 2048),
+        let (vocab, hidden, inter, layers, heads, kv, ctx, rope_theta) = match self.preset {
+            Preset::Tiny => (512, 64, 176, 2, 4, 2, 512, 10000.0),
+            Preset::Small => (4096, 512, 1408, 8, 8, 4, 2048, 10000.0),
+            Preset::Qwen25_1_5B => (151936, 1536, 8960, 28, 12, 2, 32768, 1e6),
+            Preset::Llama3_8B => (128256, 4096, 14336, 32, 32, 8, 8192, 5e5),
         };
         let arch = match self.family {
             Family::Llama => "LlamaForCausalLM",
@@ -99,7 +117,7 @@ impl InitSpec {
             "num_key_value_heads": self.num_key_value_heads.unwrap_or(kv),
             "max_position_embeddings": ctx,
             "rms_norm_eps": 1e-6,
-            "rope_theta": 10000.0,
+            "rope_theta": rope_theta,
             "hidden_act": "silu",
             "initializer_range": 0.02,
             "tie_word_embeddings": tied,
@@ -153,7 +171,7 @@ pub fn init_model(spec: &InitSpec, out: &Path) -> Result<Config> {
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     let cfg_path = out.join("config.json");
     let config = spec.hf_config().resolve(&cfg_path)?;
-    let model = Model::new(config.clone(), Device::Cpu, spec.dtype, spec.seed)?;
+    let model = Model::new(config.clone(), spec.device, spec.dtype, spec.seed)?;
     model.save(out, &SaveOptions::default())?;
     let tokenizer = train_tokenizer(spec.tokenizer_vocab())?;
     config.check_vocab(tokenizer.get_vocab_size(true), &out.join("tokenizer.json"))?;
@@ -208,5 +226,27 @@ mod tests {
         assert_eq!(*enc.get_ids().last().unwrap(), 2);
         assert_eq!(tk.decode(enc.get_ids(), false).unwrap(), text);
         assert!(tk.get_vocab_size(true) <= 384);
+    }
+
+    /// The released models' parameter counts (Qwen2.5-1.5B's model card: 1.54B; Llama-3-8B's
+    /// safetensors index: 8,030,261,248), from the presets' resolved shapes.
+    #[test]
+    fn released_shapes_have_the_released_parameter_counts() {
+        for (family, preset, want) in [
+            (Family::Qwen2, Preset::Qwen25_1_5B, 1_543_714_304usize),
+            (Family::Llama, Preset::Llama3_8B, 8_030_261_248),
+        ] {
+            let c = InitSpec::new(family, preset)
+                .hf_config()
+                .resolve(Path::new("config.json"))
+                .unwrap();
+            let (h, hd) = (c.hidden_size, c.head_dim);
+            let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+            let bias = if c.qkv_bias { q + 2 * kv } else { 0 };
+            let layer = h * q + 2 * h * kv + q * h + bias + 3 * h * c.intermediate_size + 2 * h;
+            let heads = if c.tie_word_embeddings { 1 } else { 2 };
+            let total = heads * c.vocab_size * h + c.num_hidden_layers * layer + h;
+            assert_eq!(total, want, "{preset:?}");
+        }
     }
 }
