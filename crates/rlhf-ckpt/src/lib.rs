@@ -158,30 +158,14 @@ fn fsync_dir(dir: &Path) -> Result<()> {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary sibling, fsync and rename, then fsyncs the
-/// parent, so readers see the old contents or the new ones, never a torn file.
+/// Writes `bytes` to `path` atomically and durably: readers see the old contents or the new ones,
+/// never a torn file, and the new ones survive a crash once this returns. The one implementation
+/// every crate of the workspace uses is `atomic-write-file` (temporary file in the same directory,
+/// fsync, rename, directory fsync); a bare file name means the current directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| CkptError::Usage(format!("{}: not a file path", path.display())))?;
-    let tmp = path.with_file_name(format!("{name}{TMP_INFIX}{}", unique_suffix()));
-    let written = (|| -> Result<()> {
-        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        drop(f);
-        fs::rename(&tmp, path).map_err(io(path))
-    })();
-    if let Err(e) = written {
-        // Best effort: the error that matters is the write's, not the clean-up's.
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    if let Some(parent) = path.parent() {
-        fsync_dir(parent)?;
-    }
-    Ok(())
+    let mut f = atomic_write_file::AtomicWriteFile::open(path).map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.commit().map_err(io(path))
 }
 
 /// SHA-256 and size of a file, streamed.

@@ -316,11 +316,14 @@ fn derive_pairs_bt_sft_and_stop_resume() {
     let d = tmp.path();
     init(&d.join("base"));
     write_jsonl(&d.join("ratings.jsonl"), &ratings(20));
+    // A bare file name, as a user types it: written into the working directory (it once wrote
+    // the file, then failed fsyncing the parent directory "").
     let out = ok(bin()
+        .current_dir(d)
         .arg("derive-pairs")
         .arg(d.join("ratings.jsonl"))
         .arg("--out")
-        .arg(d.join("pairs.jsonl"))
+        .arg("pairs.jsonl")
         .output()
         .unwrap());
     assert!(out.contains("pairs written"), "{out}");

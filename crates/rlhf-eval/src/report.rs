@@ -3,8 +3,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -161,43 +160,16 @@ fn jsonl<T: Serialize>(rows: &[T]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Writes `bytes` to `path` through a temporary sibling: create, write, fsync, rename, then
-/// fsync the directory so the rename itself is durable.
+/// Writes `bytes` to `path` atomically and durably through `atomic-write-file` (temporary file,
+/// fsync, rename, directory fsync): readers see the old report or the new one, never a torn one.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| EvalError::Io { path: p, source }
+    let io = |source| EvalError::Io {
+        path: path.to_path_buf(),
+        source,
     };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        f.write_all(bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        fs::rename(&tmp, path).map_err(io(path))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result?;
-    // Directory fsync makes the rename durable; some filesystems refuse it, which is harmless.
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    let mut f = atomic_write_file::AtomicWriteFile::open(path).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.commit().map_err(io)
 }
 
 #[cfg(test)]

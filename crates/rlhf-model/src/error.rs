@@ -118,17 +118,12 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) 
     serde_json::from_slice(&bytes).map_err(|e| ModelError::json(path, &e))
 }
 
-/// Writes a file atomically: a temporary sibling first, then a rename, so a crash never leaves a
-/// half-written file under the final name.
+/// Writes a file atomically and durably through `atomic-write-file` (temporary file, fsync,
+/// rename, directory fsync), so a crash never leaves a half-written file under the final name.
 pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| ModelError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| ModelError::io(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+    let mut f =
+        atomic_write_file::AtomicWriteFile::open(path).map_err(|e| ModelError::io(path, e))?;
+    f.write_all(bytes).map_err(|e| ModelError::io(path, e))?;
+    f.commit().map_err(|e| ModelError::io(path, e))
 }
