@@ -4,8 +4,9 @@
 //! judge server started by the test on loopback, which rates some answers and returns garbage
 //! for others: the run goes on and the garbage is counted as missing.
 //!
-//! The MT-Bench files are read from `../shared/data/mt_bench` (never copied into the repo);
-//! `RLHF_MT_BENCH_DIR` overrides the location.
+//! The MT-Bench files are read from `../shared/data/mt_bench` (never copied into the repo;
+//! `RLHF_MT_BENCH_DIR` overrides the location); where they are absent (a fresh clone) the tests
+//! run on `rlhf_eval::fixture`, 80 questions in MT-Bench's format and shape.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -13,10 +14,17 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 fn mt_bench_dir() -> PathBuf {
-    if let Ok(d) = std::env::var("RLHF_MT_BENCH_DIR") {
-        return PathBuf::from(d);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mt_bench")
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let real = std::env::var_os("RLHF_MT_BENCH_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mt_bench")
+            });
+        let scratch = Path::new(env!("CARGO_TARGET_TMPDIR")).join("validation_mt_bench");
+        rlhf_eval::fixture::real_or_fixture(&real, &scratch).unwrap()
+    })
+    .clone()
 }
 
 mod common;
@@ -102,10 +110,6 @@ fn json(p: &Path) -> serde_json::Value {
 
 #[test]
 fn reward_model_judge_scores_all_80_questions_and_ranks_checkpoints() {
-    if !mt_bench_dir().join("question.jsonl").is_file() {
-        eprintln!("SKIPPED: no MT-Bench data at {}", mt_bench_dir().display());
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let f = setup(
         tmp.path(),
@@ -226,10 +230,6 @@ fn judge_server() -> String {
 
 #[test]
 fn http_judge_on_loopback_with_unparseable_judgments() {
-    if !mt_bench_dir().join("question.jsonl").is_file() {
-        eprintln!("SKIPPED: no MT-Bench data at {}", mt_bench_dir().display());
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let url = judge_server();
     let f = setup(

@@ -515,37 +515,39 @@ pub(crate) mod tests {
     use std::collections::BTreeMap;
     use std::io::Write;
 
-    /// The shared MT-Bench copy: `RLHF_MT_BENCH_DIR`, else `shared/data/mt_bench` beside the
-    /// repository. `None` (with a loud message) when it is absent.
-    pub(crate) fn shared_dir() -> Option<PathBuf> {
-        let dir = std::env::var_os("RLHF_MT_BENCH_DIR")
+    /// The MT-Bench data the tests read: `RLHF_MT_BENCH_DIR`, else `shared/data/mt_bench` beside
+    /// the repository, else (a fresh clone) the fixture of the same shape, written once per test
+    /// process. Every test runs either way; none skips.
+    pub(crate) fn mt_bench_dir() -> PathBuf {
+        static FIXTURE: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+        let real = std::env::var_os("RLHF_MT_BENCH_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mt_bench")
             });
-        if dir.is_dir() {
-            Some(dir)
-        } else {
-            // Straight to stderr: libtest captures eprintln!, and a skip must be seen.
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n!!!!! SKIPPING: MT-Bench data not found at {} (set RLHF_MT_BENCH_DIR) !!!!!\n",
-                dir.display()
-            );
-            None
+        if real.join(QUESTION_FILE).is_file() {
+            return real;
         }
+        FIXTURE
+            .get_or_init(|| {
+                let tmp = tempfile::tempdir().unwrap();
+                crate::fixture::write_mt_bench_fixture(tmp.path()).unwrap();
+                tmp
+            })
+            .path()
+            .to_path_buf()
     }
 
     /// A copy of the shared data in a temp dir, with `edit(file name, text) -> text` applied.
-    fn edited_copy(edit: impl Fn(&str, String) -> String) -> Option<tempfile::TempDir> {
-        let src = shared_dir()?;
+    fn edited_copy(edit: impl Fn(&str, String) -> String) -> tempfile::TempDir {
+        let src = mt_bench_dir();
         let tmp = tempfile::tempdir().unwrap();
         fs::create_dir_all(tmp.path().join("reference_answer")).unwrap();
         for name in [QUESTION_FILE, JUDGE_PROMPT_FILE, REFERENCE_FILE] {
             let text = fs::read_to_string(src.join(name)).unwrap();
             fs::write(tmp.path().join(name), edit(name, text)).unwrap();
         }
-        Some(tmp)
+        tmp
     }
 
     fn replace_line(text: &str, line: usize, new: &str) -> String {
@@ -558,7 +560,7 @@ pub(crate) mod tests {
 
     #[test]
     fn loads_the_shared_data() {
-        let Some(dir) = shared_dir() else { return };
+        let dir = mt_bench_dir();
         let bench = MtBench::load(&dir).unwrap();
         let qs = bench.questions();
         assert_eq!(qs.len(), 80);
@@ -581,7 +583,7 @@ pub(crate) mod tests {
 
     #[test]
     fn conversations_follow_question_order() {
-        let Some(dir) = shared_dir() else { return };
+        let dir = mt_bench_dir();
         let bench = MtBench::load(&dir).unwrap();
         let c1 = bench.turn1_conversations(Some("be brief"));
         assert_eq!(c1.len(), 80);
@@ -630,28 +632,24 @@ pub(crate) mod tests {
         assert!(err.contains("fastchat/llm_judge/data/mt_bench/"), "{err}");
     }
 
-    fn load_err(file: &'static str, edit: impl Fn(String) -> String) -> Option<String> {
-        let tmp = edited_copy(|name, text| if name == file { edit(text) } else { text })?;
-        Some(MtBench::load(tmp.path()).unwrap_err().to_string())
+    fn load_err(file: &'static str, edit: impl Fn(String) -> String) -> String {
+        let tmp = edited_copy(|name, text| if name == file { edit(text) } else { text });
+        MtBench::load(tmp.path()).unwrap_err().to_string()
     }
 
     #[test]
     fn bad_json_names_file_and_line() {
-        let Some(err) = load_err(QUESTION_FILE, |t| {
+        let err = load_err(QUESTION_FILE, |t| {
             replace_line(&t, 5, "{\"question_id\": 85,")
-        }) else {
-            return;
-        };
+        });
         assert!(err.contains("question.jsonl:5: invalid JSON"), "{err}");
     }
 
     #[test]
     fn missing_field_names_file_line_and_field() {
-        let Some(err) = load_err(QUESTION_FILE, |t| {
+        let err = load_err(QUESTION_FILE, |t| {
             replace_line(&t, 12, r#"{"question_id": 92, "turns": ["a", "b"]}"#)
-        }) else {
-            return;
-        };
+        });
         assert!(
             err.contains("question.jsonl:12: missing field `category`"),
             "{err}"
@@ -660,15 +658,13 @@ pub(crate) mod tests {
 
     #[test]
     fn three_turns_is_an_error() {
-        let Some(err) = load_err(QUESTION_FILE, |t| {
+        let err = load_err(QUESTION_FILE, |t| {
             replace_line(
                 &t,
                 3,
                 r#"{"question_id": 83, "category": "writing", "turns": ["a", "b", "c"]}"#,
             )
-        }) else {
-            return;
-        };
+        });
         assert!(
             err.contains("question.jsonl:3: question 83 has 3 turns"),
             "{err}"
@@ -677,15 +673,13 @@ pub(crate) mod tests {
 
     #[test]
     fn duplicate_question_id_is_an_error() {
-        let Some(err) = load_err(QUESTION_FILE, |t| {
+        let err = load_err(QUESTION_FILE, |t| {
             replace_line(
                 &t,
                 4,
                 r#"{"question_id": 81, "category": "writing", "turns": ["a", "b"]}"#,
             )
-        }) else {
-            return;
-        };
+        });
         assert!(
             err.contains("question.jsonl:4: duplicate question_id 81 (first on line 1)"),
             "{err}"
@@ -694,15 +688,13 @@ pub(crate) mod tests {
 
     #[test]
     fn bad_reference_line_names_file_and_line() {
-        let Some(err) = load_err(REFERENCE_FILE, |t| {
+        let err = load_err(REFERENCE_FILE, |t| {
             replace_line(
                 &t,
                 2,
                 r#"{"question_id": 102, "choices": [{"turns": ["only one"]}]}"#,
             )
-        }) else {
-            return;
-        };
+        });
         assert!(
             err.contains("gpt-4.jsonl:2: reference answer for question 102 has 1 turns"),
             "{err}"
@@ -712,14 +704,12 @@ pub(crate) mod tests {
     #[test]
     fn missing_reference_names_the_question() {
         // Drop the line of question 123 (coding).
-        let Some(err) = load_err(REFERENCE_FILE, |t| {
+        let err = load_err(REFERENCE_FILE, |t| {
             t.lines()
                 .filter(|l| !l.starts_with(r#"{"question_id": 123,"#))
                 .collect::<Vec<_>>()
                 .join("\n")
-        }) else {
-            return;
-        };
+        });
         assert!(
             err.contains("question 123 (category coding) needs a reference answer"),
             "{err}"
@@ -728,38 +718,32 @@ pub(crate) mod tests {
 
     #[test]
     fn bad_judge_prompt_names_file_and_line() {
-        let Some(err) = load_err(JUDGE_PROMPT_FILE, |t| replace_line(&t, 7, "not json")) else {
-            return;
-        };
+        let err = load_err(JUDGE_PROMPT_FILE, |t| replace_line(&t, 7, "not json"));
         assert!(err.contains("judge_prompts.jsonl:7: invalid JSON"), "{err}");
     }
 
     #[test]
     fn judge_prompt_with_unknown_placeholder_is_an_error() {
-        let Some(err) = load_err(JUDGE_PROMPT_FILE, |t| {
+        let err = load_err(JUDGE_PROMPT_FILE, |t| {
             let line = t
                 .lines()
                 .nth(4)
                 .unwrap()
                 .replace("{question}", "{questoin}");
             replace_line(&t, 5, &line)
-        }) else {
-            return;
-        };
+        });
         assert!(err.contains("judge_prompts.jsonl:5:"), "{err}");
         assert!(err.contains("{questoin}"), "{err}");
     }
 
     #[test]
     fn missing_judge_prompt_is_an_error() {
-        let Some(err) = load_err(JUDGE_PROMPT_FILE, |t| {
+        let err = load_err(JUDGE_PROMPT_FILE, |t| {
             t.lines()
                 .filter(|l| !l.contains(r#""name": "single-v1-multi-turn""#))
                 .collect::<Vec<_>>()
                 .join("\n")
-        }) else {
-            return;
-        };
+        });
         assert!(
             err.contains("judge prompt \"single-v1-multi-turn\" is missing"),
             "{err}"
@@ -768,12 +752,10 @@ pub(crate) mod tests {
 
     #[test]
     fn blank_lines_are_skipped_and_line_numbers_stay_true() {
-        let Some(err) = load_err(QUESTION_FILE, |t| {
+        let err = load_err(QUESTION_FILE, |t| {
             let t = format!("\n{t}");
             replace_line(&t, 3, "42")
-        }) else {
-            return;
-        };
+        });
         assert!(err.contains("question.jsonl:3: invalid type"), "{err}");
     }
 }

@@ -384,9 +384,7 @@ mod tests {
 
     #[test]
     fn config_errors_name_the_problem_and_debug_hides_the_key() {
-        let Some(dir) = crate::data::tests::shared_dir() else {
-            return;
-        };
+        let dir = crate::data::tests::mt_bench_dir();
         let bench = crate::MtBench::load(&dir).unwrap();
         let mut c = HttpJudgeConfig::new("127.0.0.1:8000/v1", "judge");
         let e = HttpJudge::new(c.clone(), bench.judge_prompts()).unwrap_err();

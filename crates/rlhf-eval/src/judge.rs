@@ -228,7 +228,7 @@ fn check_judgments(name: &str, items: &[JudgeItem<'_>], judgments: &[Judgment]) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::tests::shared_dir;
+    use crate::data::tests::mt_bench_dir;
 
     /// Rates every answer by its length; drops or reorders judgments when asked to.
     struct LenJudge {
@@ -259,7 +259,7 @@ mod tests {
 
     #[tokio::test]
     async fn validate_runs_a_judge_and_checks_its_output() {
-        let Some(dir) = shared_dir() else { return };
+        let dir = mt_bench_dir();
         let bench = MtBench::load(&dir).unwrap();
         let a1 = vec!["abc".to_owned(); 80];
         let a2 = vec!["abcdefg".to_owned(); 80];
@@ -292,7 +292,7 @@ mod tests {
 
     #[test]
     fn items_are_question_major_and_conversations_end_with_the_answer() {
-        let Some(dir) = shared_dir() else { return };
+        let dir = mt_bench_dir();
         let bench = MtBench::load(&dir).unwrap();
         let a1: Vec<String> = (0..80).map(|i| format!("one-{i}")).collect();
         let a2: Vec<String> = (0..80).map(|i| format!("two-{i}")).collect();

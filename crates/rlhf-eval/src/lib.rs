@@ -34,6 +34,7 @@
 mod chat;
 mod data;
 mod error;
+pub mod fixture;
 mod http;
 mod judge;
 mod prompt;

@@ -319,7 +319,7 @@ fn find_number_in<'a>(text: &'a str, open: &str, close: &str) -> Option<&'a str>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::tests::shared_dir;
+    use crate::data::tests::mt_bench_dir;
     use crate::MtBench;
 
     #[test]
@@ -381,7 +381,7 @@ mod tests {
 
     #[test]
     fn fills_all_four_prompt_kinds() {
-        let Some(dir) = shared_dir() else { return };
+        let dir = mt_bench_dir();
         let bench = MtBench::load(&dir).unwrap();
         let mut seen = std::collections::BTreeSet::new();
         for q in bench.questions() {
@@ -429,7 +429,7 @@ mod tests {
 
     #[test]
     fn second_turn_without_odd_answers_leaves_no_placeholder() {
-        let Some(dir) = shared_dir() else { return };
+        let dir = mt_bench_dir();
         let bench = MtBench::load(&dir).unwrap();
         for q in bench.questions() {
             let answer = ModelAnswer {
@@ -446,7 +446,7 @@ mod tests {
 
     #[test]
     fn missing_reference_is_reported_not_panicked() {
-        let Some(dir) = shared_dir() else { return };
+        let dir = mt_bench_dir();
         let bench = MtBench::load(&dir).unwrap();
         let mut q = bench
             .questions()

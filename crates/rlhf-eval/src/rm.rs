@@ -133,7 +133,7 @@ impl<S: GoodnessScorer> Judge for RewardModelJudge<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::tests::shared_dir;
+    use crate::data::tests::mt_bench_dir;
     use crate::judge::{judge_items, Outcome};
     use crate::MtBench;
 
@@ -198,7 +198,7 @@ mod tests {
 
     #[tokio::test]
     async fn reward_model_judge_maps_scores_and_survives_failures() {
-        let Some(dir) = shared_dir() else { return };
+        let dir = mt_bench_dir();
         let bench = MtBench::load(&dir).unwrap();
         let answers = bench
             .model_answers("m", vec!["a".into(); 80], vec!["b".into(); 80])

@@ -32,23 +32,20 @@ fn init_env() {
     });
 }
 
-fn data_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("RLHF_MT_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mt_bench")
-        });
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        // Straight to stderr: libtest captures eprintln!, and a skip must be seen.
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n!!!!! SKIPPING http_judge: MT-Bench data not found at {} (set RLHF_MT_BENCH_DIR) !!!!!\n",
-            dir.display()
-        );
-        None
-    }
+/// MT-Bench's files from `RLHF_MT_BENCH_DIR` or `shared/data/mt_bench` beside the repository,
+/// else (a fresh clone) the fixture of the same shape: the tests run either way.
+fn data_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let real = std::env::var_os("RLHF_MT_BENCH_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mt_bench")
+            });
+        let scratch = Path::new(env!("CARGO_TARGET_TMPDIR")).join("http_judge_mt_bench");
+        rlhf_eval::fixture::real_or_fixture(&real, &scratch).unwrap()
+    })
+    .clone()
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -380,7 +377,7 @@ fn approx(a: Option<f64>, b: f64) -> bool {
 #[test]
 fn judges_all_160_items_and_reports_the_expected_scores() {
     init_env();
-    let Some(dir) = data_dir() else { return };
+    let dir = data_dir();
     let bench = MtBench::load(&dir).unwrap();
     // A little thinking time per request makes overlapping requests observable.
     let server = FakeJudge::start(
@@ -480,7 +477,7 @@ fn faulty(seen: &Seen) -> Reply {
 #[test]
 fn faulty_judge_gives_missing_ratings_with_reasons_in_bounded_time() {
     init_env();
-    let Some(dir) = data_dir() else { return };
+    let dir = data_dir();
     let bench = MtBench::load(&dir).unwrap();
     let server = FakeJudge::start(&dir, Box::new(faulty));
     let timeout = Duration::from_secs(1);
@@ -559,7 +556,7 @@ fn faulty_judge_gives_missing_ratings_with_reasons_in_bounded_time() {
 #[test]
 fn wrong_key_is_a_reasoned_failure_without_retry() {
     init_env();
-    let Some(dir) = data_dir() else { return };
+    let dir = data_dir();
     let bench = MtBench::load(&dir).unwrap();
     let server = FakeJudge::start(&dir, Box::new(honest));
     let judge = HttpJudge::new(
@@ -591,7 +588,7 @@ fn wrong_key_is_a_reasoned_failure_without_retry() {
 #[test]
 fn nobody_listening_fails_fast_after_one_retry() {
     init_env();
-    let Some(dir) = data_dir() else { return };
+    let dir = data_dir();
     let bench = MtBench::load(&dir).unwrap();
     // A port that was just free: connections to it are refused.
     let addr = TcpListener::bind("127.0.0.1:0")
