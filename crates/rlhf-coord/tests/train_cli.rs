@@ -259,10 +259,22 @@ fn bad_rows_fail_naming_file_and_line_or_are_skipped_and_counted() {
         err.contains("ratings.jsonl:7:") && err.contains("not JSON"),
         "{err}"
     );
+    // The hint names the flag these commands take, as well as the job-file key.
+    assert!(err.contains("--on-bad-row skip"), "{err}");
 }
 
 #[test]
 fn job_file_errors_name_key_and_line() {
+    // A missing job file: the OS error is said once, not once per layer of the error chain.
+    let msg = fails(
+        bin()
+            .arg("train-rm")
+            .arg("/nonexistent/job.yaml")
+            .output()
+            .unwrap(),
+    );
+    assert!(msg.contains("/nonexistent/job.yaml"), "{msg}");
+    assert_eq!(msg.matches("os error 2").count(), 1, "{msg}");
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     std::fs::create_dir_all(d.join("base")).unwrap();

@@ -214,7 +214,8 @@ pub fn read_rows<T>(
                         path: path.to_path_buf(),
                         line,
                         msg: format!(
-                            "{msg} (set data.on_bad_row: skip to skip and count bad rows)"
+                            "{msg} (to skip and count bad rows: `data.on_bad_row: skip` in a job \
+                             file, `--on-bad-row skip` for score, eval-rm and derive-pairs)"
                         ),
                     })
                 }
