@@ -69,11 +69,11 @@ impl Chosen {
 }
 
 pub fn run(a: ExportArgs) -> Result<()> {
-    let which = match (a.step, a.best) {
-        (Some(s), _) => Which::Step(s),
-        (None, true) => Which::Best,
-        // --latest or nothing.
-        (None, false) => Which::Latest,
+    // clap's group makes the three flags exclusive; none given means --latest.
+    let which = match (a.step, a.best, a.latest) {
+        (Some(s), _, _) => Which::Step(s),
+        (None, true, _) => Which::Best,
+        (None, false, _) => Which::Latest,
     };
     let chosen = choose(&a.run_dir, which)?;
     let written = export(&chosen, &a.out, a.adapter_only)?;
