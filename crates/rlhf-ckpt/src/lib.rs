@@ -221,10 +221,7 @@ fn sync_and_hash(dir: &Path, rels: Vec<String>) -> Result<Vec<FileEntry>> {
 }
 
 /// `one` over `rels` on up to 8 threads; results in `rels`' order.
-fn par_map<T: Send>(
-    rels: &[String],
-    one: impl Fn(&String) -> Result<T> + Sync,
-) -> Result<Vec<T>> {
+fn par_map<T: Send>(rels: &[String], one: impl Fn(&String) -> Result<T> + Sync) -> Result<Vec<T>> {
     const THREADS: usize = 8;
     let n = rels.len().clamp(1, THREADS);
     let one = &one;
@@ -470,15 +467,12 @@ impl StagedDir {
     /// Creates the staging directory next to `target` (creating `target`'s parents).
     pub fn begin(target: &Path) -> Result<StagedDir> {
         check_empty_target(target)?;
-        let name = target
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| {
-                CkptError::Usage(format!(
-                    "{}: not a directory path (it has no UTF-8 final component)",
-                    target.display()
-                ))
-            })?;
+        let name = target.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+            CkptError::Usage(format!(
+                "{}: not a directory path (it has no UTF-8 final component)",
+                target.display()
+            ))
+        })?;
         let parent = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -1119,7 +1113,9 @@ mod tests {
         assert!(e.contains("already exists and is not empty"), "{e}");
         assert_eq!(fs::read(raced.join("theirs")).unwrap(), b"4");
         // A file as target, and an abandoned staging directory is cleaned up on drop.
-        let e = StagedDir::begin(&raced.join("theirs")).unwrap_err().to_string();
+        let e = StagedDir::begin(&raced.join("theirs"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("is not a directory"), "{e}");
         let st = StagedDir::begin(&tmp.path().join("never")).unwrap();
         let stage = st.dir().to_path_buf();

@@ -142,8 +142,9 @@ pub fn choose(run_dir: &Path, which: Which) -> Result<Chosen> {
     }
     let dir = match which {
         Which::Latest => {
-            let found = rlhf_ckpt::latest_valid(run_dir)
-                .with_context(|| format!("looking for the latest checkpoint of {}", run_dir.display()))?;
+            let found = rlhf_ckpt::latest_valid(run_dir).with_context(|| {
+                format!("looking for the latest checkpoint of {}", run_dir.display())
+            })?;
             let Some(resume) = found else {
                 bail!(
                     "{}: none of its checkpoints (steps {}) verifies against its manifest; `rlhf-coord status {} --verify` says why",

@@ -244,9 +244,15 @@ fn full_fine_tune_exports_a_model_transformers_decodes_like_we_do() {
     let e = refused(&export(&policy, &t.join("x"), &[]));
     assert!(e.contains("is not a run directory"), "{e}");
     let e = refused(&export(&t.join("nope"), &t.join("x"), &[]));
-    assert!(e.contains("is not a run directory: it does not exist"), "{e}");
+    assert!(
+        e.contains("is not a run directory: it does not exist"),
+        "{e}"
+    );
     let e = refused(&export(&ckpt(&run, 2), &t.join("x"), &[]));
-    assert!(e.contains("is a checkpoint directory, not a run directory"), "{e}");
+    assert!(
+        e.contains("is a checkpoint directory, not a run directory"),
+        "{e}"
+    );
     assert!(e.contains("--step 2"), "{e}");
     let e = refused(&export(&run, &t.join("x"), &["--step", "7"]));
     assert!(
@@ -257,7 +263,11 @@ fn full_fine_tune_exports_a_model_transformers_decodes_like_we_do() {
     let e = refused(&export(&run, &latest, &[]));
     assert!(e.contains("already exists and is not empty"), "{e}");
     assert!(e.contains("export-latest"), "{e}");
-    assert_eq!(files(&latest), before, "a refused export touched the directory");
+    assert_eq!(
+        files(&latest),
+        before,
+        "a refused export touched the directory"
+    );
     let e = refused(&export(&run, &t.join("x"), &["--adapter-only"]));
     assert!(e.contains("has no LoRA adapters"), "{e}");
     let e = refused(&export(&run, &t.join("x"), &["--step", "1", "--best"]));
@@ -307,7 +317,10 @@ fn lora_run_exports_merged_and_adapter_only_loads_with_peft() {
     export_ok(&run, &merged, &[]);
     let got = files(&merged);
     assert!(got.contains(&"model.safetensors".to_string()), "{got:?}");
-    assert!(got.contains(&"generation_config.json".to_string()), "{got:?}");
+    assert!(
+        got.contains(&"generation_config.json".to_string()),
+        "{got:?}"
+    );
     assert!(
         !got.iter()
             .any(|f| f.contains("adapter") || f.contains("optimizer") || f.contains("trainer")),
@@ -327,7 +340,10 @@ fn lora_run_exports_merged_and_adapter_only_loads_with_peft() {
     export_ok(&run, &adapter, &["--adapter-only"]);
     let got = files(&adapter);
     assert!(got.contains(&"adapter_config.json".to_string()), "{got:?}");
-    assert!(got.contains(&"adapter_model.safetensors".to_string()), "{got:?}");
+    assert!(
+        got.contains(&"adapter_model.safetensors".to_string()),
+        "{got:?}"
+    );
     assert!(
         !got.iter()
             .any(|f| f.starts_with("model.") || f == "config.json" || f.contains("optimizer")),
@@ -344,19 +360,29 @@ fn lora_run_exports_merged_and_adapter_only_loads_with_peft() {
     let mut any_differs = false;
     for (i, p) in PROMPTS.iter().enumerate() {
         let (ids, lps) = ours(&merged, p);
-        assert_eq!(ids, theirs[2 * i], "prompt {p:?}: ours vs transformers (merged)");
-        assert_eq!(ids, theirs[2 * i + 1], "prompt {p:?}: ours vs peft (adapter)");
+        assert_eq!(
+            ids,
+            theirs[2 * i],
+            "prompt {p:?}: ours vs transformers (merged)"
+        );
+        assert_eq!(
+            ids,
+            theirs[2 * i + 1],
+            "prompt {p:?}: ours vs peft (adapter)"
+        );
         // generate on the checkpoint applies the adapters to the base: the merged model's
         // tokens and (to rounding) log-probs.
         let (ck_ids, ck_lps) = ours(&ckpt(&run, 2), p);
         assert_eq!(ck_ids, ids);
-        assert_close(&ck_lps, &lps, 1e-4, "checkpoint (base + adapters) vs merged export");
+        assert_close(
+            &ck_lps,
+            &lps,
+            1e-4,
+            "checkpoint (base + adapters) vs merged export",
+        );
         let (base_ids, base_lps) = ours(&policy, p);
-        any_differs |= base_ids != ids
-            || base_lps
-                .iter()
-                .zip(&lps)
-                .any(|(a, b)| (a - b).abs() > 1e-3);
+        any_differs |=
+            base_ids != ids || base_lps.iter().zip(&lps).any(|(a, b)| (a - b).abs() > 1e-3);
     }
     assert!(
         any_differs,
