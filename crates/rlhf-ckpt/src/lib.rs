@@ -190,9 +190,7 @@ pub fn hash_file(path: &Path) -> Result<(String, u64)> {
 /// instead of one per file) and large files hash on all cores. Entries come back in `rels`'
 /// order.
 fn sync_and_hash(dir: &Path, rels: Vec<String>) -> Result<Vec<FileEntry>> {
-    const THREADS: usize = 8;
-    let n = rels.len().clamp(1, THREADS);
-    let one = |rel: &String| -> Result<FileEntry> {
+    par_map(&rels, |rel| {
         let path = dir.join(rel);
         fs::File::open(&path)
             .and_then(|f| f.sync_all())
@@ -203,12 +201,18 @@ fn sync_and_hash(dir: &Path, rels: Vec<String>) -> Result<Vec<FileEntry>> {
             size,
             sha256,
         })
-    };
-    let mut slots: Vec<Option<Result<FileEntry>>> = (0..rels.len()).map(|_| None).collect();
+    })
+}
+
+/// `one` over `rels` on up to 8 threads; results in `rels`' order.
+fn par_map<T: Send>(rels: &[String], one: impl Fn(&String) -> Result<T> + Sync) -> Result<Vec<T>> {
+    const THREADS: usize = 8;
+    let n = rels.len().clamp(1, THREADS);
+    let one = &one;
+    let mut slots: Vec<Option<Result<T>>> = (0..rels.len()).map(|_| None).collect();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..n)
             .map(|t| {
-                let rels = &rels;
                 s.spawn(move || {
                     (t..rels.len())
                         .step_by(n)
@@ -427,6 +431,120 @@ impl Drop for CheckpointWriter {
         if !self.done {
             let _ = fs::remove_dir_all(&self.stage);
         }
+    }
+}
+
+/// A directory that appears whole or not at all, for outputs other than checkpoints (an exported
+/// model): files go into a hidden staging sibling of the target (`.NAME.tmp-XXXX`, same file
+/// system, so the final rename is atomic); [`StagedDir::publish`] fsyncs them and renames the
+/// staging directory onto the target. The target must not exist or be an empty directory: an
+/// existing non-empty one is refused before anything is written and again at the rename.
+/// Dropping an unpublished `StagedDir` removes the staging directory.
+#[derive(Debug)]
+pub struct StagedDir {
+    target: PathBuf,
+    stage: PathBuf,
+    done: bool,
+}
+
+impl StagedDir {
+    /// Creates the staging directory next to `target` (creating `target`'s parents).
+    pub fn begin(target: &Path) -> Result<StagedDir> {
+        check_empty_target(target)?;
+        let name = target.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+            CkptError::Usage(format!(
+                "{}: not a directory path (it has no UTF-8 final component)",
+                target.display()
+            ))
+        })?;
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        fs::create_dir_all(&parent).map_err(io(&parent))?;
+        let stage = parent.join(format!(".{name}{TMP_INFIX}{}", unique_suffix()));
+        fs::create_dir(&stage).map_err(io(&stage))?;
+        Ok(StagedDir {
+            target: target.to_path_buf(),
+            stage,
+            done: false,
+        })
+    }
+
+    /// The staging directory to write files into.
+    pub fn dir(&self) -> &Path {
+        &self.stage
+    }
+
+    /// Fsyncs every file and directory of the staging directory, renames it onto the target
+    /// and fsyncs the parent. Returns the target.
+    pub fn publish(mut self) -> Result<PathBuf> {
+        let rels = list_files(&self.stage)?;
+        par_map(&rels, |rel| {
+            let path = self.stage.join(rel);
+            fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&path))
+        })?;
+        let mut dirs: Vec<PathBuf> = rels
+            .iter()
+            .filter_map(|r| Path::new(r).parent().map(|p| self.stage.join(p)))
+            .collect();
+        dirs.push(self.stage.clone());
+        dirs.sort();
+        dirs.dedup();
+        for d in &dirs {
+            fsync_dir(d)?;
+        }
+        check_empty_target(&self.target)?;
+        // rename(2) replaces an empty directory and fails on a non-empty one, so a target
+        // filled since the check above is still never overwritten.
+        fs::rename(&self.stage, &self.target).map_err(|e| match e.kind() {
+            std::io::ErrorKind::DirectoryNotEmpty | std::io::ErrorKind::AlreadyExists => {
+                non_empty(&self.target)
+            }
+            _ => io(&self.target)(e),
+        })?;
+        self.done = true;
+        if let Some(parent) = self.stage.parent() {
+            fsync_dir(parent)?;
+        }
+        Ok(self.target.clone())
+    }
+}
+
+impl Drop for StagedDir {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_dir_all(&self.stage);
+        }
+    }
+}
+
+fn non_empty(target: &Path) -> CkptError {
+    CkptError::Usage(format!(
+        "{} already exists and is not empty; give a new directory (or remove this one)",
+        target.display()
+    ))
+}
+
+/// `target` may be missing or an empty directory; anything else is an error saying so.
+fn check_empty_target(target: &Path) -> Result<()> {
+    match fs::symlink_metadata(target) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(target)(e)),
+        Ok(m) if m.is_dir() => {
+            let mut entries = fs::read_dir(target).map_err(io(target))?;
+            if entries.next().is_some() {
+                Err(non_empty(target))
+            } else {
+                Ok(())
+            }
+        }
+        Ok(_) => Err(CkptError::Usage(format!(
+            "{} already exists and is not a directory; give a new directory",
+            target.display()
+        ))),
     }
 }
 
@@ -941,5 +1059,51 @@ mod tests {
             assert!(w.write_file(bad, b"").is_err(), "{bad:?} accepted");
         }
         w.abort().unwrap();
+    }
+
+    #[test]
+    fn staged_dir_appears_whole_and_refuses_non_empty_targets() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("a/out");
+        let st = StagedDir::begin(&target).unwrap();
+        fs::create_dir(st.dir().join("sub")).unwrap();
+        fs::write(st.dir().join("sub/x"), b"1").unwrap();
+        fs::write(st.dir().join("y"), b"2").unwrap();
+        // Nothing is visible under the target's name until publish.
+        assert!(!target.exists());
+        assert_eq!(st.publish().unwrap(), target);
+        assert_eq!(fs::read(target.join("sub/x")).unwrap(), b"1");
+        assert_eq!(fs::read(target.join("y")).unwrap(), b"2");
+        let left: Vec<_> = fs::read_dir(tmp.path().join("a")).unwrap().collect();
+        assert_eq!(left.len(), 1, "a staging directory was left behind");
+
+        // A non-empty target is refused up front, naming it.
+        let e = StagedDir::begin(&target).unwrap_err().to_string();
+        assert!(e.contains("already exists and is not empty"), "{e}");
+        assert!(e.contains("a/out"), "{e}");
+        // An empty one is replaced.
+        let empty = tmp.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        let st = StagedDir::begin(&empty).unwrap();
+        fs::write(st.dir().join("z"), b"3").unwrap();
+        st.publish().unwrap();
+        assert_eq!(fs::read(empty.join("z")).unwrap(), b"3");
+        // Filled between begin and publish: refused, and the other writer's file survives.
+        let raced = tmp.path().join("raced");
+        let st = StagedDir::begin(&raced).unwrap();
+        fs::create_dir(&raced).unwrap();
+        fs::write(raced.join("theirs"), b"4").unwrap();
+        let e = st.publish().unwrap_err().to_string();
+        assert!(e.contains("already exists and is not empty"), "{e}");
+        assert_eq!(fs::read(raced.join("theirs")).unwrap(), b"4");
+        // A file as target, and an abandoned staging directory is cleaned up on drop.
+        let e = StagedDir::begin(&raced.join("theirs"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a directory"), "{e}");
+        let st = StagedDir::begin(&tmp.path().join("never")).unwrap();
+        let stage = st.dir().to_path_buf();
+        drop(st);
+        assert!(!stage.exists());
     }
 }

@@ -11,7 +11,8 @@ use serde::Deserialize;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Model directory in HF layout.
+    /// Model directory in HF layout, or a checkpoint directory or run directory (the actor of
+    /// the checkpoint, of the run's newest valid one; LoRA adapters applied).
     model: PathBuf,
     /// One prompt.
     #[arg(long, conflicts_with = "prompts", required_unless_present = "prompts")]
@@ -102,15 +103,22 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         .as_deref()
         .map(|d| crate::parse_kind("--dtype", d))
         .transpose()?;
-    let md = ModelDir::load(
-        &a.model,
+    let dir = crate::export::resolve_model_dir(&a.model)?;
+    let mut md = ModelDir::load(
+        &dir,
         &LoadOptions {
             device,
             dtype,
             ..Default::default()
         },
     )
-    .with_context(|| format!("loading model {}", a.model.display()))?;
+    .with_context(|| format!("loading model {}", dir.display()))?;
+    // A LoRA actor's checkpoint holds the frozen base beside its adapters.
+    if dir.join(rlhf_model::lora::ADAPTER_CONFIG).is_file() {
+        md.model
+            .load_lora(&dir)
+            .with_context(|| format!("loading the LoRA adapters in {}", dir.display()))?;
+    }
     let prompts = match (&a.prompt, &a.prompts) {
         (Some(p), _) => vec![Prompt::Text(p.clone())],
         (None, Some(f)) => read_prompts(f)?,

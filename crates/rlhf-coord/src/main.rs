@@ -7,6 +7,7 @@
 
 mod checkpoint;
 mod cluster;
+mod export;
 mod generate_cmd;
 mod launch;
 mod launcher;
@@ -76,6 +77,9 @@ enum Cmd {
     /// Run an RLHF job: start the worker daemons and train per the run file (resumes from the
     /// run directory's newest valid checkpoint).
     Launch(launch::LaunchArgs),
+    /// Write a checkpoint's trained actor as a Hugging Face model directory (LoRA merged, or the
+    /// adapter alone with --adapter-only).
+    Export(export::ExportArgs),
     /// Show a run's progress, checkpoints and validation ranking.
     Status(status::StatusArgs),
     /// Print the placement, estimated memory per device and the sbatch script of a run file,
@@ -164,6 +168,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Generate(args) => generate_cmd::run(args),
         Cmd::Launch(args) => launch::run(args),
+        Cmd::Export(args) => export::run(args),
         Cmd::Status(args) => status::run(args),
         Cmd::Plan(args) => plan::run(args),
         Cmd::TrainRm(args) => train_cmds::train_rm(args),
