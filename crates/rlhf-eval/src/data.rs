@@ -513,7 +513,6 @@ fn describe_json_error(e: &serde_json::Error) -> String {
 pub(crate) mod tests {
     use super::*;
     use std::collections::BTreeMap;
-    use std::io::Write;
 
     /// The MT-Bench data the tests read: `RLHF_MT_BENCH_DIR`, else `shared/data/mt_bench` beside
     /// the repository, else (a fresh clone) the fixture of the same shape, written once per test
