@@ -365,6 +365,8 @@ impl RunConfig {
             let replicable = matches!(role, Role::Actor | Role::Critic | Role::Generator);
             match hosts.len() {
                 0 if role == Role::Generator => {}
+                // The actor's base with its adapters off is the reference (docs/lora.md).
+                0 if role == Role::Reference && self.models.reference_is_actor_base() => {}
                 0 => {
                     return c.fail(
                         "workers",
