@@ -197,7 +197,9 @@ pub fn split_sequences(
 ) -> Result<Vec<pb::Sequences>> {
     let ids = from_wire(
         "input_ids",
-        seqs.input_ids.as_ref().context("sequences have no input_ids")?,
+        seqs.input_ids
+            .as_ref()
+            .context("sequences have no input_ids")?,
     )?;
     let mask = from_wire(
         "attention_mask",

@@ -454,7 +454,12 @@ impl Role {
     /// Log-probs of the response tokens (b, N) at `temperature` (actor or reference). With
     /// `adapters_off`, an actor with LoRA adapters computes them with its adapters switched off:
     /// the frozen base policy's log-probs, i.e. the reference's when the reference is the base.
-    pub fn logprobs(&mut self, s: Seqs, temperature: f64, adapters_off: bool) -> RoleResult<Tensor> {
+    pub fn logprobs(
+        &mut self,
+        s: Seqs,
+        temperature: f64,
+        adapters_off: bool,
+    ) -> RoleResult<Tensor> {
         let dir = match self {
             Role::Actor(t) => &t.dir,
             Role::Reference(d) => d,
@@ -479,7 +484,6 @@ impl Role {
         dir.model.set_adapters_enabled(was);
         out
     }
-
 
     /// Critic values at the response tokens (b, N).
     pub fn values(&mut self, s: Seqs) -> RoleResult<Tensor> {
@@ -658,7 +662,7 @@ impl Role {
 /// on or off), without a graph.
 fn logprobs_of(dir: &ModelDir, s: Seqs, temperature: f64) -> RoleResult<Tensor> {
     let b = s.check()?;
-        let s = s.to(dir.model.device())?;
+    let s = s.to(dir.model.device())?;
     let _g = tch::no_grad_guard();
     let mut parts = vec![];
     let vocab = dir.model.config.vocab_size as i64;
@@ -674,13 +678,17 @@ fn logprobs_of(dir: &ModelDir, s: Seqs, temperature: f64) -> RoleResult<Tensor> 
             Entropy::Off,
         )?;
         parts.push(lp.logprobs);
-}
+    }
     Ok(Tensor::f_cat(&parts, 0)?.f_to_device(Device::Cpu)?)
 }
 
 /// No gradients for any weight of `dir`'s model, its adapters (a generator's) included.
 fn freeze(dir: &ModelDir) {
-    let adapters = dir.model.lora().map(|l| l.named_tensors()).unwrap_or_default();
+    let adapters = dir
+        .model
+        .lora()
+        .map(|l| l.named_tensors())
+        .unwrap_or_default();
     for (_, t) in dir.model.named_tensors().into_iter().chain(adapters) {
         let _ = t.set_requires_grad(false);
     }

@@ -112,7 +112,10 @@ fn adapters_off_gives_the_reference_log_probs_and_switches_them_back_on() {
     );
     // The same weights and the same code path: bitwise equal.
     assert_eq!(off, want, "adapters off must compute the reference");
-    assert!(adapters_on(&act), "the adapters are back on after the request");
+    assert!(
+        adapters_on(&act),
+        "the adapters are back on after the request"
+    );
     assert_eq!(act.logprobs(seqs(), 1.0, false).unwrap(), on);
 
     // A failed request (prompt width past the sequence) leaves the adapters on too.
@@ -125,8 +128,14 @@ fn adapters_off_gives_the_reference_log_probs_and_switches_them_back_on() {
     // Roles without adapters refuse, naming the field.
     let mut plain = actor(&dir, None);
     let e = plain.logprobs(seqs(), 1.0, true).unwrap_err().to_string();
-    assert!(e.contains("adapters_off") && e.contains("no LoRA adapters"), "{e}");
-    let e = reference.logprobs(seqs(), 1.0, true).unwrap_err().to_string();
+    assert!(
+        e.contains("adapters_off") && e.contains("no LoRA adapters"),
+        "{e}"
+    );
+    let e = reference
+        .logprobs(seqs(), 1.0, true)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("adapters_off"), "{e}");
 }
 
@@ -136,7 +145,7 @@ fn weight_sync_moves_the_adapters_only_and_digests_cover_base_and_adapters() {
     let dir = tmp.path().join("policy");
     model(&dir);
     let act = actor(&dir, Some(lora()));
-    let r#gen = Role::create(&spec(&dir, RoleDetail::Generator(Some(lora()))))
+    let lora_gen = Role::create(&spec(&dir, RoleDetail::Generator(Some(lora()))))
         .unwrap()
         .0;
     let plain_gen = Role::create(&spec(&dir, RoleDetail::Generator(None)))
@@ -159,7 +168,7 @@ fn weight_sync_moves_the_adapters_only_and_digests_cover_base_and_adapters() {
         sent.iter().map(|(n, _)| n).collect::<Vec<_>>()
     );
     // The LoRA generator receives into the same layout; a plain one would get full weights.
-    let got = r#gen.sync_tensors("SyncWeights").unwrap();
+    let got = lora_gen.sync_tensors("SyncWeights").unwrap();
     let names = |v: &[(String, Tensor)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
     assert_eq!(names(&got), names(&sent));
     let full = plain_gen.sync_tensors("SyncWeights").unwrap();
@@ -170,5 +179,8 @@ fn weight_sync_moves_the_adapters_only_and_digests_cover_base_and_adapters() {
     assert_eq!(d.len(), full.len() + sent.len());
     assert_eq!(names(&d[..full.len()]), names(&full));
     assert_eq!(names(&d[full.len()..]), names(&sent));
-    assert_eq!(names(&r#gen.digest_tensors("WeightsDigest").unwrap()), names(&d));
+    assert_eq!(
+        names(&lora_gen.digest_tensors("WeightsDigest").unwrap()),
+        names(&d)
+    );
 }
