@@ -423,12 +423,17 @@ fn lora_with_the_policy_as_reference_needs_no_reference_worker() {
     // With LoRA and the policy as reference (unset, or the same directory spelled another
     // way) the actor's base is the reference.
     let lora = plain.replace("models:\n", "models:\n  lora: {}\n");
-    for set in [&[][..], &["models.reference=models/./policy"][..]] {
-        let c = f.load(&lora, set, &[]).unwrap().config;
-        assert!(c.models.reference_is_actor_base(), "{set:?}");
+    let with_ref = |r: &str| lora.replace("models:\n", &format!("models:\n  reference: {r}\n"));
+    for yaml in [
+        lora.clone(),
+        with_ref("models/./policy"),
+        with_ref("models/../models/policy"),
+    ] {
+        let c = f.load(&yaml, &[], &[]).unwrap().config;
+        assert!(c.models.reference_is_actor_base(), "{yaml}");
     }
     // Another reference directory keeps its own role, so it must be placed.
-    let msg = err(f.load(&lora, &["models.reference=models/ref"], &[]));
+    let msg = err(f.load(&with_ref("models/ref"), &[], &[]));
     assert!(
         msg.starts_with("workers: role reference is placed on no worker"),
         "{msg}"
