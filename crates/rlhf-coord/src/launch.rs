@@ -288,8 +288,9 @@ struct Roles {
 enum Reference {
     /// The algorithm needs none (no KL against a reference).
     None,
-    /// A reference role of its own (another model directory, or full fine-tuning).
-    Role(RoleClient),
+    /// A reference role of its own (another model directory, or full fine-tuning). Boxed: a
+    /// client is large next to the other variants (clippy::large_enum_variant).
+    Role(Box<RoleClient>),
     /// The actor replicas with their LoRA adapters off: the reference is the policy's frozen
     /// base, which the actor already holds (`ModelsConfig::reference_is_actor_base`).
     ActorBase,
@@ -749,7 +750,7 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
     cr?;
     rf?;
     let reference_src = match reference {
-        Some((c, _)) => Reference::Role(c),
+        Some((c, _)) => Reference::Role(Box::new(c)),
         None if reference_is_actor => Reference::ActorBase,
         None => Reference::None,
     };
