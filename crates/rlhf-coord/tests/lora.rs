@@ -5,7 +5,9 @@
 //!   bit, those of the same run whose reference is its own role on a copy of the policy files;
 //! - a separate generator holds the base plus adapters and takes only the adapters at every
 //!   weight sync (`sync/bytes` is the adapter size), and the run equals the colocated one bit
-//!   for bit, with the generator's digest (base and adapters) equal to the actor's every step.
+//!   for bit, with the generator's digest (base and adapters) equal to the actor's every step;
+//! - with two actor replicas the reference rows are sharded over both, and the run matches
+//!   the one-replica run within 1e-3.
 //!
 //! One libtorch thread everywhere (`OMP_NUM_THREADS=1`, `threads: 1`), as in replicas.rs.
 
@@ -182,4 +184,30 @@ fn a_lora_generator_takes_only_the_adapters() {
     }
     // Training moved the adapters (so a generator left on stale adapters would be caught).
     assert_ne!(want[0]["actor/pg_loss"], want[2]["actor/pg_loss"]);
+}
+
+#[test]
+fn the_reference_through_two_actor_replicas_matches_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (want, _) = run(&setup(&tmp.path().join("one"), &ACTOR_ONLY, ""));
+    // Two actor replicas: the reference rows are sharded over both (adapters off on each).
+    let two = [
+        "{name: a, roles: [actor], threads: 1}",
+        "{name: a2, roles: [actor], threads: 1}",
+        ACTOR_ONLY[1],
+    ];
+    let (got, log) = run(&setup(&tmp.path().join("two"), &two, ""));
+    assert!(log.contains("actor_replicas=2"), "{log}");
+    // Stated tolerance, as replicas.rs: the runs differ only in the order float32 sums are
+    // taken (batch shapes, the gradient all-reduce), far below 1e-3 over 3 steps.
+    for (w, g) in want.iter().zip(&got) {
+        for (k, v) in w.iter().filter(|(k, _)| !placement_or_time(k)) {
+            let (a, b) = (v.as_f64().unwrap(), g[k].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-3 * a.abs().max(1.0),
+                "step {}: `{k}` = {b} with two replicas, {a} with one",
+                w["step"]
+            );
+        }
+    }
 }
