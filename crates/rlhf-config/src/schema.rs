@@ -472,6 +472,21 @@ impl ModelsConfig {
         self.reference.as_deref().unwrap_or(&self.policy)
     }
 
+    /// Whether the reference policy is the actor's own frozen base: `models.lora` is set and the
+    /// reference directory is the policy's (`models.reference` unset, or naming the same
+    /// directory). Such a run has no reference role: the actor computes the reference
+    /// log-probs with its adapters switched off, from the weights it already holds.
+    pub fn reference_is_actor_base(&self) -> bool {
+        let (r, p) = (self.reference_dir(), self.policy.as_path());
+        // Spelled differently (`./policy`, a symlink) is still the same directory.
+        self.lora.is_some()
+            && (r == p
+                || matches!(
+                    (std::fs::canonicalize(r), std::fs::canonicalize(p)),
+                    (Ok(a), Ok(b)) if a == b
+                ))
+    }
+
     /// The critic trunk directory: `models.critic`, or the policy's.
     pub fn critic_dir(&self) -> &Path {
         self.critic.as_deref().unwrap_or(&self.policy)

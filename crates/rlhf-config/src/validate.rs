@@ -366,6 +366,8 @@ impl RunConfig {
             match hosts.len() {
                 0 if role == Role::Generator => {}
                 0 if role == Role::Critic && !self.algorithm.name.uses_critic() => {}
+                // The actor's base with its adapters off is the reference (docs/lora.md).
+                0 if role == Role::Reference && self.models.reference_is_actor_base() => {}
                 0 => {
                     return c.fail(
                         "workers",

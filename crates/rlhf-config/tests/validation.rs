@@ -414,3 +414,34 @@ fn lora_is_off_by_default_and_its_keys_are_checked() {
         assert!(msg.starts_with(key) && msg.contains(says), "{set}: {msg}");
     }
 }
+
+#[test]
+fn lora_with_the_policy_as_reference_needs_no_reference_worker() {
+    let f = Fixture::new();
+    let workers = "workers:\n  - {name: a, roles: [actor, critic, reward]}\n";
+    let plain = format!("{BASE}{workers}");
+    // Without LoRA the reference is its own role and must be placed.
+    let msg = err(f.load(&plain, &[], &[]));
+    assert!(
+        msg.starts_with("workers: role reference is placed on no worker"),
+        "{msg}"
+    );
+    // With LoRA and the policy as reference (unset, or the same directory spelled another
+    // way) the actor's base is the reference.
+    let lora = plain.replace("models:\n", "models:\n  lora: {}\n");
+    let with_ref = |r: &str| lora.replace("models:\n", &format!("models:\n  reference: {r}\n"));
+    for yaml in [
+        lora.clone(),
+        with_ref("models/./policy"),
+        with_ref("models/../models/policy"),
+    ] {
+        let c = f.load(&yaml, &[], &[]).unwrap().config;
+        assert!(c.models.reference_is_actor_base(), "{yaml}");
+    }
+    // Another reference directory keeps its own role, so it must be placed.
+    let msg = err(f.load(&with_ref("models/ref"), &[], &[]));
+    assert!(
+        msg.starts_with("workers: role reference is placed on no worker"),
+        "{msg}"
+    );
+}

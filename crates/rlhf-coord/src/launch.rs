@@ -281,7 +281,29 @@ struct Roles {
     /// Generation-only copies of the policy; empty = the actors generate.
     generators: Vec<RoleClient>,
     reward: RoleClient,
-    reference: Option<RoleClient>,
+    reference: Reference,
+}
+
+/// Where the reference log-probs come from.
+enum Reference {
+    /// The algorithm needs none (no KL against a reference).
+    None,
+    /// A reference role of its own (another model directory, or full fine-tuning). Boxed: a
+    /// client is large next to the other variants (clippy::large_enum_variant).
+    Role(Box<RoleClient>),
+    /// The actor replicas with their LoRA adapters off: the reference is the policy's frozen
+    /// base, which the actor already holds (`ModelsConfig::reference_is_actor_base`).
+    ActorBase,
+}
+
+impl Reference {
+    fn describe(&self) -> &'static str {
+        match self {
+            Reference::None => "none",
+            Reference::Role(_) => "own role",
+            Reference::ActorBase => "actor with adapters off",
+        }
+    }
 }
 
 impl Roles {
@@ -533,6 +555,16 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
     let seed = cfg.run.seed;
     let kl_in_loss = s.kl.mode == rlhf_algo::KlMode::Loss;
     let use_reference = s.kl.coef > 0.0 || s.kl.target.is_some();
+    // LoRA on the policy's own directory: the reference is the actor's base, no second copy.
+    let reference_is_actor = use_reference && cfg.models.reference_is_actor_base();
+    let lora_spec = || {
+        cfg.models.lora.as_ref().map(|l| pb::LoraSpec {
+            rank: l.rank as u32,
+            alpha: l.alpha,
+            dropout: l.dropout,
+            targets: l.targets.clone(),
+        })
+    };
     let trainer = |loss_json: String,
                    optim: &rlhf_algo::OptimConfig,
                    actor: bool|
@@ -548,17 +580,7 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
             pure_low_precision: cfg.train.pure_low_precision,
             zero_stage: cfg.train.zero_stage,
             // Adapters on the actor only; the critic trains its whole trunk.
-            lora: cfg
-                .models
-                .lora
-                .as_ref()
-                .filter(|_| actor)
-                .map(|l| pb::LoraSpec {
-                    rank: l.rank as u32,
-                    alpha: l.alpha,
-                    dropout: l.dropout,
-                    targets: l.targets.clone(),
-                }),
+            lora: lora_spec().filter(|_| actor),
         })
     };
     let all = |r: Role| -> Result<Vec<(RoleClient, String)>> {
@@ -631,8 +653,10 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
         device: String::new(),
         dtype: dtype.clone(),
         seed,
+        // With LoRA the generators hold the base plus adapters like the actor's, so the weight
+        // sync moves only the adapters.
         spec: Some(pb::create_role_request::Spec::Generator(
-            pb::GeneratorSpec {},
+            pb::GeneratorSpec { lora: lora_spec() },
         )),
     };
     let critic = if s.uses_critic {
@@ -660,7 +684,13 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
         }
         None
     };
-    let reference = if use_reference {
+    if reference_is_actor && clients.contains_key(&Role::Reference) {
+        info!(
+            "the reference is the actor's base model with its LoRA adapters off; the placed \
+             reference role stays idle"
+        );
+    }
+    let reference = if use_reference && !reference_is_actor {
         let (c, dev) = get(Role::Reference)?;
         let req = pb::CreateRoleRequest {
             role_id: String::new(),
@@ -719,12 +749,18 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
     let rw = rw?;
     cr?;
     rf?;
+    let reference_src = match reference {
+        Some((c, _)) => Reference::Role(Box::new(c)),
+        None if reference_is_actor => Reference::ActorBase,
+        None => Reference::None,
+    };
     info!(
         parameters = a[0].parameters,
         actor_replicas = actors.len(),
         critic_replicas = critic_members.len(),
         generators = generators.len(),
         reward_outputs = ?rw.attribute_names,
+        reference = reference_src.describe(),
         "roles created"
     );
     let roles = Roles {
@@ -732,7 +768,7 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
         critics: critic_members.iter().map(|c| c.0.clone()).collect(),
         generators: generators.into_iter().map(|c| c.0).collect(),
         reward,
-        reference: reference.map(|c| c.0),
+        reference: reference_src,
     };
     form_groups(cfg, &roles).await?;
     Ok(roles)
@@ -1177,11 +1213,19 @@ async fn train(
             roles.reward.score(items),
             async {
                 match &roles.reference {
-                    Some(r) => r
+                    Reference::Role(r) => r
                         .log_probs(seqs.clone(), cfg.rollout.temperature)
                         .await
                         .map(Some),
-                    None => Ok(None),
+                    Reference::ActorBase => replicas::base_log_probs(
+                        &roles.actors,
+                        seqs.clone(),
+                        cfg.rollout.temperature,
+                        group as usize,
+                    )
+                    .await
+                    .map(Some),
+                    Reference::None => Ok(None),
                 }
             },
             async {

@@ -356,12 +356,18 @@ impl<'a> Estimator<'a> {
                     other_transient: own_kv,
                 })
             }
+            // LoRA on the policy's own directory: the actor's base with adapters off is the
+            // reference, and the reference role holds nothing.
+            Role::Reference if cfg.models.reference_is_actor_base() => Breakdown::default(),
             Role::Reference => frozen(self.model(cfg.models.reference_dir())?.0),
             Role::Generator => {
                 let (size, shape) = self.model(&cfg.models.policy)?;
+                // With LoRA a generator holds the base plus adapters like the actor's.
+                let adapters = cfg.models.lora.as_ref().map_or(0, |l| shape.lora_params(l));
                 Breakdown {
+                    weights: (size.params + adapters) * d,
                     activations: sampled_per_replica * shape.kv_cache_per_seq(seq_len, d),
-                    ..frozen(size)
+                    ..Breakdown::default()
                 }
             }
             Role::Reward => match (&cfg.models.reward.kind, &cfg.models.reward.path) {

@@ -160,6 +160,46 @@ pub async fn generate(
     tokio::task::block_in_place(|| crate::rl::merge_generations(answers))
 }
 
+/// Reference log-probs of `seqs` from the actor replicas with their LoRA adapters switched off
+/// (the reference is the policy's frozen base, `ModelsConfig::reference_is_actor_base`): rows
+/// sharded over the replicas at prompt-group boundaries (`group` rows per prompt, so each
+/// shard keeps its prompts' shared prefix), the answers concatenated in order.
+pub async fn base_log_probs(
+    actors: &[RoleClient],
+    seqs: pb::Sequences,
+    temperature: f64,
+    group: usize,
+) -> Result<pb::Tensor> {
+    if actors.len() <= 1 {
+        let actor = actors.first().context("no actor replica to ask")?;
+        return actor.base_log_probs(seqs, temperature).await;
+    }
+    let rows = seqs
+        .input_ids
+        .as_ref()
+        .and_then(|t| t.shape.first())
+        .copied()
+        .unwrap_or(0) as usize;
+    let group = group.max(1);
+    let parts: Vec<Range<usize>> = if rows % group == 0 {
+        shards(rows / group, actors.len())
+            .into_iter()
+            .map(|r| r.start * group..r.end * group)
+            .collect()
+    } else {
+        shards(rows, actors.len())
+    };
+    let pieces = tokio::task::block_in_place(|| crate::rl::split_sequences(&seqs, &parts))?;
+    let answers = try_join_all(
+        actors
+            .iter()
+            .zip(pieces)
+            .map(|(a, s)| a.base_log_probs(s, temperature)),
+    )
+    .await?;
+    tokio::task::block_in_place(|| crate::rl::concat_rows("ref_logprobs", &answers))
+}
+
 /// Combines the replicas' answers to one minibatch's TrainStep: partial metrics add up,
 /// `grad_norm` and `lr` (computed after the all-reduce) are taken from replica 0.
 pub fn combine_metrics(parts: &[pb::TrainStepResponse]) -> pb::TrainStepResponse {

@@ -189,6 +189,47 @@ pub fn sequences(g: &pb::GenerateResponse) -> Result<pb::Sequences> {
     })
 }
 
+/// `seqs` cut into the row ranges `parts` (same prompt width and response length each), for
+/// requests sharded over replicas.
+pub fn split_sequences(
+    seqs: &pb::Sequences,
+    parts: &[std::ops::Range<usize>],
+) -> Result<Vec<pb::Sequences>> {
+    let ids = from_wire(
+        "input_ids",
+        seqs.input_ids
+            .as_ref()
+            .context("sequences have no input_ids")?,
+    )?;
+    let mask = from_wire(
+        "attention_mask",
+        seqs.attention_mask
+            .as_ref()
+            .context("sequences have no attention_mask")?,
+    )?;
+    parts
+        .iter()
+        .map(|r| {
+            let (start, n) = (r.start as i64, r.len() as i64);
+            Ok(pb::Sequences {
+                input_ids: Some(to_wire("input_ids", &ids.f_narrow(0, start, n)?)?),
+                attention_mask: Some(to_wire("attention_mask", &mask.f_narrow(0, start, n)?)?),
+                prompt_width: seqs.prompt_width,
+                response_len: seqs.response_len,
+            })
+        })
+        .collect()
+}
+
+/// Per-row answers of consecutive row shards, concatenated in order.
+pub fn concat_rows(field: &str, parts: &[pb::Tensor]) -> Result<pb::Tensor> {
+    let ts = parts
+        .iter()
+        .map(|p| from_wire(field, p))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(to_wire(field, &Tensor::f_cat(&ts, 0)?)?)
+}
+
 /// The generated responses as text (special tokens skipped), one per row.
 pub fn decode_responses(g: &pb::GenerateResponse, tok: &Tokenizer) -> Result<Vec<String>> {
     let ids = from_wire("input_ids", g.input_ids.as_ref().context("no input_ids")?)?;

@@ -102,11 +102,31 @@ impl RoleClient {
     }
 
     pub async fn log_probs(&self, seqs: pb::Sequences, temperature: f64) -> Result<pb::Tensor> {
+        self.log_probs_with(seqs, temperature, false).await
+    }
+
+    /// Log-probs from an actor with LoRA adapters, computed with the adapters off: the frozen
+    /// base policy's, which is the reference when the reference is the policy's directory.
+    pub async fn base_log_probs(
+        &self,
+        seqs: pb::Sequences,
+        temperature: f64,
+    ) -> Result<pb::Tensor> {
+        self.log_probs_with(seqs, temperature, true).await
+    }
+
+    async fn log_probs_with(
+        &self,
+        seqs: pb::Sequences,
+        temperature: f64,
+        adapters_off: bool,
+    ) -> Result<pb::Tensor> {
         let mut c = self.client.clone();
         let req = pb::SequencesRequest {
             role_id: self.role.clone(),
             sequences: Some(seqs),
             temperature,
+            adapters_off,
         };
         let r = self.call("LogProbs", c.log_probs(req)).await?;
         r.tensor
@@ -119,6 +139,7 @@ impl RoleClient {
             role_id: self.role.clone(),
             sequences: Some(seqs),
             temperature: 1.0,
+            adapters_off: false,
         };
         let r = self.call("Values", c.values(req)).await?;
         r.tensor

@@ -1,6 +1,7 @@
 //! `rlhf-coord plan` on `cluster/example.yaml` with Llama-3-8B-shaped model directories (config
 //! and safetensors headers only, no weights): the sharded training state per GPU, and what
-//! still keeps it from fitting.
+//! still keeps it from fitting; under `models.lora` with the policy as reference, no reference
+//! memory and the generators' adapters.
 
 use std::path::Path;
 
@@ -60,10 +61,8 @@ fn llama3_8b(dir: &Path) {
     std::fs::write(dir.join("model.safetensors"), f).unwrap();
 }
 
-#[test]
-fn example_yaml_at_8b_shards_the_training_state_to_60_gib_per_gpu() {
-    let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path();
+/// `rlhf-coord plan cluster/example.yaml` over 8B-shaped models in `d`, with `extra` settings.
+fn plan(d: &Path, extra: &[&str]) -> std::process::Output {
     for m in ["policy", "rm", "reward"] {
         llama3_8b(&d.join(m));
     }
@@ -76,7 +75,7 @@ fn example_yaml_at_8b_shards_the_training_state_to_60_gib_per_gpu() {
     .unwrap();
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cluster/example.yaml");
     let set = |k: &str, v: &Path| format!("{k}={}", v.display());
-    let out = coord()
+    coord()
         .arg("plan")
         .arg(&example)
         .args(["--set", &set("models.policy", &d.join("policy"))])
@@ -84,8 +83,15 @@ fn example_yaml_at_8b_shards_the_training_state_to_60_gib_per_gpu() {
         .args(["--set", &set("models.reward.path", &d.join("reward"))])
         .args(["--set", &set("rollout.prompts", &d.join("p.jsonl"))])
         .args(["--set", &set("validation.mt_bench", &d.join("mt"))])
+        .args(extra.iter().flat_map(|e| ["--set", e]))
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn example_yaml_at_8b_shards_the_training_state_to_60_gib_per_gpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = plan(tmp.path(), &[]);
     let t = text(&out);
     // Per actor or critic GPU (4 replicas, ZeRO 2, bf16 with f32 masters, 8.03e9 parameters):
     // weights 2P, grads 2P + 4P/4, optimizer 4P/4 + 8P/4 = 59.8 GiB in all.
@@ -108,4 +114,26 @@ fn example_yaml_at_8b_shards_the_training_state_to_60_gib_per_gpu() {
     assert!(out.status.success(), "{t}");
     let actor = t.lines().find(|l| l.contains("node 0 cuda:0")).unwrap();
     assert!(actor.contains("62.005"), "{actor}\n{t}");
+}
+
+#[test]
+fn lora_with_the_policy_as_reference_counts_no_reference_and_the_generators_adapters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = plan(tmp.path(), &["models.lora={}"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    // Reward and reference share node 1 cuda:4: only the reward model's 8B weights remain
+    // (the reference is the actor's base with adapters off).
+    let judges = t.lines().find(|l| l.contains("node 1 cuda:4")).unwrap();
+    assert!(
+        judges.contains("14.958     0.000     0.000"),
+        "{judges}\n{t}"
+    );
+    // A generator holds the base plus rank-8 adapters on all seven projections: 20,971,520
+    // bf16 values, 0.039 GiB.
+    let gen = t.lines().find(|l| l.contains("node 0 cuda:4")).unwrap();
+    assert!(
+        gen.contains("14.997     0.000     0.000    12.000"),
+        "{gen}\n{t}"
+    );
 }

@@ -94,7 +94,9 @@ pub enum RoleDetail {
     Reward(RewardKindSpec),
     Reference,
     /// A policy copy that only generates; its weights come from the actor by weight sync.
-    Generator,
+    /// With the actor's LoRA spec it holds the base weights from its model directory plus
+    /// adapters of that spec, and the sync moves only the adapters.
+    Generator(Option<LoraConfig>),
 }
 
 /// Everything needed to create a role instance.
@@ -115,7 +117,7 @@ impl RoleSpec {
             RoleDetail::Critic(_) => RoleKind::Critic,
             RoleDetail::Reward(_) => RoleKind::Reward,
             RoleDetail::Reference => RoleKind::Reference,
-            RoleDetail::Generator => RoleKind::Generator,
+            RoleDetail::Generator(_) => RoleKind::Generator,
         }
     }
 }
@@ -317,8 +319,13 @@ impl Role {
                 freeze(&dir);
                 Role::Reference(dir)
             }
-            RoleDetail::Generator => {
-                let dir = load_dir(spec, Some(HeadKind::CausalLm))?;
+            RoleDetail::Generator(lora) => {
+                let mut dir = load_dir(spec, Some(HeadKind::CausalLm))?;
+                if let Some(lora) = lora {
+                    // The actor's seed: fresh adapters equal to the actor's fresh ones (the
+                    // first sync overwrites them anyway).
+                    dir.model.add_lora(lora.clone(), spec.seed as i64)?;
+                }
                 freeze(&dir);
                 Role::Generator(dir)
             }
@@ -444,32 +451,38 @@ impl Role {
         })
     }
 
-    /// Log-probs of the response tokens (b, N) at `temperature` (actor or reference).
-    pub fn logprobs(&mut self, s: Seqs, temperature: f64) -> RoleResult<Tensor> {
+    /// Log-probs of the response tokens (b, N) at `temperature` (actor or reference). With
+    /// `adapters_off`, an actor with LoRA adapters computes them with its adapters switched off:
+    /// the frozen base policy's log-probs, i.e. the reference's when the reference is the base.
+    pub fn logprobs(
+        &mut self,
+        s: Seqs,
+        temperature: f64,
+        adapters_off: bool,
+    ) -> RoleResult<Tensor> {
         let dir = match self {
             Role::Actor(t) => &t.dir,
             Role::Reference(d) => d,
             _ => return Err(self.wrong("LogProbs")),
         };
-        let b = s.check()?;
-        let s = s.to(dir.model.device())?;
-        let _g = tch::no_grad_guard();
-        let mut parts = vec![];
-        let vocab = dir.model.config.vocab_size as i64;
-        let chunk = rows_per_forward(b, s.response_len * vocab);
-        for start in (0..b).step_by(chunk as usize) {
-            let part = s.rows(start, chunk.min(b - start))?;
-            let lp = token_logprobs_from(
-                &dir.model,
-                &part.input_ids,
-                &part.attention_mask,
-                s.prompt_width - 1,
-                temperature,
-                Entropy::Off,
-            )?;
-            parts.push(lp.logprobs);
+        if !adapters_off {
+            return logprobs_of(dir, s, temperature);
         }
-        Ok(Tensor::f_cat(&parts, 0)?.f_to_device(Device::Cpu)?)
+        if dir.model.lora().is_none() {
+            return Err(RoleError::bad(
+                "adapters_off",
+                format!(
+                    "this {} has no LoRA adapters to switch off; ask for log-probs without \
+                     adapters_off, or create the actor with models.lora",
+                    self.kind().name()
+                ),
+            ));
+        }
+        let was = dir.model.set_adapters_enabled(false);
+        let out = logprobs_of(dir, s, temperature);
+        // Back on whatever happened: the next generate or train step needs the adapters.
+        dir.model.set_adapters_enabled(was);
+        out
     }
 
     /// Critic values at the response tokens (b, N).
@@ -544,8 +557,35 @@ impl Role {
         self.weights_dir().map(|d| d.model.device())
     }
 
-    /// Named weights in name order, for weight sync and digests. A model with LoRA adapters
-    /// gives its merged weights (`W + scale · B A`): what generators and digests must see.
+    /// What `SyncWeights` moves, in name order: every weight, or with LoRA adapters only the
+    /// adapter tensors (`lora_A`, `lora_B`), since the base weights are frozen and every copy
+    /// of the policy loaded them from the same files. The receiving generator copies them into
+    /// its adapters in place; nothing derived from them is cached (packed CPU weights are
+    /// rebuilt, merged, by every `generate` call).
+    pub fn sync_tensors(&self, op: &str) -> RoleResult<Vec<(String, Tensor)>> {
+        let model = &self.weights_dir().ok_or_else(|| self.wrong(op))?.model;
+        Ok(match model.lora() {
+            Some(l) => l.named_tensors(),
+            None => model.named_tensors(),
+        })
+    }
+
+    /// What `WeightsDigest` hashes: the base weights in name order, then the adapters in name
+    /// order when the model has them. Raw tensors on both sides of a comparison (actor replicas
+    /// and LoRA generators hold the same structure): merged weights `W + scale · B A` computed
+    /// on different devices could differ in rounding and fail a check of equal copies, and the
+    /// adapters alone would not catch a generator whose base files differ.
+    pub fn digest_tensors(&self, op: &str) -> RoleResult<Vec<(String, Tensor)>> {
+        let model = &self.weights_dir().ok_or_else(|| self.wrong(op))?.model;
+        let mut v = model.named_tensors();
+        if let Some(l) = model.lora() {
+            v.extend(l.named_tensors());
+        }
+        Ok(v)
+    }
+
+    /// Named weights in name order, for `ExportWeights`/`ImportWeights`. A model with LoRA
+    /// adapters gives its merged weights (`W + scale · B A`): the equivalent plain model.
     pub fn weights(&self, op: &str) -> RoleResult<Vec<(String, Tensor)>> {
         let model = &self.weights_dir().ok_or_else(|| self.wrong(op))?.model;
         Ok(match model.lora() {
@@ -560,7 +600,8 @@ impl Role {
             // Its weights() are merged copies: writing into them would change nothing.
             return Err(RoleError::bad(
                 "weights",
-                "this role trains LoRA adapters on frozen weights; it cannot import full weights"
+                "this role holds LoRA adapters on frozen weights; it cannot import full weights \
+                 (SyncWeights moves its adapters)"
                     .into(),
             ));
         }
@@ -617,8 +658,38 @@ impl Role {
     }
 }
 
+/// Log-probs of the response tokens (b, N) of `s` under `dir`'s model as it is now (adapters
+/// on or off), without a graph.
+fn logprobs_of(dir: &ModelDir, s: Seqs, temperature: f64) -> RoleResult<Tensor> {
+    let b = s.check()?;
+    let s = s.to(dir.model.device())?;
+    let _g = tch::no_grad_guard();
+    let mut parts = vec![];
+    let vocab = dir.model.config.vocab_size as i64;
+    let chunk = rows_per_forward(b, s.response_len * vocab);
+    for start in (0..b).step_by(chunk as usize) {
+        let part = s.rows(start, chunk.min(b - start))?;
+        let lp = token_logprobs_from(
+            &dir.model,
+            &part.input_ids,
+            &part.attention_mask,
+            s.prompt_width - 1,
+            temperature,
+            Entropy::Off,
+        )?;
+        parts.push(lp.logprobs);
+    }
+    Ok(Tensor::f_cat(&parts, 0)?.f_to_device(Device::Cpu)?)
+}
+
+/// No gradients for any weight of `dir`'s model, its adapters (a generator's) included.
 fn freeze(dir: &ModelDir) {
-    for (_, t) in dir.model.named_tensors() {
+    let adapters = dir
+        .model
+        .lora()
+        .map(|l| l.named_tensors())
+        .unwrap_or_default();
+    for (_, t) in dir.model.named_tensors().into_iter().chain(adapters) {
         let _ = t.set_requires_grad(false);
     }
 }

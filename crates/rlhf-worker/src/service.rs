@@ -140,29 +140,7 @@ fn trainer_spec(t: pb::TrainerSpec, actor: bool) -> RoleResult<TrainerSpec> {
             })
         })
         .transpose()?;
-    let lora = lora
-        .filter(|_| actor)
-        .map(|l| -> RoleResult<LoraConfig> {
-            let pb::LoraSpec {
-                rank,
-                alpha,
-                dropout,
-                targets,
-            } = l;
-            let targets = targets
-                .iter()
-                .map(|t| {
-                    Target::parse(t).ok_or_else(|| {
-                        RoleError::bad(
-                            "lora.targets",
-                            format!("`{t}` is not one of {}", Target::known()),
-                        )
-                    })
-                })
-                .collect::<RoleResult<Vec<_>>>()?;
-            Ok(LoraConfig::new(rank as usize, alpha, dropout, targets))
-        })
-        .transpose()?;
+    let lora = lora.filter(|_| actor).map(lora_config).transpose()?;
     Ok(TrainerSpec {
         policy_loss,
         value_loss,
@@ -179,6 +157,27 @@ fn trainer_spec(t: pb::TrainerSpec, actor: bool) -> RoleResult<TrainerSpec> {
         zero_stage,
         lora,
     })
+}
+
+fn lora_config(l: pb::LoraSpec) -> RoleResult<LoraConfig> {
+    let pb::LoraSpec {
+        rank,
+        alpha,
+        dropout,
+        targets,
+    } = l;
+    let targets = targets
+        .iter()
+        .map(|t| {
+            Target::parse(t).ok_or_else(|| {
+                RoleError::bad(
+                    "lora.targets",
+                    format!("`{t}` is not one of {}", Target::known()),
+                )
+            })
+        })
+        .collect::<RoleResult<Vec<_>>>()?;
+    Ok(LoraConfig::new(rank as usize, alpha, dropout, targets))
 }
 
 impl TryFrom<pb::CreateRoleRequest> for RoleSpec {
@@ -208,9 +207,11 @@ impl TryFrom<pb::CreateRoleRequest> for RoleSpec {
             (pb::RoleKind::Reference, Some(pb::create_role_request::Spec::Reference(_)) | None) => {
                 RoleDetail::Reference
             }
-            (pb::RoleKind::Generator, Some(pb::create_role_request::Spec::Generator(_)) | None) => {
-                RoleDetail::Generator
+            (pb::RoleKind::Generator, Some(pb::create_role_request::Spec::Generator(g))) => {
+                let pb::GeneratorSpec { lora } = g;
+                RoleDetail::Generator(lora.map(lora_config).transpose()?)
             }
+            (pb::RoleKind::Generator, None) => RoleDetail::Generator(None),
             (pb::RoleKind::Reward, Some(pb::create_role_request::Spec::Reward(r))) => {
                 RoleDetail::Reward(match r.kind {
                     Some(pb::reward_role_spec::Kind::Model(m)) => {
@@ -374,12 +375,13 @@ impl Worker for WorkerService {
             role_id,
             sequences,
             temperature,
+            adapters_off,
         } = req.into_inner();
         let temperature = if temperature == 0.0 { 1.0 } else { temperature };
         let role = self.role(&role_id).await?;
         let t = role
             .run(move |r| {
-                let lp = r.logprobs(seqs(sequences)?, temperature)?;
+                let lp = r.logprobs(seqs(sequences)?, temperature, adapters_off)?;
                 Ok(to_wire("logprobs", &lp)?)
             })
             .await?;
@@ -395,7 +397,16 @@ impl Worker for WorkerService {
             role_id,
             sequences,
             temperature: _,
+            adapters_off,
         } = req.into_inner();
+        if adapters_off {
+            return Err(RoleError::bad(
+                "adapters_off",
+                "applies to LogProbs only; the critic's values have no adapters to switch off"
+                    .into(),
+            )
+            .into());
+        }
         let role = self.role(&role_id).await?;
         let t = role
             .run(move |r| Ok(to_wire("values", &r.values(seqs(sequences)?)?)?))
@@ -730,7 +741,7 @@ impl Worker for WorkerService {
         let out = role
             .run(move |h| {
                 let t0 = std::time::Instant::now();
-                let vars = h.role.weights("SyncWeights")?;
+                let vars = h.role.sync_tensors("SyncWeights")?;
                 let (bytes, tensors) = h.groups.sync_weights(root as usize, &vars)?;
                 Ok(pb::SyncWeightsResponse {
                     bytes,
@@ -748,7 +759,7 @@ impl Worker for WorkerService {
     ) -> Result<Response<pb::WeightsDigestResponse>, Status> {
         let role = self.role(&req.into_inner().role_id).await?;
         let (sha256, bytes) = role
-            .run(|h| weights_digest(&h.role.weights("WeightsDigest")?))
+            .run(|h| weights_digest(&h.role.digest_tensors("WeightsDigest")?))
             .await?;
         Ok(Response::new(pb::WeightsDigestResponse { sha256, bytes }))
     }

@@ -1,6 +1,7 @@
 //! Collective groups between two real `rlhf-worker` daemons, driven over gRPC as the coordinator
 //! drives them: a TCP weights group makes a generator's weights bitwise equal to another's
-//! (digests), a generator with another model layout refuses the sync and keeps its weights, and
+//! (digests), a generator with another model layout refuses the sync and keeps its weights,
+//! LoRA generators (base + adapters) sync the adapters only and a plain generator refuses them, and
 //! asking for NCCL where libnccl/CUDA are missing is a clear error, not a crash.
 
 use std::path::Path;
@@ -53,15 +54,20 @@ fn model(dir: &Path, seed: i64, layers_like: Preset) -> String {
 }
 
 async fn generator(c: &mut Client, path: &str) {
+    generator_with(c, path, 1, None).await
+}
+
+/// A generator seeded `seed` (its fresh adapters' A), with adapters of `lora` when given.
+async fn generator_with(c: &mut Client, path: &str, seed: u64, lora: Option<pb::LoraSpec>) {
     c.create_role(pb::CreateRoleRequest {
         role_id: "gen".into(),
         kind: pb::RoleKind::Generator as i32,
         model_path: path.into(),
         device: "cpu".into(),
         dtype: "f32".into(),
-        seed: 1,
+        seed,
         spec: Some(pb::create_role_request::Spec::Generator(
-            pb::GeneratorSpec {},
+            pb::GeneratorSpec { lora },
         )),
     })
     .await
@@ -203,5 +209,57 @@ fn nccl_without_nccl_is_a_clear_error() {
             e.message().contains("lib"),
             "names the missing library: {e:?}"
         );
+    });
+}
+
+#[test]
+fn lora_generators_sync_the_adapters_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = model(&tmp.path().join("a"), 1, Preset::Tiny);
+    let lora = || {
+        Some(pb::LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets: vec!["q_proj".into(), "down_proj".into()],
+        })
+    };
+    let (d0, d1) = (daemon("w0"), daemon("w1"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut cs = vec![client(&d0).await, client(&d1).await];
+        // Same base files, adapters drawn from different seeds.
+        generator_with(&mut cs[0], &a, 1, lora()).await;
+        generator_with(&mut cs[1], &a, 2, lora()).await;
+        let da = digest(&mut cs[0]).await;
+        assert_ne!(
+            digest(&mut cs[1]).await,
+            da,
+            "the digest covers the adapters"
+        );
+        form(&mut cs, 79).await;
+        let out = sync(&cs).await;
+        let r: Vec<pb::SyncWeightsResponse> = out.into_iter().map(|r| r.unwrap()).collect();
+        // Tiny preset (hidden 64, intermediate 176, 2 layers), rank 2: q_proj 2 * (64 + 64)
+        // and down_proj 2 * (176 + 64) f32 values per layer; 2 tensors each.
+        let adapter_bytes = 2 * (2 * (64 + 64) + 2 * (176 + 64)) * 4;
+        assert_eq!(r[0].bytes, adapter_bytes, "{r:?}");
+        assert_eq!((r[1].bytes, r[0].tensors), (adapter_bytes, 8));
+        assert_eq!(digest(&mut cs[1]).await, da, "base and adapters now equal");
+    });
+    drop((d0, d1));
+
+    // A generator without the LoRA spec holds another layout: it refuses and keeps its weights.
+    let (d0, d1) = (daemon("w0"), daemon("w1"));
+    rt.block_on(async {
+        let mut cs = vec![client(&d0).await, client(&d1).await];
+        generator_with(&mut cs[0], &a, 1, lora()).await;
+        generator(&mut cs[1], &a).await;
+        let before = digest(&mut cs[1]).await;
+        form(&mut cs, 80).await;
+        let out = sync(&cs).await;
+        let e = out[1].as_ref().unwrap_err();
+        assert!(e.message().contains("another layout"), "{e:?}");
+        assert_eq!(digest(&mut cs[1]).await, before);
     });
 }
