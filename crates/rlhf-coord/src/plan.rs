@@ -57,6 +57,10 @@ pub struct PlanArgs {
     /// Override a config value (as for `launch`).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Print the estimates as JSON, in bytes, per worker and role and per device (for scripts
+    /// and tests comparing them with measured memory); no sbatch script.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Parameter count and bytes of a model directory, from its safetensors headers.
@@ -448,6 +452,92 @@ fn remedies(cfg: &RunConfig, key: &(usize, String), roles: &[Role]) -> Vec<Strin
         .collect()
 }
 
+/// The memory `dev` has for its roles in GiB (`launcher.slurm.gpu_memory_gib` for a GPU,
+/// `mem_per_node_gib` for a CPU when set), or `None` when unchecked.
+fn capacity(cfg: &RunConfig, dev: &str) -> Option<f64> {
+    match dev.parse::<Device>() {
+        Ok(Device::Cuda(_)) => Some(cfg.launcher.slurm.gpu_memory_gib),
+        _ => cfg.launcher.slurm.mem_per_node_gib,
+    }
+}
+
+/// The error for a device whose roles need more than its capacity, with the changes that
+/// would shrink them.
+fn misfit(
+    cfg: &RunConfig,
+    key: &(usize, String),
+    b: &Breakdown,
+    roles: &[Role],
+) -> Option<String> {
+    let (node, dev) = key;
+    let c = capacity(cfg, dev)?;
+    let used = gib(b.total());
+    if used <= c {
+        return None;
+    }
+    let fixes = remedies(cfg, key, roles);
+    let fixes = if fixes.is_empty() {
+        String::new()
+    } else {
+        format!("; estimates with one change: {}", fixes.join(", "))
+    };
+    Some(format!(
+        "node {node} {dev}: the roles placed there need an estimated {used:.3} GiB, {:.3} GiB more than its {c} GiB; move a role to another worker or node, use a smaller dtype, shard or shrink the training state, or raise launcher.slurm.{}{fixes}",
+        used - c,
+        if dev.starts_with("cuda") { "gpu_memory_gib" } else { "mem_per_node_gib" }
+    ))
+}
+
+fn breakdown_json(b: &Breakdown) -> serde_json::Value {
+    serde_json::json!({
+        "weights": b.weights,
+        "grads": b.grads,
+        "optimizer": b.optimizer,
+        "activations": b.activations,
+        "total": b.total(),
+    })
+}
+
+/// The estimates in bytes: each worker with each of its roles, each device with its capacity,
+/// and the misfits (empty when everything fits).
+pub fn plan_json(cfg: &RunConfig) -> Result<serde_json::Value> {
+    let mut est = Estimator::new(cfg);
+    let keys = devices(cfg);
+    let mut per_device: BTreeMap<(usize, String), (Breakdown, Vec<Role>)> = BTreeMap::new();
+    let mut workers = vec![];
+    for (w, key) in cfg.workers.iter().zip(&keys) {
+        let mut total = Breakdown::default();
+        let mut roles = serde_json::Map::new();
+        for role in &w.roles {
+            let b = est.role(*role)?;
+            total.add(&b);
+            roles.insert(role.as_str().to_string(), breakdown_json(&b));
+        }
+        let e = per_device.entry(key.clone()).or_default();
+        e.0.add(&total);
+        e.1.extend(w.roles.iter().copied());
+        workers.push(serde_json::json!({
+            "name": w.name,
+            "node": key.0,
+            "device": key.1,
+            "roles": roles,
+            "bytes": breakdown_json(&total),
+        }));
+    }
+    let mut devices = vec![];
+    let mut errors = vec![];
+    for (key, (b, roles)) in &per_device {
+        devices.push(serde_json::json!({
+            "node": key.0,
+            "device": key.1,
+            "capacity_gib": capacity(cfg, &key.1),
+            "bytes": breakdown_json(b),
+        }));
+        errors.extend(misfit(cfg, key, b, roles));
+    }
+    Ok(serde_json::json!({"workers": workers, "devices": devices, "misfits": errors}))
+}
+
 /// The plan as text; an error when a device cannot hold its roles.
 pub fn plan_text(cfg: &RunConfig, script: Option<String>) -> Result<String> {
     let slurm_kind = cfg.launcher.kind == LauncherKind::Slurm;
@@ -507,28 +597,10 @@ pub fn plan_text(cfg: &RunConfig, script: Option<String>) -> Result<String> {
     header(&mut out, "")?;
     let mut errors = vec![];
     for (key @ (node, dev), (b, roles)) in &per_device {
-        let cap = match dev.parse::<Device>() {
-            Ok(Device::Cuda(_)) => Some(cfg.launcher.slurm.gpu_memory_gib),
-            _ => cfg.launcher.slurm.mem_per_node_gib,
-        };
-        let used = gib(b.total());
+        let cap = capacity(cfg, dev);
         let cap_s = cap.map_or("unchecked".to_string(), |c| format!("of {c:.1} GiB"));
         row(&mut out, &format!("node {node} {dev:<8} {cap_s}"), b)?;
-        if let Some(c) = cap {
-            if used > c {
-                let fixes = remedies(cfg, key, roles);
-                let fixes = if fixes.is_empty() {
-                    String::new()
-                } else {
-                    format!("; estimates with one change: {}", fixes.join(", "))
-                };
-                errors.push(format!(
-                    "node {node} {dev}: the roles placed there need an estimated {used:.3} GiB, {:.3} GiB more than its {c} GiB; move a role to another worker or node, use a smaller dtype, shard or shrink the training state, or raise launcher.slurm.{}{fixes}",
-                    used - c,
-                    if dev.starts_with("cuda") { "gpu_memory_gib" } else { "mem_per_node_gib" }
-                ));
-            }
-        }
+        errors.extend(misfit(cfg, key, b, roles));
     }
     writeln!(
         out,
@@ -562,6 +634,15 @@ pub fn plan_text(cfg: &RunConfig, script: Option<String>) -> Result<String> {
 pub fn run(args: PlanArgs) -> Result<()> {
     let loaded = rlhf_config::load(&args.file, &args.set, EnvSource::Process)?;
     let cfg = &loaded.config;
+    if args.json {
+        let v = plan_json(cfg)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        if let Some(errors) = v["misfits"].as_array().filter(|e| !e.is_empty()) {
+            let lines: Vec<&str> = errors.iter().filter_map(|e| e.as_str()).collect();
+            bail!("the placement does not fit:\n  {}", lines.join("\n  "));
+        }
+        return Ok(());
+    }
     let script = if cfg.launcher.kind == LauncherKind::Slurm {
         let file = std::path::absolute(&args.file)?;
         let me = std::env::current_exe()?;
