@@ -19,6 +19,9 @@
 //!   - grads: autograd's `P*d`, plus the f32 accumulator `P*4` (`P*4/N` at Z = 2);
 //!   - optimizer: f32 master weights `P*4` with masters (`P*4/N` at Z >= 1), AdamW's two
 //!     moments `2*m*P` (`2*m*P/N` at Z >= 1);
+//!   - over TCP (replicas on CPU workers, N > 1): the host staging copy of one gradient
+//!     bucket, `min(P, 16M) * 4`, counted with the grads, and one bucket copied back out of
+//!     it per collective call, a transient;
 //!   - activations: the peak of what lives only for part of a step, the largest of: one
 //!     training micro-batch's saved activations (below); at Z = 2 the one f32 bucket
 //!     (16M elements) `Trainer::accumulate` converts at a time for the reduce-scatter (at
@@ -254,6 +257,9 @@ struct TrainState {
     activations: u64,
     /// Any other phase's transient peak (the actor's own generation KV cache).
     other_transient: u64,
+    /// The replicas reduce over TCP (CPU workers): each keeps a host copy of one gradient
+    /// bucket for the collectives and copies one bucket back out of it per call.
+    tcp: bool,
 }
 
 /// The arithmetic of the module doc for one trainable replica.
@@ -273,11 +279,19 @@ fn trainable(s: &TrainState) -> Breakdown {
     // The worker's accumulate(): at stage 2 one f32 bucket of the gradients at a time; at
     // stages 0 and 1 each gradient is added in place.
     let bucket = rlhf_comm::GRAD_BUCKET_ELEMS as u64;
-    let flat_copy = if stage >= 2 { p.min(bucket) * 4 } else { 0 };
+    let tcp = s.tcp && n > 1;
+    // Over TCP (`rlhf-worker` comm.rs `host_copy`): the host staging bucket lives as long as
+    // the role, and each collective call copies one bucket (or its chunk) back out of it.
+    let staging = if tcp { p.min(bucket) * 4 } else { 0 };
+    let flat_copy = if stage >= 2 || tcp {
+        p.min(bucket) * 4
+    } else {
+        0
+    };
     let step_shard = if stage == 1 { (p * 4).div_ceil(n) } else { 0 };
     Breakdown {
         weights: s.params * s.d,
-        grads: p * s.d + accumulator,
+        grads: p * s.d + accumulator + staging,
         optimizer: masters + moments,
         activations: s
             .activations
@@ -358,6 +372,10 @@ impl<'a> Estimator<'a> {
                         role == Role::Actor,
                     ),
                     other_transient: own_kv,
+                    tcp: cfg
+                        .workers
+                        .iter()
+                        .any(|w| w.roles.contains(&role) && w.device == Device::Cpu),
                 })
             }
             Role::Reference => frozen(self.model(cfg.models.reference_dir())?.0),
@@ -463,12 +481,7 @@ fn capacity(cfg: &RunConfig, dev: &str) -> Option<f64> {
 
 /// The error for a device whose roles need more than its capacity, with the changes that
 /// would shrink them.
-fn misfit(
-    cfg: &RunConfig,
-    key: &(usize, String),
-    b: &Breakdown,
-    roles: &[Role],
-) -> Option<String> {
+fn misfit(cfg: &RunConfig, key: &(usize, String), b: &Breakdown, roles: &[Role]) -> Option<String> {
     let (node, dev) = key;
     let c = capacity(cfg, dev)?;
     let used = gib(b.total());
@@ -676,6 +689,7 @@ mod tests {
             masters,
             activations: 0,
             other_transient: 0,
+            tcp: false,
         }
     }
 
@@ -715,6 +729,28 @@ mod tests {
             trainable(&state(2, 4, true)).activations,
             rlhf_comm::GRAD_BUCKET_ELEMS as u64 * 4
         );
+    }
+
+    #[test]
+    fn tcp_replicas_hold_one_host_bucket_and_copy_one_per_collective() {
+        let bucket = rlhf_comm::GRAD_BUCKET_ELEMS as u64 * 4;
+        let tcp = |stage, n| {
+            trainable(&TrainState {
+                tcp: true,
+                ..state(stage, n, true)
+            })
+        };
+        assert_eq!(
+            tcp(0, 4).grads,
+            trainable(&state(0, 4, true)).grads + bucket
+        );
+        assert_eq!(tcp(0, 4).activations, bucket);
+        assert_eq!(
+            tcp(2, 4).grads,
+            trainable(&state(2, 4, true)).grads + bucket
+        );
+        // One replica has no group, hence no staging.
+        assert_eq!(tcp(0, 1), trainable(&state(0, 1, true)));
     }
 
     fn llama3_8b() -> Shape {
