@@ -19,6 +19,9 @@
 //!   - grads: autograd's `P*d`, plus the f32 accumulator `P*4` (`P*4/N` at Z = 2);
 //!   - optimizer: f32 master weights `P*4` with masters (`P*4/N` at Z >= 1), AdamW's two
 //!     moments `2*m*P` (`2*m*P/N` at Z >= 1);
+//!   - over TCP (replicas on CPU workers, N > 1): the host staging copy of one gradient
+//!     bucket, `min(P, 16M) * 4`, counted with the grads, and one bucket copied back out of
+//!     it per collective call, a transient;
 //!   - activations: the peak of what lives only for part of a step, the largest of: one
 //!     training micro-batch's saved activations (below); at Z = 2 the one f32 bucket
 //!     (16M elements) `Trainer::accumulate` converts at a time for the reduce-scatter (at
@@ -57,6 +60,10 @@ pub struct PlanArgs {
     /// Override a config value (as for `launch`).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Print the estimates as JSON, in bytes, per worker and role and per device (for scripts
+    /// and tests comparing them with measured memory); no sbatch script.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Parameter count and bytes of a model directory, from its safetensors headers.
@@ -250,6 +257,9 @@ struct TrainState {
     activations: u64,
     /// Any other phase's transient peak (the actor's own generation KV cache).
     other_transient: u64,
+    /// The replicas reduce over TCP (CPU workers): each keeps a host copy of one gradient
+    /// bucket for the collectives and copies one bucket back out of it per call.
+    tcp: bool,
 }
 
 /// The arithmetic of the module doc for one trainable replica.
@@ -269,11 +279,19 @@ fn trainable(s: &TrainState) -> Breakdown {
     // The worker's accumulate(): at stage 2 one f32 bucket of the gradients at a time; at
     // stages 0 and 1 each gradient is added in place.
     let bucket = rlhf_comm::GRAD_BUCKET_ELEMS as u64;
-    let flat_copy = if stage >= 2 { p.min(bucket) * 4 } else { 0 };
+    let tcp = s.tcp && n > 1;
+    // Over TCP (`rlhf-worker` comm.rs `host_copy`): the host staging bucket lives as long as
+    // the role, and each collective call copies one bucket (or its chunk) back out of it.
+    let staging = if tcp { p.min(bucket) * 4 } else { 0 };
+    let flat_copy = if stage >= 2 || tcp {
+        p.min(bucket) * 4
+    } else {
+        0
+    };
     let step_shard = if stage == 1 { (p * 4).div_ceil(n) } else { 0 };
     Breakdown {
         weights: s.params * s.d,
-        grads: p * s.d + accumulator,
+        grads: p * s.d + accumulator + staging,
         optimizer: masters + moments,
         activations: s
             .activations
@@ -354,6 +372,10 @@ impl<'a> Estimator<'a> {
                         role == Role::Actor,
                     ),
                     other_transient: own_kv,
+                    tcp: cfg
+                        .workers
+                        .iter()
+                        .any(|w| w.roles.contains(&role) && w.device == Device::Cpu),
                 })
             }
             // LoRA on the policy's own directory: the actor's base with adapters off is the
@@ -454,6 +476,87 @@ fn remedies(cfg: &RunConfig, key: &(usize, String), roles: &[Role]) -> Vec<Strin
         .collect()
 }
 
+/// The memory `dev` has for its roles in GiB (`launcher.slurm.gpu_memory_gib` for a GPU,
+/// `mem_per_node_gib` for a CPU when set), or `None` when unchecked.
+fn capacity(cfg: &RunConfig, dev: &str) -> Option<f64> {
+    match dev.parse::<Device>() {
+        Ok(Device::Cuda(_)) => Some(cfg.launcher.slurm.gpu_memory_gib),
+        _ => cfg.launcher.slurm.mem_per_node_gib,
+    }
+}
+
+/// The error for a device whose roles need more than its capacity, with the changes that
+/// would shrink them.
+fn misfit(cfg: &RunConfig, key: &(usize, String), b: &Breakdown, roles: &[Role]) -> Option<String> {
+    let (node, dev) = key;
+    let c = capacity(cfg, dev)?;
+    let used = gib(b.total());
+    if used <= c {
+        return None;
+    }
+    let fixes = remedies(cfg, key, roles);
+    let fixes = if fixes.is_empty() {
+        String::new()
+    } else {
+        format!("; estimates with one change: {}", fixes.join(", "))
+    };
+    Some(format!(
+        "node {node} {dev}: the roles placed there need an estimated {used:.3} GiB, {:.3} GiB more than its {c} GiB; move a role to another worker or node, use a smaller dtype, shard or shrink the training state, or raise launcher.slurm.{}{fixes}",
+        used - c,
+        if dev.starts_with("cuda") { "gpu_memory_gib" } else { "mem_per_node_gib" }
+    ))
+}
+
+fn breakdown_json(b: &Breakdown) -> serde_json::Value {
+    serde_json::json!({
+        "weights": b.weights,
+        "grads": b.grads,
+        "optimizer": b.optimizer,
+        "activations": b.activations,
+        "total": b.total(),
+    })
+}
+
+/// The estimates in bytes: each worker with each of its roles, each device with its capacity,
+/// and the misfits (empty when everything fits).
+pub fn plan_json(cfg: &RunConfig) -> Result<serde_json::Value> {
+    let mut est = Estimator::new(cfg);
+    let keys = devices(cfg);
+    let mut per_device: BTreeMap<(usize, String), (Breakdown, Vec<Role>)> = BTreeMap::new();
+    let mut workers = vec![];
+    for (w, key) in cfg.workers.iter().zip(&keys) {
+        let mut total = Breakdown::default();
+        let mut roles = serde_json::Map::new();
+        for role in &w.roles {
+            let b = est.role(*role)?;
+            total.add(&b);
+            roles.insert(role.as_str().to_string(), breakdown_json(&b));
+        }
+        let e = per_device.entry(key.clone()).or_default();
+        e.0.add(&total);
+        e.1.extend(w.roles.iter().copied());
+        workers.push(serde_json::json!({
+            "name": w.name,
+            "node": key.0,
+            "device": key.1,
+            "roles": roles,
+            "bytes": breakdown_json(&total),
+        }));
+    }
+    let mut devices = vec![];
+    let mut errors = vec![];
+    for (key, (b, roles)) in &per_device {
+        devices.push(serde_json::json!({
+            "node": key.0,
+            "device": key.1,
+            "capacity_gib": capacity(cfg, &key.1),
+            "bytes": breakdown_json(b),
+        }));
+        errors.extend(misfit(cfg, key, b, roles));
+    }
+    Ok(serde_json::json!({"workers": workers, "devices": devices, "misfits": errors}))
+}
+
 /// The plan as text; an error when a device cannot hold its roles.
 pub fn plan_text(cfg: &RunConfig, script: Option<String>) -> Result<String> {
     let slurm_kind = cfg.launcher.kind == LauncherKind::Slurm;
@@ -513,28 +616,10 @@ pub fn plan_text(cfg: &RunConfig, script: Option<String>) -> Result<String> {
     header(&mut out, "")?;
     let mut errors = vec![];
     for (key @ (node, dev), (b, roles)) in &per_device {
-        let cap = match dev.parse::<Device>() {
-            Ok(Device::Cuda(_)) => Some(cfg.launcher.slurm.gpu_memory_gib),
-            _ => cfg.launcher.slurm.mem_per_node_gib,
-        };
-        let used = gib(b.total());
+        let cap = capacity(cfg, dev);
         let cap_s = cap.map_or("unchecked".to_string(), |c| format!("of {c:.1} GiB"));
         row(&mut out, &format!("node {node} {dev:<8} {cap_s}"), b)?;
-        if let Some(c) = cap {
-            if used > c {
-                let fixes = remedies(cfg, key, roles);
-                let fixes = if fixes.is_empty() {
-                    String::new()
-                } else {
-                    format!("; estimates with one change: {}", fixes.join(", "))
-                };
-                errors.push(format!(
-                    "node {node} {dev}: the roles placed there need an estimated {used:.3} GiB, {:.3} GiB more than its {c} GiB; move a role to another worker or node, use a smaller dtype, shard or shrink the training state, or raise launcher.slurm.{}{fixes}",
-                    used - c,
-                    if dev.starts_with("cuda") { "gpu_memory_gib" } else { "mem_per_node_gib" }
-                ));
-            }
-        }
+        errors.extend(misfit(cfg, key, b, roles));
     }
     writeln!(
         out,
@@ -568,6 +653,15 @@ pub fn plan_text(cfg: &RunConfig, script: Option<String>) -> Result<String> {
 pub fn run(args: PlanArgs) -> Result<()> {
     let loaded = rlhf_config::load(&args.file, &args.set, EnvSource::Process)?;
     let cfg = &loaded.config;
+    if args.json {
+        let v = plan_json(cfg)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        if let Some(errors) = v["misfits"].as_array().filter(|e| !e.is_empty()) {
+            let lines: Vec<&str> = errors.iter().filter_map(|e| e.as_str()).collect();
+            bail!("the placement does not fit:\n  {}", lines.join("\n  "));
+        }
+        return Ok(());
+    }
     let script = if cfg.launcher.kind == LauncherKind::Slurm {
         let file = std::path::absolute(&args.file)?;
         let me = std::env::current_exe()?;
@@ -601,6 +695,7 @@ mod tests {
             masters,
             activations: 0,
             other_transient: 0,
+            tcp: false,
         }
     }
 
@@ -640,6 +735,28 @@ mod tests {
             trainable(&state(2, 4, true)).activations,
             rlhf_comm::GRAD_BUCKET_ELEMS as u64 * 4
         );
+    }
+
+    #[test]
+    fn tcp_replicas_hold_one_host_bucket_and_copy_one_per_collective() {
+        let bucket = rlhf_comm::GRAD_BUCKET_ELEMS as u64 * 4;
+        let tcp = |stage, n| {
+            trainable(&TrainState {
+                tcp: true,
+                ..state(stage, n, true)
+            })
+        };
+        assert_eq!(
+            tcp(0, 4).grads,
+            trainable(&state(0, 4, true)).grads + bucket
+        );
+        assert_eq!(tcp(0, 4).activations, bucket);
+        assert_eq!(
+            tcp(2, 4).grads,
+            trainable(&state(2, 4, true)).grads + bucket
+        );
+        // One replica has no group, hence no staging.
+        assert_eq!(tcp(0, 1), trainable(&state(0, 1, true)));
     }
 
     fn llama3_8b() -> Shape {

@@ -6,7 +6,8 @@
 //! register with the coordinator, heartbeat, serve, stop on SIGTERM ([`daemon`]).
 //!
 //! Collective groups with peer workers (gradient all-reduce, weight sync) are in [`comm`];
-//! the process's malloc settings (freed tensor memory kept for the next step) in [`malloc`].
+//! the process's malloc settings (freed tensor memory kept for the next step) in [`malloc`];
+//! the resident-memory peak of each TrainStep, logged for `rlhf-coord plan`'s check, in [`memory`].
 //!
 //! May use: rlhf-model, rlhf-algo, rlhf-proto, rlhf-comm, tch, tonic, tokio. Knows nothing of the
 //! controller's internals: everything it learns arrives through the proto, and the coordinator
@@ -17,6 +18,7 @@ pub mod daemon;
 pub mod error;
 pub mod host;
 pub mod malloc;
+pub mod memory;
 pub mod reward_rules;
 pub mod roles;
 pub mod service;

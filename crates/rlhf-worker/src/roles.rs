@@ -536,11 +536,24 @@ impl Role {
         b: TrainBatch,
         groups: &mut Groups,
     ) -> RoleResult<(BTreeMap<String, f64>, u64)> {
-        match self {
+        let watch = crate::memory::PeakWatch::start();
+        let out = match self {
             Role::Actor(t) => t.step_actor(b, groups),
             Role::Critic(t) => t.step_critic(b, groups),
             _ => Err(self.wrong("TrainStep")),
+        }?;
+        // What `rlhf-coord plan` estimates for this role, measured (tests/plan_memory.rs and
+        // scripts/bench/zero_bench.sh read this line from the worker's log).
+        if let Some(m) = watch.finish() {
+            tracing::info!(
+                step = out.1,
+                peak_rss_bytes = m.peak,
+                rss_at_start_bytes = m.start,
+                peak_since_step_start = m.since_step,
+                "train step memory"
+            );
         }
+        Ok(out)
     }
 
     fn weights_dir(&self) -> Option<&ModelDir> {
@@ -868,9 +881,17 @@ impl Trainer {
             // Same seed on every replica: their adapters start (and stay) bitwise equal.
             dir.model.add_lora(lora.clone(), seed as i64)?;
         }
-        // Only the adapters with LoRA (the base is frozen), else every weight.
-        let opt =
-            ShardedAdamW::unsharded(dir.model.trainable_tensors(), &spec.optim, spec.precision)?;
+        // Only the adapters with LoRA (the base is frozen), else every weight. The optimizer
+        // owns nothing yet: the gradient group, joined after the role is created, decides what
+        // it owns at the first step or LoadState (`ensure_layout`). Allocating the unsharded
+        // masters and moments here would need the full state on every ZeRO replica, and on
+        // CPU glibc keeps the freed heap pages resident (docs/scale.md).
+        let opt = ShardedAdamW::new(
+            dir.model.trainable_tensors(),
+            &spec.optim,
+            spec.precision,
+            Vec::new(),
+        )?;
         let schedule = LrSchedule::new(&spec.optim)?;
         let scaler = (dir.model.kind() == Kind::Half).then(LossScaler::default);
         Ok(Trainer {
