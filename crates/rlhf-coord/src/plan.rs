@@ -342,6 +342,8 @@ impl<'a> Estimator<'a> {
             ..Breakdown::default()
         };
         Ok(match role {
+            // Only PPO creates its critic; a critic placed for another algorithm holds nothing.
+            Role::Critic if !cfg.algorithm.name.uses_critic() => Breakdown::default(),
             Role::Actor | Role::Critic => {
                 let dir = if role == Role::Actor {
                     cfg.models.policy.clone()

@@ -137,3 +137,20 @@ fn lora_with_the_policy_as_reference_counts_no_reference_and_the_generators_adap
         "{gen}\n{t}"
     );
 }
+
+#[test]
+fn a_critic_placed_for_an_algorithm_without_one_counts_nothing() {
+    // GRPO creates no critic (only PPO trains one), so the four critic GPUs hold nothing.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = plan(
+        tmp.path(),
+        &["algorithm.name=grpo", "rollout.samples_per_prompt=4"],
+    );
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    let critic = t.lines().find(|l| l.contains("node 1 cuda:3")).unwrap();
+    assert!(
+        critic.contains("0.000     0.000     0.000     0.000      0.000"),
+        "{critic}\n{t}"
+    );
+}
