@@ -38,13 +38,16 @@ pub struct WorkerService {
     opening: Mutex<HashMap<(String, u64), tokio::net::TcpListener>>,
 }
 
-/// Where this worker accepts connections from group peers.
+/// Where this worker accepts connections from group peers, and the key they must prove.
 #[derive(Debug, Clone)]
 pub struct PeerAddress {
     /// Interface to listen on (the worker's gRPC bind address).
     pub bind: IpAddr,
     /// Host name or address peers connect to.
     pub host: String,
+    /// The run's collective key (derived from the run token), proved both ways by every TCP
+    /// group connection.
+    pub key: rlhf_comm::CollectiveKey,
 }
 
 impl WorkerService {
@@ -705,7 +708,8 @@ impl Worker for WorkerService {
                     })?;
                 addrs.push(a);
             }
-            let mut cfg = rlhf_comm::GroupConfig::new(group_id, rank as usize, world);
+            let mut cfg =
+                rlhf_comm::GroupConfig::new(self.peers.key.clone(), group_id, rank as usize, world);
             cfg.timeout = timeout;
             let group = rlhf_comm::TcpGroup::connect(cfg, listener, addrs)
                 .await
