@@ -10,6 +10,7 @@ mod cluster;
 mod generate_cmd;
 mod launch;
 mod launcher;
+mod limits;
 mod metrics;
 mod plan;
 mod plot;
