@@ -652,16 +652,28 @@ mod tests {
             ),
         ] {
             let f = safetensors_file(tmp.path(), header.as_bytes(), data);
-            let e = format!("{:#}", header_sizes(&f, &mut ModelSize::default()).unwrap_err());
-            assert!(e.contains(says) && e.contains("model.safetensors"), "{header}: {e}");
+            let e = format!(
+                "{:#}",
+                header_sizes(&f, &mut ModelSize::default()).unwrap_err()
+            );
+            assert!(
+                e.contains(says) && e.contains("model.safetensors"),
+                "{header}: {e}"
+            );
         }
         // A length field larger than the file: refused before allocating for it.
         let p = tmp.path().join("model.safetensors");
         let mut b = (1u64 << 40).to_le_bytes().to_vec();
         b.extend_from_slice(b"{}");
         std::fs::write(&p, b).unwrap();
-        let e = format!("{:#}", header_sizes(&p, &mut ModelSize::default()).unwrap_err());
-        assert!(e.contains("header of 1099511627776 bytes in a file of 10 bytes"), "{e}");
+        let e = format!(
+            "{:#}",
+            header_sizes(&p, &mut ModelSize::default()).unwrap_err()
+        );
+        assert!(
+            e.contains("header of 1099511627776 bytes in a file of 10 bytes"),
+            "{e}"
+        );
     }
 
     proptest::proptest! {

@@ -262,10 +262,7 @@ mod tests {
         // Exactly `cap` bytes before the newline, CRLF, and a last line without newline: fine.
         let ok = read_all(b"12345\nab\r\n\nxyz", 5).unwrap();
         let want = [(1, "12345"), (2, "ab"), (3, ""), (4, "xyz")];
-        assert_eq!(
-            ok,
-            want.map(|(n, l)| (n, l.to_string())).to_vec()
-        );
+        assert_eq!(ok, want.map(|(n, l)| (n, l.to_string())).to_vec());
         // Line 2 is one byte over, with and without a newline after it.
         for bytes in [&b"{}\n123456\n{}"[..], b"{}\n123456"] {
             let e = format!("{:#}", read_all(bytes, 5).unwrap_err());

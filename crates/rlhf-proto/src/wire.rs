@@ -422,7 +422,10 @@ mod tests {
         for c in chunks("a", &a, 100).unwrap() {
             asm.push(c).unwrap();
         }
-        let e = chunks("b", &a, 100).unwrap().into_iter().try_for_each(|c| asm.push(c));
+        let e = chunks("b", &a, 100)
+            .unwrap()
+            .into_iter()
+            .try_for_each(|c| asm.push(c));
         assert!(e.unwrap_err().to_string().contains("tensor `b`"));
         // A chunk longer than its tensor is refused before it is copied.
         let mut big = chunks("c", &Tensor::zeros([2], (Kind::Float, Device::Cpu)), 100).unwrap();

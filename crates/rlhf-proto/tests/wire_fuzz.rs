@@ -7,8 +7,8 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use prost::Message;
 use proptest::prelude::*;
+use prost::Message;
 use rlhf_proto::pb;
 use rlhf_proto::wire::{chunks, from_wire, to_wire, WeightAssembler};
 use tch::{Device, Kind, Tensor};

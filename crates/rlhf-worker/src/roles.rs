@@ -446,7 +446,11 @@ impl Role {
         }
         let vocab = dir.model.config.vocab_size as i64;
         for (i, p) in a.prompts.iter().enumerate() {
-            if let Some((col, id)) = p.iter().enumerate().find(|(_, &id)| !(0..vocab).contains(&id)) {
+            if let Some((col, id)) = p
+                .iter()
+                .enumerate()
+                .find(|(_, id)| !(0..vocab).contains(*id))
+            {
                 return Err(RoleError::bad(
                     "prompts",
                     format!(

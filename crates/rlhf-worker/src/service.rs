@@ -523,7 +523,9 @@ impl Worker for WorkerService {
             .await?
             .ok_or_else(|| RoleError::bad("chunks", "the stream was empty".into()))?;
         if first.role_id.is_empty() {
-            return Err(RoleError::bad("role_id", "the first chunk must name the role".into()).into());
+            return Err(
+                RoleError::bad("role_id", "the first chunk must name the role".into()).into(),
+            );
         }
         let role = self.role(&first.role_id).await?;
         // The stream may declare no more than the role's model holds, checked before anything
