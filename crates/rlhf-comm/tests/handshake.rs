@@ -49,7 +49,7 @@ async fn a_peer_with_the_wrong_key_is_dropped_and_learns_nothing() {
     let timeout = Duration::from_secs(5);
     let (listeners, addrs) = bind_local(2).await.expect("bind");
     // The group id is chosen so that its bytes would be recognisable in anything sent back.
-    let group_id = 0x5EC2_E7_1D_u64;
+    let group_id = 0x5EC2_E71D_u64;
     let stranger = CollectiveKey::from_run_token(b"another run's token");
 
     // A stranger that knows the protocol, the group id, the world and its rank, but not the key.

@@ -1,4 +1,6 @@
 //! Shared by the integration tests: forming real groups on loopback, one tokio task per rank.
+// Each test file uses part of it.
+#![allow(dead_code)]
 
 use std::future::Future;
 use std::time::Duration;
