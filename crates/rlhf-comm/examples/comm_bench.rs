@@ -18,7 +18,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rlhf_comm::{bind, Collective, GroupConfig, ReduceOp, TcpGroup};
+use rlhf_comm::{bind, Collective, CollectiveKey, GroupConfig, ReduceOp, TcpGroup};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -141,7 +141,12 @@ async fn rank_main(
     raw: SocketAddr,
     max_mib: usize,
 ) -> Res<()> {
-    let mut cfg = GroupConfig::new(1, rank, addrs.len());
+    let mut cfg = GroupConfig::new(
+        CollectiveKey::from_run_token(b"comm-bench"),
+        1,
+        rank,
+        addrs.len(),
+    );
     if let Ok(kib) = std::env::var("COMM_CHUNK_KIB") {
         cfg.chunk_bytes = kib.parse::<usize>()? * 1024;
     }

@@ -7,7 +7,8 @@
 //! pointers rather than through the trait (see its module docs); it loads libcuda and libnccl
 //! at run time, so building needs no CUDA and `nccl_available` says whether a machine can use it.
 //!
-//! May use: tokio (sockets, timers), bytemuck (safe `f32` ↔ byte views), thiserror, tracing;
+//! May use: tokio (sockets, timers), bytemuck (safe `f32` ↔ byte views), hmac + sha2 + rand
+//! (the handshake), thiserror, tracing;
 //! with `nccl`, cudarc (the CUDA driver, dynamically loaded) and libloading (libnccl).
 //! Knows nothing about tensors, tch, gRPC or the controller, and imports no other crate of the
 //! workspace: a worker hands it plain `f32`/byte buffers or device addresses, and the group's
@@ -24,9 +25,12 @@
 //! when a rank fails it tells the next rank, so ranks further along the ring name the rank at
 //! fault rather than their neighbour. After an error the group is unusable (every later call
 //! fails with [`CommError::Poisoned`]); rebuild it.
-//! **Boundary:** [`TcpGroup::connect`] is where a group meets the network: a handshake carries
-//! the group id and rank, and a connection from another group or the wrong rank is refused.
+//! **Boundary:** [`TcpGroup::connect`] is where a group meets the network: a handshake proves
+//! the run's [`CollectiveKey`] both ways (HMAC-SHA256 over random challenges) before anything
+//! about the group is said, then carries the group id and rank; a connection without the key is
+//! dropped unanswered, one from another group or the wrong rank is refused with a reason.
 
+mod auth;
 mod error;
 #[cfg(feature = "nccl")]
 mod nccl;
@@ -37,6 +41,7 @@ mod wire;
 use std::future::Future;
 use std::ops::Range;
 
+pub use auth::CollectiveKey;
 pub use error::{CommError, Op};
 #[cfg(feature = "nccl")]
 pub use nccl::{

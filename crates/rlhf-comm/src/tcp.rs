@@ -16,6 +16,7 @@
 //! receiving rank checks against its own call, so ranks that disagree get
 //! [`CommError::Mismatch`] instead of misread data.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::Range;
@@ -23,18 +24,25 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
+use crate::auth::{self, CollectiveKey, NONCE, TAG};
 use crate::error::{CommError, Op};
 use crate::wire::{Ctx, Header, Rx, Tx, TAG_OP, TAG_PIECE};
 use crate::{ring_segment, scatter_chunk, Collective, ReduceOp};
 
 const MAGIC: &[u8; 8] = b"RLHFCOMM";
-const VERSION: u32 = 1;
-const HELLO: usize = 32;
-/// A connection that sends no handshake this long is dropped so it cannot hold up the rank
-/// that is really expected.
+/// Version 2: the handshake authenticates both sides with the run's [`CollectiveKey`].
+const VERSION: u32 = 2;
+/// A connection that does not finish its handshake this long after it was accepted is dropped.
+/// Handshakes run concurrently, so this bounds only the sockets a stranger can hold open, not
+/// the wait of the rank that is really expected.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes open at once on one listener. A new connection beyond this drops the oldest
+/// unfinished one: bounded file descriptors, and a genuine rank, which finishes in one round
+/// trip, is only lost to a flood of more than this many connections within that round trip.
+const MAX_PENDING_HANDSHAKES: usize = 64;
 /// Pause between connection attempts while the next rank is not listening yet.
 const RETRY: Duration = Duration::from_millis(50);
 /// How long a failing rank spends telling the next rank about the failure.
@@ -42,10 +50,13 @@ const ABORT_GRACE: Duration = Duration::from_secs(2);
 /// Largest all-gather piece accepted from a peer (a garbled length must not allocate terabytes).
 const MAX_PIECE_BYTES: u64 = 1 << 40;
 
-/// Settings of one group; every rank of the group must use the same `group_id`, `world` and
-/// `chunk_bytes` (checked in the handshake).
+/// Settings of one group; every rank of the group must use the same `key`, `group_id`, `world`
+/// and `chunk_bytes` (checked in the handshake).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupConfig {
+    /// The run's shared secret; a connection that cannot prove it is dropped unanswered. No
+    /// default: [`CollectiveKey::from_run_token`].
+    pub key: CollectiveKey,
     /// Identifies the group; a connection carrying another id is refused. No default.
     pub group_id: u64,
     /// This process's rank, `0..world`. No default.
@@ -64,8 +75,9 @@ pub struct GroupConfig {
 
 impl GroupConfig {
     /// A config with the default timeout (60 s) and chunk size (4 MiB).
-    pub fn new(group_id: u64, rank: usize, world: usize) -> Self {
+    pub fn new(key: CollectiveKey, group_id: u64, rank: usize, world: usize) -> Self {
         GroupConfig {
+            key,
             group_id,
             rank,
             world,
@@ -153,9 +165,11 @@ impl std::fmt::Debug for TcpGroup {
 
 impl TcpGroup {
     /// Forms the group: connects to the next rank and accepts the previous one on `listener`
-    /// (bound with [`bind`] at `peers[cfg.rank]`), both within `cfg.timeout`. Connections that
-    /// carry another group id, world, chunk size or an unexpected rank are refused with a reason
-    /// (the connecting side gets [`CommError::Refused`]) and waiting goes on.
+    /// (bound with [`bind`] at `peers[cfg.rank]`), both within `cfg.timeout`. Both sides of
+    /// every connection prove `cfg.key` (HMAC-SHA256 over both sides' random challenges);
+    /// connections that do not are dropped unanswered. Authenticated connections that carry
+    /// another group id, world, chunk size or an unexpected rank are refused with a reason (the
+    /// connecting side gets [`CommError::Refused`]). Waiting goes on after either.
     pub async fn connect(
         cfg: GroupConfig,
         listener: TcpListener,
@@ -545,32 +559,29 @@ fn split(buf: &mut [f32], send: Range<usize>, recv: Range<usize>) -> (&[f32], &m
     }
 }
 
-fn hello(cfg: &GroupConfig) -> [u8; HELLO] {
-    let mut h = [0u8; HELLO];
-    h[..8].copy_from_slice(MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    h[12..16].copy_from_slice(&(cfg.rank as u32).to_le_bytes());
-    h[16..20].copy_from_slice(&(cfg.world as u32).to_le_bytes());
-    h[20..24].copy_from_slice(&(cfg.chunk_bytes as u32).to_le_bytes());
-    h[24..32].copy_from_slice(&cfg.group_id.to_le_bytes());
-    h
+/// The connector's opening: magic, protocol version, its challenge.
+const OPENING: usize = 8 + 4 + NONCE;
+/// The connector's settings, sent only after the acceptor proved the key: rank, world,
+/// chunk_bytes (u32 each) and the group id (u64), little-endian.
+const FIELDS: usize = 20;
+
+fn fields(cfg: &GroupConfig) -> [u8; FIELDS] {
+    let mut f = [0u8; FIELDS];
+    f[0..4].copy_from_slice(&(cfg.rank as u32).to_le_bytes());
+    f[4..8].copy_from_slice(&(cfg.world as u32).to_le_bytes());
+    f[8..12].copy_from_slice(&(cfg.chunk_bytes as u32).to_le_bytes());
+    f[12..20].copy_from_slice(&cfg.group_id.to_le_bytes());
+    f
 }
 
-/// Why a handshake from a connecting rank is not acceptable to this one (`None`: accept).
-fn refusal(h: &[u8; HELLO], cfg: &GroupConfig, prev: usize) -> Option<String> {
-    let u32_at = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+/// Why an authenticated connecting rank's settings are not acceptable to this one (`None`:
+/// accept). Only a peer that proved the run's key gets here, so the reason may name the group.
+fn refusal(f: &[u8], cfg: &GroupConfig, prev: usize) -> Option<String> {
+    let u32_at = |i: usize| u32::from_le_bytes([f[i], f[i + 1], f[i + 2], f[i + 3]]);
     let mut group = [0u8; 8];
-    group.copy_from_slice(&h[24..32]);
+    group.copy_from_slice(&f[12..20]);
     let group = u64::from_le_bytes(group);
-    let (version, rank, world, chunk) = (u32_at(8), u32_at(12), u32_at(16), u32_at(20));
-    if &h[..8] != MAGIC {
-        return Some("not an rlhf-comm handshake".to_string());
-    }
-    if version != VERSION {
-        return Some(format!(
-            "protocol version {version}, this rank speaks {VERSION}"
-        ));
-    }
+    let (rank, world, chunk) = (u32_at(0), u32_at(4), u32_at(8));
     if group != cfg.group_id {
         return Some(format!(
             "group id mismatch: the connecting rank is in group {group}, rank {} is in group {}",
@@ -600,9 +611,32 @@ enum Handshake {
     Io(io::Error),
 }
 
-/// Sends our hello and reads the verdict: `[status u8, 0, 0, 0, reason_len u32, reason]`.
+/// The connecting side: sends a challenge, checks the acceptor's tag over both challenges, then
+/// sends its settings with its own tag and reads the verdict
+/// (`[status u8, 0, 0, 0, reason_len u32, reason]`).
 async fn handshake(s: &mut TcpStream, cfg: &GroupConfig) -> Result<(), Handshake> {
-    s.write_all(&hello(cfg)).await.map_err(Handshake::Io)?;
+    let nc = auth::nonce().map_err(Handshake::Io)?;
+    let mut opening = [0u8; OPENING];
+    opening[..8].copy_from_slice(MAGIC);
+    opening[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    opening[12..].copy_from_slice(&nc);
+    s.write_all(&opening).await.map_err(Handshake::Io)?;
+    let mut answer = [0u8; NONCE + TAG];
+    s.read_exact(&mut answer).await.map_err(Handshake::Io)?;
+    let mut na = [0u8; NONCE];
+    na.copy_from_slice(&answer[..NONCE]);
+    if !cfg.key.check_acceptor(&nc, &na, &answer[NONCE..]) {
+        return Err(Handshake::Refused(
+            "it did not prove this run's collective key: the process listening there belongs \
+             to another run or is not an rlhf worker; check the group's addresses"
+                .to_string(),
+        ));
+    }
+    let f = fields(cfg);
+    let mut msg = [0u8; FIELDS + TAG];
+    msg[..FIELDS].copy_from_slice(&f);
+    msg[FIELDS..].copy_from_slice(&cfg.key.connector_tag(&nc, &na, &f));
+    s.write_all(&msg).await.map_err(Handshake::Io)?;
     let mut reply = [0u8; 8];
     s.read_exact(&mut reply).await.map_err(Handshake::Io)?;
     if reply[0] == 0 {
@@ -614,6 +648,62 @@ async fn handshake(s: &mut TcpStream, cfg: &GroupConfig) -> Result<(), Handshake
     Err(Handshake::Refused(
         String::from_utf8_lossy(&reason).into_owned(),
     ))
+}
+
+/// The accepting side of one connection (see [`handshake`]): `Some` when it is the expected
+/// rank, proved the key and was told so. A connection that does not prove the key is closed
+/// with nothing said: all it got is a challenge and a tag over its own challenge, which tell
+/// nothing about the group.
+async fn answer(
+    mut s: TcpStream,
+    from: SocketAddr,
+    cfg: &GroupConfig,
+    prev: usize,
+) -> Option<TcpStream> {
+    let rank = cfg.rank;
+    let mut opening = [0u8; OPENING];
+    s.read_exact(&mut opening).await.ok()?;
+    if &opening[..8] != MAGIC || opening[8..12] != VERSION.to_le_bytes() {
+        tracing::warn!(rank, %from, "dropped a connection that did not open an rlhf-comm v{VERSION} handshake");
+        return None;
+    }
+    let mut nc = [0u8; NONCE];
+    nc.copy_from_slice(&opening[12..]);
+    let na = match auth::nonce() {
+        Ok(n) => n,
+        Err(error) => {
+            tracing::warn!(rank, %from, %error, "no challenge for a connecting rank; dropped it");
+            return None;
+        }
+    };
+    let mut ours = [0u8; NONCE + TAG];
+    ours[..NONCE].copy_from_slice(&na);
+    ours[NONCE..].copy_from_slice(&cfg.key.acceptor_tag(&nc, &na));
+    s.write_all(&ours).await.ok()?;
+    let mut msg = [0u8; FIELDS + TAG];
+    s.read_exact(&mut msg).await.ok()?;
+    let (f, tag) = msg.split_at(FIELDS);
+    if !cfg.key.check_connector(&nc, &na, f, tag) {
+        tracing::warn!(rank, %from, "dropped a connection that did not prove this run's collective key");
+        return None;
+    }
+    let verdict = refusal(f, cfg, prev);
+    let reason = verdict.clone().unwrap_or_default();
+    let mut reply = vec![u8::from(verdict.is_some()), 0, 0, 0];
+    reply.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+    reply.extend_from_slice(reason.as_bytes());
+    let sent = s.write_all(&reply).await;
+    match verdict {
+        Some(reason) => {
+            tracing::warn!(rank, %from, %reason, "refused a connection");
+            None
+        }
+        None if sent.is_ok() => Some(s),
+        None => {
+            tracing::debug!(rank, %from, "handshake reply failed; still waiting");
+            None
+        }
+    }
 }
 
 async fn connect_next(
@@ -659,6 +749,11 @@ async fn connect_next(
     }
 }
 
+/// Accepts connections until the previous rank's handshake succeeds. Handshakes run
+/// concurrently, each under its own [`HELLO_TIMEOUT`], so connections that say nothing (or
+/// stall halfway) cost the expected rank no waiting; at most [`MAX_PENDING_HANDSHAKES`] are
+/// open at once, the oldest dropped for a new one, so a flood cannot hold sockets forever nor
+/// keep the real rank out.
 async fn accept_prev(
     cfg: &GroupConfig,
     peers: &[SocketAddr],
@@ -666,41 +761,47 @@ async fn accept_prev(
     prev: usize,
     deadline: Instant,
 ) -> Result<TcpStream, CommError> {
-    let too_late = || CommError::AcceptTimeout {
-        peer: prev,
-        addr: peers[prev],
-        timeout: cfg.timeout,
-    };
+    let mut pending: JoinSet<Option<TcpStream>> = JoinSet::new();
+    let mut order: VecDeque<AbortHandle> = VecDeque::new();
     loop {
-        let (mut s, from) = match timeout_at(deadline, listener.accept()).await {
-            Err(_) => return Err(too_late()),
-            Ok(Err(e)) => {
-                // Per-connection failures (e.g. aborted before accept) must not end the wait.
-                tracing::debug!(rank = cfg.rank, error = %e, "accept failed; still waiting");
-                sleep_until((Instant::now() + RETRY).min(deadline)).await;
-                continue;
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((s, from)) => {
+                    order.retain(|h| !h.is_finished());
+                    if order.len() >= MAX_PENDING_HANDSHAKES {
+                        if let Some(oldest) = order.pop_front() {
+                            oldest.abort();
+                            tracing::warn!(rank = cfg.rank, "too many unfinished handshakes; dropped the oldest");
+                        }
+                    }
+                    let by = (Instant::now() + HELLO_TIMEOUT).min(deadline);
+                    let cfg = cfg.clone();
+                    order.push_back(pending.spawn(async move {
+                        let r = timeout_at(by, answer(s, from, &cfg, prev)).await;
+                        r.unwrap_or_else(|_| {
+                            tracing::warn!(rank = cfg.rank, %from, "dropped a connection that did not finish the rlhf-comm handshake in time");
+                            None
+                        })
+                    }));
+                }
+                Err(e) => {
+                    // Per-connection failures (e.g. aborted before accept) must not end the wait.
+                    tracing::debug!(rank = cfg.rank, error = %e, "accept failed; still waiting");
+                    sleep_until((Instant::now() + RETRY).min(deadline)).await;
+                }
+            },
+            Some(done) = pending.join_next(), if !pending.is_empty() => {
+                // Dropping `pending` on return aborts the handshakes still open.
+                if let Ok(Some(s)) = done {
+                    return Ok(s);
+                }
             }
-            Ok(Ok(x)) => x,
-        };
-        let hello_by = (Instant::now() + HELLO_TIMEOUT).min(deadline);
-        let mut h = [0u8; HELLO];
-        if !matches!(timeout_at(hello_by, s.read_exact(&mut h)).await, Ok(Ok(_))) {
-            tracing::warn!(rank = cfg.rank, %from, "dropped a connection that sent no rlhf-comm handshake");
-            continue;
-        }
-        let verdict = refusal(&h, cfg, prev);
-        let mut reply = vec![u8::from(verdict.is_some()), 0, 0, 0];
-        let reason = verdict.clone().unwrap_or_default();
-        reply.extend_from_slice(&(reason.len() as u32).to_le_bytes());
-        reply.extend_from_slice(reason.as_bytes());
-        let sent = timeout_at(hello_by, s.write_all(&reply)).await;
-        match verdict {
-            Some(reason) => {
-                tracing::warn!(rank = cfg.rank, %from, %reason, "refused a connection");
-            }
-            None if matches!(sent, Ok(Ok(()))) => return Ok(s),
-            None => {
-                tracing::debug!(rank = cfg.rank, %from, "handshake reply failed; still waiting")
+            () = sleep_until(deadline) => {
+                return Err(CommError::AcceptTimeout {
+                    peer: prev,
+                    addr: peers[prev],
+                    timeout: cfg.timeout,
+                });
             }
         }
     }

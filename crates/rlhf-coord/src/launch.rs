@@ -122,6 +122,7 @@ fn prepare(args: &LaunchArgs, started: Instant) -> Result<Prepared> {
     let loaded = rlhf_config::load(&args.file, &args.set, EnvSource::Process)?;
     let cfg = &loaded.config;
     let settings = AlgoSettings::from_config(cfg)?;
+    crate::limits::check_message_sizes(&loaded)?;
     let tokenizer = Tokenizer::from_dir(&cfg.models.policy).with_context(|| {
         format!(
             "models.policy: loading the tokenizer of {}",

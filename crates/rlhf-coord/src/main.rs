@@ -11,6 +11,7 @@ mod export;
 mod generate_cmd;
 mod launch;
 mod launcher;
+mod limits;
 mod metrics;
 mod plan;
 mod plot;

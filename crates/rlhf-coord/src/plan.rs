@@ -73,36 +73,66 @@ struct ModelSize {
     bytes: u64,
 }
 
+/// Largest safetensors header read, as the `safetensors` crate's own limit (100 MB): a damaged
+/// length field must not make `plan` allocate gigabytes.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Adds the parameters and data bytes of one safetensors file to `size`, reading its header
+/// only. The file's length is checked against the header's length field before the header is
+/// read, and against the data the header describes after.
 fn header_sizes(file: &Path, size: &mut ModelSize) -> Result<()> {
     use std::io::Read;
     let mut f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let len = f
+        .metadata()
+        .with_context(|| format!("reading the size of {}", file.display()))?
+        .len();
     let mut n = [0u8; 8];
     f.read_exact(&mut n)
         .with_context(|| format!("{}: not a safetensors file", file.display()))?;
     let n = u64::from_le_bytes(n);
-    if n > 100 << 20 {
-        bail!("{}: safetensors header of {n} bytes", file.display());
+    if n > MAX_HEADER_BYTES || n > len.saturating_sub(8) {
+        bail!(
+            "{}: safetensors header of {n} bytes in a file of {len} bytes (at most \
+             {MAX_HEADER_BYTES}); the file is damaged or not safetensors: re-download or re-save it",
+            file.display()
+        );
     }
     let mut h = vec![0u8; n as usize];
     f.read_exact(&mut h)
         .with_context(|| format!("{}: truncated safetensors header", file.display()))?;
-    let v: serde_json::Value = serde_json::from_slice(&h)
-        .with_context(|| format!("{}: bad safetensors header", file.display()))?;
-    for (name, t) in v.as_object().into_iter().flatten() {
-        if name == "__metadata__" {
-            continue;
-        }
-        let shape = t["shape"]
-            .as_array()
-            .map(|s| s.iter().map(|d| d.as_u64().unwrap_or(0)).product::<u64>());
-        let off = t["data_offsets"].as_array();
-        if let (Some(p), Some(o)) = (shape, off) {
-            size.params += p;
-            size.bytes += o.get(1).and_then(|x| x.as_u64()).unwrap_or(0)
-                - o.first().and_then(|x| x.as_u64()).unwrap_or(0);
-        }
+    let (params, bytes) = parse_header(&h).with_context(|| {
+        format!(
+            "{}: bad safetensors header; the file is damaged: re-download or re-save it",
+            file.display()
+        )
+    })?;
+    if 8 + n + bytes != len {
+        bail!(
+            "{}: the header describes {bytes} bytes of tensor data, the file holds {}; it is \
+             truncated or damaged: re-download or re-save it",
+            file.display(),
+            len - 8 - n
+        );
     }
+    size.params = size.params.saturating_add(params);
+    size.bytes = size.bytes.saturating_add(bytes);
     Ok(())
+}
+
+/// Parameter count and data bytes of a safetensors header (the JSON after the length field).
+/// Parsed and validated by the `safetensors` crate rather than by hand: offsets must be
+/// contiguous from 0 and each tensor's span must equal its shape times its dtype's size, all
+/// in checked arithmetic, so hostile offsets or shapes are an error, never an overflow.
+fn parse_header(h: &[u8]) -> Result<(u64, u64)> {
+    let meta: safetensors::tensor::Metadata = serde_json::from_slice(h)?;
+    // Validated by the parse: every shape's product fits a usize; the sum saturates anyway.
+    let params = meta
+        .tensors()
+        .values()
+        .map(|t| t.shape.iter().product::<usize>() as u64)
+        .fold(0u64, u64::saturating_add);
+    Ok((params, meta.data_len() as u64))
 }
 
 fn model_size(dir: &Path) -> Result<ModelSize> {
@@ -684,6 +714,122 @@ pub fn run(args: PlanArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A safetensors file of `header` (JSON) followed by `data` zero bytes.
+    fn safetensors_file(dir: &Path, header: &[u8], data: usize) -> PathBuf {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header);
+        b.resize(b.len() + data, 0);
+        let p = dir.join("model.safetensors");
+        std::fs::write(&p, b).unwrap();
+        p
+    }
+
+    #[test]
+    fn hostile_safetensors_headers_are_errors_naming_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (header, data, says) in [
+            // End before start: today's `end - start` underflowed and panicked.
+            (
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#,
+                8,
+                "bad safetensors header",
+            ),
+            // An end past any file, and a shape whose element count overflows.
+            (
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,18446744073709551615]}}"#,
+                8,
+                "bad safetensors header",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#,
+                8,
+                "bad safetensors header",
+            ),
+            // Valid, but the file is shorter than the data it describes.
+            (
+                r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+                8,
+                "the header describes 16 bytes of tensor data, the file holds 8",
+            ),
+        ] {
+            let f = safetensors_file(tmp.path(), header.as_bytes(), data);
+            let e = format!(
+                "{:#}",
+                header_sizes(&f, &mut ModelSize::default()).unwrap_err()
+            );
+            assert!(
+                e.contains(says) && e.contains("model.safetensors"),
+                "{header}: {e}"
+            );
+        }
+        // A length field larger than the file: refused before allocating for it.
+        let p = tmp.path().join("model.safetensors");
+        let mut b = (1u64 << 40).to_le_bytes().to_vec();
+        b.extend_from_slice(b"{}");
+        std::fs::write(&p, b).unwrap();
+        let e = format!(
+            "{:#}",
+            header_sizes(&p, &mut ModelSize::default()).unwrap_err()
+        );
+        assert!(
+            e.contains("header of 1099511627776 bytes in a file of 10 bytes"),
+            "{e}"
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 256,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// Fuzzing the header parser (cargo-fuzz needs nightly; this runs in `cargo test`):
+        /// arbitrary bytes, and well-formed JSON with arbitrary numbers, never panic.
+        #[test]
+        fn header_parsing_never_panics(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            start in proptest::prelude::any::<u64>(),
+            end in proptest::prelude::any::<u64>(),
+            dims in proptest::collection::vec(proptest::prelude::any::<u64>(), 0..4),
+            dtype in proptest::sample::select(vec!["F32", "BF16", "I64", "BOOL", "F4", "??"]),
+        ) {
+            let _ = parse_header(&bytes);
+            let json = format!(
+                r#"{{"__metadata__":{{"format":"pt"}},"t":{{"dtype":"{dtype}","shape":{dims:?},"data_offsets":[{start},{end}]}}}}"#
+            );
+            let _ = parse_header(json.as_bytes());
+        }
+
+        /// Headers the `safetensors` crate writes give back their parameters and bytes.
+        #[test]
+        fn valid_headers_give_their_sizes(
+            shapes in proptest::collection::vec(proptest::collection::vec(0usize..5, 0..3), 1..4),
+        ) {
+            use safetensors::tensor::TensorView;
+            let datas: Vec<Vec<u8>> = shapes
+                .iter()
+                .map(|s| vec![0u8; 4 * s.iter().product::<usize>()])
+                .collect();
+            let views: Vec<(String, TensorView<'_>)> = shapes
+                .iter()
+                .zip(&datas)
+                .enumerate()
+                .map(|(i, (s, d))| {
+                    (format!("t{i}"), TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
+                })
+                .collect();
+            let bytes = safetensors::serialize(views, None).unwrap();
+            let tmp = tempfile::tempdir().unwrap();
+            let p = tmp.path().join("model.safetensors");
+            std::fs::write(&p, &bytes).unwrap();
+            let mut size = ModelSize::default();
+            header_sizes(&p, &mut size).unwrap();
+            let params: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+            proptest::prop_assert_eq!(size.params, params as u64);
+            proptest::prop_assert_eq!(size.bytes, 4 * params as u64);
+        }
+    }
 
     const GB: u64 = 1_000_000_000;
 

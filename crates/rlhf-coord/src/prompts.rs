@@ -79,19 +79,73 @@ fn parse_row(text: &str) -> std::result::Result<(Vec<ChatMessage>, Option<String
     Ok((messages, answer))
 }
 
+/// Longest line of a prompts file, in bytes: 64 per allowed prompt token (room for JSON escapes,
+/// chat messages and an `answer`) and never under 1 MiB. Lines are read at most this far, so a
+/// file without newlines cannot make the coordinator read gigabytes into one string.
+pub fn max_line_bytes(max_prompt_tokens: usize) -> usize {
+    max_prompt_tokens.saturating_mul(64).max(1 << 20)
+}
+
+/// The lines of a file, each read no further than `cap` bytes.
+struct BoundedLines<R> {
+    reader: R,
+    cap: usize,
+    buf: Vec<u8>,
+    /// Number of the line last returned, from 1.
+    n: usize,
+}
+
+impl<R: BufRead> BoundedLines<R> {
+    /// The next line without its `\n` / `\r\n`, with its number; `None` at the end. A longer
+    /// line than `cap` or one that is not UTF-8 is an error naming `file` and the line.
+    fn next_line(&mut self, file: &Path) -> Result<Option<(usize, &str)>> {
+        use std::io::Read;
+        self.n += 1;
+        let n = self.n;
+        self.buf.clear();
+        let got = (&mut self.reader)
+            .take(self.cap as u64 + 1)
+            .read_until(b'\n', &mut self.buf)
+            .with_context(|| format!("{}:{n}: unreadable line", file.display()))?;
+        if got == 0 {
+            return Ok(None);
+        }
+        if self.buf.last() == Some(&b'\n') {
+            self.buf.pop();
+            if self.buf.last() == Some(&b'\r') {
+                self.buf.pop();
+            }
+        } else if self.buf.len() > self.cap {
+            bail!(
+                "{}:{n}: the line is longer than {} bytes, the most a prompt line may have with \
+                 rollout.max_prompt_tokens as set; shorten it (one JSON object per line)",
+                file.display(),
+                self.cap
+            );
+        }
+        let line = std::str::from_utf8(&self.buf)
+            .with_context(|| format!("{}:{n}: the line is not UTF-8", file.display()))?;
+        Ok(Some((n, line)))
+    }
+}
+
 /// Reads, checks and tokenizes the whole file.
 pub fn load(file: &Path, opts: &PromptOptions<'_>) -> Result<PromptSet> {
     let f = std::fs::File::open(file)
         .with_context(|| format!("rollout.prompts: cannot open {}", file.display()))?;
     let mut rows = vec![];
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let n = i + 1;
-        let line = line.with_context(|| format!("{}:{n}: unreadable line", file.display()))?;
+    let mut lines = BoundedLines {
+        reader: std::io::BufReader::new(f),
+        cap: max_line_bytes(opts.max_prompt_tokens),
+        buf: Vec::new(),
+        n: 0,
+    };
+    while let Some((n, line)) = lines.next_line(file)? {
         if line.trim().is_empty() {
             continue;
         }
         let (messages, answer) =
-            parse_row(&line).map_err(|e| anyhow::anyhow!("{}:{n}: {e}", file.display()))?;
+            parse_row(line).map_err(|e| anyhow::anyhow!("{}:{n}: {e}", file.display()))?;
         if opts.need_answer && answer.is_none() {
             bail!(
                 "{}:{n}: no `answer`, which the exact_match reward (models.reward.kind) needs on every row",
@@ -186,6 +240,42 @@ impl PromptCursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn over_long_lines_are_refused_naming_file_and_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("prompts.jsonl");
+        let read_all = |bytes: &[u8], cap: usize| -> Result<Vec<(usize, String)>> {
+            std::fs::write(&file, bytes)?;
+            let mut lines = BoundedLines {
+                reader: std::io::BufReader::new(std::fs::File::open(&file)?),
+                cap,
+                buf: Vec::new(),
+                n: 0,
+            };
+            let mut out = vec![];
+            while let Some((n, l)) = lines.next_line(&file)? {
+                out.push((n, l.to_string()));
+            }
+            Ok(out)
+        };
+        // Exactly `cap` bytes before the newline, CRLF, and a last line without newline: fine.
+        let ok = read_all(b"12345\nab\r\n\nxyz", 5).unwrap();
+        let want = [(1, "12345"), (2, "ab"), (3, ""), (4, "xyz")];
+        assert_eq!(ok, want.map(|(n, l)| (n, l.to_string())).to_vec());
+        // Line 2 is one byte over, with and without a newline after it.
+        for bytes in [&b"{}\n123456\n{}"[..], b"{}\n123456"] {
+            let e = format!("{:#}", read_all(bytes, 5).unwrap_err());
+            assert!(
+                e.contains("prompts.jsonl:2:") && e.contains("longer than 5 bytes"),
+                "{e}"
+            );
+        }
+        let e = format!("{:#}", read_all(b"\xff\xfe\n", 5).unwrap_err());
+        assert!(e.contains("prompts.jsonl:1:") && e.contains("UTF-8"), "{e}");
+        assert_eq!(max_line_bytes(512), 1 << 20);
+        assert_eq!(max_line_bytes(65_536), 64 << 16);
+    }
 
     #[test]
     fn rows_parse_or_say_why_not() {

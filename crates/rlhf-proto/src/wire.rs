@@ -193,22 +193,32 @@ pub fn chunks(
         .collect())
 }
 
-/// Reassembles tensors from a chunk stream. Chunks of one tensor must arrive in order and
-/// contiguously; a gap, an overlap, a changed dtype/shape or a tensor left incomplete is an error
-/// naming the tensor.
 /// A tensor being received: name, dtype, shape, bytes so far, total bytes.
 type Partial = (String, Kind, Vec<i64>, Vec<u8>, u64);
 
-#[derive(Default)]
+/// Reassembles tensors from a chunk stream. Chunks of one tensor must arrive in order and
+/// contiguously; a gap, an overlap, a changed dtype/shape or a tensor left incomplete is an error
+/// naming the tensor. The sizes a sender declares are checked against the assembler's limit
+/// before anything is allocated for them: a 1-byte chunk declaring a 1 TiB tensor is an error,
+/// not an abort.
 pub struct WeightAssembler {
     current: Option<Partial>,
     done: Vec<(String, Tensor)>,
+    /// Bytes of the finished tensors plus the declared size of the current one.
     bytes: u64,
+    max_bytes: u64,
 }
 
 impl WeightAssembler {
-    pub fn new() -> Self {
-        Self::default()
+    /// An assembler accepting at most `max_bytes` in all (the declared sizes of every tensor
+    /// together): the receiver's model size, so that no sender can make it allocate more.
+    pub fn with_limit(max_bytes: u64) -> Self {
+        WeightAssembler {
+            current: None,
+            done: Vec::new(),
+            bytes: 0,
+            max_bytes,
+        }
     }
 
     /// Adds one chunk.
@@ -239,6 +249,24 @@ impl WeightAssembler {
                     found: c.total_bytes,
                 });
             }
+            let total = self.bytes.saturating_add(expected);
+            if total > self.max_bytes {
+                return Err(WireError::Stream(format!(
+                    "tensor `{}` declares shape {:?} ({expected} bytes), which brings the stream \
+                     to {total} bytes, over the {} bytes this receiver's model holds; the sender \
+                     has another model",
+                    c.name, c.shape, self.max_bytes
+                )));
+            }
+            if (c.data.len() as u64) > expected {
+                return Err(WireError::Stream(format!(
+                    "tensor `{}`: a chunk of {} bytes for a tensor of {expected}",
+                    c.name,
+                    c.data.len()
+                )));
+            }
+            self.bytes = total;
+            // Checked against the limit above, so this reservation is bounded by the model.
             let mut buf = Vec::with_capacity(expected as usize);
             buf.extend_from_slice(&c.data);
             self.current = Some((c.name, kind, c.shape, buf, expected));
@@ -250,15 +278,14 @@ impl WeightAssembler {
                     buf.len()
                 )));
             }
-            buf.extend_from_slice(&c.data);
-        }
-        if let Some((name, _, _, buf, total)) = &self.current {
-            if buf.len() as u64 > *total {
+            // Checked before copying, so the buffer never grows past its reserved size.
+            let after = buf.len() as u64 + c.data.len() as u64;
+            if after > *total {
                 return Err(WireError::Stream(format!(
-                    "tensor `{name}`: {} bytes received, more than its {total}",
-                    buf.len()
+                    "tensor `{name}`: {after} bytes received, more than its {total}"
                 )));
             }
+            buf.extend_from_slice(&c.data);
         }
         Ok(())
     }
@@ -272,7 +299,6 @@ impl WeightAssembler {
                 )));
             }
             let t = from_bytes(&name, kind, &shape, &buf)?;
-            self.bytes += total;
             if self.done.iter().any(|(n, _)| *n == name) {
                 return Err(WireError::Stream(format!("tensor `{name}` sent twice")));
             }
@@ -347,7 +373,7 @@ mod tests {
         let mut all = chunks("a", &a, 256).unwrap();
         assert_eq!(all.len(), 11); // 2800 bytes in 256-byte pieces
         all.extend(chunks("b", &b, 256).unwrap());
-        let mut asm = WeightAssembler::new();
+        let mut asm = WeightAssembler::with_limit(1 << 20);
         for c in all.clone() {
             asm.push(c).unwrap();
         }
@@ -355,13 +381,13 @@ mod tests {
         assert_eq!(bytes, 2800 + 80);
         assert!(ts[0].1.equal(&a) && ts[1].1.equal(&b));
         // Drop a middle chunk: the next one no longer continues the tensor.
-        let mut asm = WeightAssembler::new();
+        let mut asm = WeightAssembler::with_limit(1 << 20);
         let mut gap = all.clone();
         gap.remove(3);
         let err = gap.into_iter().try_for_each(|c| asm.push(c)).unwrap_err();
         assert!(err.to_string().contains("tensor `a`"), "{err}");
         // Stop early: the tensor is incomplete.
-        let mut asm = WeightAssembler::new();
+        let mut asm = WeightAssembler::with_limit(1 << 20);
         for c in all.into_iter().take(5) {
             asm.push(c).unwrap();
         }
@@ -370,5 +396,41 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("ended after"));
+    }
+
+    #[test]
+    fn a_chunk_declaring_a_terabyte_is_refused_before_allocating() {
+        let huge = pb::WeightChunk {
+            role_id: "actor".into(),
+            name: "model.embed_tokens.weight".into(),
+            dtype: pb::Dtype::U8 as i32,
+            shape: vec![1 << 40],
+            offset: 0,
+            data: vec![0],
+            total_bytes: 1 << 40,
+        };
+        // Today's reservation of the declared size would abort the process right here.
+        let mut asm = WeightAssembler::with_limit(1 << 30);
+        let e = asm.push(huge).unwrap_err().to_string();
+        assert!(
+            e.contains("model.embed_tokens.weight") && e.contains("1073741824 bytes"),
+            "{e}"
+        );
+        // The limit counts the whole stream: two tensors that fit alone do not fit together.
+        let a = Tensor::zeros([64], (Kind::Float, Device::Cpu));
+        let mut asm = WeightAssembler::with_limit(300);
+        for c in chunks("a", &a, 100).unwrap() {
+            asm.push(c).unwrap();
+        }
+        let e = chunks("b", &a, 100)
+            .unwrap()
+            .into_iter()
+            .try_for_each(|c| asm.push(c));
+        assert!(e.unwrap_err().to_string().contains("tensor `b`"));
+        // A chunk longer than its tensor is refused before it is copied.
+        let mut big = chunks("c", &Tensor::zeros([2], (Kind::Float, Device::Cpu)), 100).unwrap();
+        big[0].data = vec![0; 1000];
+        let e = WeightAssembler::with_limit(1 << 20).push(big.remove(0));
+        assert!(e.unwrap_err().to_string().contains("1000 bytes"));
     }
 }

@@ -177,6 +177,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         PeerAddress {
             bind: listen.bind,
             host: listen.host.clone(),
+            key: rlhf_comm::CollectiveKey::from_run_token(args.token.expose().as_bytes()),
         },
     );
     let server = WorkerServer::new(service)

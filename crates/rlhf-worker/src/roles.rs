@@ -159,7 +159,10 @@ pub struct Seqs {
 }
 
 impl Seqs {
-    fn check(&self) -> RoleResult<i64> {
+    /// Checks the shapes and that every token id is in `0..vocab` (an id outside it would index
+    /// past the embedding table: a device-side assert that poisons a CUDA context). Returns the
+    /// row count.
+    fn check(&self, vocab: i64) -> RoleResult<i64> {
         let size = self.input_ids.size();
         if size.len() != 2 {
             return Err(RoleError::bad(
@@ -188,6 +191,7 @@ impl Seqs {
                 ),
             ));
         }
+        check_token_ids("sequences.input_ids", &self.input_ids, vocab)?;
         Ok(size[0])
     }
 
@@ -279,6 +283,36 @@ const INFER_OUTPUT_ELEMS: i64 = 1 << 26;
 /// at the 20.5M RLOO bench (32 rows x 32 positions x 4096) one forward of 32 rows took 0.37 s
 /// against 0.42 s as two of 16 (`profile_rloo ... ref`, docs/benchmarks.md); long responses over
 /// large vocabularies get fewer rows instead of a multi-GB logits tensor.
+/// Refuses a (b, s) id tensor holding a value outside `0..vocab`, naming the first such row,
+/// column and value. One pass on the tensor's device; the position is looked up only on failure.
+fn check_token_ids(field: &str, ids: &Tensor, vocab: i64) -> RoleResult<()> {
+    let kind = ids.f_kind()?;
+    if kind != Kind::Int64 {
+        return Err(RoleError::bad(
+            field,
+            format!("dtype {kind:?}; token ids must be i64"),
+        ));
+    }
+    if ids.numel() == 0 {
+        return Ok(());
+    }
+    let bad = ids.f_lt(0)?.f_logical_or(&ids.f_ge(vocab)?)?;
+    if bad.f_any()?.f_int64_value(&[])? == 0 {
+        return Ok(());
+    }
+    // (k, 2) positions of the bad ids, row-major, so the first is the first in the batch.
+    let at = bad.f_nonzero()?.f_to_device(Device::Cpu)?;
+    let (row, col) = (at.f_int64_value(&[0, 0])?, at.f_int64_value(&[0, 1])?);
+    let id = ids.f_int64_value(&[row, col])?;
+    Err(RoleError::bad(
+        field,
+        format!(
+            "row {row} has token id {id} at column {col}, outside this model's vocabulary \
+             0..{vocab}; tokenize with the model's own tokenizer"
+        ),
+    ))
+}
+
 fn rows_per_forward(b: i64, per_row: i64) -> i64 {
     (INFER_OUTPUT_ELEMS / per_row.max(1)).clamp(1, b.max(1))
 }
@@ -417,6 +451,22 @@ impl Role {
                 "need at least one prompt and one sample".into(),
             ));
         }
+        let vocab = dir.model.config.vocab_size as i64;
+        for (i, p) in a.prompts.iter().enumerate() {
+            if let Some((col, id)) = p
+                .iter()
+                .enumerate()
+                .find(|(_, id)| !(0..vocab).contains(*id))
+            {
+                return Err(RoleError::bad(
+                    "prompts",
+                    format!(
+                        "prompt {i} has token id {id} at position {col}, outside this model's \
+                         vocabulary 0..{vocab}; tokenize with the model's own tokenizer"
+                    ),
+                ));
+            }
+        }
         let rows: Vec<Vec<i64>> = a
             .prompts
             .iter()
@@ -490,7 +540,7 @@ impl Role {
         let Role::Critic(t) = self else {
             return Err(self.wrong("Values"));
         };
-        let b = s.check()?;
+        let b = s.check(t.dir.model.config.vocab_size as i64)?;
         let s = s.to(t.dir.model.device())?;
         let _g = tch::no_grad_guard();
         let mut parts = vec![];
@@ -607,6 +657,17 @@ impl Role {
         })
     }
 
+    /// Elements of the model's weights (the merged shapes for LoRA are the base shapes), without
+    /// merging anything: the bound on what an ImportWeights stream may declare.
+    pub fn weight_elems(&self, op: &str) -> RoleResult<u64> {
+        let model = &self.weights_dir().ok_or_else(|| self.wrong(op))?.model;
+        Ok(model
+            .named_tensors()
+            .iter()
+            .map(|(_, t)| t.numel() as u64)
+            .sum())
+    }
+
     /// Replaces every weight; names and shapes must match the role's model exactly.
     pub fn import_weights(&mut self, new: Vec<(String, Tensor)>) -> RoleResult<()> {
         if self.weights_dir().is_some_and(|d| d.model.lora().is_some()) {
@@ -674,7 +735,7 @@ impl Role {
 /// Log-probs of the response tokens (b, N) of `s` under `dir`'s model as it is now (adapters
 /// on or off), without a graph.
 fn logprobs_of(dir: &ModelDir, s: Seqs, temperature: f64) -> RoleResult<Tensor> {
-    let b = s.check()?;
+    let b = s.check(dir.model.config.vocab_size as i64)?;
     let s = s.to(dir.model.device())?;
     let _g = tch::no_grad_guard();
     let mut parts = vec![];
@@ -1082,7 +1143,7 @@ impl Trainer {
         b: TrainBatch,
         groups: &mut Groups,
     ) -> RoleResult<(BTreeMap<String, f64>, u64)> {
-        b.seqs.check()?;
+        b.seqs.check(self.dir.model.config.vocab_size as i64)?;
         let dev = self.dir.model.device();
         let adv = need(&b.advantages, "advantages", "the actor's TrainStep")?;
         let old = need(&b.old_logprobs, "old_logprobs", "the actor's TrainStep")?;
@@ -1163,7 +1224,7 @@ impl Trainer {
         b: TrainBatch,
         groups: &mut Groups,
     ) -> RoleResult<(BTreeMap<String, f64>, u64)> {
-        b.seqs.check()?;
+        b.seqs.check(self.dir.model.config.vocab_size as i64)?;
         let dev = self.dir.model.device();
         let old_v = need(&b.old_values, "old_values", "the critic's TrainStep")?;
         let ret = need(&b.returns, "returns", "the critic's TrainStep")?;

@@ -38,13 +38,16 @@ pub struct WorkerService {
     opening: Mutex<HashMap<(String, u64), tokio::net::TcpListener>>,
 }
 
-/// Where this worker accepts connections from group peers.
+/// Where this worker accepts connections from group peers, and the key they must prove.
 #[derive(Debug, Clone)]
 pub struct PeerAddress {
     /// Interface to listen on (the worker's gRPC bind address).
     pub bind: IpAddr,
     /// Host name or address peers connect to.
     pub host: String,
+    /// The run's collective key (derived from the run token), proved both ways by every TCP
+    /// group connection.
+    pub key: rlhf_comm::CollectiveKey,
 }
 
 impl WorkerService {
@@ -526,24 +529,27 @@ impl Worker for WorkerService {
         req: Request<Streaming<pb::WeightChunk>>,
     ) -> Result<Response<pb::ImportWeightsResponse>, Status> {
         let mut stream = req.into_inner();
-        let mut asm = wire::WeightAssembler::new();
-        let mut role_id = None;
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| RoleError::bad("chunks", "the stream was empty".into()))?;
+        if first.role_id.is_empty() {
+            return Err(
+                RoleError::bad("role_id", "the first chunk must name the role".into()).into(),
+            );
+        }
+        let role = self.role(&first.role_id).await?;
+        // The stream may declare no more than the role's model holds, checked before anything
+        // is allocated for a tensor (a sender's dtype may be wider than the model's: 8 bytes per
+        // element, the widest wire dtype, bounds them all).
+        let limit = role
+            .run(|r| Ok(r.role.weight_elems("ImportWeights")?.saturating_mul(8)))
+            .await?;
+        let mut asm = wire::WeightAssembler::with_limit(limit);
+        asm.push(first).map_err(RoleError::from)?;
         while let Some(c) = stream.message().await? {
-            if role_id.is_none() {
-                if c.role_id.is_empty() {
-                    return Err(RoleError::bad(
-                        "role_id",
-                        "the first chunk must name the role".into(),
-                    )
-                    .into());
-                }
-                role_id = Some(c.role_id.clone());
-            }
             asm.push(c).map_err(RoleError::from)?;
         }
-        let role_id =
-            role_id.ok_or_else(|| RoleError::bad("chunks", "the stream was empty".into()))?;
-        let role = self.role(&role_id).await?;
         let (tensors, bytes) = role
             .run(move |r| {
                 let (ts, bytes) = asm.finish()?;
@@ -716,7 +722,8 @@ impl Worker for WorkerService {
                     })?;
                 addrs.push(a);
             }
-            let mut cfg = rlhf_comm::GroupConfig::new(group_id, rank as usize, world);
+            let mut cfg =
+                rlhf_comm::GroupConfig::new(self.peers.key.clone(), group_id, rank as usize, world);
             cfg.timeout = timeout;
             let group = rlhf_comm::TcpGroup::connect(cfg, listener, addrs)
                 .await

@@ -1,9 +1,11 @@
 //! Shared by the integration tests: forming real groups on loopback, one tokio task per rank.
+// Each test file uses part of it.
+#![allow(dead_code)]
 
 use std::future::Future;
 use std::time::Duration;
 
-use rlhf_comm::{bind_local, GroupConfig, TcpGroup};
+use rlhf_comm::{bind_local, CollectiveKey, GroupConfig, TcpGroup};
 
 /// A test group: short timeout, and small chunks so that even modest buffers cross several
 /// frames (the pipelining paths) while the tests stay fast.
@@ -11,8 +13,13 @@ pub fn cfg(rank: usize, world: usize, timeout: Duration) -> GroupConfig {
     GroupConfig {
         timeout,
         chunk_bytes: 64 * 1024,
-        ..GroupConfig::new(7, rank, world)
+        ..GroupConfig::new(key(), 7, rank, world)
     }
+}
+
+/// The key of the tests' run.
+pub fn key() -> CollectiveKey {
+    CollectiveKey::from_run_token(b"test-run-token")
 }
 
 /// Forms a `world`-rank group on loopback and runs `body` on every rank concurrently, each in
