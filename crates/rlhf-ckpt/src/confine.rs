@@ -53,21 +53,16 @@ pub fn join_within(root: &Path, rel: &str) -> Result<PathBuf, PathEscape> {
     Ok(path)
 }
 
-/// `path` itself, when it is absolute, has no `..` and, with its symlinks resolved as far as it
+/// `path` itself, when it is absolute and, with its symlinks and `..` resolved as far as it
 /// exists, lies inside one of `roots` (each resolved). For paths that arrive whole, such as the
-/// directories in a worker's requests. The path need not exist yet.
+/// directories in a worker's requests (a config's `models/../x` is legitimate, so `..` is judged
+/// by where it leads). The part that does not exist yet must be plain names.
 pub fn check_within(path: &Path, roots: &[PathBuf]) -> Result<PathBuf, PathEscape> {
     let shown = path.display().to_string();
     if !path.is_absolute() {
         return Err(PathEscape::new(
             shown,
             "is not an absolute path; give the full path".into(),
-        ));
-    }
-    if path.components().any(|c| c == Component::ParentDir) {
-        return Err(PathEscape::new(
-            shown,
-            "contains `..`; give the path without it".into(),
         ));
     }
     resolved_inside(path, roots).map_err(|reason| PathEscape::new(shown, reason))?;
@@ -107,7 +102,13 @@ fn resolved_inside(path: &Path, roots: &[PathBuf]) -> Result<(), String> {
                     rest.push(name.to_os_string());
                     existing = parent;
                 }
-                _ => break existing.to_path_buf(),
+                // `..` below a part that does not exist: where it leads cannot be resolved.
+                _ => {
+                    return Err(format!(
+                        "has `..` after a part that does not exist; give an existing path under {}",
+                        names()
+                    ))
+                }
             },
         }
     };
@@ -190,7 +191,12 @@ mod tests {
         let e = check_within(Path::new("rel/dir"), &roots).unwrap_err();
         assert!(e.reason.contains("absolute"), "{e}");
         let e = check_within(&a.path().join("../x"), &roots).unwrap_err();
-        assert!(e.reason.contains(".."), "{e}");
+        assert!(e.reason.contains("outside"), "{e}");
+        // `..` that stays inside is judged by where it leads.
+        std::fs::create_dir(a.path().join("sub")).unwrap();
+        check_within(&a.path().join("sub/../y"), &roots).unwrap();
+        let e = check_within(&a.path().join("missing/../../x"), &roots).unwrap_err();
+        assert!(e.reason.contains("does not exist"), "{e}");
         symlink(other.path(), a.path().join("link")).unwrap();
         assert!(check_within(&a.path().join("link/state"), &roots).is_err());
         assert!(check_within(a.path(), &[]).is_err());

@@ -43,6 +43,10 @@ pub struct DaemonArgs {
     pub register_timeout: Duration,
     /// Stop when the coordinator has not answered a heartbeat for this long.
     pub orphan_timeout: Duration,
+    /// The directories requests may name (`--allow-root`): the run directory and the model
+    /// directories of the run. CreateRole, SaveState and LoadState paths outside them are
+    /// refused.
+    pub roots: Vec<std::path::PathBuf>,
 }
 
 type Client = CoordinatorClient<InterceptedService<Channel, AddToken>>;
@@ -178,6 +182,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             bind: listen.bind,
             host: listen.host.clone(),
         },
+        args.roots.clone(),
     );
     let server = WorkerServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
