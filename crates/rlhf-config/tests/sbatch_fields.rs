@@ -43,7 +43,7 @@ fn extra_directives_must_be_single_sbatch_options() {
     let yaml = slurm("    extra_directives:\n      - --exclusive\n      - \"--gres=gpu:4\\nrm -rf ~\"\n");
     let msg = err(f.load(&yaml, &[], &[]));
     assert!(
-        msg.starts_with("launcher.slurm.extra_directives.1:"),
+        msg.starts_with("launcher.slurm.extra_directives[1]:"),
         "{msg}"
     );
     assert!(msg.contains("line break"), "{msg}");
@@ -53,7 +53,7 @@ fn extra_directives_must_be_single_sbatch_options() {
         &[],
     ));
     assert!(
-        msg.starts_with("launcher.slurm.extra_directives.0:") && msg.contains("not an sbatch option"),
+        msg.starts_with("launcher.slurm.extra_directives[0]:") && msg.contains("not an sbatch option"),
         "{msg}"
     );
     f.load(

@@ -12,7 +12,7 @@ pub const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 /// Starts a daemon named `name` that serves paths under the system's temporary directory
 /// (where the tests make their models); returns it and the address it logged it listens on.
 pub fn spawn_daemon(name: &str, register_timeout_s: u32) -> (Child, String) {
-    spawn_daemon_in(name, register_timeout_s, &[&std::env::temp_dir()])
+    spawn_daemon_in(name, register_timeout_s, &[std::env::temp_dir().as_path()])
 }
 
 /// [`spawn_daemon`] allowed only `roots` (`--allow-root`). Its log is drained on a thread so it
