@@ -147,7 +147,15 @@ mod tests {
     #[test]
     fn dot_dot_absolute_and_odd_forms_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
-        for bad in ["../x", "a/../../x", "/etc/passwd", "", ".", "./a", "a\\..\\b"] {
+        for bad in [
+            "../x",
+            "a/../../x",
+            "/etc/passwd",
+            "",
+            ".",
+            "./a",
+            "a\\..\\b",
+        ] {
             let e = join_within(tmp.path(), bad).unwrap_err();
             assert_eq!(e.value, bad);
             assert!(e.reason.contains("plain names"), "{bad:?}: {e}");

@@ -553,8 +553,8 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
     for f in &manifest.files {
         check_rel(&f.path).map_err(|e| invalid(format!("{MANIFEST}: {e}")))?;
         // A subdirectory symlinked out of the checkpoint would make it vouch for foreign files.
-        let path = join_within(dir, &f.path)
-            .map_err(|e| invalid(format!("{MANIFEST}: file {e}")))?;
+        let path =
+            join_within(dir, &f.path).map_err(|e| invalid(format!("{MANIFEST}: file {e}")))?;
         let meta = match fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

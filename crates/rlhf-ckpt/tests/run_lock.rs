@@ -31,11 +31,7 @@ fn the_lock_of_a_killed_process_is_taken_over() {
     let file = run.path().join(LOCK_FILE);
     // Another process holds the same flock(2) (util-linux `flock`), having written its name the
     // way a launch does; then it is killed with SIGKILL, as a preempted or requeued job is.
-    std::fs::write(
-        &file,
-        br#"{"host":"dead-node","pid":4242,"since_unix":1}"#,
-    )
-    .unwrap();
+    std::fs::write(&file, br#"{"host":"dead-node","pid":4242,"since_unix":1}"#).unwrap();
     let mut holder = Command::new("flock")
         .arg(&file)
         .args(["sleep", "60"])
@@ -54,13 +50,13 @@ fn the_lock_of_a_killed_process_is_taken_over() {
             }
             Ok(l) => {
                 drop(l);
-                assert!(t0.elapsed() < Duration::from_secs(20), "flock never took the lock");
+                assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "flock never took the lock"
+                );
                 // flock(1) has not locked yet; put the name back and retry.
-                std::fs::write(
-                    &file,
-                    br#"{"host":"dead-node","pid":4242,"since_unix":1}"#,
-                )
-                .unwrap();
+                std::fs::write(&file, br#"{"host":"dead-node","pid":4242,"since_unix":1}"#)
+                    .unwrap();
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(e) => panic!("{e}"),

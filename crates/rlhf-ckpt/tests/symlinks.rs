@@ -59,7 +59,14 @@ fn a_subdirectory_symlinked_out_of_a_checkpoint_fails_verification() {
     // A file symlinked even to an identical file is refused.
     std::fs::remove_file(dir.join("policy")).unwrap();
     std::fs::create_dir(dir.join("policy")).unwrap();
-    symlink(copy.join("model.safetensors"), dir.join("policy/model.safetensors")).unwrap();
+    symlink(
+        copy.join("model.safetensors"),
+        dir.join("policy/model.safetensors"),
+    )
+    .unwrap();
     let e = verify(&dir).unwrap_err().to_string();
-    assert!(e.contains("outside") || e.contains("not a regular file"), "{e}");
+    assert!(
+        e.contains("outside") || e.contains("not a regular file"),
+        "{e}"
+    );
 }

@@ -352,15 +352,20 @@ mod tests {
         .unwrap();
         let e = format!("{:#}", Ranking::read(&run).unwrap_err());
         assert!(
-            e.contains("ranking.json") && e.contains("entries[0].checkpoint") && e.contains("../../x"),
+            e.contains("ranking.json")
+                && e.contains("entries[0].checkpoint")
+                && e.contains("../../x"),
             "{e}"
         );
         let e = format!("{:#}", ranking.apply_protection(&run, 1).unwrap_err());
         assert!(e.contains("entries[0].checkpoint"), "{e}");
         assert!(!victim.join(rlhf_ckpt::PROTECTED).exists());
         // Through a symlink named like a checkpoint, too.
-        std::os::unix::fs::symlink(&victim, rlhf_ckpt::checkpoints_dir(&run).join("step-000010"))
-            .unwrap();
+        std::os::unix::fs::symlink(
+            &victim,
+            rlhf_ckpt::checkpoints_dir(&run).join("step-000010"),
+        )
+        .unwrap();
         let linked = Ranking {
             best: None,
             entries: vec![Ranked {

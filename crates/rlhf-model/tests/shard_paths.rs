@@ -27,7 +27,15 @@ fn shard_names_leaving_the_model_directory_are_refused() {
     std::fs::create_dir(&model).unwrap();
     // A valid safetensors file beside the model directory: opening it would succeed.
     let evil = tmp.path().join("evil.safetensors");
-    save_file(&evil, &[("w".into(), Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)))], Kind::Float).unwrap();
+    save_file(
+        &evil,
+        &[(
+            "w".into(),
+            Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)),
+        )],
+        Kind::Float,
+    )
+    .unwrap();
 
     for shard in ["../evil.safetensors", evil.to_str().unwrap()] {
         index(&model, shard);

@@ -27,7 +27,9 @@ fn create(id: &str, path: &Path) -> pb::CreateRoleRequest {
         device: "cpu".into(),
         dtype: "f32".into(),
         seed: 1,
-        spec: Some(pb::create_role_request::Spec::Reference(pb::ReferenceSpec {})),
+        spec: Some(pb::create_role_request::Spec::Reference(
+            pb::ReferenceSpec {},
+        )),
     }
 }
 
@@ -76,7 +78,10 @@ async fn paths_outside_the_allowed_roots_are_refused_naming_the_field() {
         .join("model");
     refused(c.create_role(create("b", &dotdot)).await, "model_path");
     symlink(&foreign, run.path().join("linked")).unwrap();
-    refused(c.create_role(create("c", &run.path().join("linked"))).await, "model_path");
+    refused(
+        c.create_role(create("c", &run.path().join("linked"))).await,
+        "model_path",
+    );
 
     // Inside: served.
     c.create_role(create("ok", &model)).await.unwrap();
@@ -87,9 +92,16 @@ async fn paths_outside_the_allowed_roots_are_refused_naming_the_field() {
     // SaveState / LoadState out of the roots: nothing written there.
     let target = outside.path().join("state");
     refused(c.save_state(state(&target)).await, "dir");
-    assert!(!target.exists(), "the refused SaveState wrote {}", target.display());
+    assert!(
+        !target.exists(),
+        "the refused SaveState wrote {}",
+        target.display()
+    );
     refused(c.load_state(state(&foreign)).await, "dir");
-    refused(c.save_state(state(Path::new("relative/state"))).await, "dir");
+    refused(
+        c.save_state(state(Path::new("relative/state"))).await,
+        "dir",
+    );
 
     let _ = child.kill();
     let _ = child.wait();
