@@ -15,7 +15,7 @@ fn setup(dir: &Path) -> std::path::PathBuf {
         "run: {{name: t, dir: runs}}\n\
          launcher: {{kind: slurm, worker_bin: {}}}\n\
          models:\n  policy: policy\n  reward: {{kind: exact_match}}\n\
-         rollout: {{prompts: prompts.jsonl, batch_size: 2, samples_per_prompt: 2, max_new_tokens: 4}}\n\
+         rollout: {{prompts: prompts.jsonl, batch_size: 4, samples_per_prompt: 2, max_new_tokens: 4}}\n\
          logging: {{progress: false}}\n",
         worker_bin().display()
     );
