@@ -19,9 +19,23 @@
 //! directory whose manifest verifies, and reports which one it took and why others were rejected.
 //! [`prune`] keeps the last N and never deletes a protected checkpoint ([`protect`]).
 //!
-//! May use: serde, sha2, the standard library. Knows nothing about tensors, tch, models or the
+//! [`confine`] is the one check for paths read back from a run's own files or requests
+//! (`join_within`, `check_within`); [`lock`] keeps a run directory to one process at a time
+//! ([`RunLock`]).
+//!
+//! May use: serde, sha2, fs4 (flock), the standard library. Knows nothing about tensors, tch, models or the
 //! controller: the payload is opaque files, so any job (and any future role) can use the format.
-//! **Invariant:** one process writes checkpoints into a run directory at a time.
+//! **Invariant:** one process writes checkpoints into a run directory at a time (it holds the
+//! [`RunLock`]).
+//! **Invariant:** every path read from a manifest, `LATEST` or a caller's file goes through
+//! [`confine`] before it is opened: nothing outside the checkpoints directory is read, written or
+//! deleted, also through symlinks.
+
+pub mod confine;
+pub mod lock;
+
+pub use confine::{check_within, join_within, PathEscape};
+pub use lock::{Holder, RunLock, LOCK_FILE};
 
 use std::fmt;
 use std::fs;
@@ -58,6 +72,9 @@ pub enum CkptError {
     /// A checkpoint directory failed verification.
     #[error("checkpoint {}: {reason}", dir.display())]
     Invalid { dir: PathBuf, reason: String },
+    /// Another process holds the run directory ([`RunLock`]).
+    #[error("run directory {} is in use by another launch ({holder}); stop that one or wait for it to end (the lock is released when its process exits), or use another run.dir", dir.display())]
+    Locked { dir: PathBuf, holder: String },
     /// A caller asked for something the format does not allow.
     #[error("{0}")]
     Usage(String),
@@ -637,14 +654,22 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
     }
     for f in &manifest.files {
         check_rel(&f.path).map_err(|e| invalid(format!("{MANIFEST}: {e}")))?;
-        let path = dir.join(&f.path);
-        let meta = match fs::metadata(&path) {
+        // A subdirectory symlinked out of the checkpoint would make it vouch for foreign files.
+        let path =
+            join_within(dir, &f.path).map_err(|e| invalid(format!("{MANIFEST}: file {e}")))?;
+        let meta = match fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(invalid(format!("file `{}` is missing", f.path)))
             }
             Err(e) => return Err(io(&path)(e)),
         };
+        if !meta.is_file() {
+            return Err(invalid(format!(
+                "file `{}` is not a regular file (a checkpoint holds no symlinks)",
+                f.path
+            )));
+        }
         if meta.len() != f.size {
             return Err(invalid(format!(
                 "file `{}` has {} bytes, the manifest says {}",
@@ -761,6 +786,12 @@ pub fn latest_valid(run_dir: &Path) -> Result<Option<Resume>> {
                 dir,
                 reason: format!("{LATEST} holds {name:?}, not a checkpoint name"),
             });
+        } else if let Err(e) = join_within(&root, name) {
+            // A `step-N` symlinked out of the run directory is not followed.
+            rejected.push(Rejected {
+                dir,
+                reason: format!("{LATEST} names {e}"),
+            });
         } else if !dir.is_dir() {
             rejected.push(Rejected {
                 dir,
@@ -813,8 +844,21 @@ pub fn latest_valid(run_dir: &Path) -> Result<Option<Resume>> {
     Ok(None)
 }
 
+/// A checkpoint directory given to [`protect`] / [`unprotect`] must be a real directory: a
+/// symlink would let the marker be created or deleted wherever it points.
+fn not_a_symlink(dir: &Path) -> Result<()> {
+    match fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_symlink() => Err(CkptError::Invalid {
+            dir: dir.to_path_buf(),
+            reason: "is a symbolic link; protection markers are only written into real checkpoint directories".into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Marks a checkpoint so [`prune`] never deletes it (e.g. the best by validation score).
 pub fn protect(dir: &Path) -> Result<()> {
+    not_a_symlink(dir)?;
     if !dir.join(MANIFEST).exists() {
         return Err(CkptError::Invalid {
             dir: dir.to_path_buf(),
@@ -826,6 +870,7 @@ pub fn protect(dir: &Path) -> Result<()> {
 
 /// Removes the protection of [`protect`].
 pub fn unprotect(dir: &Path) -> Result<()> {
+    not_a_symlink(dir)?;
     let p = dir.join(PROTECTED);
     match fs::remove_file(&p) {
         Ok(()) => Ok(()),

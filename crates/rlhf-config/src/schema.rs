@@ -207,10 +207,11 @@ impl Default for LauncherConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SlurmConfig {
-    /// `--partition`. Default: null (the cluster's default partition).
+    /// `--partition`: letters, digits, `.`, `_`, `-`, several joined by `,`. Default: null (the
+    /// cluster's default partition).
     #[serde(deserialize_with = "lenient_opt_string")]
     pub partition: Option<String>,
-    /// `--account`. Default: null.
+    /// `--account`: letters, digits, `.`, `_`, `-`. Default: null.
     #[serde(deserialize_with = "lenient_opt_string")]
     pub account: Option<String>,
     /// `--time` limit, `HH:MM:SS` or `D-HH:MM:SS`. Default: null (the partition's limit).
@@ -232,7 +233,9 @@ pub struct SlurmConfig {
     /// against this, and once it is exceeded the job ends instead (a restart that saved a
     /// newer checkpoint resets the count). 0 never requeues. Default: 3.
     pub max_restarts: u32,
-    /// Extra `#SBATCH` lines, written verbatim. Default: `[]`.
+    /// Extra `#SBATCH` lines, one sbatch option each (`--gres=gpu:4`, `-C a100`; a leading
+    /// `#SBATCH` is allowed), written as given; a line break or control character is refused.
+    /// Default: `[]`.
     pub extra_directives: Vec<String>,
     /// Memory of one GPU in GiB, for `rlhf-coord plan`'s fit check. Default: 80.
     pub gpu_memory_gib: f64,

@@ -166,6 +166,47 @@ fn is_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// The `launcher.slurm` strings that `rlhf-coord launch` writes into the sbatch script: each
+/// must be one line of what its directive takes, or a newline would end the `#SBATCH` comment
+/// and run the rest as a shell command in the job.
+fn check_sbatch_fields(c: &Check, s: &crate::schema::SlurmConfig) -> Result<(), ConfigError> {
+    if let Some(p) = &s.partition {
+        if p.is_empty() || !p.split(',').all(is_name) {
+            return c.fail(
+                "launcher.slurm.partition",
+                format!("{p:?} is not a Slurm partition name (it goes into the sbatch script): use letters, digits, `.`, `_` and `-`, several separated by `,`"),
+            );
+        }
+    }
+    if let Some(a) = &s.account {
+        if !is_name(a) {
+            return c.fail(
+                "launcher.slurm.account",
+                format!("{a:?} is not a Slurm account name (it goes into the sbatch script): use letters, digits, `.`, `_` and `-`"),
+            );
+        }
+    }
+    for (i, d) in s.extra_directives.iter().enumerate() {
+        let key = format!("launcher.slurm.extra_directives.{i}");
+        if d.chars().any(char::is_control) {
+            return c.fail(
+                &key,
+                format!("{d:?} holds a line break or control character; give one sbatch option per entry (a second line would run as a shell command in the job)"),
+            );
+        }
+        // Written as `#SBATCH <option>`; an entry may carry the prefix itself.
+        let option = d.trim();
+        let option = option.strip_prefix("#SBATCH").unwrap_or(option).trim();
+        if !option.starts_with('-') {
+            return c.fail(
+                &key,
+                format!("{d:?} is not an sbatch option: write one option such as `--gres=gpu:4` or `-C a100` (with or without a leading `#SBATCH`)"),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Slurm `--time` in `HH:MM:SS` or `D-HH:MM:SS`, in seconds.
 fn slurm_time_seconds(s: &str) -> Option<u64> {
     if !is_slurm_time(s) {
@@ -205,6 +246,14 @@ impl RunConfig {
         if self.run.dir.as_os_str().is_empty() {
             return c.fail("run.dir", "must not be empty; the default is `runs`");
         }
+        // The run directory is written into the sbatch script (`--output=`) and every log path.
+        let dir = self.run.dir.to_string_lossy();
+        if dir.chars().any(char::is_control) {
+            return c.fail(
+                "run.dir",
+                format!("{dir:?} holds a line break or control character; choose a directory name without one"),
+            );
+        }
         Ok(())
     }
 
@@ -242,6 +291,7 @@ impl RunConfig {
                 );
             }
         }
+        check_sbatch_fields(c, s)?;
         if let Some(name) = &l.interface {
             if name.is_empty() || name.chars().any(|ch| ch.is_whitespace() || ch == '/') {
                 return c.fail(

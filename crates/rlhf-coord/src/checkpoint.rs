@@ -208,15 +208,34 @@ impl Ranking {
         rlhf_ckpt::checkpoints_dir(run_dir).join(RANKING_FILE)
     }
 
+    /// Reads `ranking.json`; every entry's `checkpoint` must name a directory inside
+    /// `RUN/checkpoints` (protection writes and deletes files there).
     pub fn read(run_dir: &Path) -> Result<Ranking> {
         let path = Ranking::path(run_dir);
-        match std::fs::read_to_string(&path) {
+        let ranking: Ranking = match std::fs::read_to_string(&path) {
             Ok(t) => {
-                serde_json::from_str(&t).with_context(|| format!("parsing {}", path.display()))
+                serde_json::from_str(&t).with_context(|| format!("parsing {}", path.display()))?
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Ranking::default()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Ranking::default()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        for i in 0..ranking.entries.len() {
+            ranking.dir_of(run_dir, i)?;
         }
+        Ok(ranking)
+    }
+
+    /// The directory of entry `i`, confined to `RUN/checkpoints` (no `..`, no absolute path, no
+    /// symlink out of it).
+    fn dir_of(&self, run_dir: &Path, i: usize) -> Result<PathBuf> {
+        let root = rlhf_ckpt::checkpoints_dir(run_dir);
+        rlhf_ckpt::join_within(&root, &self.entries[i].checkpoint).with_context(|| {
+            format!(
+                "{}: entries[{i}].checkpoint: a checkpoint must be a directory inside {}; fix or delete the file",
+                Ranking::path(run_dir).display(),
+                root.display()
+            )
+        })
     }
 
     /// Adds (or replaces) the entry of `step` and sorts: score descending, missing scores last,
@@ -243,8 +262,11 @@ impl Ranking {
 
     /// Drops entries whose checkpoint directory no longer exists.
     pub fn retain_existing(&mut self, run_dir: &Path) {
-        let root = rlhf_ckpt::checkpoints_dir(run_dir);
-        self.entries.retain(|e| root.join(&e.checkpoint).is_dir());
+        let keep: Vec<bool> = (0..self.entries.len())
+            .map(|i| self.dir_of(run_dir, i).is_ok_and(|d| d.is_dir()))
+            .collect();
+        let mut keep = keep.into_iter();
+        self.entries.retain(|_| keep.next().unwrap_or(false));
         self.sort();
     }
 
@@ -258,9 +280,8 @@ impl Ranking {
 
     /// Protects the top `k` scored checkpoints from pruning and unprotects the rest.
     pub fn apply_protection(&self, run_dir: &Path, k: usize) -> Result<()> {
-        let root = rlhf_ckpt::checkpoints_dir(run_dir);
         for (i, e) in self.entries.iter().enumerate() {
-            let dir = root.join(&e.checkpoint);
+            let dir = self.dir_of(run_dir, i)?;
             if !dir.is_dir() {
                 continue;
             }
@@ -303,6 +324,60 @@ mod tests {
             "{\"step\":1}\n{\"step\":2}\n"
         );
         assert_eq!(truncate_metrics(&tmp.path().join("none"), 2).unwrap(), 0);
+    }
+
+    #[test]
+    fn ranking_checkpoints_outside_the_checkpoints_dir_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        // A committed-looking directory outside the run: protection would write into it and
+        // unprotection delete its marker.
+        let victim = tmp.path().join("x");
+        std::fs::create_dir_all(&victim).unwrap();
+        std::fs::write(victim.join(rlhf_ckpt::MANIFEST), "{}").unwrap();
+        std::fs::create_dir_all(rlhf_ckpt::checkpoints_dir(&run)).unwrap();
+        let ranking = Ranking {
+            best: Some("../../x".into()),
+            entries: vec![Ranked {
+                step: 10,
+                checkpoint: "../../x".into(),
+                score: Some(9.0),
+                judge: "rm".into(),
+            }],
+        };
+        std::fs::write(
+            Ranking::path(&run),
+            serde_json::to_string(&ranking).unwrap(),
+        )
+        .unwrap();
+        let e = format!("{:#}", Ranking::read(&run).unwrap_err());
+        assert!(
+            e.contains("ranking.json")
+                && e.contains("entries[0].checkpoint")
+                && e.contains("../../x"),
+            "{e}"
+        );
+        let e = format!("{:#}", ranking.apply_protection(&run, 1).unwrap_err());
+        assert!(e.contains("entries[0].checkpoint"), "{e}");
+        assert!(!victim.join(rlhf_ckpt::PROTECTED).exists());
+        // Through a symlink named like a checkpoint, too.
+        std::os::unix::fs::symlink(
+            &victim,
+            rlhf_ckpt::checkpoints_dir(&run).join("step-000010"),
+        )
+        .unwrap();
+        let linked = Ranking {
+            best: None,
+            entries: vec![Ranked {
+                checkpoint: "step-000010".into(),
+                ..ranking.entries[0].clone()
+            }],
+        };
+        assert!(linked.apply_protection(&run, 1).is_err());
+        assert!(!victim.join(rlhf_ckpt::PROTECTED).exists());
+        let mut kept = linked.clone();
+        kept.retain_existing(&run);
+        assert!(kept.entries.is_empty(), "an escaping entry is not kept");
     }
 
     #[test]

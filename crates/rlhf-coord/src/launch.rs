@@ -57,6 +57,8 @@ struct Prepared {
     started: Instant,
     /// MT-Bench validation, when `validation.every` > 0.
     validator: Option<Validator>,
+    /// This launch's hold on the run directory (released when the process ends, however).
+    lock: Option<rlhf_ckpt::RunLock>,
 }
 
 /// A verified checkpoint and the controller state in it.
@@ -155,6 +157,9 @@ fn prepare(args: &LaunchArgs, started: Instant) -> Result<Prepared> {
     let run_dir = cfg.run_dir();
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
+    // Before anything in the run directory is read or written: a second launch would delete
+    // the first one's checkpoints and truncate its metrics.
+    let lock = rlhf_ckpt::RunLock::acquire(&run_dir, &rlhf_comm::net::host_name())?;
     let resume = find_resume(&run_dir, cfg)?;
     let validator = Validator::new(cfg)?;
     let yaml = loaded.to_yaml()?;
@@ -170,6 +175,7 @@ fn prepare(args: &LaunchArgs, started: Instant) -> Result<Prepared> {
         resume,
         started,
         validator,
+        lock: Some(lock),
     })
 }
 
@@ -190,10 +196,15 @@ async fn launch(args: LaunchArgs, started: Instant) -> Result<()> {
     let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (stop_request, stop_sig) = watch::channel(None);
     listen_for_signals(pids.clone(), stop_request.clone())?;
-    let p = tokio::task::block_in_place(|| prepare(&args, started))?;
+    let mut p = tokio::task::block_in_place(|| prepare(&args, started))?;
+    // Held to the end of this function, past the requeue decision (it writes into the run
+    // directory); the kernel releases it when this process ends, so a requeued job retakes it.
+    let lock = p.lock.take();
     info!(run_dir = %p.run_dir.display(), "run directory ready");
     let cfg = p.loaded.config.clone();
     if cfg.launcher.kind == LauncherKind::Slurm && !slurm::in_allocation() {
+        // The job takes the lock itself when it starts, which may be before this exits.
+        drop(lock);
         return submit_to_slurm(&args, &p);
     }
     if args.dry_run {
@@ -219,6 +230,7 @@ async fn launch(args: LaunchArgs, started: Instant) -> Result<()> {
         None => run_async(p, allocation.as_ref(), pids, (stop_request, stop_sig)).await,
     };
     let Some(a) = allocation else {
+        drop(lock);
         return result;
     };
     if let Some(why) = requeue_reason(&result) {
@@ -231,6 +243,7 @@ async fn launch(args: LaunchArgs, started: Instant) -> Result<()> {
             warn!(error = %format!("{e:#}"), "the job could not requeue itself");
         }
     }
+    drop(lock);
     result
 }
 

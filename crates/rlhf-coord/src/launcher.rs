@@ -50,6 +50,22 @@ pub fn log_tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The directories a worker's requests may name (its `--allow-root`s): the run directory
+/// (checkpoint staging and restore) and the run's model directories (CreateRole).
+pub fn allowed_roots(cfg: &RunConfig, run_dir: &Path) -> Vec<PathBuf> {
+    let m = &cfg.models;
+    let mut roots = vec![
+        run_dir.to_path_buf(),
+        m.policy.clone(),
+        m.reference_dir().to_path_buf(),
+        m.critic_dir().to_path_buf(),
+    ];
+    roots.extend(m.reward.path.clone());
+    roots.sort();
+    roots.dedup();
+    roots
+}
+
 /// Starts every placed worker.
 pub fn spawn_all(
     cfg: &RunConfig,
@@ -104,6 +120,9 @@ pub fn spawn_all(
             }
             None => Command::new(bin),
         };
+        for root in allowed_roots(cfg, run_dir) {
+            cmd.arg("--allow-root").arg(root);
+        }
         if let Some(iface) = &cfg.launcher.interface {
             cmd.env("RLHF_WORKER_INTERFACE", iface);
             // NCCL's bootstrap and rings choose their interface the same way, unless the user

@@ -67,7 +67,20 @@ impl WeightFiles {
             let mut shards: Vec<String> = index.weight_map.values().cloned().collect();
             shards.sort();
             shards.dedup();
-            shards.into_iter().map(|s| dir.join(s)).collect()
+            // Shard names come from the file: each must stay inside the model directory, also
+            // through symlinks, or a crafted index would map any file of the machine.
+            shards
+                .into_iter()
+                .map(|s| {
+                    rlhf_ckpt::join_within(dir, &s).map_err(|e| {
+                        ModelError::config(
+                            &index_path,
+                            "weight_map",
+                            format!("shard {e}; name a file inside the model directory"),
+                        )
+                    })
+                })
+                .collect::<Result<_>>()?
         } else {
             vec![dir.join(SINGLE_FILE)]
         };

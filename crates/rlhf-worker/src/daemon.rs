@@ -43,6 +43,10 @@ pub struct DaemonArgs {
     pub register_timeout: Duration,
     /// Stop when the coordinator has not answered a heartbeat for this long.
     pub orphan_timeout: Duration,
+    /// The directories requests may name (`--allow-root`): the run directory and the model
+    /// directories of the run. CreateRole, SaveState and LoadState paths outside them are
+    /// refused.
+    pub roots: Vec<std::path::PathBuf>,
 }
 
 type Client = CoordinatorClient<InterceptedService<Channel, AddToken>>;
@@ -179,6 +183,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             host: listen.host.clone(),
             key: rlhf_comm::CollectiveKey::from_run_token(args.token.expose().as_bytes()),
         },
+        args.roots.clone(),
     );
     let server = WorkerServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -40,6 +40,11 @@ struct Cli {
     /// Stop when the coordinator has not answered heartbeats for this many seconds.
     #[arg(long, env = "RLHF_ORPHAN_TIMEOUT_S", default_value_t = 30.0)]
     orphan_timeout_s: f64,
+    /// A directory requests may name (repeat for several): model paths of CreateRole and the
+    /// directories of SaveState / LoadState must lie inside one. `rlhf-coord launch` passes the
+    /// run directory and the run's model directories; with none, every such path is refused.
+    #[arg(long = "allow-root", value_name = "DIR")]
+    allow_root: Vec<std::path::PathBuf>,
 }
 
 fn init_tracing(name: &str) {
@@ -87,6 +92,7 @@ fn real_main(cli: Cli) -> Result<()> {
         token,
         register_timeout: Duration::from_secs_f64(cli.register_timeout_s.max(0.1)),
         orphan_timeout: Duration::from_secs_f64(cli.orphan_timeout_s.max(0.1)),
+        roots: cli.allow_root,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -36,6 +36,8 @@ pub struct WorkerService {
     peers: PeerAddress,
     /// Listeners bound by OpenGroup, by (role, group id), until JoinGroup takes them.
     opening: Mutex<HashMap<(String, u64), tokio::net::TcpListener>>,
+    /// The directories request paths must lie in (`--allow-root`).
+    roots: Vec<PathBuf>,
 }
 
 /// Where this worker accepts connections from group peers, and the key they must prove.
@@ -51,13 +53,29 @@ pub struct PeerAddress {
 }
 
 impl WorkerService {
-    pub fn new(shutdown: watch::Sender<bool>, peers: PeerAddress) -> WorkerService {
+    pub fn new(
+        shutdown: watch::Sender<bool>,
+        peers: PeerAddress,
+        roots: Vec<PathBuf>,
+    ) -> WorkerService {
         WorkerService {
             roles: RwLock::new(HashMap::new()),
             shutdown,
             peers,
             opening: Mutex::new(HashMap::new()),
+            roots,
         }
+    }
+
+    /// The path of request field `field`, when it lies inside the directories this worker was
+    /// started for (no `..` out, no symlink out); InvalidArgument naming the field otherwise.
+    fn confined(&self, field: &str, path: &Path) -> RoleResult<PathBuf> {
+        rlhf_ckpt::check_within(path, &self.roots).map_err(|e| {
+            RoleError::bad(
+                field,
+                format!("{e}; this worker serves only paths under its --allow-root directories"),
+            )
+        })
     }
 
     async fn role(&self, id: &str) -> Result<Arc<RoleHandle>, Status> {
@@ -299,6 +317,9 @@ impl Worker for WorkerService {
         req: Request<pb::CreateRoleRequest>,
     ) -> Result<Response<pb::CreateRoleResponse>, Status> {
         let spec = RoleSpec::try_from(req.into_inner())?;
+        if !spec.model_path.as_os_str().is_empty() {
+            self.confined("model_path", &spec.model_path)?;
+        }
         let id = spec.role_id.clone();
         if self.roles.read().await.contains_key(&id) {
             return Err(RoleError::RoleExists(id).into());
@@ -566,11 +587,12 @@ impl Worker for WorkerService {
         req: Request<pb::StateRequest>,
     ) -> Result<Response<pb::StateResponse>, Status> {
         let pb::StateRequest { role_id, dir } = req.into_inner();
+        let dir = self.confined("dir", Path::new(&dir))?;
         let role = self.role(&role_id).await?;
         let files = role
             .run(move |r| {
                 let Hosted { role, groups } = r;
-                role.save_state(&PathBuf::from(dir), groups)
+                role.save_state(&dir, groups)
             })
             .await?;
         Ok(Response::new(pb::StateResponse { files }))
@@ -581,11 +603,12 @@ impl Worker for WorkerService {
         req: Request<pb::StateRequest>,
     ) -> Result<Response<pb::StateResponse>, Status> {
         let pb::StateRequest { role_id, dir } = req.into_inner();
+        let dir = self.confined("dir", Path::new(&dir))?;
         let role = self.role(&role_id).await?;
         let files = role
             .run(move |r| {
                 let Hosted { role, groups } = r;
-                role.load_state(&PathBuf::from(dir), groups)
+                role.load_state(&dir, groups)
             })
             .await?;
         Ok(Response::new(pb::StateResponse { files }))

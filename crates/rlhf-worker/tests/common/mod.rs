@@ -3,15 +3,26 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 /// The run token the tests' daemons accept.
 pub const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 
-/// Starts a daemon named `name`; returns it and the address it logged it listens on. Its log
-/// is drained on a thread so it never writes into a closed pipe.
+/// Starts a daemon named `name` that serves paths under the system's temporary directory
+/// (where the tests make their models); returns it and the address it logged it listens on.
 pub fn spawn_daemon(name: &str, register_timeout_s: u32) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rlhf-worker"))
+    spawn_daemon_in(name, register_timeout_s, &[std::env::temp_dir().as_path()])
+}
+
+/// [`spawn_daemon`] allowed only `roots` (`--allow-root`). Its log is drained on a thread so it
+/// never writes into a closed pipe.
+pub fn spawn_daemon_in(name: &str, register_timeout_s: u32, roots: &[&Path]) -> (Child, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rlhf-worker"));
+    for r in roots {
+        cmd.arg("--allow-root").arg(r);
+    }
+    let mut child = cmd
         .env("RLHF_RUN_TOKEN", TOKEN)
         .env("RLHF_LOG", "info")
         .env("OMP_NUM_THREADS", "1")
