@@ -53,7 +53,7 @@ async fn reference() -> (Daemon, Client, tempfile::TempDir, i64) {
         (
             "gen",
             pb::RoleKind::Generator,
-            pb::create_role_request::Spec::Generator(pb::GeneratorSpec {}),
+            pb::create_role_request::Spec::Generator(pb::GeneratorSpec { lora: None }),
         ),
     ] {
         c.create_role(pb::CreateRoleRequest {
@@ -83,6 +83,7 @@ fn sequences(ids: &[i64]) -> pb::SequencesRequest {
             response_len: 2,
         }),
         temperature: 1.0,
+        adapters_off: false,
     }
 }
 
