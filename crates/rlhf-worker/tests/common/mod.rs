@@ -11,14 +11,26 @@ pub const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 /// Starts a daemon named `name`; returns it and the address it logged it listens on. Its log
 /// is drained on a thread so it never writes into a closed pipe.
 pub fn spawn_daemon(name: &str, register_timeout_s: u32) -> (Child, String) {
+    // Nobody listens here: the daemon serves while it keeps trying to register.
+    spawn_daemon_with(name, register_timeout_s, "127.0.0.1:9", &[])
+}
+
+/// [`spawn_daemon`] with a coordinator address and extra flags (`--tls-dir DIR`).
+pub fn spawn_daemon_with(
+    name: &str,
+    register_timeout_s: u32,
+    coordinator: &str,
+    extra: &[&str],
+) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rlhf-worker"))
         .env("RLHF_RUN_TOKEN", TOKEN)
         .env("RLHF_LOG", "info")
         .env("OMP_NUM_THREADS", "1")
         .env_remove("RLHF_LOG_FORMAT")
-        // Nobody listens here: the daemon serves while it keeps trying to register.
-        .args(["--coordinator", "127.0.0.1:9", "--name", name])
+        .env_remove("RLHF_TLS_DIR")
+        .args(["--coordinator", coordinator, "--name", name])
         .args(["--register-timeout-s", &register_timeout_s.to_string()])
+        .args(extra)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
