@@ -17,6 +17,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
+use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
@@ -248,9 +249,10 @@ fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     // A leftover from a crashed launch may have any mode: start from nothing.
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("removing")(e)),
-        _ => {}
+    if let Err(e) = std::fs::remove_file(&tmp) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            return Err(io("removing")(e));
+        }
     }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
