@@ -277,10 +277,14 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
                     args.coordinator,
                     s.message(),
                     s.code(),
-                    // A plaintext call to a TLS listener fails as a broken connection, not as a
-                    // handshake: only the hint can say that TLS may be what differs.
+                    // A plaintext call to a TLS listener fails as a broken or cancelled
+                    // connection, not as a handshake (which of those varies from run to run):
+                    // only the hint can say that TLS may be what differs.
                     match s.code() {
-                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal =>
+                        tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Internal
+                        | tonic::Code::Cancelled =>
                             format!("; {}", mismatch_hint(args.tls.as_ref())),
                         _ => String::new(),
                     }

@@ -82,12 +82,11 @@ fn a_tls_worker_serves_only_the_runs_certificate() {
             .ca_certificate(run_ca.clone())
             .identity(stranger.clone())
             .domain_name(SERVER_NAME);
-        let r = call(https(&addr, foreign)).await;
-        assert_refused(r.clone(), "client with another CA's certificate");
-        let msg = format!("{:?}", r.unwrap_err());
-        assert!(
-            msg.contains("certificate") || msg.contains("UnknownCA") || msg.contains("Alert"),
-            "{msg}"
+        // (Under TLS 1.3 the client sends its request before the server has checked its
+        // certificate, so what it sees is the connection closing, not a named alert.)
+        assert_refused(
+            call(https(&addr, foreign)).await,
+            "client with another CA's certificate",
         );
 
         // Trusts the run's CA and presents no certificate at all.
