@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use rlhf_proto::auth::{CheckToken, RunToken};
 use rlhf_proto::limits::MAX_MESSAGE_BYTES;
-use rlhf_proto::tls::RunTls;
 use rlhf_proto::pb::{
     self, coordinator_server::Coordinator, coordinator_server::CoordinatorServer,
 };
+use rlhf_proto::tls::RunTls;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tonic::codegen::InterceptedService;

@@ -33,9 +33,15 @@ pub fn for_run(cfg: &RunConfig, run_dir: &Path, listen: IpAddr) -> Result<Option
     let (tls, origin) = RunTls::create_or_reuse(&dir, &cfg.run.name)
         .with_context(|| format!("launcher.tls: the run's certificates in {}", dir.display()))?;
     match origin {
-        Origin::Created => info!(dir = %dir.display(), "mutual TLS on: made the run's CA and certificate"),
-        Origin::Reused => info!(dir = %dir.display(), "mutual TLS on: reusing the run's CA and certificate"),
-        Origin::Replaced(why) => warn!(dir = %dir.display(), reason = %why, "mutual TLS on: the run's earlier certificates were not usable; made new ones"),
+        Origin::Created => {
+            info!(dir = %dir.display(), "mutual TLS on: made the run's CA and certificate")
+        }
+        Origin::Reused => {
+            info!(dir = %dir.display(), "mutual TLS on: reusing the run's CA and certificate")
+        }
+        Origin::Replaced(why) => {
+            warn!(dir = %dir.display(), reason = %why, "mutual TLS on: the run's earlier certificates were not usable; made new ones")
+        }
     }
     Ok(Some(tls))
 }

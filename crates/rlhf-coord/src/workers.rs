@@ -58,15 +58,21 @@ pub async fn connect(address: &str, creds: &Credentials) -> Result<Inner> {
             anyhow!(
                 "connecting to the worker at {address} from host {host} over TLS{cause}; the \
                  worker must be this run's, started with --tls-dir {}",
-                creds.tls.as_ref().map(|t| t.dir().display().to_string()).unwrap_or_default()
+                creds
+                    .tls
+                    .as_ref()
+                    .map(|t| t.dir().display().to_string())
+                    .unwrap_or_default()
             )
         } else {
             anyhow!("connecting to the worker at {address} from host {host}: {e}")
         }
     })?;
-    Ok(WorkerClient::with_interceptor(ch, AddToken(creds.token.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    Ok(
+        WorkerClient::with_interceptor(ch, AddToken(creds.token.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
 }
 
 impl RoleClient {

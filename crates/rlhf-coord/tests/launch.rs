@@ -121,7 +121,10 @@ fn rloo_with_colocated_roles() {
     let worker = std::fs::read_to_string(tmp.path().join("runs/t/logs/judge.log")).unwrap();
     assert!(worker.contains("advertised=127.0.0.1:"), "{worker}");
     assert!(worker.contains("nccl_ifname=lo"), "{worker}");
-    assert!(worker.contains("tls=off"), "loopback needs no TLS: {worker}");
+    assert!(
+        worker.contains("tls=off"),
+        "loopback needs no TLS: {worker}"
+    );
     // A name this host does not have: refused before any worker starts, naming it.
     let out = launch(&f, &["launcher.interface=nope9"]);
     assert!(!out.status.success());

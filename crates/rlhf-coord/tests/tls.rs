@@ -71,7 +71,10 @@ fn a_run_with_tls_on_trains_and_a_resume_reuses_its_ca() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("resuming from"), "{err}");
-    assert!(err.contains("reusing the run's CA and certificate"), "{err}");
+    assert!(
+        err.contains("reusing the run's CA and certificate"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(tls.join("ca.pem")).unwrap(), ca);
     let m = jsonl(&run.join("metrics.jsonl"));
     assert_eq!(m.len(), 3);
@@ -141,7 +144,7 @@ fn the_registry_refuses_clients_without_the_runs_certificate() {
     .unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
     let f = setup(tmp.path(), &fake, "");
-    let mut child = coord()
+    let child = coord()
         .arg("launch")
         .arg(&f)
         .args(["--set", "launcher.startup_timeout_s=10"])
@@ -151,7 +154,10 @@ fn the_registry_refuses_clients_without_the_runs_certificate() {
     let env_file = tmp.path().join("worker.env");
     let t0 = Instant::now();
     while !env_file.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "the fake worker never started");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the fake worker never started"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let env = std::fs::read_to_string(&env_file).unwrap();
@@ -175,7 +181,9 @@ fn the_registry_refuses_clients_without_the_runs_certificate() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         // The run's certificate and token get through to the handler.
-        let e = register(https(&addr, run.client()), &token).await.unwrap_err();
+        let e = register(https(&addr, run.client()), &token)
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
         assert!(e.message().contains("not in this run's placement"), "{e:?}");
 

@@ -265,7 +265,6 @@ fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
     drop(f);
     // The rename replaces any older file (whatever its mode) with this 0600 one.
     std::fs::rename(&tmp, path).map_err(io("renaming the temporary file onto"))
-
 }
 
 /// A new CA (ECDSA P-256) and a leaf signed by it; the CA's key is dropped here.
@@ -278,8 +277,10 @@ fn generate(run_name: &str) -> Result<(String, String, String), rcgen::Error> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    ca.distinguished_name
-        .push(DnType::CommonName, format!("rlhf-coord run CA ({run_name})"));
+    ca.distinguished_name.push(
+        DnType::CommonName,
+        format!("rlhf-coord run CA ({run_name})"),
+    );
     let ca_cert = ca.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca, ca_key);
 
@@ -369,7 +370,10 @@ mod tests {
         // A leaf of another CA.
         std::fs::copy(d2.join(CERT_FILE), d1.join(CERT_FILE)).unwrap();
         let e = RunTls::load(&d1).unwrap_err().to_string();
-        assert!(e.contains("run.pem does not verify as a server of ca.pem"), "{e}");
+        assert!(
+            e.contains("run.pem does not verify as a server of ca.pem"),
+            "{e}"
+        );
         assert!(e.contains("delete that directory"), "{e}");
         let (new, origin) = RunTls::create_or_reuse(&d1, "a").unwrap();
         assert!(
@@ -401,7 +405,9 @@ mod tests {
         assert_eq!(mode(&d1.join(KEY_FILE)), 0o600);
 
         // Missing files.
-        let e = RunTls::load(&tmp.path().join("none")).unwrap_err().to_string();
+        let e = RunTls::load(&tmp.path().join("none"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ca.pem: reading the run's TLS file"), "{e}");
     }
 }

@@ -244,16 +244,12 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             .tls_config(tls.server())
             .with_context(|| format!("TLS settings from {}", tls.dir().display()))?;
     }
-    let serve = tokio::spawn(
-        builder
-            .add_service(guarded)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move {
-                    let _ = shutdown_rx.wait_for(|s| *s).await;
-                },
-            ),
-    );
+    let serve = tokio::spawn(builder.add_service(guarded).serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        async move {
+            let _ = shutdown_rx.wait_for(|s| *s).await;
+        },
+    ));
 
     // Register, within the deadline as a whole: a coordinator (or a stranger on its port) that
     // accepts the connection but never answers must not hold the worker.

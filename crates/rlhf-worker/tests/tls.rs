@@ -62,7 +62,8 @@ fn a_tls_worker_serves_only_the_runs_certificate() {
     let run = tls_dir(tmp.path(), "run");
     let other = tls_dir(tmp.path(), "other");
     let dir = run.dir().to_str().unwrap().to_string();
-    let (mut child, addr) = common::spawn_daemon_with("w0", 30, "127.0.0.1:9", &["--tls-dir", &dir]);
+    let (mut child, addr) =
+        common::spawn_daemon_with("w0", 30, "127.0.0.1:9", &["--tls-dir", &dir]);
     let read = |name: &str| std::fs::read_to_string(other.dir().join(name)).unwrap();
     let stranger = Identity::from_pem(read("run.pem"), read("run.key"));
     let run_ca = Certificate::from_pem(std::fs::read_to_string(run.dir().join("ca.pem")).unwrap());
@@ -168,5 +169,8 @@ fn a_tls_dir_whose_key_others_can_read_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("--tls-dir"), "{err}");
-    assert!(err.contains("mode 0640") && err.contains("chmod 600"), "{err}");
+    assert!(
+        err.contains("mode 0640") && err.contains("chmod 600"),
+        "{err}"
+    );
 }
