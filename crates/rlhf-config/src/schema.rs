@@ -138,6 +138,20 @@ pub enum CollectiveBackend {
     Nccl,
 }
 
+/// Whether the run's gRPC channels (coordinator <-> workers) use mutual TLS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// TLS when the coordinator's listening address (from `bind` / `interface`) is not a
+    /// loopback one, i.e. whenever other hosts could reach the run's listeners.
+    #[default]
+    Auto,
+    /// Always TLS, loopback included.
+    On,
+    /// Never: plaintext gRPC (the run token still guards every call).
+    Off,
+}
+
 /// `launcher:` — starting and supervising worker daemons.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -180,6 +194,12 @@ pub struct LauncherConfig {
     /// move tensors. Default: `auto` (NCCL when every member of a group is on a CUDA device of
     /// its own).
     pub collective_backend: CollectiveBackend,
+    /// `auto`, `on` or `off`: mutual TLS on every gRPC channel of the run, with a per-run CA and
+    /// certificate the coordinator makes in `RUN_DIR/tls/` (mode 0700, files 0600; reused when a
+    /// run resumes) and hands to the workers; clients and servers accept only certificates of
+    /// that CA. `auto` turns it on whenever the run listens on a non-loopback address.
+    /// docs/security.md says what it protects. Default: `auto`.
+    pub tls: TlsMode,
     /// Slurm settings, used only with `kind: slurm`.
     pub slurm: SlurmConfig,
 }
@@ -198,6 +218,7 @@ impl Default for LauncherConfig {
             rpc_timeout_s: 600.0,
             collective_timeout_s: 60.0,
             collective_backend: CollectiveBackend::Auto,
+            tls: TlsMode::Auto,
             slurm: SlurmConfig::default(),
         }
     }

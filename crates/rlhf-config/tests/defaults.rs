@@ -26,6 +26,7 @@ const DOCUMENTED: &[(&str, &str, &str)] = &[
         "heartbeat_timeout_ms",
     ),
     ("launcher.rpc_timeout_s", "LauncherConfig", "rpc_timeout_s"),
+    ("launcher.tls", "LauncherConfig", "tls"),
     ("launcher.slurm.nodes", "SlurmConfig", "nodes"),
     (
         "launcher.slurm.signal_grace_s",

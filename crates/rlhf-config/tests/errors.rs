@@ -209,3 +209,19 @@ fn errors_expose_their_key() {
     let e = f.load(BASE, &["rollout.top_p=0"], &[]).unwrap_err();
     assert_eq!(e.key(), Some("rollout.top_p"));
 }
+
+#[test]
+fn bad_tls_mode_names_the_key_and_the_choices() {
+    let f = Fixture::new();
+    let yaml = format!("{BASE}launcher:\n  tls: maybe\n");
+    let msg = err(f.load(&yaml, &[], &[]));
+    assert!(
+        msg.starts_with("launcher.tls: invalid value `maybe`"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("`auto`") && msg.contains("`on`") && msg.contains("`off`"),
+        "{msg}"
+    );
+    assert!(msg.contains(&f.at(line_of(&yaml, "maybe"))), "{msg}");
+}

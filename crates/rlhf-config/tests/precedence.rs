@@ -190,3 +190,27 @@ fn a_section_left_empty_means_its_defaults() {
     let loaded = f.load(&yaml, &[], &[]).unwrap();
     assert_eq!(loaded.config.algorithm.value_clip, None);
 }
+
+/// `on` and `off` are words here, not YAML 1.1 booleans, in the file, the environment and
+/// `--set` alike.
+#[test]
+fn tls_mode_from_file_env_and_set() {
+    use rlhf_config::TlsMode;
+    let f = Fixture::new();
+    let yaml = format!("{BASE}launcher:\n  tls: on\n");
+    assert_eq!(
+        f.load(BASE, &[], &[]).unwrap().config.launcher.tls,
+        TlsMode::Auto
+    );
+    assert_eq!(
+        f.load(&yaml, &[], &[]).unwrap().config.launcher.tls,
+        TlsMode::On
+    );
+    let env = [("RLHF_LAUNCHER__TLS", "off")];
+    assert_eq!(
+        f.load(&yaml, &[], &env).unwrap().config.launcher.tls,
+        TlsMode::Off
+    );
+    let set = f.load(&yaml, &["launcher.tls=auto"], &env).unwrap();
+    assert_eq!(set.config.launcher.tls, TlsMode::Auto);
+}

@@ -13,6 +13,7 @@ use rlhf_proto::limits::MAX_MESSAGE_BYTES;
 use rlhf_proto::pb::{
     self, coordinator_server::Coordinator, coordinator_server::CoordinatorServer,
 };
+use rlhf_proto::tls::RunTls;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tonic::codegen::InterceptedService;
@@ -280,11 +281,13 @@ impl Coordinator for CoordinatorService {
     }
 }
 
-/// Starts the coordinator service on `addr` (port 0: any free port); returns the bound address.
+/// Starts the coordinator service on `addr` (port 0: any free port), over mutual TLS when `tls`
+/// is given; returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
     registry: Arc<Registry>,
     token: RunToken,
+    tls: Option<&RunTls>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await.with_context(|| {
@@ -297,9 +300,14 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let guarded = InterceptedService::new(svc, CheckToken(token));
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls.server())
+            .with_context(|| format!("TLS settings from {}", tls.dir().display()))?;
+    }
     tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
+        let r = builder
             .add_service(guarded)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),

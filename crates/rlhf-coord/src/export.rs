@@ -372,8 +372,9 @@ pub fn resolve_model_dir(path: &Path) -> Result<PathBuf> {
         return Ok(chosen.actor());
     }
     bail!(
-        "{} is neither a model directory (no config.json), a checkpoint directory (no {}) nor a run directory (no {}/)",
+        "{} is neither a model directory (no {}), a checkpoint directory (no {}) nor a run directory (no {}/)",
         path.display(),
+        path.join("config.json").display(),
         rlhf_ckpt::MANIFEST,
         rlhf_ckpt::CHECKPOINTS
     )

@@ -415,10 +415,12 @@ async fn run_async(
     // address, the bound one, or this host's name when bound to every interface. It is also
     // published in the run directory.
     let listen = rlhf_comm::net::choose(cfg.launcher.bind, cfg.launcher.interface.as_deref())?;
+    let tls = crate::tls::for_run(&cfg, &p.run_dir, listen.bind)?;
     let addr = cluster::serve(
         SocketAddr::new(listen.bind, cfg.launcher.port),
         registry.clone(),
         token.clone(),
+        tls.as_ref(),
         stop_rx.clone(),
     )
     .await?;
@@ -429,11 +431,16 @@ async fn run_async(
         format!("{advertised}\n").as_bytes(),
     )?;
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<WorkerFailure>();
+    let creds = workers::Credentials {
+        token: token.clone(),
+        tls: tls.clone(),
+    };
     let children = launcher::spawn_all(
         &cfg,
         &p.worker_bin,
         &advertised,
         &token,
+        tls.as_ref(),
         &p.run_dir,
         allocation,
     )?;
@@ -464,7 +471,7 @@ async fn run_async(
             fail_tx.clone(),
         );
         let r = tokio::select! {
-            r = train(&p, &registry, &token, stop_sig.clone()) => r,
+            r = train(&p, &registry, &creds, stop_sig.clone()) => r,
             Some(f) = fail_rx.recv() => Err(cluster::StoppedByWorker { failure: f, call: None }.into()),
         };
         // A call that failed because its worker died usually returns before the process watch
@@ -500,14 +507,14 @@ async fn run_async(
             launcher::kill_hard(*pid);
         }
     }
-    let token = &token;
+    let creds = &creds;
     let asks = cfg
         .workers
         .iter()
         .filter(|w| lost != Some(w.name.as_str()))
         .filter_map(|w| registry.get(&w.name))
         .map(|info| async move {
-            if let Ok(c) = workers::connect(&info.address, token).await {
+            if let Ok(c) = workers::connect(&info.address, creds).await {
                 workers::shutdown(c).await;
             }
         });
@@ -529,7 +536,11 @@ fn dtype_name(d: rlhf_config::Dtype) -> &'static str {
     }
 }
 
-async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Result<Roles> {
+async fn create_roles(
+    p: &Prepared,
+    registry: &Registry,
+    creds: &workers::Credentials,
+) -> Result<Roles> {
     let cfg = &p.loaded.config;
     let s = &p.settings;
     let timeout = Duration::from_secs_f64(cfg.launcher.rpc_timeout_s);
@@ -547,7 +558,7 @@ async fn create_roles(p: &Prepared, registry: &Registry, token: &RunToken) -> Re
             roles = ?w.roles,
             "placing roles"
         );
-        let conn = workers::connect(&info.address, token)
+        let conn = workers::connect(&info.address, creds)
             .await
             .with_context(|| format!("worker `{}`", w.name))?;
         for role in &w.roles {
@@ -1056,11 +1067,11 @@ impl Prefetch {
 async fn train(
     p: &Prepared,
     registry: &Arc<Registry>,
-    token: &RunToken,
+    creds: &workers::Credentials,
     stop: watch::Receiver<Option<String>>,
 ) -> Result<()> {
     let cfg: &RunConfig = &p.loaded.config;
-    let roles = create_roles(p, registry, token).await?;
+    let roles = create_roles(p, registry, creds).await?;
     let group = cfg.rollout.samples_per_prompt as i64;
     let mut st = LoopState {
         step: 0,

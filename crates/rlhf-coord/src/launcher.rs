@@ -1,5 +1,6 @@
 //! The local launcher: starts one `rlhf-worker` process per placed worker on this machine, hands
-//! each the coordinator's address, its name and the run token through the environment, sends
+//! each the coordinator's address, its name, the run token and the run's TLS directory (when
+//! the run uses TLS) through the environment, sends
 //! its output to `RUN_DIR/logs/NAME.log`, and reports a worker that exits before it is told to
 //! stop as a failure (with the tail of its log).
 
@@ -10,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use rlhf_config::RunConfig;
 use rlhf_proto::auth::{RunToken, TOKEN_ENV};
+use rlhf_proto::tls::{RunTls, TLS_DIR_ENV};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -72,6 +74,7 @@ pub fn spawn_all(
     bin: &Path,
     coordinator: &str,
     token: &RunToken,
+    tls: Option<&RunTls>,
     run_dir: &Path,
     slurm: Option<&crate::slurm::Allocation>,
 ) -> Result<Vec<LocalWorker>> {
@@ -131,6 +134,12 @@ pub fn spawn_all(
                 cmd.env("NCCL_SOCKET_IFNAME", iface);
             }
         }
+        // With TLS the worker serves and calls over it only; without, never (nor with a
+        // directory this process inherited).
+        match tls {
+            Some(t) => cmd.env(TLS_DIR_ENV, t.dir()),
+            None => cmd.env_remove(TLS_DIR_ENV),
+        };
         cmd.env("RLHF_COORD_ADDR", coordinator)
             .env("RLHF_WORKER_NAME", &w.name)
             .env("RLHF_WORKER_BIND", cfg.launcher.bind.to_string())

@@ -20,6 +20,7 @@ mod replicas;
 mod rl;
 mod slurm;
 mod status;
+mod tls;
 mod train_cmds;
 mod validation;
 mod workers;

@@ -8,6 +8,7 @@ use anyhow::{anyhow, Result};
 use rlhf_proto::auth::{AddToken, RunToken};
 use rlhf_proto::limits::MAX_MESSAGE_BYTES;
 use rlhf_proto::pb::{self, worker_client::WorkerClient};
+use rlhf_proto::tls::RunTls;
 use tonic::codegen::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -25,23 +26,53 @@ pub struct RoleClient {
     timeout: Duration,
 }
 
+/// What the coordinator's calls to workers carry: the run token, and the run's certificate when
+/// the run uses TLS (`crate::tls` decides).
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    pub token: RunToken,
+    pub tls: Option<RunTls>,
+}
+
 /// Opens a connection to a worker's service.
-pub async fn connect(address: &str, token: &RunToken) -> Result<Inner> {
-    let ch = Endpoint::from_shared(format!("http://{address}"))?
+pub async fn connect(address: &str, creds: &Credentials) -> Result<Inner> {
+    let scheme = rlhf_proto::tls::scheme(creds.tls.is_some());
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(|e| {
+        .http2_keep_alive_interval(Duration::from_secs(10));
+    if let Some(tls) = &creds.tls {
+        endpoint = endpoint.tls_config(tls.client())?;
+    }
+    let ch = endpoint.connect().await.map_err(|e| {
+        let host = rlhf_comm::net::host_name();
+        if rlhf_proto::tls::is_tls_failure(&e) {
+            // tonic's top-level message is only "transport error": the cause is in the chain.
+            let mut cause = String::new();
+            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(c) = cur {
+                cause.push_str(": ");
+                cause.push_str(&c.to_string());
+                cur = c.source();
+            }
             anyhow!(
-                "connecting to the worker at {address} from host {}: {e}",
-                rlhf_comm::net::host_name()
+                "connecting to the worker at {address} from host {host} over TLS{cause}; the \
+                 worker must be this run's, started with --tls-dir {}",
+                creds
+                    .tls
+                    .as_ref()
+                    .map(|t| t.dir().display().to_string())
+                    .unwrap_or_default()
             )
-        })?;
-    Ok(WorkerClient::with_interceptor(ch, AddToken(token.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        } else {
+            anyhow!("connecting to the worker at {address} from host {host}: {e}")
+        }
+    })?;
+    Ok(
+        WorkerClient::with_interceptor(ch, AddToken(creds.token.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
 }
 
 impl RoleClient {

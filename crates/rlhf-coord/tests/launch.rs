@@ -97,6 +97,9 @@ fn rloo_with_colocated_roles() {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains(&format!("address={}:", host.trim())), "{log}");
+    // Not loopback: `launcher.tls: auto` turned mutual TLS on.
+    assert!(log.contains("mutual TLS on"), "{log}");
+    assert!(tmp.path().join("runs/t/tls/run.key").exists());
     let m = metrics(tmp.path());
     assert_eq!(m.len(), 2);
     assert!(
@@ -118,6 +121,10 @@ fn rloo_with_colocated_roles() {
     let worker = std::fs::read_to_string(tmp.path().join("runs/t/logs/judge.log")).unwrap();
     assert!(worker.contains("advertised=127.0.0.1:"), "{worker}");
     assert!(worker.contains("nccl_ifname=lo"), "{worker}");
+    assert!(
+        worker.contains("tls=off"),
+        "loopback needs no TLS: {worker}"
+    );
     // A name this host does not have: refused before any worker starts, naming it.
     let out = launch(&f, &["launcher.interface=nope9"]);
     assert!(!out.status.success());

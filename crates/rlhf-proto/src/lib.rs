@@ -2,13 +2,15 @@
 //!
 //! Owns: the code generated from `proto/rlhf/v1/*.proto` by tonic + prost ([`pb`]), the tensor
 //! wire format (dtype + shape + little-endian bytes) and its chunking for large payloads
-//! ([`wire`]), the run-token check every RPC goes through ([`auth`]), and the explicit message
-//! size limits ([`limits`]).
+//! ([`wire`]), the run-token check every RPC goes through ([`auth`]), the run's mutual TLS (its
+//! CA and certificates in `RUN_DIR/tls/`, and the tonic TLS settings of every server and client:
+//! [`tls`]), and the explicit message size limits ([`limits`]).
 //!
-//! May use: tonic, prost, tch (for tensor conversion only). Knows nothing about the other crates
+//! May use: tonic, prost, tch (for tensor conversion only), rcgen and rustls (certificates). Knows nothing about the other crates
 //! of the workspace: roles, algorithms and the controller build on this, never the other way.
 
 pub mod auth;
+pub mod tls;
 pub mod wire;
 
 /// Generated messages and services of package `rlhf.v1`.

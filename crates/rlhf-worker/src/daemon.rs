@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use rlhf_proto::auth::{AddToken, CheckToken, RunToken};
 use rlhf_proto::limits::MAX_MESSAGE_BYTES;
 use rlhf_proto::pb::{self, coordinator_client::CoordinatorClient, worker_server::WorkerServer};
+use rlhf_proto::tls::RunTls;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::codegen::InterceptedService;
@@ -47,15 +48,29 @@ pub struct DaemonArgs {
     /// directories of the run. CreateRole, SaveState and LoadState paths outside them are
     /// refused.
     pub roots: Vec<std::path::PathBuf>,
+    /// The run's TLS (`--tls-dir`): with it this daemon serves and calls over mutual TLS only,
+    /// without it over plaintext only.
+    pub tls: Option<RunTls>,
 }
 
 type Client = CoordinatorClient<InterceptedService<Channel, AddToken>>;
 
-async fn connect(addr: &str, token: &RunToken, deadline: Instant) -> Result<Client> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+async fn connect(
+    addr: &str,
+    token: &RunToken,
+    tls: Option<&RunTls>,
+    deadline: Instant,
+) -> Result<Client> {
+    let scheme = rlhf_proto::tls::scheme(tls.is_some());
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
         .with_context(|| format!("coordinator address `{addr}` is not host:port"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.client())
+            .with_context(|| format!("TLS settings from {}", tls.dir().display()))?;
+    }
     loop {
         match endpoint.connect().await {
             Ok(ch) => {
@@ -65,6 +80,13 @@ async fn connect(addr: &str, token: &RunToken, deadline: Instant) -> Result<Clie
                         .max_encoding_message_size(MAX_MESSAGE_BYTES),
                 )
             }
+            // A refused handshake stays refused: say so now instead of retrying to the deadline.
+            Err(e) if rlhf_proto::tls::is_tls_failure(&e) => bail!(
+                "TLS with the coordinator at {addr} failed from host {}: {}: {}",
+                rlhf_comm::net::host_name(),
+                error_chain(&e),
+                mismatch_hint(tls)
+            ),
             Err(e) if Instant::now() < deadline => {
                 warn!(error = %e, "coordinator at {addr} not reachable yet; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -75,6 +97,36 @@ async fn connect(addr: &str, token: &RunToken, deadline: Instant) -> Result<Clie
             ),
         }
     }
+}
+
+/// What to change when this worker and the coordinator disagree on TLS.
+fn mismatch_hint(tls: Option<&RunTls>) -> String {
+    match tls {
+        Some(t) => format!(
+            "this worker uses the run's TLS (--tls-dir {}); the coordinator must be the same \
+             run's, launched with TLS (launcher.tls: on, or auto with a non-loopback address), \
+             so that its certificate comes from that directory",
+            t.dir().display()
+        ),
+        None => format!(
+            "this worker has no TLS; if the coordinator uses TLS (launcher.tls), start the \
+             worker with --tls-dir RUN_DIR/{} (or {})",
+            rlhf_proto::tls::DIR_NAME,
+            rlhf_proto::tls::TLS_DIR_ENV
+        ),
+    }
+}
+
+/// `e` and its sources, `: `-separated (tonic's transport errors say little at the top).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
 }
 
 fn host_memory_bytes() -> u64 {
@@ -174,7 +226,9 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     // sets it from launcher.interface): worth seeing when a multi-node NCCL group hangs.
     let nccl_ifname =
         std::env::var("NCCL_SOCKET_IFNAME").unwrap_or_else(|_| "(NCCL's own choice)".into());
-    info!(worker = %args.name, address = %local, %advertised, %nccl_ifname, "worker listening");
+    let tls = args.tls.as_ref().map(|t| t.dir().display().to_string());
+    let tls = tls.as_deref().unwrap_or("off");
+    info!(worker = %args.name, address = %local, %advertised, %nccl_ifname, %tls, "worker listening");
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let service = WorkerService::new(
         stop_tx.clone(),
@@ -190,23 +244,25 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let guarded = InterceptedService::new(server, CheckToken(args.token.clone()));
     let mut shutdown_rx = stop_rx.clone();
-    let serve = tokio::spawn(
-        Server::builder()
-            .tcp_nodelay(true)
-            .add_service(guarded)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move {
-                    let _ = shutdown_rx.wait_for(|s| *s).await;
-                },
-            ),
-    );
+    let mut builder = Server::builder().tcp_nodelay(true);
+    if let Some(tls) = &args.tls {
+        builder = builder
+            .tls_config(tls.server())
+            .with_context(|| format!("TLS settings from {}", tls.dir().display()))?;
+    }
+    let serve = tokio::spawn(builder.add_service(guarded).serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        async move {
+            let _ = shutdown_rx.wait_for(|s| *s).await;
+        },
+    ));
 
     // Register, within the deadline as a whole: a coordinator (or a stranger on its port) that
     // accepts the connection but never answers must not hold the worker.
     let deadline = Instant::now() + args.register_timeout;
     let registering = async {
-        let mut client = connect(&args.coordinator, &args.token, deadline).await?;
+        let mut client =
+            connect(&args.coordinator, &args.token, args.tls.as_ref(), deadline).await?;
         let reg = client
             .register(pb::RegisterRequest {
                 worker_name: args.name.clone(),
@@ -217,10 +273,23 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
                 version: env!("CARGO_PKG_VERSION").to_string(),
             })
             .await
-            .with_context(|| {
-                format!(
-                    "registering with the coordinator at {} from host {host}",
-                    args.coordinator
+            .map_err(|s| {
+                anyhow::anyhow!(
+                    "registering with the coordinator at {} from host {host}: {} ({:?}){}",
+                    args.coordinator,
+                    s.message(),
+                    s.code(),
+                    // A plaintext call to a TLS listener fails as a broken or cancelled
+                    // connection, not as a handshake (which of those varies from run to run):
+                    // only the hint can say that TLS may be what differs.
+                    match s.code() {
+                        tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Internal
+                        | tonic::Code::Cancelled =>
+                            format!("; {}", mismatch_hint(args.tls.as_ref())),
+                        _ => String::new(),
+                    }
                 )
             })?
             .into_inner();

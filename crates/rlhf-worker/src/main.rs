@@ -1,10 +1,12 @@
 //! `rlhf-worker`: the per-node worker daemon binary. Started by `rlhf-coord launch` (locally or
 //! through `srun`), which passes the coordinator's address, the worker's name and the run token
-//! in the environment; flags override the environment for manual runs. This binary owns the
+//! in the environment (and, when the run uses TLS, the directory of its certificates); flags
+//! override the environment for manual runs. This binary owns the
 //! tracing subscriber (`RLHF_LOG` filter, `RLHF_LOG_FORMAT=json`) and the libtorch thread count;
 //! all logic lives in the library.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -45,6 +47,10 @@ struct Cli {
     /// run directory and the run's model directories; with none, every such path is refused.
     #[arg(long = "allow-root", value_name = "DIR")]
     allow_root: Vec<std::path::PathBuf>,
+    /// The run's TLS directory (RUN_DIR/tls, made by the coordinator): serve and call over
+    /// mutual TLS with its certificates. Without it the worker speaks plaintext only.
+    #[arg(long, env = rlhf_proto::tls::TLS_DIR_ENV)]
+    tls_dir: Option<PathBuf>,
 }
 
 fn init_tracing(name: &str) {
@@ -83,6 +89,12 @@ fn real_main(cli: Cli) -> Result<()> {
     }
     tch::set_num_threads(cli.threads);
     tch::set_num_interop_threads(1);
+    let tls = cli
+        .tls_dir
+        .as_deref()
+        .map(rlhf_proto::tls::RunTls::load)
+        .transpose()
+        .context("--tls-dir: the run's TLS files")?;
     let args = DaemonArgs {
         coordinator: cli.coordinator,
         name: cli.name,
@@ -93,6 +105,7 @@ fn real_main(cli: Cli) -> Result<()> {
         register_timeout: Duration::from_secs_f64(cli.register_timeout_s.max(0.1)),
         orphan_timeout: Duration::from_secs_f64(cli.orphan_timeout_s.max(0.1)),
         roots: cli.allow_root,
+        tls,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -15,21 +15,35 @@ pub fn spawn_daemon(name: &str, register_timeout_s: u32) -> (Child, String) {
     spawn_daemon_in(name, register_timeout_s, &[std::env::temp_dir().as_path()])
 }
 
-/// [`spawn_daemon`] allowed only `roots` (`--allow-root`). Its log is drained on a thread so it
-/// never writes into a closed pipe.
+/// [`spawn_daemon`] allowed only `roots` (`--allow-root`).
 pub fn spawn_daemon_in(name: &str, register_timeout_s: u32, roots: &[&Path]) -> (Child, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rlhf-worker"));
+    let mut extra: Vec<String> = vec![];
     for r in roots {
-        cmd.arg("--allow-root").arg(r);
+        extra.push("--allow-root".into());
+        extra.push(r.display().to_string());
     }
-    let mut child = cmd
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    // Nobody listens here: the daemon serves while it keeps trying to register.
+    spawn_daemon_with(name, register_timeout_s, "127.0.0.1:9", &extra)
+}
+
+/// [`spawn_daemon`] with a coordinator address and extra flags (`--tls-dir DIR`, `--allow-root
+/// DIR`). Its log is drained on a thread so it never writes into a closed pipe.
+pub fn spawn_daemon_with(
+    name: &str,
+    register_timeout_s: u32,
+    coordinator: &str,
+    extra: &[&str],
+) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rlhf-worker"))
         .env("RLHF_RUN_TOKEN", TOKEN)
         .env("RLHF_LOG", "info")
         .env("OMP_NUM_THREADS", "1")
         .env_remove("RLHF_LOG_FORMAT")
-        // Nobody listens here: the daemon serves while it keeps trying to register.
-        .args(["--coordinator", "127.0.0.1:9", "--name", name])
+        .env_remove("RLHF_TLS_DIR")
+        .args(["--coordinator", coordinator, "--name", name])
         .args(["--register-timeout-s", &register_timeout_s.to_string()])
+        .args(extra)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
