@@ -44,7 +44,8 @@ fn llama3_8b(dir: &Path) {
             shapes.push((format!("{p}{n}"), s));
         }
     }
-    // Only the header: plan reads shapes and offsets, never the data.
+    // The header, then a hole as long as the data it describes (a sparse file: no disk blocks).
+    // plan reads shapes and offsets and checks the file is that long, never the data.
     let mut header = serde_json::Map::new();
     let mut off = 0u64;
     for (n, s) in shapes {
@@ -58,7 +59,15 @@ fn llama3_8b(dir: &Path) {
     let h = serde_json::Value::Object(header).to_string();
     let mut f = (h.len() as u64).to_le_bytes().to_vec();
     f.extend_from_slice(h.as_bytes());
-    std::fs::write(dir.join("model.safetensors"), f).unwrap();
+    let len = f.len() as u64 + off;
+    let path = dir.join("model.safetensors");
+    std::fs::write(&path, f).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
 }
 
 /// `rlhf-coord plan cluster/example.yaml` over 8B-shaped models in `d`, with `extra` settings.
