@@ -16,13 +16,8 @@ use std::process::Output;
 fn mt_bench_dir() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
-        let real = std::env::var_os("RLHF_MT_BENCH_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mt_bench")
-            });
         let scratch = Path::new(env!("CARGO_TARGET_TMPDIR")).join("validation_mt_bench");
-        rlhf_eval::fixture::real_or_fixture(&real, &scratch).unwrap()
+        rlhf_eval::fixture::shared_or_fixture(&scratch).unwrap()
     })
     .clone()
 }

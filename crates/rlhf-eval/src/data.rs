@@ -518,23 +518,14 @@ pub(crate) mod tests {
     /// the repository, else (a fresh clone) the fixture of the same shape, written once per test
     /// process. Every test runs either way; none skips.
     pub(crate) fn mt_bench_dir() -> PathBuf {
-        static FIXTURE: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-        let real = std::env::var_os("RLHF_MT_BENCH_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mt_bench")
-            });
-        if real.join(QUESTION_FILE).is_file() {
-            return real;
-        }
-        FIXTURE
-            .get_or_init(|| {
-                let tmp = tempfile::tempdir().unwrap();
-                crate::fixture::write_mt_bench_fixture(tmp.path()).unwrap();
-                tmp
-            })
-            .path()
-            .to_path_buf()
+        static FIXTURE: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> =
+            std::sync::OnceLock::new();
+        let (_, dir) = FIXTURE.get_or_init(|| {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = crate::fixture::shared_or_fixture(tmp.path()).unwrap();
+            (tmp, dir)
+        });
+        dir.clone()
     }
 
     /// A copy of the shared data in a temp dir, with `edit(file name, text) -> text` applied.

@@ -182,12 +182,18 @@ fn judge_prompts() -> [(&'static str, &'static str, &'static str, String); 8] {
     ]
 }
 
-/// `real` when it holds MT-Bench's files, else `scratch` with the fixture written into it: the
-/// data for tests that must run on a fresh clone and on the real data where it is present.
-/// Callers write each scratch directory once (a `OnceLock`) so no test reads a half-written one.
-pub fn real_or_fixture(real: &Path, scratch: &Path) -> std::io::Result<std::path::PathBuf> {
+/// The MT-Bench data for tests: `RLHF_MT_BENCH_DIR`, else `shared/data/mt_bench` beside the
+/// repository, when it holds MT-Bench's files; else `scratch` with the fixture written into it.
+/// Tests run on a fresh clone and on the real data where it is present. Callers write each
+/// scratch directory once (a `OnceLock`) so no test reads a half-written one.
+pub fn shared_or_fixture(scratch: &Path) -> std::io::Result<std::path::PathBuf> {
+    let real = std::env::var_os("RLHF_MT_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mt_bench")
+        });
     if real.join(QUESTION_FILE).is_file() {
-        return Ok(real.to_path_buf());
+        return Ok(real);
     }
     write_mt_bench_fixture(scratch)?;
     Ok(scratch.to_path_buf())

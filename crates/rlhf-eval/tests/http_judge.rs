@@ -37,13 +37,8 @@ fn init_env() {
 fn data_dir() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
-        let real = std::env::var_os("RLHF_MT_BENCH_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mt_bench")
-            });
         let scratch = Path::new(env!("CARGO_TARGET_TMPDIR")).join("http_judge_mt_bench");
-        rlhf_eval::fixture::real_or_fixture(&real, &scratch).unwrap()
+        rlhf_eval::fixture::shared_or_fixture(&scratch).unwrap()
     })
     .clone()
 }
@@ -265,7 +260,15 @@ fn serve(
     };
     let now = counters.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     counters.max_in_flight.fetch_max(now, Ordering::SeqCst);
-    match behaviour(&seen) {
+    let reply = behaviour(&seen);
+    if let Reply::Hang(d) = reply {
+        std::thread::sleep(d);
+    }
+    // The request leaves the count before its answer is written: once the client has the
+    // answer it may send its next request, which must not find this one still counted (under
+    // load that race read as 9 requests at once with a limit of 8).
+    counters.in_flight.fetch_sub(1, Ordering::SeqCst);
+    match reply {
         Reply::Content(text) => {
             let body = json!({
                 "id": "chatcmpl-test",
@@ -280,10 +283,8 @@ fn serve(
             respond(&mut stream, 200, &body.to_string());
         }
         Reply::Raw(status, body) => respond(&mut stream, status, &body),
-        Reply::Hang(d) => std::thread::sleep(d),
-        Reply::Drop => {}
+        Reply::Hang(_) | Reply::Drop => {}
     }
-    counters.in_flight.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// `(question_id, turn, graded answer, has reference, multi-turn)` from a request body, after
