@@ -409,7 +409,8 @@ mod tests {
             data: vec![0],
             total_bytes: 1 << 40,
         };
-        // Today's reservation of the declared size would abort the process right here.
+        // Reserving the declared size before checking it (as the assembler once did) would
+        // abort the process right here.
         let mut asm = WeightAssembler::with_limit(1 << 30);
         let e = asm.push(huge).unwrap_err().to_string();
         assert!(
