@@ -11,27 +11,28 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::step_loop::StepMetrics;
 
-pub struct MetricsWriter {
+/// An append-only JSONL file: `metrics.jsonl`, `samples.jsonl`.
+pub struct JsonlWriter {
     path: PathBuf,
     file: std::io::BufWriter<std::fs::File>,
 }
 
-impl MetricsWriter {
+impl JsonlWriter {
     /// Opens `path` for appending (a resumed run continues the same file).
-    pub fn create(path: &Path) -> Result<MetricsWriter> {
+    pub fn create(path: &Path) -> Result<JsonlWriter> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
-        Ok(MetricsWriter {
+        Ok(JsonlWriter {
             path: path.to_path_buf(),
             file: std::io::BufWriter::new(file),
         })
     }
 
     /// Appends one line (non-finite numbers as `null`, so the line stays JSON) and flushes it.
-    pub fn write(&mut self, m: &StepMetrics) -> Result<()> {
+    pub fn write(&mut self, m: &impl serde::Serialize) -> Result<()> {
         let line = serde_json::to_string(m)?;
         writeln!(self.file, "{line}")
             .with_context(|| format!("writing {}", self.path.display()))?;

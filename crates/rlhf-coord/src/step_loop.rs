@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::checkpoint::{self, ControllerState};
-use crate::metrics::{MetricsWriter, Progress};
+use crate::metrics::{JsonlWriter, Progress};
 use crate::prompts::{PromptCursor, PromptSet};
 use crate::replicas;
 use crate::rl::{self, AlgoSettings, RolloutStats, Shaper};
@@ -225,6 +225,8 @@ pub struct Generated {
 /// What the scoring phase produced: rewards, reference log-probs and values, as the workers
 /// answered them.
 pub struct Scored {
+    /// The decoded responses, one per row.
+    pub responses: Vec<String>,
     pub scores: pb::ScoreResponse,
     pub ref_logprobs: Option<pb::Tensor>,
     pub values: Option<pb::Tensor>,
@@ -459,7 +461,9 @@ pub struct StepLoop<'a, R: RoleHandle> {
     roles: Roles<R>,
     state: LoopState,
     prefetch: Option<Prefetch>,
-    metrics: MetricsWriter,
+    metrics: JsonlWriter,
+    /// `samples.jsonl` (`logging.samples_every`).
+    samples: JsonlWriter,
     progress: Progress,
     /// The first step this launch runs (replicas are checked after it whatever the interval).
     first_step: u64,
@@ -510,7 +514,10 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         }
         let metrics_path = ctx.run_dir.join("metrics.jsonl");
         checkpoint::truncate_metrics(&metrics_path, state.step)?;
-        let metrics = MetricsWriter::create(&metrics_path)?;
+        let metrics = JsonlWriter::create(&metrics_path)?;
+        let samples_path = ctx.run_dir.join("samples.jsonl");
+        checkpoint::truncate_metrics(&samples_path, state.step)?;
+        let samples = JsonlWriter::create(&samples_path)?;
         let progress = Progress::new(cfg.train.steps, cfg.logging.progress);
         progress.resume_at(state.step);
         Ok(StepLoop {
@@ -521,6 +528,7 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
             roles,
             prefetch: None,
             metrics,
+            samples,
             progress,
             last_save: Instant::now(),
             last_step_time: Duration::ZERO,
@@ -590,6 +598,7 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
             validated: validated.as_ref(),
         });
         self.record(&metrics, shaped.rollout.rows as u64)?;
+        self.write_samples(step, &generated, &scored)?;
         if self.checkpoint_due(step) || validated.is_some() {
             self.checkpoint(validated.as_ref()).await?;
         }
@@ -646,6 +655,7 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         let cfg = self.ctx.config();
         let t_compute = Instant::now();
         let items = score_items(self.ctx, generated)?;
+        let responses = items.iter().map(|i| i.response.clone()).collect();
         let seqs = rl::sequences(&generated.generation)?;
         let controller_secs = t_compute.elapsed().as_secs_f64();
         let t0 = Instant::now();
@@ -676,6 +686,7 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
             },
         );
         Ok(Scored {
+            responses,
             scores: scores?,
             ref_logprobs: ref_logprobs?,
             values: values?,
@@ -845,6 +856,32 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         Ok(())
     }
 
+    /// Every `logging.samples_every` steps: the first `logging.samples_prompts` prompts of the
+    /// batch with their completions and scores, one line per prompt, in `samples.jsonl`.
+    pub fn write_samples(
+        &mut self,
+        step: u64,
+        generated: &Generated,
+        scored: &Scored,
+    ) -> Result<()> {
+        let logging = &self.ctx.config().logging;
+        if logging.samples_every == 0 || step % logging.samples_every != 0 {
+            return Ok(());
+        }
+        let group = self.ctx.config().rollout.samples_per_prompt;
+        for line in samples(
+            self.ctx,
+            step,
+            generated,
+            scored,
+            logging.samples_prompts,
+            group,
+        )? {
+            self.samples.write(&line)?;
+        }
+        Ok(())
+    }
+
     /// A step ending in a checkpoint by schedule: the last step, or every `checkpoint.every`.
     fn checkpoint_scheduled(&self, step: u64) -> bool {
         let cfg = self.ctx.config();
@@ -901,6 +938,7 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         let cfg = self.ctx.config();
         self.progress.finish();
         self.metrics.flush()?;
+        self.samples.flush()?;
         if cfg.logging.plot {
             let png = self.ctx.run_dir.join("metrics.png");
             match crate::plot::write_plot(&self.ctx.run_dir.join("metrics.jsonl"), &png) {
@@ -944,6 +982,103 @@ async fn restore<R: RoleHandle>(
         "state restored; continuing"
     );
     Ok(())
+}
+
+/// One line of `samples.jsonl`: a prompt of step `step` and its completions.
+#[derive(Debug, Serialize)]
+pub struct SampleLine {
+    pub step: u64,
+    pub prompt: Vec<SampleMessage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
+    pub completions: Vec<Completion>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SampleMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// One completion with what the reward role said of it.
+#[derive(Debug, Serialize)]
+pub struct Completion {
+    pub text: String,
+    /// The reward role's score (before KL and shaping).
+    pub score: f64,
+    /// Per-attribute scores of a multi-attribute reward model.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, f64>,
+    /// False when `rollout.max_new_tokens` cut it.
+    pub finished: bool,
+}
+
+/// The `samples.jsonl` lines of a step: its first `prompts` prompts, `group` completions each.
+fn samples(
+    ctx: &RunContext,
+    step: u64,
+    generated: &Generated,
+    scored: &Scored,
+    prompts: usize,
+    group: usize,
+) -> Result<Vec<SampleLine>> {
+    let wire_rows = |field: &str, t: Option<&pb::Tensor>| -> Result<Vec<Vec<f64>>> {
+        let Some(t) = t else { return Ok(vec![]) };
+        let t = rlhf_proto::wire::from_wire(field, t)?.to_kind(tch::Kind::Double);
+        Ok(if t.dim() == 1 {
+            Vec::<f64>::try_from(t)?
+                .into_iter()
+                .map(|v| vec![v])
+                .collect()
+        } else {
+            Vec::<Vec<f64>>::try_from(t)?
+        })
+    };
+    let scores = wire_rows("rewards", scored.scores.rewards.as_ref())?;
+    let attributes = wire_rows("attributes", scored.scores.attributes.as_ref())?;
+    let names = &scored.scores.attribute_names;
+    Ok(generated
+        .batch
+        .iter()
+        .take(prompts)
+        .enumerate()
+        .map(|(p, &i)| {
+            let row = &ctx.prompts.rows[i];
+            SampleLine {
+                step,
+                prompt: row
+                    .messages
+                    .iter()
+                    .map(|m| SampleMessage {
+                        role: m.role.clone(),
+                        content: m.content.clone(),
+                    })
+                    .collect(),
+                answer: row.answer.clone(),
+                completions: (p * group..(p + 1) * group)
+                    .filter(|&r| r < scored.responses.len())
+                    .map(|r| Completion {
+                        text: scored.responses[r].clone(),
+                        score: scores
+                            .get(r)
+                            .and_then(|v| v.first())
+                            .copied()
+                            .unwrap_or(f64::NAN),
+                        attributes: attributes
+                            .get(r)
+                            .map(|v| names.iter().cloned().zip(v.iter().copied()).collect())
+                            .unwrap_or_default(),
+                        finished: generated
+                            .generation
+                            .finished
+                            .get(r)
+                            .copied()
+                            .unwrap_or(true),
+                    })
+                    .collect(),
+            }
+        })
+        .collect())
 }
 
 /// The Generate request for prompt rows `batch` of step `step`.

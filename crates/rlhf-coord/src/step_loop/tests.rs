@@ -316,7 +316,11 @@ async fn steps_run_every_phase_and_end_in_a_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let ctx = context(
         tmp.path(),
-        &["algorithm.name=ppo", "algorithm.kl.coef=0.01"],
+        &[
+            "algorithm.name=ppo",
+            "algorithm.kl.coef=0.01",
+            "logging.samples_every=2",
+        ],
     );
     let world = Arc::new(World::default());
     let step_loop = StepLoop::start(&ctx, roles(&world, 1, 0)).await.unwrap();
@@ -347,6 +351,33 @@ async fn steps_run_every_phase_and_end_in_a_checkpoint() {
     assert_eq!(count(&world, "reference:LogProbs"), 3);
     let state = latest_state(&ctx).expect("the last step is checkpointed");
     assert_eq!((state.step, state.samples, state.cursor.pos), (3, 24, 12));
+    // Step 2 is the one sampled step: 2 prompts (logging.samples_prompts) with 2 completions.
+    let samples: Vec<serde_json::Value> =
+        std::fs::read_to_string(ctx.run_dir.join("samples.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(
+        samples.len(),
+        2,
+        "samples_every={}",
+        ctx.config().logging.samples_every
+    );
+    for s in &samples {
+        assert_eq!(s["step"], 2);
+        assert!(
+            s["prompt"][0]["content"].as_str().unwrap().ends_with("+1="),
+            "{s}"
+        );
+        assert!(s["answer"].is_string());
+        let completions = s["completions"].as_array().unwrap();
+        assert_eq!(completions.len(), 2);
+        for c in completions {
+            assert!(c["text"].is_string() && c["score"].is_number(), "{c}");
+            assert_eq!(c["finished"], true);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
