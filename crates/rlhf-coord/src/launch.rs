@@ -37,10 +37,16 @@ pub struct LaunchArgs {
     /// Override a config value: `--set train.steps=10` (repeatable; highest precedence).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// With `launcher.kind: slurm` outside an allocation: print the sbatch script instead of
-    /// submitting it.
+    /// Check the run file, models and prompts and stop there, writing nothing; with
+    /// `launcher.kind: slurm` outside an allocation also print the sbatch script.
     #[arg(long)]
     pub dry_run: bool,
+    /// Start over in a run directory that holds an earlier run: its files (metrics,
+    /// samples, checkpoints, logs, validation results) are moved to `RUN_DIR/previous/TIME/`
+    /// first. Without it, a launch resumes from the newest checkpoint, and refuses a directory
+    /// whose steps it could not resume (metrics but no checkpoint).
+    #[arg(long)]
+    pub fresh: bool,
 }
 
 /// Everything prepared before any process starts.
@@ -116,17 +122,8 @@ fn prepare(args: &LaunchArgs, started: Instant) -> Result<Prepared> {
             .into());
     }
     let worker_bin = launcher::worker_binary(cfg)?;
-    let run_dir = cfg.run_dir();
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
-    // Before anything in the run directory is read or written: a second launch would delete
-    // the first one's checkpoints and truncate its metrics.
-    let lock = rlhf_ckpt::RunLock::acquire(&run_dir, &rlhf_comm::net::host_name())?;
-    let resume = find_resume(&run_dir, cfg)?;
     let validator = Validator::new(cfg)?;
-    let yaml = loaded.to_yaml()?;
-    let resolved = run_dir.join("config.resolved.yaml");
-    rlhf_ckpt::write_atomic(&resolved, yaml.as_bytes())?;
+    let run_dir = cfg.run_dir();
     Ok(Prepared {
         run: RunContext {
             loaded,
@@ -134,13 +131,106 @@ fn prepare(args: &LaunchArgs, started: Instant) -> Result<Prepared> {
             settings,
             prompts,
             tokenizer,
-            resume,
+            resume: None,
             started,
             validator,
         },
         worker_bin,
-        lock: Some(lock),
+        lock: None,
     })
+}
+
+/// Takes the run directory: creates it, locks it, moves an earlier run aside (`--fresh`) or
+/// finds the checkpoint to resume from (refusing to overwrite steps it cannot resume), and
+/// writes `config.resolved.yaml`. The first step that writes anything.
+fn open_run_dir(p: &mut Prepared, fresh: bool) -> Result<()> {
+    let run_dir = p.run.run_dir.clone();
+    let cfg = &p.run.loaded.config;
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
+    // Before anything in the run directory is read or written: a second launch would delete
+    // the first one's checkpoints and truncate its metrics.
+    let lock = rlhf_ckpt::RunLock::acquire(&run_dir, &rlhf_comm::net::host_name())?;
+    if fresh {
+        if let Some(to) = set_aside(&run_dir)? {
+            warn!(moved_to = %to.display(), "--fresh: the earlier run's files are moved aside; starting over");
+        }
+    } else {
+        p.run.resume = find_resume(&run_dir, cfg)?;
+        // A requeued job redoes its own steps that no checkpoint kept.
+        if p.run.resume.is_none() && !slurm::is_requeued_job() {
+            refuse_to_overwrite(&run_dir)?;
+        }
+    }
+    let yaml = p.run.loaded.to_yaml()?;
+    rlhf_ckpt::write_atomic(&run_dir.join("config.resolved.yaml"), yaml.as_bytes())?;
+    p.lock = Some(lock);
+    Ok(())
+}
+
+/// The folder under `RUN_DIR` that `--fresh` moves earlier runs into.
+pub const PREVIOUS_DIR: &str = "previous";
+
+/// Moves everything in `run_dir` but the lock and earlier set-asides into
+/// `run_dir/previous/TIME/`; `None` when there was nothing to move.
+fn set_aside(run_dir: &Path) -> Result<Option<PathBuf>> {
+    let keep = [rlhf_ckpt::LOCK_FILE, PREVIOUS_DIR];
+    let mut entries = vec![];
+    for e in std::fs::read_dir(run_dir).with_context(|| format!("reading {}", run_dir.display()))? {
+        let e = e.with_context(|| format!("reading {}", run_dir.display()))?;
+        if !keep.iter().any(|k| e.file_name() == *k) {
+            entries.push(e.file_name());
+        }
+    }
+    if entries.is_empty() {
+        return Ok(None);
+    }
+    let stamp = time::OffsetDateTime::now_utc()
+        .format(time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]-[minute]-[second]Z"
+        ))
+        .context("formatting the time")?;
+    let to = run_dir.join(PREVIOUS_DIR).join(stamp);
+    std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
+    for name in entries {
+        let (from, dest) = (run_dir.join(&name), to.join(&name));
+        std::fs::rename(&from, &dest)
+            .with_context(|| format!("moving {} to {}", from.display(), dest.display()))?;
+    }
+    Ok(Some(to))
+}
+
+/// With no checkpoint to resume from, a launch starts at step 1 and would overwrite what an
+/// earlier run left: refuse, saying what would be lost and how to go on.
+fn refuse_to_overwrite(run_dir: &Path) -> Result<()> {
+    let metrics = run_dir.join("metrics.jsonl");
+    let steps = std::fs::read_to_string(&metrics)
+        .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
+        .unwrap_or(0);
+    let checkpoints = std::fs::read_dir(rlhf_ckpt::checkpoints_dir(run_dir))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    if steps == 0 && checkpoints == 0 {
+        return Ok(());
+    }
+    let mut what = vec![];
+    if steps > 0 {
+        what.push(format!("{steps} steps of metrics in {}", metrics.display()));
+    }
+    if checkpoints > 0 {
+        what.push(format!(
+            "{checkpoints} unusable checkpoint entries in {}",
+            rlhf_ckpt::checkpoints_dir(run_dir).display()
+        ));
+    }
+    bail!(
+        "{} holds an earlier run ({}) but no checkpoint to resume from; launching would overwrite it. \
+         Launch with --fresh to move its files to {}/{PREVIOUS_DIR}/TIME/ and start over, or set \
+         run.name or run.dir to a new directory",
+        run_dir.display(),
+        what.join(", "),
+        run_dir.display()
+    )
 }
 
 /// Runs `launch`; returns when the run ends.
@@ -161,18 +251,25 @@ async fn launch(args: LaunchArgs, started: Instant) -> Result<()> {
     let (stop_request, stop_sig) = watch::channel(None);
     listen_for_signals(pids.clone(), stop_request.clone())?;
     let mut p = tokio::task::block_in_place(|| prepare(&args, started))?;
+    let cfg = p.run.loaded.config.clone();
+    let submit = cfg.launcher.kind == LauncherKind::Slurm && !slurm::in_allocation();
+    if args.dry_run {
+        if submit {
+            print!("{}", sbatch_script(&args, &p)?);
+            return Ok(());
+        }
+        info!("--dry-run: the run file, models and prompts check out; nothing was written");
+        return Ok(());
+    }
+    tokio::task::block_in_place(|| open_run_dir(&mut p, args.fresh))?;
     // Held to the end of this function, past the requeue decision (it writes into the run
     // directory); the kernel releases it when this process ends, so a requeued job retakes it.
     let lock = p.lock.take();
     info!(run_dir = %p.run.run_dir.display(), "run directory ready");
-    let cfg = p.run.loaded.config.clone();
-    if cfg.launcher.kind == LauncherKind::Slurm && !slurm::in_allocation() {
+    if submit {
         // The job takes the lock itself when it starts, which may be before this exits.
         drop(lock);
         return submit_to_slurm(&args, &p);
-    }
-    if args.dry_run {
-        bail!("--dry-run prints the sbatch script of launcher.kind: slurm outside a Slurm job; this launch would run locally");
     }
     let allocation = if cfg.launcher.kind == LauncherKind::Slurm {
         let a = slurm::allocation()?;
@@ -231,18 +328,24 @@ fn lost_worker(result: &Result<()>) -> Option<&str> {
     s.failure.lost.then_some(s.failure.worker.as_str())
 }
 
-/// Outside an allocation: write the sbatch script into the run directory and submit it (or
-/// print it with `--dry-run`).
-fn submit_to_slurm(args: &LaunchArgs, p: &Prepared) -> Result<()> {
-    let cfg = &p.run.loaded.config;
+/// The sbatch script that runs this launch inside a Slurm job (never with `--fresh`: a requeued
+/// job must resume).
+fn sbatch_script(args: &LaunchArgs, p: &Prepared) -> Result<String> {
     let file = std::path::absolute(&args.file)
         .with_context(|| format!("resolving {}", args.file.display()))?;
     let me = std::env::current_exe().context("locating the rlhf-coord executable")?;
-    let script = slurm::sbatch_script(cfg, &me, &file, &args.set, &p.run.run_dir);
-    if args.dry_run {
-        print!("{script}");
-        return Ok(());
-    }
+    Ok(slurm::sbatch_script(
+        &p.run.loaded.config,
+        &me,
+        &file,
+        &args.set,
+        &p.run.run_dir,
+    ))
+}
+
+/// Outside an allocation: write the sbatch script into the run directory and submit it.
+fn submit_to_slurm(args: &LaunchArgs, p: &Prepared) -> Result<()> {
+    let script = sbatch_script(args, p)?;
     let (id, path) = slurm::submit(&script, &p.run.run_dir)?;
     println!(
         "submitted job {id}; run directory {}",

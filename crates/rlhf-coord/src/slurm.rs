@@ -61,6 +61,16 @@ pub fn in_allocation() -> bool {
     std::env::var_os("SLURM_JOB_ID").is_some()
 }
 
+/// Inside a Slurm job that Slurm or the job itself requeued (`SLURM_RESTART_COUNT` > 0): the run
+/// directory's steps are this job's own, to be redone when they have no checkpoint.
+pub fn is_requeued_job() -> bool {
+    in_allocation()
+        && std::env::var("SLURM_RESTART_COUNT")
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .is_some_and(|n| n > 0)
+}
+
 /// Reads the allocation; the node list is expanded with `scontrol show hostnames`.
 pub fn allocation() -> Result<Allocation> {
     let job_id = std::env::var("SLURM_JOB_ID").context("SLURM_JOB_ID is not set")?;

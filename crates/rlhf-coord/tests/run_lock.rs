@@ -1,7 +1,7 @@
 //! One launch per run directory: while another process holds `RUN/run.lock` a launch is
 //! refused before it reads or writes anything there, naming the holder's host and pid; a lock
-//! file left by a process that is gone is taken over. The launches stop after `prepare`
-//! (`launcher.kind: slurm` with `--dry-run` outside a job), which is where the lock is taken.
+//! file left by a process that is gone is taken over. The launches stop right after taking the
+//! run directory (`launcher.kind: slurm` outside a job, with no `sbatch` on PATH to submit to).
 
 mod common;
 use common::*;
@@ -24,13 +24,21 @@ fn setup(dir: &Path) -> std::path::PathBuf {
     f
 }
 
-fn dry_run(f: &Path) -> std::process::Output {
+/// A launch that takes the run directory, then fails to submit (no `sbatch`).
+fn launch_until_submit(f: &Path) -> std::process::Output {
+    let no_tools = tempfile::tempdir().unwrap();
     coord()
-        .args(["launch", "--dry-run"])
+        .arg("launch")
         .arg(f)
         .env_remove("SLURM_JOB_ID")
+        .env("PATH", no_tools.path())
         .output()
         .unwrap()
+}
+
+/// It got past the lock: only the submission failed.
+fn reached_submit(out: &std::process::Output) -> bool {
+    !out.status.success() && text(out).contains("`sbatch` is not on PATH")
 }
 
 #[test]
@@ -41,7 +49,7 @@ fn a_second_launch_on_a_held_run_directory_is_refused_naming_host_and_pid() {
     std::fs::create_dir_all(&run).unwrap();
     let host = rlhf_comm::net::host_name();
     let held = rlhf_ckpt::RunLock::acquire(&run, &host).unwrap();
-    let out = dry_run(&f);
+    let out = launch_until_submit(&f);
     let t = text(&out);
     assert!(!out.status.success(), "{t}");
     assert!(t.contains("is in use by another launch"), "{t}");
@@ -54,8 +62,8 @@ fn a_second_launch_on_a_held_run_directory_is_refused_naming_host_and_pid() {
         "the refused launch wrote into the run directory"
     );
     drop(held);
-    let out = dry_run(&f);
-    assert!(out.status.success(), "{}", text(&out));
+    let out = launch_until_submit(&f);
+    assert!(reached_submit(&out), "{}", text(&out));
 }
 
 #[test]
@@ -70,12 +78,87 @@ fn a_lock_left_by_a_dead_launch_is_taken_over() {
         r#"{"host":"node-gone","pid":4242,"since_unix":1}"#,
     )
     .unwrap();
-    let out = dry_run(&f);
+    let out = launch_until_submit(&f);
     let t = text(&out);
-    assert!(out.status.success(), "{t}");
+    assert!(reached_submit(&out), "{t}");
     assert!(
         t.contains("took over the run directory lock") && t.contains("node-gone"),
         "{t}"
     );
     assert!(run.join("config.resolved.yaml").exists());
+}
+
+#[test]
+fn dry_run_checks_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = setup(tmp.path());
+    for kind in ["slurm", "local"] {
+        let out = coord()
+            .args(["launch", "--dry-run", "--set"])
+            .arg(format!("launcher.kind={kind}"))
+            .arg(&f)
+            .env_remove("SLURM_JOB_ID")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{kind}: {}", text(&out));
+        assert!(
+            !tmp.path().join("runs").exists(),
+            "{kind}: --dry-run created the run directory"
+        );
+    }
+    // It still checks: a bad value fails the dry run.
+    let out = coord()
+        .args(["launch", "--dry-run", "--set", "rollout.batch_size=100"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("rollout.batch_size"), "{}", text(&out));
+}
+
+#[test]
+fn a_relaunch_never_overwrites_steps_it_cannot_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = setup(tmp.path());
+    let run = tmp.path().join("runs/t");
+    std::fs::create_dir_all(&run).unwrap();
+    // What a run leaves when its checkpoints are gone (deleted, or never written): metrics.
+    let metrics: String = (1..=40).map(|s| format!("{{\"step\": {s}}}\n")).collect();
+    std::fs::write(run.join("metrics.jsonl"), &metrics).unwrap();
+    std::fs::write(run.join("samples.jsonl"), "{\"step\": 10}\n").unwrap();
+
+    let out = launch_until_submit(&f);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(
+        t.contains("40 steps of metrics") && t.contains("--fresh"),
+        "{t}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap(),
+        metrics,
+        "the refused launch changed metrics.jsonl"
+    );
+
+    // --fresh starts over, with the earlier run's files moved aside, not deleted.
+    let out = coord()
+        .args(["launch", "--fresh"])
+        .arg(&f)
+        .env_remove("SLURM_JOB_ID")
+        .env("PATH", tmp.path().join("no-tools"))
+        .output()
+        .unwrap();
+    assert!(reached_submit(&out), "{}", text(&out));
+    assert!(!run.join("metrics.jsonl").exists());
+    let previous: Vec<_> = std::fs::read_dir(run.join("previous"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(previous.len(), 1, "{previous:?}");
+    assert_eq!(
+        std::fs::read_to_string(previous[0].join("metrics.jsonl")).unwrap(),
+        metrics
+    );
+    assert!(previous[0].join("samples.jsonl").exists());
+    assert!(run.join(rlhf_ckpt::LOCK_FILE).exists());
 }
