@@ -203,18 +203,22 @@ fn one_rank_group_runs_every_collective_on_device_buffers() {
 
     // Broadcast from the only rank leaves the bytes as they are (bytes, not f32s: odd length).
     let b = DevBuf::new(&ctx, &host);
+    // SAFETY: `b` holds host.len() f32 on the group's device, used by nothing else meanwhile.
     unsafe { g.broadcast_raw(0, b.ptr, host.len() * 4 - 1) }.expect("broadcast");
     assert_eq!(b.read(), host);
 
     // A root outside the group is refused without poisoning it.
+    // SAFETY: `b` is valid for these 4 bytes; the bad root is refused before any device work.
     let e = unsafe { g.broadcast_raw(1, b.ptr, 4) }.expect_err("root 1 of 1");
     assert!(matches!(e, CommError::InvalidArgument { .. }), "{e:?}");
+    // SAFETY: a null pointer is refused before any device access (what this asserts).
     let e = unsafe { g.all_reduce_f32_raw(0, 4, ReduceOp::Sum) }.expect_err("null");
     assert!(matches!(e, CommError::InvalidArgument { .. }), "{e:?}");
 
     // All-reduce of one rank: the sum and the mean are the input.
     for op in [ReduceOp::Sum, ReduceOp::Mean] {
         let b = DevBuf::new(&ctx, &host);
+        // SAFETY: `b` holds host.len() f32 on the group's device, used by nothing else.
         unsafe { g.all_reduce_f32_raw(b.ptr, host.len(), op) }.expect("all_reduce");
         assert_eq!(b.read(), host, "{op:?}");
     }
@@ -222,6 +226,7 @@ fn one_rank_group_runs_every_collective_on_device_buffers() {
     let big: Vec<f32> = (0..16 << 20).map(|i| (i % 977) as f32).collect();
     let b = DevBuf::new(&ctx, &big);
     let start = Instant::now();
+    // SAFETY: `b` holds big.len() f32 on the group's device, used by nothing else.
     unsafe { g.all_reduce_f32_raw(b.ptr, big.len(), ReduceOp::Sum) }.expect("big all_reduce");
     eprintln!("64 MiB all_reduce on one rank: {:?}", start.elapsed());
     assert_eq!(b.read(), big);
@@ -229,24 +234,30 @@ fn one_rank_group_runs_every_collective_on_device_buffers() {
     // All-gather into a separate buffer, then in place (send = this rank's slot of recv).
     let send = DevBuf::new(&ctx, &[4.0, 5.0, 6.0]);
     let recv = DevBuf::new(&ctx, &[0.0; 3]);
+    // SAFETY: separate device buffers of 3 f32 each (world 1 x 3), used by nothing else.
     unsafe { g.all_gather_f32_raw(send.ptr, recv.ptr, 3) }.expect("all_gather");
     assert_eq!(recv.read(), vec![4.0, 5.0, 6.0]);
     let both = DevBuf::new(&ctx, &[9.0, 8.0]);
+    // SAFETY: in place: `both.at(0)` is rank 0's 2-f32 slot of the 2-f32 receive buffer.
     unsafe { g.all_gather_f32_raw(both.at(0), both.ptr, 2) }.expect("in-place all_gather");
     assert_eq!(both.read(), vec![9.0, 8.0]);
 
     // Reduce-scatter of one rank: its chunk is the whole buffer, separate and in place.
     let send = DevBuf::new(&ctx, &[1.0, 2.0, 3.0]);
     let recv = DevBuf::new(&ctx, &[0.0; 3]);
+    // SAFETY: separate device buffers of 3 f32 each (world 1 x 3), used by nothing else.
     unsafe { g.reduce_scatter_f32_raw(send.ptr, recv.ptr, 3, ReduceOp::Sum) }
         .expect("reduce_scatter");
     assert_eq!(recv.read(), vec![1.0, 2.0, 3.0]);
+    // SAFETY: in place: with one rank, send (world x 3) and this rank's chunk (3) coincide.
     unsafe { g.reduce_scatter_f32_raw(send.ptr, send.ptr, 3, ReduceOp::Mean) }
         .expect("in-place reduce_scatter");
     assert_eq!(send.read(), vec![1.0, 2.0, 3.0]);
 
     // Zero-length calls return at once.
+    // SAFETY: zero-length calls touch no memory.
     unsafe { g.all_reduce_f32_raw(0, 0, ReduceOp::Sum) }.expect("empty all_reduce");
+    // SAFETY: as above.
     unsafe { g.broadcast_raw(0, 0, 0) }.expect("empty broadcast");
 
     for _ in 0..3 {

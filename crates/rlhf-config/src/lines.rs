@@ -68,7 +68,7 @@ struct Builder {
     /// Segments of the enclosing collections (only those with a segment).
     path: Vec<String>,
     lines: HashMap<String, usize>,
-    /// The first key that occurs twice in one mapping (serde_yaml rejects those too, but
+    /// The first key that occurs twice in one mapping (serde_norway rejects those too, but
     /// points at the mapping rather than the key).
     duplicate: Option<SyntaxError>,
 }

@@ -305,15 +305,16 @@ pub fn load_as<T: ConfigSchema>(
         column: e.column,
         message: e.message,
     })?;
-    // serde_yaml (figment's YAML parser) rejects a few documents yaml-rust2 accepts, such as
-    // multiple documents or non-string keys; it reports those with a position too.
-    let malformed = |e: serde_yaml::Error| ConfigError::Malformed {
+    // serde_norway (which parses the file into figment's Dict) rejects a few documents
+    // yaml-rust2 accepts, such as multiple documents or non-string keys; it reports those with a
+    // position too.
+    let malformed = |e: serde_norway::Error| ConfigError::Malformed {
         file: file.to_owned(),
         line: e.location().map_or(1, |l| l.line()),
         column: e.location().map_or(1, |l| l.column()),
         message: e.to_string(),
     };
-    let document: serde_yaml::Value = serde_yaml::from_str(&text).map_err(malformed)?;
+    let document: serde_norway::Value = serde_norway::from_str(&text).map_err(malformed)?;
     let set_args = parse_set_args(overrides)?;
 
     let defaults =
@@ -327,9 +328,9 @@ pub fn load_as<T: ConfigSchema>(
     let env_vars = parse_env(env.pairs(), &sections)?;
 
     let file_data = match document {
-        serde_yaml::Value::Null => Dict::new(),
-        serde_yaml::Value::Mapping(_) => {
-            let mut data: Dict = serde_yaml::from_str(&text).map_err(malformed)?;
+        serde_norway::Value::Null => Dict::new(),
+        serde_norway::Value::Mapping(_) => {
+            let mut data: Dict = serde_norway::from_str(&text).map_err(malformed)?;
             drop_empty_sections(&mut data, &defaults);
             data
         }
@@ -382,17 +383,17 @@ pub fn load_as<T: ConfigSchema>(
 /// Loading the output gives back an equal config (when nothing was redacted).
 pub fn to_yaml<T: ConfigSchema>(config: &T) -> Result<String, ConfigError> {
     let mut value =
-        serde_yaml::to_value(config).map_err(|e| ConfigError::Serialize(e.to_string()))?;
+        serde_norway::to_value(config).map_err(|e| ConfigError::Serialize(e.to_string()))?;
     for key in T::SECRET_KEYS {
         redact(&mut value, &key_segments(key));
     }
-    serde_yaml::to_string(&value).map_err(|e| ConfigError::Serialize(e.to_string()))
+    serde_norway::to_string(&value).map_err(|e| ConfigError::Serialize(e.to_string()))
 }
 
-fn redact(value: &mut serde_yaml::Value, segments: &[String]) {
+fn redact(value: &mut serde_norway::Value, segments: &[String]) {
     let Some((head, rest)) = segments.split_first() else {
         if !value.is_null() {
-            *value = serde_yaml::Value::String("<redacted>".to_owned());
+            *value = serde_norway::Value::String("<redacted>".to_owned());
         }
         return;
     };
@@ -401,15 +402,15 @@ fn redact(value: &mut serde_yaml::Value, segments: &[String]) {
     }
 }
 
-fn yaml_kind(value: &serde_yaml::Value) -> &'static str {
+fn yaml_kind(value: &serde_norway::Value) -> &'static str {
     match value {
-        serde_yaml::Value::Null => "nothing",
-        serde_yaml::Value::Bool(_) => "a boolean",
-        serde_yaml::Value::Number(_) => "a number",
-        serde_yaml::Value::String(_) => "a string",
-        serde_yaml::Value::Sequence(_) => "a list",
-        serde_yaml::Value::Mapping(_) => "a mapping",
-        serde_yaml::Value::Tagged(_) => "a tagged value",
+        serde_norway::Value::Null => "nothing",
+        serde_norway::Value::Bool(_) => "a boolean",
+        serde_norway::Value::Number(_) => "a number",
+        serde_norway::Value::String(_) => "a string",
+        serde_norway::Value::Sequence(_) => "a list",
+        serde_norway::Value::Mapping(_) => "a mapping",
+        serde_norway::Value::Tagged(_) => "a tagged value",
     }
 }
 
@@ -532,7 +533,7 @@ fn parse_env(
 /// collection (`0.7`, `x`, `[actor, critic]`, `{lr: 1e-5}`, `null`); text that is not YAML is
 /// taken as a string.
 fn parse_value(text: &str) -> Value {
-    serde_yaml::from_str::<Value>(text).unwrap_or_else(|_| Value::from(text.to_owned()))
+    serde_norway::from_str::<Value>(text).unwrap_or_else(|_| Value::from(text.to_owned()))
 }
 
 /// One source's data (the file, env or `--set`), provided to figment under `name`.

@@ -144,7 +144,7 @@ fn documented_defaults_equal_loaded_values() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/schema.rs")).unwrap();
     let f = Fixture::new();
     let loaded = f.load(BASE, &[], &[]).unwrap();
-    let actual = serde_yaml::to_value(&loaded.config).unwrap();
+    let actual = serde_norway::to_value(&loaded.config).unwrap();
     let cwd = std::env::current_dir().unwrap();
     for (key, name, field) in DOCUMENTED {
         let doc = documented_default(&source, name, field);
@@ -152,10 +152,10 @@ fn documented_defaults_equal_loaded_values() {
         for segment in key.split('.') {
             value = &value[segment];
         }
-        let expected: serde_yaml::Value = serde_yaml::from_str(&doc).unwrap();
+        let expected: serde_norway::Value = serde_norway::from_str(&doc).unwrap();
         let value = match (*key, value) {
             // Paths come back resolved against the working directory.
-            ("run.dir", serde_yaml::Value::String(s)) => serde_yaml::Value::String(
+            ("run.dir", serde_norway::Value::String(s)) => serde_norway::Value::String(
                 std::path::Path::new(s)
                     .strip_prefix(&cwd)
                     .unwrap()

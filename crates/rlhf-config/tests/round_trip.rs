@@ -55,7 +55,7 @@ algorithm:
 #[test]
 fn defaults_round_trip_through_yaml() {
     let yaml = to_yaml(&RunConfig::default()).unwrap();
-    let back: RunConfig = serde_yaml::from_str(&yaml).unwrap();
+    let back: RunConfig = serde_norway::from_str(&yaml).unwrap();
     assert_eq!(back, RunConfig::default());
     assert!(<RunConfig as ConfigSchema>::SECRET_KEYS.is_empty());
 }

@@ -1,21 +1,25 @@
 //! Training-curve plots: reads a run's `metrics.jsonl` and draws stacked panels that share the
 //! step axis (reward on top, KL below) into a PNG.
 //!
-//! The rasteriser and its 5x7 bitmap font live in this file and the only dependency is the `png`
-//! encoder, so a plot needs no system fonts, fontconfig or freetype: CI and a fresh Debian
-//! machine have none. The font covers printable ASCII; anything else is drawn as `?`.
+//! `plotters` lays out and draws the chart into an RGB buffer and `png` encodes it. Text is
+//! rasterised by plotters' `ab_glyph` backend from a font compiled into the binary (Hack
+//! Regular, from `epaint_default_fonts`), so a plot needs no system fonts, fontconfig or
+//! freetype, at build time or at run time: CI and a fresh Debian machine have none.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use plotters::style::FontStyle;
 
 /// Image width in pixels.
-pub const WIDTH: usize = 900;
+pub const WIDTH: u32 = 900;
 /// Image height in pixels.
-pub const HEIGHT: usize = 600;
+pub const HEIGHT: u32 = 600;
 
 /// One metrics row: the step and the numeric fields logged at that step.
 pub type Row = (u64, BTreeMap<String, f64>);
@@ -23,40 +27,50 @@ pub type Row = (u64, BTreeMap<String, f64>);
 /// The panels `write_plot` draws: (panel title, metrics field).
 pub const DEFAULT_PANELS: [(&str, &str); 2] = [("reward", "reward_mean"), ("KL", "kl_mean")];
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct Rgb([u8; 3]);
-
-const BACKGROUND: Rgb = Rgb([255, 255, 255]);
-const GRID: Rgb = Rgb([232, 232, 232]);
-const AXIS: Rgb = Rgb([90, 90, 90]);
-const TEXT: Rgb = Rgb([25, 25, 25]);
-const MUTED: Rgb = Rgb([105, 105, 105]);
+const BACKGROUND: RGBColor = RGBColor(255, 255, 255);
+const GRID: RGBColor = RGBColor(232, 232, 232);
+const AXIS: RGBColor = RGBColor(90, 90, 90);
+const TEXT: RGBColor = RGBColor(25, 25, 25);
+const MUTED: RGBColor = RGBColor(105, 105, 105);
 /// Series colours, one per panel in order (matplotlib's tab10 start, which reads well on white
 /// and stays distinct for the colour-blind in the first two). No text or axis uses these.
-const PALETTE: [Rgb; 4] = [
-    Rgb([31, 119, 180]),
-    Rgb([255, 127, 14]),
-    Rgb([44, 160, 44]),
-    Rgb([214, 39, 40]),
+const PALETTE: [RGBColor; 4] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
 ];
 
-/// Glyph scales: the 5x7 font at 2x is 10x14 pixels, readable at 900x600 without a zoom.
-const LABEL_SCALE: i64 = 2;
-const TITLE_SCALE: i64 = 3;
-/// Vertical layout (pixels): the title band on top, x-tick labels and "step" below the panels.
-const TOP: i64 = 50;
-const BOTTOM: i64 = 62;
-const PANEL_HEADER: i64 = 22;
-const PANEL_GAP: i64 = 14;
-const RIGHT_MARGIN: i64 = 40;
+/// The family name the embedded font is registered under. plotters' own defaults (mesh labels)
+/// ask for "sans-serif", so registering under that name leaves no text without a font.
+const FONT_FAMILY: &str = "sans-serif";
+/// Font sizes in pixels: readable at 900x600 without a zoom.
+const TITLE_SIZE: f64 = 24.0;
+const LABEL_SIZE: f64 = 15.0;
+/// Layout (pixels): each panel's header line above its plot, the gap under a panel, the x-tick
+/// labels and "step" under the bottom panel, the y-tick labels left of every panel (the same
+/// width in all of them, so the panels share the step axis pixel for pixel).
+const PANEL_HEADER: u32 = 24;
+const PANEL_GAP: u32 = 14;
+const X_LABEL_AREA: u32 = 48;
+const Y_LABEL_AREA: u32 = 84;
+const RIGHT_MARGIN: u32 = 30;
 /// Series with at most this many points also get a dot per point, so one or a few sparse
 /// points (a run that just started) are visible and not a line too short to see.
 const MAX_MARKED_POINTS: usize = 60;
 
 /// Reads `metrics_jsonl` and writes the reward/KL plot to `out_png`, titled with the run
-/// directory's name (the metrics file's parent).
+/// directory's name (the metrics file's parent). A file without a single row is an error: there
+/// is nothing to plot until the run has logged a step.
 pub fn write_plot(metrics_jsonl: &Path, out_png: &Path) -> Result<()> {
     let rows = read_metrics(metrics_jsonl)?;
+    if rows.is_empty() {
+        bail!(
+            "{} has no metrics rows, so there is nothing to plot; plot a run after it has logged \
+             at least one step",
+            metrics_jsonl.display()
+        );
+    }
     write_plot_series(&rows, &DEFAULT_PANELS, &run_name(metrics_jsonl), out_png)
 }
 
@@ -121,7 +135,8 @@ fn run_name(metrics_jsonl: &Path) -> String {
 
 /// Draws one stacked panel per `(title, field)` in `panels`, sharing the step axis, and writes
 /// the PNG atomically (temporary file, then rename) so a reader never sees half an image.
-/// Missing and non-finite values are skipped; the line joins the points on either side.
+/// Missing and non-finite values are skipped; the line joins the points on either side. A panel
+/// without a single value says "no data".
 pub fn write_plot_series(
     rows: &[Row],
     panels: &[(&str, &str)],
@@ -131,10 +146,10 @@ pub fn write_plot_series(
     if panels.is_empty() {
         bail!("no panels given for plot {}", out_png.display());
     }
-    let canvas = render(rows, panels, title);
-    let bytes = canvas
-        .encode_png()
-        .with_context(|| format!("cannot encode plot {}", out_png.display()))?;
+    let pixels = render(rows, panels, title)
+        .map_err(|e| anyhow!("cannot draw plot {}: {e}", out_png.display()))?;
+    let bytes =
+        encode_png(&pixels).with_context(|| format!("cannot encode plot {}", out_png.display()))?;
     rlhf_ckpt::write_atomic(out_png, &bytes).with_context(|| {
         format!(
             "cannot write plot {} (does its directory exist?)",
@@ -143,329 +158,255 @@ pub fn write_plot_series(
     })
 }
 
-// ---------------------------------------------------------------------------------------------
-// Layout
+/// Registers the embedded font with plotters (once per process; later calls return the first
+/// outcome).
+fn register_font() -> std::result::Result<(), String> {
+    static REGISTERED: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            plotters::style::register_font(
+                FONT_FAMILY,
+                FontStyle::Normal,
+                epaint_default_fonts::HACK_REGULAR,
+            )
+            .map_err(|_| "the embedded font (Hack Regular) could not be parsed".to_string())
+        })
+        .clone()
+}
 
-fn render(rows: &[Row], panels: &[(&str, &str)], title: &str) -> Canvas {
-    let mut canvas = Canvas::new(WIDTH, HEIGHT, BACKGROUND);
-    let series: Vec<Vec<(f64, f64)>> = panels
+fn font(size: f64, color: &RGBColor) -> TextStyle<'static> {
+    (FONT_FAMILY, size).into_font().color(color)
+}
+
+/// The RGB image as a PNG.
+fn encode_png(pixels: &[u8]) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, WIDTH, HEIGHT);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(pixels)?;
+    writer.finish()?;
+    Ok(bytes)
+}
+
+/// The finite points of `field`, sorted by step. Stable, so a step logged twice (a resumed run)
+/// keeps file order.
+fn series(rows: &[Row], field: &str) -> Vec<(i64, f64)> {
+    let mut points: Vec<(i64, f64)> = rows
         .iter()
-        .map(|(_, field)| {
-            let mut points: Vec<(f64, f64)> = rows
-                .iter()
-                .filter_map(|(step, fields)| {
-                    let v = *fields.get(*field)?;
-                    v.is_finite().then_some((*step as f64, v))
-                })
-                .collect();
-            // Stable, so a step logged twice (a resumed run) keeps file order.
-            points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            points
+        .filter_map(|(step, fields)| {
+            let v = *fields.get(field)?;
+            let step = i64::try_from(*step).unwrap_or(i64::MAX);
+            v.is_finite().then_some((step, v))
         })
         .collect();
+    points.sort_by_key(|p| p.0);
+    points
+}
 
-    let (x_min, x_max) = bounds(series.iter().flatten().map(|p| p.0))
-        .or_else(|| bounds(rows.iter().map(|r| r.0 as f64)))
-        .unwrap_or((0.0, 1.0));
-    let x_axis = Axis::new(x_min, x_max, 0.02, 6, true);
+type DrawError = Box<dyn std::error::Error + Send + Sync>;
+type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
-    let n = panels.len() as i64;
-    let block = (HEIGHT as i64 - TOP - BOTTOM) / n;
-    // About one y tick per 40 pixels (three label heights), so stacked panels stay uncluttered.
-    let y_ticks = ((block - PANEL_HEADER - PANEL_GAP) / 40).clamp(2, 5) as usize;
-    let y_axes: Vec<Axis> = series
+/// Draws the whole figure and returns its RGB pixels (three bytes a pixel, row-major).
+fn render(
+    rows: &[Row],
+    panels: &[(&str, &str)],
+    title: &str,
+) -> std::result::Result<Vec<u8>, DrawError> {
+    register_font()?;
+    let series: Vec<Vec<(i64, f64)>> = panels
         .iter()
-        .map(|points| {
-            let (lo, hi) = bounds(points.iter().map(|p| p.1)).unwrap_or((0.0, 1.0));
-            Axis::new(lo, hi, 0.08, y_ticks, false)
-        })
+        .map(|(_, field)| series(rows, field))
         .collect();
+    let steps = series.iter().flatten().map(|p| p.0);
+    let steps = bounds(steps)
+        .or_else(|| bounds(rows.iter().map(|r| i64::try_from(r.0).unwrap_or(i64::MAX))));
+    let x_range = step_range(steps.unwrap_or((0, 1)));
 
-    let label_width = y_axes
-        .iter()
-        .flat_map(|axis| &axis.labels)
-        .map(|label| text_width(label, LABEL_SCALE))
-        .max()
-        .unwrap_or(0);
-    let left = (label_width + 18).max(56);
-    let right = WIDTH as i64 - RIGHT_MARGIN;
-
-    let title = fit_text(title, WIDTH as i64 - 20, TITLE_SCALE);
-    let title_x = (WIDTH as i64 - text_width(&title, TITLE_SCALE)) / 2;
-    canvas.text(title_x, 14, &title, TITLE_SCALE, TEXT);
-
-    let mut last_plot = Rect {
-        x0: left,
-        y0: TOP,
-        x1: right,
-        y1: HEIGHT as i64 - BOTTOM,
-    };
-    for (i, ((panel_title, field), (points, y_axis))) in
-        panels.iter().zip(series.iter().zip(&y_axes)).enumerate()
+    let mut pixels = vec![0; WIDTH as usize * HEIGHT as usize * 3];
     {
-        let top = TOP + i as i64 * block;
-        let plot = Rect {
-            x0: left,
-            y0: top + PANEL_HEADER,
-            x1: right,
-            y1: (top + block - PANEL_GAP).max(top + PANEL_HEADER + 2),
-        };
-        let panel = Panel {
-            title: panel_title,
-            field,
-            points,
-            color: PALETTE[i % PALETTE.len()],
-        };
-        draw_panel(&mut canvas, plot, &panel, &x_axis, y_axis);
-        last_plot = plot;
-    }
+        let root = BitMapBackend::with_buffer(&mut pixels, (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&BACKGROUND)?;
+        let title_style = font(TITLE_SIZE, &TEXT);
+        let title = fit_text(&root, title, &title_style, WIDTH - 20)?;
+        let body = root.titled(&title, title_style)?;
 
-    // The step axis is labelled once, under the bottom panel.
-    for (tick, label) in x_axis.ticks.iter().zip(&x_axis.labels) {
-        let x = x_axis.to_px(*tick, last_plot.x0, last_plot.x1 - 1).round() as i64;
-        let w = text_width(label, LABEL_SCALE);
-        let x = (x - w / 2).clamp(0, WIDTH as i64 - w);
-        canvas.text(x, last_plot.y1 + 10, label, LABEL_SCALE, TEXT);
+        // Every panel's plot gets the same height; the bottom one's block also holds the x labels.
+        let n = panels.len() as u32;
+        let block = body.dim_in_pixel().1.saturating_sub(X_LABEL_AREA) / n;
+        let mut rest = body;
+        for (i, ((panel_title, field), points)) in panels.iter().zip(&series).enumerate() {
+            let last = i + 1 == panels.len();
+            let area = if last {
+                rest.clone()
+            } else {
+                let (area, below) = rest.split_vertically(block);
+                rest = below;
+                area
+            };
+            let panel = Panel {
+                title: panel_title,
+                field,
+                points,
+                color: PALETTE[i % PALETTE.len()],
+                last,
+            };
+            draw_panel(&area, &panel, x_range.clone())?;
+        }
+        root.present()?;
     }
-    let step_label = "step";
-    let mid = (last_plot.x0 + last_plot.x1 - text_width(step_label, LABEL_SCALE)) / 2;
-    canvas.text(mid, last_plot.y1 + 34, step_label, LABEL_SCALE, MUTED);
-    canvas
+    Ok(pixels)
 }
 
 struct Panel<'a> {
     title: &'a str,
     field: &'a str,
-    points: &'a [(f64, f64)],
-    color: Rgb,
+    points: &'a [(i64, f64)],
+    color: RGBColor,
+    /// The bottom panel, which labels the shared step axis.
+    last: bool,
 }
 
-fn draw_panel(canvas: &mut Canvas, plot: Rect, panel: &Panel<'_>, x_axis: &Axis, y_axis: &Axis) {
-    let header_y = plot.y0 - PANEL_HEADER + 2;
-    canvas.text(plot.x0, header_y, panel.title, LABEL_SCALE, TEXT);
+fn draw_panel(
+    area: &Area<'_>,
+    panel: &Panel<'_>,
+    x_range: std::ops::Range<i64>,
+) -> std::result::Result<(), DrawError> {
+    let (width, height) = area.dim_in_pixel();
+    let label = font(LABEL_SIZE, &TEXT);
+    let muted = font(LABEL_SIZE, &MUTED);
+
+    // Header: the panel's title on the left, the last value on the right.
+    area.draw_text(panel.title, &label, (Y_LABEL_AREA as i32, 3))?;
     let summary = match panel.points.last() {
         Some(&(step, v)) => format!("{} {} at step {}", panel.field, format_value(v), step),
         None => format!("{}: no data", panel.field),
     };
-    let summary = fit_text(
-        &summary,
-        plot.width() - text_width(panel.title, LABEL_SCALE) - 24,
-        LABEL_SCALE,
-    );
-    let summary_x = plot.x1 - text_width(&summary, LABEL_SCALE);
-    canvas.text(summary_x, header_y, &summary, LABEL_SCALE, MUTED);
+    let title_width = area.estimate_text_size(panel.title, &label)?.0;
+    let room = width.saturating_sub(Y_LABEL_AREA + RIGHT_MARGIN + title_width + 24);
+    let summary = fit_text(area, &summary, &muted, room)?;
+    let right = muted.pos(Pos::new(HPos::Right, VPos::Top));
+    area.draw_text(&summary, &right, ((width - RIGHT_MARGIN) as i32, 3))?;
 
-    let (px0, px1) = (plot.x0, plot.x1 - 1);
-    let (py_bottom, py_top) = (plot.y1 - 1, plot.y0);
-    for tick in &x_axis.ticks {
-        let x = x_axis.to_px(*tick, px0, px1).round() as i64;
-        canvas.fill_rect(
-            Rect {
-                x0: x,
-                y0: plot.y0,
-                x1: x + 1,
-                y1: plot.y1,
-            },
-            GRID,
-        );
-        canvas.fill_rect(
-            Rect {
-                x0: x,
-                y0: plot.y1,
-                x1: x + 1,
-                y1: plot.y1 + 5,
-            },
-            AXIS,
-        );
+    let y_range = value_range(bounds(panel.points.iter().map(|p| p.1)).unwrap_or((0.0, 1.0)));
+    let plot_height =
+        height.saturating_sub(PANEL_HEADER + if panel.last { X_LABEL_AREA } else { PANEL_GAP });
+    // About one y tick per 40 pixels (three label heights), so stacked panels stay uncluttered.
+    let y_ticks = (plot_height / 40).clamp(2, 5) as usize;
+
+    let mut chart = ChartBuilder::on(area)
+        .margin_top(PANEL_HEADER)
+        .margin_right(RIGHT_MARGIN)
+        .margin_bottom(if panel.last { 0 } else { PANEL_GAP })
+        .x_label_area_size(if panel.last { X_LABEL_AREA } else { 0 })
+        .y_label_area_size(Y_LABEL_AREA)
+        .build_cartesian_2d(x_range.clone(), y_range.clone())?;
+    let y_format = |v: &f64| tick_label(*v, &y_range);
+    let x_format = |v: &i64| {
+        if panel.last {
+            v.to_string()
+        } else {
+            String::new()
+        }
+    };
+    let mut mesh = chart.configure_mesh();
+    mesh.bold_line_style(GRID)
+        .light_line_style(TRANSPARENT)
+        .axis_style(AXIS)
+        .label_style(label.clone())
+        .axis_desc_style(muted.clone())
+        .x_labels(6)
+        .y_labels(y_ticks)
+        .x_label_formatter(&x_format)
+        .y_label_formatter(&y_format);
+    if panel.last {
+        mesh.x_desc("step");
     }
-    for (tick, label) in y_axis.ticks.iter().zip(&y_axis.labels) {
-        let y = y_axis.to_px(*tick, py_bottom, py_top).round() as i64;
-        canvas.fill_rect(
-            Rect {
-                x0: plot.x0,
-                y0: y,
-                x1: plot.x1,
-                y1: y + 1,
-            },
-            GRID,
-        );
-        canvas.fill_rect(
-            Rect {
-                x0: plot.x0 - 5,
-                y0: y,
-                x1: plot.x0,
-                y1: y + 1,
-            },
-            AXIS,
-        );
-        let x = plot.x0 - 9 - text_width(label, LABEL_SCALE);
-        canvas.text(x, y - 7 * LABEL_SCALE / 2, label, LABEL_SCALE, TEXT);
-    }
-    canvas.stroke_rect(plot, AXIS);
+    mesh.draw()?;
+    chart.draw_series(std::iter::once(Rectangle::new(
+        [(x_range.start, y_range.start), (x_range.end, y_range.end)],
+        AXIS,
+    )))?;
 
     if panel.points.is_empty() {
-        let msg = "no data";
-        let x = (plot.x0 + plot.x1 - text_width(msg, LABEL_SCALE)) / 2;
-        let y = (plot.y0 + plot.y1) / 2 - 7;
-        canvas.text(x, y, msg, LABEL_SCALE, MUTED);
-        return;
+        let plot = chart.plotting_area().strip_coord_spec();
+        let (w, h) = plot.dim_in_pixel();
+        let centred = muted.pos(Pos::new(HPos::Center, VPos::Center));
+        plot.draw_text("no data", &centred, (w as i32 / 2, h as i32 / 2))?;
+        return Ok(());
     }
-    // The data stays inside the padded axes; the clip only keeps the stroke's edge off the
-    // border and the labels.
-    let clip = Rect {
-        x0: plot.x0 + 1,
-        y0: plot.y0 + 1,
-        x1: plot.x1 - 1,
-        y1: plot.y1 - 1,
-    };
-    let to_px = |&(x, y): &(f64, f64)| {
-        (
-            x_axis.to_px(x, px0, px1),
-            y_axis.to_px(y, py_bottom, py_top),
-        )
-    };
-    let pixels: Vec<(f64, f64)> = panel.points.iter().map(to_px).collect();
-    for pair in pixels.windows(2) {
-        canvas.segment(pair[0], pair[1], 1.25, panel.color, clip);
+    chart.draw_series(LineSeries::new(
+        panel.points.iter().copied(),
+        panel.color.stroke_width(2),
+    ))?;
+    if panel.points.len() <= MAX_MARKED_POINTS {
+        chart.draw_series(
+            panel
+                .points
+                .iter()
+                .map(|&p| Circle::new(p, 3, panel.color.filled())),
+        )?;
     }
-    if pixels.len() <= MAX_MARKED_POINTS {
-        for &p in &pixels {
-            canvas.segment(p, p, 3.0, panel.color, clip);
-        }
-    }
+    Ok(())
 }
 
 /// Smallest and largest of the values, or `None` when there are none.
-fn bounds(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
+fn bounds<T: PartialOrd + Copy>(values: impl Iterator<Item = T>) -> Option<(T, T)> {
     values.fold(None, |acc, v| match acc {
         None => Some((v, v)),
-        Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
+        Some((lo, hi)) => Some((if v < lo { v } else { lo }, if v > hi { v } else { hi })),
     })
 }
 
-/// Shortens `text` with a trailing `...` so it fits `max_width` pixels.
-fn fit_text(text: &str, max_width: i64, scale: i64) -> String {
-    if text_width(text, scale) <= max_width {
-        return text.to_string();
-    }
-    let mut chars: Vec<char> = text.chars().collect();
-    while !chars.is_empty() && text_width_chars(chars.len() + 3, scale) > max_width {
-        chars.pop();
-    }
-    chars.into_iter().chain("...".chars()).collect()
+/// The step axis: the steps padded by 2% (at least one step) so the end markers are whole.
+fn step_range((lo, hi): (i64, i64)) -> std::ops::Range<i64> {
+    let pad = ((hi.saturating_sub(lo)) / 50).max(1);
+    lo.saturating_sub(pad)..hi.saturating_add(pad)
 }
 
-// ---------------------------------------------------------------------------------------------
-// Axes and number formatting
-
-/// A linear axis: the data range padded (or widened, when the data is one value), with ticks
-/// at 1, 2 or 5 times a power of ten.
-struct Axis {
-    lo: f64,
-    hi: f64,
-    ticks: Vec<f64>,
-    labels: Vec<String>,
-}
-
-impl Axis {
-    fn new(min: f64, max: f64, pad_fraction: f64, target_ticks: usize, integer: bool) -> Axis {
-        let (mut lo, mut hi) = (min, max);
-        let magnitude = lo.abs().max(hi.abs());
-        // A span this small relative to the values is rounding noise: no tick step could label
-        // it distinctly, so treat the series as constant.
-        if hi - lo <= magnitude * 1e-9 {
-            let half = if integer || magnitude == 0.0 {
-                1.0
-            } else {
-                magnitude * 0.1
-            };
-            let mid = (lo + hi) / 2.0;
-            (lo, hi) = (mid - half, mid + half);
+/// A value axis: the data range padded by 8%, or widened when the data is one value (by a tenth
+/// of its magnitude, or by 1 around zero), so a flat series is a visible line mid-panel.
+fn value_range((lo, hi): (f64, f64)) -> std::ops::Range<f64> {
+    let magnitude = lo.abs().max(hi.abs());
+    // A span this small relative to the values is rounding noise: no tick step could label
+    // it distinctly, so treat the series as constant.
+    let (lo, hi) = if hi - lo <= magnitude * 1e-9 {
+        let half = if magnitude == 0.0 {
+            1.0
         } else {
-            let pad = (hi - lo) * pad_fraction;
-            (lo, hi) = (lo - pad, hi + pad);
-        }
-        let mut step = nice_step((hi - lo) / target_ticks as f64);
-        if integer {
-            step = step.max(1.0);
-        }
-        // The slack keeps a tick that lands on an end (1e-4 / 2e-5 = 4.999..) from being lost.
-        let first = (lo / step - 1e-9).ceil();
-        let last = (hi / step + 1e-9).floor();
-        // Finite inputs give about `target_ticks` ticks; the cap only guards overflowed spans.
-        let ticks: Vec<f64> = if step.is_finite() && (0.0..=100.0).contains(&(last - first)) {
-            (0..=(last - first) as i64)
-                .map(|k| (first + k as f64) * step)
-                .collect()
-        } else {
-            Vec::new()
+            magnitude * 0.1
         };
-        let labels = format_ticks(&ticks, step);
-        Axis {
-            lo,
-            hi,
-            ticks,
-            labels,
-        }
-    }
-
-    /// Maps a value to a pixel coordinate, `lo` to `px_lo` and `hi` to `px_hi`.
-    fn to_px(&self, v: f64, px_lo: i64, px_hi: i64) -> f64 {
-        let t = (v - self.lo) / (self.hi - self.lo);
-        px_lo as f64 + t * (px_hi - px_lo) as f64
-    }
-}
-
-fn nice_step(raw: f64) -> f64 {
-    if !(raw.is_finite() && raw > 0.0) {
-        return 1.0;
-    }
-    let power = 10f64.powf(raw.log10().floor());
-    let fraction = raw / power;
-    let nice = if fraction < 1.5 {
-        1.0
-    } else if fraction < 3.0 {
-        2.0
-    } else if fraction < 7.0 {
-        5.0
+        let mid = lo / 2.0 + hi / 2.0;
+        (mid - half, mid + half)
     } else {
-        10.0
+        // Halves first, so values near f64::MAX do not overflow the span.
+        let pad = (hi / 2.0 - lo / 2.0) * 0.16;
+        (lo - pad, hi + pad)
     };
-    nice * power
+    // Beyond f64's range the axis keeps the largest finite span.
+    lo.max(f64::MIN / 4.0)..hi.min(f64::MAX / 4.0)
 }
 
-/// Tick labels with just enough digits to tell neighbours apart: fixed-point normally,
-/// scientific for very large values or very fine steps.
-fn format_ticks(ticks: &[f64], step: f64) -> Vec<String> {
-    let max_abs = ticks.iter().fold(0.0f64, |m, t| m.max(t.abs()));
-    let scientific = max_abs >= 1e6 || step < 1e-4;
-    // The epsilon stops log10(0.1) = -0.99999.. from asking for a second decimal.
-    let decimals = (-step.log10() - 1e-9).ceil().max(0.0) as usize;
-    let precision = (max_abs.log10().floor() - step.log10().floor()).clamp(0.0, 6.0) as usize;
-    ticks
-        .iter()
-        .map(|&t| {
-            // Snap rounding noise (and -0.0) to zero so the axis never reads "-0.0".
-            let t = if t.abs() < step * 1e-6 { 0.0 } else { t };
-            if t == 0.0 {
-                "0".to_string()
-            } else if scientific {
-                format_scientific(t, precision)
-            } else {
-                format!("{t:.decimals$}")
-            }
-        })
-        .collect()
-}
-
-/// `v` in scientific notation with `precision` mantissa decimals, trailing zeros dropped
-/// (`1.50e-5` reads `1.5e-5`).
-fn format_scientific(v: f64, precision: usize) -> String {
-    let text = format!("{v:.precision$e}");
-    match text.split_once('e') {
-        Some((mantissa, exponent)) => format!("{}e{exponent}", trim_zeros(mantissa)),
-        None => text,
+/// A y tick label with just enough digits for the axis `range`: fixed-point, or scientific
+/// (`2e-5`) on axes of very large values or very fine steps, where fixed-point runs long.
+/// Rounding noise around zero (and -0) reads "0".
+fn tick_label(v: f64, range: &std::ops::Range<f64>) -> String {
+    let span = range.end - range.start;
+    if v.abs() <= span * 1e-9 {
+        return "0".into();
     }
+    let max_abs = range.start.abs().max(range.end.abs());
+    // Spans under 5e-4 have ticks under 1e-4 apart at five ticks.
+    let scientific = max_abs >= 1e6 || span < 5e-4;
+    let decimals = ((-span.log10()).ceil() + 2.0).clamp(0.0, 15.0) as i32;
+    plotters::data::float::FloatPrettyPrinter {
+        allow_scientific: scientific,
+        min_decimal: 0,
+        max_decimal: decimals,
+    }
+    .print(v)
 }
 
 /// A value for the panel header, to four significant digits.
@@ -478,7 +419,11 @@ fn format_value(v: f64) -> String {
         let decimals = (3.0 - magnitude).max(0.0) as usize;
         trim_zeros(&format!("{v:.decimals$}")).to_string()
     } else {
-        format_scientific(v, 3)
+        let text = format!("{v:.3e}");
+        match text.split_once('e') {
+            Some((mantissa, exponent)) => format!("{}e{exponent}", trim_zeros(mantissa)),
+            None => text,
+        }
     }
 }
 
@@ -490,270 +435,29 @@ fn trim_zeros(number: &str) -> &str {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Rasteriser
-
-/// A half-open pixel rectangle `[x0, x1) x [y0, y1)`.
-#[derive(Clone, Copy, Debug)]
-struct Rect {
-    x0: i64,
-    y0: i64,
-    x1: i64,
-    y1: i64,
+/// Shortens `text` with a trailing `...` so it fits `max_width` pixels in `style`.
+fn fit_text(
+    area: &Area<'_>,
+    text: &str,
+    style: &TextStyle<'_>,
+    max_width: u32,
+) -> std::result::Result<String, DrawError> {
+    let fits = |t: &str| -> std::result::Result<bool, DrawError> {
+        Ok(area.estimate_text_size(t, style)?.0 <= max_width)
+    };
+    if fits(text)? {
+        return Ok(text.to_string());
+    }
+    let mut chars: Vec<char> = text.chars().collect();
+    while !chars.is_empty() {
+        chars.pop();
+        let shortened: String = chars.iter().chain(['.', '.', '.'].iter()).collect();
+        if fits(&shortened)? {
+            return Ok(shortened);
+        }
+    }
+    Ok("...".into())
 }
-
-impl Rect {
-    fn width(&self) -> i64 {
-        self.x1 - self.x0
-    }
-}
-
-/// An RGB image, row-major, three bytes a pixel.
-struct Canvas {
-    width: usize,
-    height: usize,
-    pixels: Vec<u8>,
-}
-
-impl Canvas {
-    fn new(width: usize, height: usize, background: Rgb) -> Canvas {
-        Canvas {
-            width,
-            height,
-            pixels: background.0.repeat(width * height),
-        }
-    }
-
-    /// Mixes `color` into one pixel with opacity `alpha` (0..=1); off-canvas pixels are ignored.
-    fn blend(&mut self, x: i64, y: i64, color: Rgb, alpha: f64) {
-        if x < 0 || y < 0 || x >= self.width as i64 || y >= self.height as i64 || alpha <= 0.0 {
-            return;
-        }
-        let i = (y as usize * self.width + x as usize) * 3;
-        let pixel = &mut self.pixels[i..i + 3];
-        if alpha >= 1.0 {
-            pixel.copy_from_slice(&color.0);
-            return;
-        }
-        for (old, new) in pixel.iter_mut().zip(color.0) {
-            let mixed = f64::from(*old) + (f64::from(new) - f64::from(*old)) * alpha;
-            *old = mixed.round() as u8;
-        }
-    }
-
-    fn fill_rect(&mut self, r: Rect, color: Rgb) {
-        let (x0, x1) = (r.x0.max(0), r.x1.min(self.width as i64));
-        let (y0, y1) = (r.y0.max(0), r.y1.min(self.height as i64));
-        for y in y0..y1 {
-            for x in x0..x1 {
-                self.blend(x, y, color, 1.0);
-            }
-        }
-    }
-
-    /// A one-pixel outline just inside `r`.
-    fn stroke_rect(&mut self, r: Rect, color: Rgb) {
-        self.fill_rect(Rect { y1: r.y0 + 1, ..r }, color);
-        self.fill_rect(Rect { y0: r.y1 - 1, ..r }, color);
-        self.fill_rect(Rect { x1: r.x0 + 1, ..r }, color);
-        self.fill_rect(Rect { x0: r.x1 - 1, ..r }, color);
-    }
-
-    /// An anti-aliased segment from `a` to `b` with round caps (pixel centres at integer
-    /// coordinates); a zero-length segment is a filled disc. Coverage is the distance to the
-    /// segment against `half_width`, which is exact enough at this size and has no special cases.
-    fn segment(&mut self, a: (f64, f64), b: (f64, f64), half_width: f64, color: Rgb, clip: Rect) {
-        if ![a.0, a.1, b.0, b.1].iter().all(|c| c.is_finite()) {
-            return;
-        }
-        let reach = half_width + 1.0;
-        let x0 = ((a.0.min(b.0) - reach).floor() as i64).max(clip.x0);
-        let x1 = ((a.0.max(b.0) + reach).ceil() as i64).min(clip.x1 - 1);
-        let y0 = ((a.1.min(b.1) - reach).floor() as i64).max(clip.y0);
-        let y1 = ((a.1.max(b.1) + reach).ceil() as i64).min(clip.y1 - 1);
-        let (dx, dy) = (b.0 - a.0, b.1 - a.1);
-        let length2 = dx * dx + dy * dy;
-        for y in y0..=y1 {
-            for x in x0..=x1 {
-                let (px, py) = (x as f64, y as f64);
-                let t = if length2 > 0.0 {
-                    (((px - a.0) * dx + (py - a.1) * dy) / length2).clamp(0.0, 1.0)
-                } else {
-                    0.0
-                };
-                let (ex, ey) = (a.0 + t * dx - px, a.1 + t * dy - py);
-                let distance = (ex * ex + ey * ey).sqrt();
-                self.blend(x, y, color, (half_width + 0.5 - distance).clamp(0.0, 1.0));
-            }
-        }
-    }
-
-    /// Draws `text` with its cap line at `y` and its first glyph's left edge at `x`.
-    fn text(&mut self, x: i64, y: i64, text: &str, scale: i64, color: Rgb) {
-        for (i, ch) in text.chars().enumerate() {
-            let (top, rows) = glyph(ch);
-            let gx = x + i as i64 * GLYPH_ADVANCE * scale;
-            for (r, row) in rows.iter().enumerate() {
-                let gy = y + (i64::from(top) + r as i64) * scale;
-                for (c, bit) in row.bytes().enumerate() {
-                    if bit == b'#' {
-                        let px = gx + c as i64 * scale;
-                        self.fill_rect(
-                            Rect {
-                                x0: px,
-                                y0: gy,
-                                x1: px + scale,
-                                y1: gy + scale,
-                            },
-                            color,
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    fn encode_png(&self) -> std::result::Result<Vec<u8>, png::EncodingError> {
-        let mut out = Vec::new();
-        let mut encoder = png::Encoder::new(&mut out, self.width as u32, self.height as u32);
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder.write_header()?;
-        writer.write_image_data(&self.pixels)?;
-        writer.finish()?;
-        Ok(out)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Font
-
-/// Glyphs are 5 columns by up to 9 rows: rows 0-6 sit on the baseline, 7-8 hold descenders.
-/// The advance leaves one blank column between letters.
-const GLYPH_ADVANCE: i64 = 6;
-
-fn text_width(text: &str, scale: i64) -> i64 {
-    text_width_chars(text.chars().count(), scale)
-}
-
-fn text_width_chars(chars: usize, scale: i64) -> i64 {
-    if chars == 0 {
-        0
-    } else {
-        (chars as i64 * GLYPH_ADVANCE - 1) * scale
-    }
-}
-
-/// The glyph for `ch` as (first row, rows of `#`/`.`); `?` for characters outside the font.
-fn glyph(ch: char) -> (u8, &'static [&'static str]) {
-    let index = (ch as usize).wrapping_sub(' ' as usize);
-    let (_, top, rows) = FONT
-        .get(index)
-        .copied()
-        .unwrap_or(FONT['?' as usize - ' ' as usize]);
-    (top, rows)
-}
-
-/// Printable ASCII (0x20..=0x7e) in order, drawn for this file: (char, first row, rows).
-/// Lower-case letters start at row 2 (the x-height); g, j, p, q, y and `,` reach rows 7-8.
-#[rustfmt::skip]
-const FONT: [(char, u8, &[&str]); 95] = [
-    (' ', 0, &[]),
-    ('!', 0, &["..#..", "..#..", "..#..", "..#..", "..#..", ".....", "..#.."]),
-    ('"', 0, &[".#.#.", ".#.#.", ".#.#."]),
-    ('#', 0, &[".#.#.", ".#.#.", "#####", ".#.#.", "#####", ".#.#.", ".#.#."]),
-    ('$', 0, &["..#..", ".####", "#.#..", ".###.", "..#.#", "####.", "..#.."]),
-    ('%', 0, &["##...", "##..#", "...#.", "..#..", ".#...", "#..##", "...##"]),
-    ('&', 0, &[".##..", "#..#.", "#.#..", ".#...", "#.#.#", "#..#.", ".##.#"]),
-    ('\'', 0, &["..#..", "..#..", "..#.."]),
-    ('(', 0, &["...#.", "..#..", ".#...", ".#...", ".#...", "..#..", "...#."]),
-    (')', 0, &[".#...", "..#..", "...#.", "...#.", "...#.", "..#..", ".#..."]),
-    ('*', 1, &["..#..", "#.#.#", ".###.", "#.#.#", "..#.."]),
-    ('+', 1, &["..#..", "..#..", "#####", "..#..", "..#.."]),
-    (',', 5, &[".##..", ".##..", "..#..", ".#..."]),
-    ('-', 3, &["#####"]),
-    ('.', 5, &[".##..", ".##.."]),
-    ('/', 0, &[".....", "....#", "...#.", "..#..", ".#...", "#....", "....."]),
-    ('0', 0, &[".###.", "#...#", "#..##", "#.#.#", "##..#", "#...#", ".###."]),
-    ('1', 0, &["..#..", ".##..", "..#..", "..#..", "..#..", "..#..", ".###."]),
-    ('2', 0, &[".###.", "#...#", "....#", "...#.", "..#..", ".#...", "#####"]),
-    ('3', 0, &["#####", "...#.", "..#..", "...#.", "....#", "#...#", ".###."]),
-    ('4', 0, &["...#.", "..##.", ".#.#.", "#..#.", "#####", "...#.", "...#."]),
-    ('5', 0, &["#####", "#....", "####.", "....#", "....#", "#...#", ".###."]),
-    ('6', 0, &["..##.", ".#...", "#....", "####.", "#...#", "#...#", ".###."]),
-    ('7', 0, &["#####", "....#", "...#.", "..#..", ".#...", ".#...", ".#..."]),
-    ('8', 0, &[".###.", "#...#", "#...#", ".###.", "#...#", "#...#", ".###."]),
-    ('9', 0, &[".###.", "#...#", "#...#", ".####", "....#", "...#.", ".##.."]),
-    (':', 1, &[".##..", ".##..", ".....", ".##..", ".##.."]),
-    (';', 1, &[".##..", ".##..", ".....", ".##..", ".##..", "..#..", ".#..."]),
-    ('<', 0, &["...#.", "..#..", ".#...", "#....", ".#...", "..#..", "...#."]),
-    ('=', 2, &["#####", ".....", "#####"]),
-    ('>', 0, &[".#...", "..#..", "...#.", "....#", "...#.", "..#..", ".#..."]),
-    ('?', 0, &[".###.", "#...#", "....#", "...#.", "..#..", ".....", "..#.."]),
-    ('@', 0, &[".###.", "#...#", "....#", ".##.#", "#.#.#", "#.#.#", ".###."]),
-    ('A', 0, &[".###.", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"]),
-    ('B', 0, &["####.", "#...#", "#...#", "####.", "#...#", "#...#", "####."]),
-    ('C', 0, &[".###.", "#...#", "#....", "#....", "#....", "#...#", ".###."]),
-    ('D', 0, &["###..", "#..#.", "#...#", "#...#", "#...#", "#..#.", "###.."]),
-    ('E', 0, &["#####", "#....", "#....", "####.", "#....", "#....", "#####"]),
-    ('F', 0, &["#####", "#....", "#....", "####.", "#....", "#....", "#...."]),
-    ('G', 0, &[".###.", "#...#", "#....", "#.###", "#...#", "#...#", ".####"]),
-    ('H', 0, &["#...#", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"]),
-    ('I', 0, &[".###.", "..#..", "..#..", "..#..", "..#..", "..#..", ".###."]),
-    ('J', 0, &["..###", "...#.", "...#.", "...#.", "...#.", "#..#.", ".##.."]),
-    ('K', 0, &["#...#", "#..#.", "#.#..", "##...", "#.#..", "#..#.", "#...#"]),
-    ('L', 0, &["#....", "#....", "#....", "#....", "#....", "#....", "#####"]),
-    ('M', 0, &["#...#", "##.##", "#.#.#", "#.#.#", "#...#", "#...#", "#...#"]),
-    ('N', 0, &["#...#", "#...#", "##..#", "#.#.#", "#..##", "#...#", "#...#"]),
-    ('O', 0, &[".###.", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."]),
-    ('P', 0, &["####.", "#...#", "#...#", "####.", "#....", "#....", "#...."]),
-    ('Q', 0, &[".###.", "#...#", "#...#", "#...#", "#.#.#", "#..#.", ".##.#"]),
-    ('R', 0, &["####.", "#...#", "#...#", "####.", "#.#..", "#..#.", "#...#"]),
-    ('S', 0, &[".####", "#....", "#....", ".###.", "....#", "....#", "####."]),
-    ('T', 0, &["#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#.."]),
-    ('U', 0, &["#...#", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."]),
-    ('V', 0, &["#...#", "#...#", "#...#", "#...#", "#...#", ".#.#.", "..#.."]),
-    ('W', 0, &["#...#", "#...#", "#...#", "#.#.#", "#.#.#", "#.#.#", ".#.#."]),
-    ('X', 0, &["#...#", "#...#", ".#.#.", "..#..", ".#.#.", "#...#", "#...#"]),
-    ('Y', 0, &["#...#", "#...#", ".#.#.", "..#..", "..#..", "..#..", "..#.."]),
-    ('Z', 0, &["#####", "....#", "...#.", "..#..", ".#...", "#....", "#####"]),
-    ('[', 0, &[".###.", ".#...", ".#...", ".#...", ".#...", ".#...", ".###."]),
-    ('\\', 0, &[".....", "#....", ".#...", "..#..", "...#.", "....#", "....."]),
-    (']', 0, &[".###.", "...#.", "...#.", "...#.", "...#.", "...#.", ".###."]),
-    ('^', 0, &["..#..", ".#.#.", "#...#"]),
-    ('_', 8, &["#####"]),
-    ('`', 0, &[".#...", "..#.."]),
-    ('a', 2, &[".###.", "....#", ".####", "#...#", ".####"]),
-    ('b', 0, &["#....", "#....", "#.##.", "##..#", "#...#", "#...#", "####."]),
-    ('c', 2, &[".###.", "#....", "#....", "#...#", ".###."]),
-    ('d', 0, &["....#", "....#", ".##.#", "#..##", "#...#", "#...#", ".####"]),
-    ('e', 2, &[".###.", "#...#", "#####", "#....", ".###."]),
-    ('f', 0, &["..##.", ".#..#", ".#...", "###..", ".#...", ".#...", ".#..."]),
-    ('g', 2, &[".####", "#...#", "#...#", "#...#", ".####", "....#", ".###."]),
-    ('h', 0, &["#....", "#....", "#.##.", "##..#", "#...#", "#...#", "#...#"]),
-    ('i', 0, &["..#..", ".....", ".##..", "..#..", "..#..", "..#..", ".###."]),
-    ('j', 0, &["...#.", ".....", "..##.", "...#.", "...#.", "...#.", "...#.", "#..#.", ".##.."]),
-    ('k', 0, &["#....", "#....", "#..#.", "#.#..", "##...", "#.#..", "#..#."]),
-    ('l', 0, &[".##..", "..#..", "..#..", "..#..", "..#..", "..#..", ".###."]),
-    ('m', 2, &["##.#.", "#.#.#", "#.#.#", "#.#.#", "#.#.#"]),
-    ('n', 2, &["#.##.", "##..#", "#...#", "#...#", "#...#"]),
-    ('o', 2, &[".###.", "#...#", "#...#", "#...#", ".###."]),
-    ('p', 2, &["#.##.", "##..#", "#...#", "#...#", "####.", "#....", "#...."]),
-    ('q', 2, &[".##.#", "#..##", "#...#", "#...#", ".####", "....#", "....#"]),
-    ('r', 2, &["#.##.", "##..#", "#....", "#....", "#...."]),
-    ('s', 2, &[".####", "#....", ".###.", "....#", "####."]),
-    ('t', 0, &[".#...", ".#...", "###..", ".#...", ".#...", ".#..#", "..##."]),
-    ('u', 2, &["#...#", "#...#", "#...#", "#..##", ".##.#"]),
-    ('v', 2, &["#...#", "#...#", "#...#", ".#.#.", "..#.."]),
-    ('w', 2, &["#...#", "#...#", "#.#.#", "#.#.#", ".#.#."]),
-    ('x', 2, &["#...#", ".#.#.", "..#..", ".#.#.", "#...#"]),
-    ('y', 2, &["#...#", "#...#", "#...#", "#...#", ".####", "....#", ".###."]),
-    ('z', 2, &["#####", "...#.", "..#..", ".#...", "#####"]),
-    ('{', 0, &["...##", "..#..", "..#..", ".#...", "..#..", "..#..", "...##"]),
-    ('|', 0, &["..#..", "..#..", "..#..", "..#..", "..#..", "..#..", "..#.."]),
-    ('}', 0, &["##...", "..#..", "..#..", "...#.", "..#..", "..#..", "##..."]),
-    ('~', 2, &[".#...", "#.#.#", "...#."]),
-];
 
 #[cfg(test)]
 mod tests {
@@ -774,11 +478,23 @@ mod tests {
         (info.width, info.height, pixels)
     }
 
+    fn rgb(color: RGBColor) -> [u8; 3] {
+        [color.0, color.1, color.2]
+    }
+
     /// Pixels of exactly `color` in the top and the bottom half of the image.
-    fn count_halves(pixels: &[[u8; 3]], color: Rgb) -> (usize, usize) {
-        let half = WIDTH * HEIGHT / 2;
-        let count = |range: &[[u8; 3]]| range.iter().filter(|p| **p == color.0).count();
+    fn count_halves(pixels: &[[u8; 3]], color: RGBColor) -> (usize, usize) {
+        let half = (WIDTH * HEIGHT / 2) as usize;
+        let count = |range: &[[u8; 3]]| range.iter().filter(|p| **p == rgb(color)).count();
         (count(&pixels[..half]), count(&pixels[half..]))
+    }
+
+    /// Dark grey pixels (text, with the font's anti-aliasing) in rows `y0..y1`.
+    fn dark_pixels(pixels: &[[u8; 3]], y0: u32, y1: u32) -> usize {
+        pixels[(y0 * WIDTH) as usize..(y1 * WIDTH) as usize]
+            .iter()
+            .filter(|p| p.iter().all(|&c| c < 110))
+            .count()
     }
 
     fn row(step: u64, fields: &[(&str, f64)]) -> Row {
@@ -806,11 +522,7 @@ mod tests {
         write_plot_series(&rows, &DEFAULT_PANELS, "run-a", &out).unwrap();
 
         let (w, h, pixels) = decode(&out);
-        assert_eq!((w as usize, h as usize), (WIDTH, HEIGHT));
-        assert!(
-            pixels.iter().any(|p| *p != pixels[0]),
-            "image is one colour"
-        );
+        assert_eq!((w, h), (WIDTH, HEIGHT));
         let (reward_top, reward_bottom) = count_halves(&pixels, PALETTE[0]);
         let (kl_top, kl_bottom) = count_halves(&pixels, PALETTE[1]);
         assert!(
@@ -818,9 +530,21 @@ mod tests {
             "reward {reward_top}/{reward_bottom}"
         );
         assert!(kl_bottom > 500 && kl_top == 0, "kl {kl_top}/{kl_bottom}");
-        // Text and axes are drawn too (the title band and y labels are dark).
-        let dark = pixels.iter().filter(|p| **p == TEXT.0).count();
-        assert!(dark > 1000, "only {dark} text pixels");
+        // Text is drawn: the title band, and the labels along the left and the bottom.
+        assert!(dark_pixels(&pixels, 0, 40) > 50, "no title");
+        let left_labels = pixels
+            .chunks_exact(WIDTH as usize)
+            .flat_map(|line| &line[..Y_LABEL_AREA as usize - 10])
+            .filter(|p| p.iter().all(|&c| c < 110))
+            .count();
+        assert!(left_labels > 200, "only {left_labels} y-label pixels");
+        assert!(
+            dark_pixels(&pixels, HEIGHT - X_LABEL_AREA + 5, HEIGHT) > 200,
+            "no x labels"
+        );
+        // The grid and axes are drawn in their own colours.
+        assert!(pixels.iter().filter(|p| **p == rgb(GRID)).count() > 1000);
+        assert!(pixels.iter().filter(|p| **p == rgb(AXIS)).count() > 1000);
     }
 
     #[test]
@@ -845,10 +569,37 @@ mod tests {
         assert!(count_halves(&pixels, PALETTE[0]).0 > 500);
         assert!(count_halves(&pixels, PALETTE[1]).1 > 500);
 
-        // No rows at all still makes a plot (a run that has not logged yet).
+        // Missing and infinite values in the middle: the line joins the points around them.
+        let gaps = dir.path().join("gaps.png");
+        let rows: Vec<Row> = (0..100)
+            .map(|s| match s % 3 {
+                0 => row(s, &[("reward_mean", s as f64)]),
+                1 => row(s, &[("reward_mean", f64::INFINITY), ("kl_mean", 0.1)]),
+                _ => row(s, &[]),
+            })
+            .collect();
+        write_plot_series(&rows, &DEFAULT_PANELS, "gaps", &gaps).unwrap();
+        let (_, _, pixels) = decode(&gaps);
+        assert!(count_halves(&pixels, PALETTE[0]).0 > 500);
+        assert!(count_halves(&pixels, PALETTE[1]).1 > 500);
+
+        // Values at the ends of f64's range still give an axis and a line.
+        let huge = dir.path().join("huge.png");
+        let rows = [
+            row(0, &[("reward_mean", f64::MAX), ("kl_mean", -f64::MAX)]),
+            row(1, &[("reward_mean", -f64::MAX), ("kl_mean", f64::MAX)]),
+        ];
+        write_plot_series(&rows, &DEFAULT_PANELS, "huge", &huge).unwrap();
+        assert_eq!(decode(&huge).0, WIDTH);
+
+        // No rows at all still makes a plot (a run that has not logged yet), with two panels
+        // that say "no data" in text.
         let empty = dir.path().join("empty.png");
         write_plot_series(&[], &DEFAULT_PANELS, "empty", &empty).unwrap();
-        assert_eq!(decode(&empty).0, WIDTH as u32);
+        let (w, _, pixels) = decode(&empty);
+        assert_eq!(w, WIDTH);
+        assert_eq!(count_halves(&pixels, PALETTE[0]), (0, 0));
+        assert!(dark_pixels(&pixels, 60, 280) > 0, "no \"no data\" text");
     }
 
     #[test]
@@ -868,8 +619,9 @@ mod tests {
         std::fs::write(&metrics, lines.join("\n") + "\n\n").unwrap();
         let out = run.join("plot.png");
         write_plot(&metrics, &out).unwrap();
-        let (w, h, _) = decode(&out);
-        assert_eq!((w as usize, h as usize), (WIDTH, HEIGHT));
+        let (w, h, pixels) = decode(&out);
+        assert_eq!((w, h), (WIDTH, HEIGHT));
+        assert!(count_halves(&pixels, PALETTE[0]).0 > 100);
         let mut names: Vec<String> = std::fs::read_dir(&run)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -896,6 +648,7 @@ mod tests {
             "{\"reward_mean\": 0.5}",
             "{\"step\": -3}",
             "{\"step\": 2.5}",
+            "\u{89}PNG garbage",
         ];
         for bad in cases {
             std::fs::write(
@@ -911,47 +664,87 @@ mod tests {
         let missing = dir.path().join("absent.jsonl");
         let err = format!("{:#}", write_plot(&missing, &out).unwrap_err());
         assert!(err.contains("absent.jsonl"), "{err}");
+
+        // An empty (or blank) file has nothing to plot, and the error says so.
+        std::fs::write(&metrics, "\n\n").unwrap();
+        let err = format!("{:#}", write_plot(&metrics, &out).unwrap_err());
+        assert!(
+            err.contains(&metrics.display().to_string()) && err.contains("no metrics rows"),
+            "{err}"
+        );
+        assert!(!out.exists(), "no plot for an empty file");
     }
 
     #[test]
     fn axes_have_a_span_and_clean_labels() {
-        let constant = Axis::new(2.0, 2.0, 0.08, 5, false);
-        assert!(
-            constant.hi - constant.lo > 0.3,
-            "{} {}",
-            constant.lo,
-            constant.hi
-        );
-        let zero = Axis::new(0.0, 0.0, 0.08, 5, false);
-        assert!(zero.lo < 0.0 && zero.hi > 0.0 && zero.labels.contains(&"0".to_string()));
-        let single_step = Axis::new(7.0, 7.0, 0.02, 6, true);
-        assert_eq!(single_step.labels, ["6", "7", "8"]);
+        let constant = value_range((2.0, 2.0));
+        assert!(constant.start < 2.0 && constant.end > 2.0, "{constant:?}");
+        assert!(constant.end - constant.start > 0.3, "{constant:?}");
+        let zero = value_range((0.0, 0.0));
+        assert_eq!(zero, -1.0..1.0);
+        let padded = value_range((0.0, 1.0));
+        assert!((padded.start + 0.08).abs() < 1e-12 && (padded.end - 1.08).abs() < 1e-12);
+        let extreme = value_range((-f64::MAX, f64::MAX));
+        assert!(extreme.start.is_finite() && extreme.end.is_finite());
+        assert!(extreme.end - extreme.start > 0.0);
 
-        let unit = Axis::new(-0.3, 0.9, 0.0, 5, false);
-        assert_eq!(unit.labels, ["-0.2", "0", "0.2", "0.4", "0.6", "0.8"]);
-        let tiny = Axis::new(0.0, 1e-4, 0.0, 5, false);
-        assert_eq!(tiny.labels, ["0", "2e-5", "4e-5", "6e-5", "8e-5", "1e-4"]);
-        let steps = Axis::new(0.0, 1000.0, 0.0, 6, true);
-        assert_eq!(steps.labels, ["0", "200", "400", "600", "800", "1000"]);
+        assert_eq!(step_range((7, 7)), 6..8);
+        assert_eq!(step_range((0, 1000)), -20..1020);
+
+        let labels = |range: std::ops::Range<f64>, ticks: &[f64]| -> Vec<String> {
+            ticks.iter().map(|&t| tick_label(t, &range)).collect()
+        };
+        assert_eq!(
+            labels(-0.3..0.9, &[-0.2, 1e-17, 0.2, 0.4000000000000001]),
+            ["-0.2", "0", "0.2", "0.4"]
+        );
+        assert_eq!(
+            labels(0.0..1e-4, &[0.0, 2e-5, 2e-5 * 2.0 + 1e-21, 1e-4]),
+            ["0", "2e-5", "4e-5", "1e-4"]
+        );
+        assert_eq!(
+            labels(0.0..0.002, &[5e-4, 0.001, 0.0015]),
+            ["0.0005", "0.001", "0.0015"]
+        );
+        assert_eq!(labels(-25000.0..0.0, &[-20000.0, -0.0]), ["-20000", "0"]);
+        assert_eq!(labels(0.0..3e7, &[2e7]), ["2e7"]);
 
         assert_eq!(format_value(0.731234), "0.7312");
         assert_eq!(format_value(-12.5), "-12.5");
         assert_eq!(format_value(3.2e-7), "3.2e-7");
+        assert_eq!(format_value(0.0), "0");
     }
 
     #[test]
-    fn font_covers_printable_ascii_in_order() {
-        for (i, (ch, top, rows)) in FONT.iter().enumerate() {
-            assert_eq!(*ch as usize, 0x20 + i, "glyph {i} is {ch:?}");
-            assert!(usize::from(*top) + rows.len() <= 9, "{ch:?} is too tall");
-            for row in *rows {
-                assert!(
-                    row.len() == 5 && row.bytes().all(|b| b == b'#' || b == b'.'),
-                    "{ch:?}"
-                );
-            }
-        }
-        assert_eq!(glyph('é'), glyph('?'));
-        assert_eq!(fit_text("abcdefgh", text_width("abcd...", 1), 1), "abcd...");
+    fn titles_are_drawn_with_the_embedded_font_and_shortened_to_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = [row(1, &[("reward_mean", 0.5), ("kl_mean", 0.1)])];
+        // Different titles give different title bands: the text is really rasterised.
+        let bands: Vec<Vec<[u8; 3]>> = ["a", "a-much-longer-run-name"]
+            .iter()
+            .map(|title| {
+                let out = dir.path().join(format!("{title}.png"));
+                write_plot_series(&rows, &DEFAULT_PANELS, title, &out).unwrap();
+                decode(&out).2[..(40 * WIDTH) as usize].to_vec()
+            })
+            .collect();
+        assert_ne!(bands[0], bands[1]);
+        let dark = |band: &[[u8; 3]]| band.iter().filter(|p| p.iter().all(|&c| c < 110)).count();
+        assert!(
+            dark(&bands[1]) > 3 * dark(&bands[0]),
+            "long title not wider"
+        );
+
+        // A title wider than the image is cut with "..." and drawn, not an error.
+        let out = dir.path().join("long.png");
+        write_plot_series(&rows, &DEFAULT_PANELS, &"x".repeat(500), &out).unwrap();
+        let mut pixels = vec![0; WIDTH as usize * HEIGHT as usize * 3];
+        register_font().unwrap();
+        let root = BitMapBackend::with_buffer(&mut pixels, (WIDTH, HEIGHT)).into_drawing_area();
+        let style = font(LABEL_SIZE, &TEXT);
+        let short = fit_text(&root, &"x".repeat(500), &style, 200).unwrap();
+        assert!(short.ends_with("...") && short.len() < 40, "{short}");
+        assert!(root.estimate_text_size(&short, &style).unwrap().0 <= 200);
+        assert_eq!(fit_text(&root, "abc", &style, 200).unwrap(), "abc");
     }
 }

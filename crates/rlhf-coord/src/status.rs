@@ -39,7 +39,7 @@ fn last_metrics(run_dir: &Path) -> Result<Vec<serde_json::Value>> {
 
 fn total_steps(run_dir: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(run_dir.join("config.resolved.yaml")).ok()?;
-    let v: serde_yaml::Value = serde_yaml::from_str(&text).ok()?;
+    let v: serde_norway::Value = serde_norway::from_str(&text).ok()?;
     v.get("train")?.get("steps")?.as_u64()
 }
 

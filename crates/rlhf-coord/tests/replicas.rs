@@ -220,6 +220,7 @@ fn a_stalled_replica_fails_its_peer_within_the_collective_timeout() {
         }
         if stopped.elapsed() > Duration::from_secs(25) {
             let _ = child.kill();
+            // SAFETY: kill(2) on the worker process this test's run started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             panic!("the run did not stop within 25 s of the replica stalling");
         }

@@ -17,8 +17,8 @@ use crate::llama::{
 };
 
 /// Decode steps below which `generate` keeps libtorch's GEMMs rather than packing the weights
-/// for [`crate::packed`]: packing costs about as much as the GEMMs of one or two steps and saves
-/// about a quarter of every step's.
+/// for [`crate::cpu_kernels`]' packed GEMM: packing costs about as much as the GEMMs of one or
+/// two steps and saves about a quarter of every step's.
 const PACK_MIN_STEPS: i64 = 4;
 /// Tokens from which a forward without gradients packs the weights for itself
 /// ([`token_logprobs_from`]): the packing copies the weights once, the packed kernel saves

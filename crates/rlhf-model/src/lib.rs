@@ -2,21 +2,24 @@
 //!
 //! Owns: `config.json` parsing ([`config`]), safetensors I/O in HF layout ([`weights`]), the
 //! decoder with causal-LM and score heads ([`llama`]), tokenizer and chat templates
-//! ([`tokenizer`]), KV-cache generation and the training-side forwards ([`generate`]), and
-//! random model directories for tests and demos ([`init`]).
+//! ([`tokenizer`]), KV-cache generation and the training-side forwards ([`generate`]),
+//! random model directories for tests and demos ([`init`]), and the CPU-only kernels for
+//! forwards without gradients (`cpu_kernels`, private: `llama.rs` calls its entry surface).
+//! `unsafe` is confined to `cpu_kernels`, `weights.rs` (memory maps) and `cuda.rs` (opening
+//! libtorch's CUDA library); every block says why it holds (`clippy::undocumented_unsafe_blocks`
+//! is denied).
 //!
 //! May use: tch, tokenizers, minijinja, safetensors. Knows nothing about gRPC, tokio, figment or
 //! the controller; the worker and the binaries build on it, never the other way round.
 
 pub mod config;
+mod cpu_kernels;
 pub mod cuda;
-mod decode_cpu;
 pub mod error;
 pub mod generate;
 pub mod init;
 pub mod llama;
 pub mod lora;
-mod packed;
 pub mod reward_spec;
 pub mod tokenizer;
 pub mod weights;

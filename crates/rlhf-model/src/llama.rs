@@ -14,10 +14,9 @@ use std::path::Path;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 use crate::config::{Config, HeadKind, RopeScaling};
-use crate::decode_cpu::{self, CpuLayer, Dims, Step};
+use crate::cpu_kernels::{self, CpuLayer, Dims, PackedLinear, Step};
 use crate::error::{ModelError, Result};
 use crate::lora::{Adapter, LayerAdapters, Lora, Target};
-use crate::packed::{self, PackedLinear};
 use crate::weights::{self, WeightFiles};
 
 mod checkpoint;
@@ -829,7 +828,7 @@ impl Model {
     /// [`Model::forward_hidden`] with the projections through `packed` when given (weights
     /// packed by [`Model::pack_weights`] from this model's current weights; no autograd graph):
     /// decode steps (one token, at most [`SMALL_M_ROWS`] rows, a cache) run whole in
-    /// [`crate::decode_cpu`], everything else through the layer loop's packed projections.
+    /// [`crate::cpu_kernels`], everything else through the layer loop's packed projections.
     pub(crate) fn forward_hidden_with(
         &self,
         input_ids: &Tensor,
@@ -950,8 +949,8 @@ impl Model {
             || self.lora.as_ref().is_some_and(Lora::builds_graph)
     }
 
-    /// This model's weights packed for [`crate::packed`]'s kernel and [`crate::decode_cpu`]'s
-    /// decode steps, from the current weights; `None` where those do not apply (not an f32 model
+    /// This model's weights packed for [`crate::cpu_kernels`] (its GEMM kernel and decode
+    /// steps), from the current weights; `None` where those do not apply (not an f32 model
     /// on the CPU, no AVX2/FMA, no OpenMP entry points with several threads, a fused projection
     /// whose width is not a multiple of 16, head_dim over 512 or odd): the forwards then stay
     /// with libtorch (decode steps in [`Model::decode_fm`]). The copy is as large as the weights
@@ -965,7 +964,7 @@ impl Model {
         }
         if self.device() != Device::Cpu
             || self.kind != Kind::Float
-            || !packed::available(tch::get_num_threads().max(1) as usize)
+            || !cpu_kernels::available(tch::get_num_threads().max(1) as usize)
             || c.head_dim > 512
             || c.head_dim % 2 != 0
             || c.num_key_value_heads == 0
@@ -1009,10 +1008,10 @@ impl Model {
             .enumerate()
             .map(|(i, l)| {
                 Some(CpuLayer {
-                    ln1: packed::to_vec(&l.input_layernorm.weight)?,
+                    ln1: cpu_kernels::to_vec(&l.input_layernorm.weight)?,
                     qkv: fused(i, &[Target::Q, Target::K, Target::V])?,
                     o: fused(i, &[Target::O])?,
-                    ln2: packed::to_vec(&l.post_attention_layernorm.weight)?,
+                    ln2: cpu_kernels::to_vec(&l.post_attention_layernorm.weight)?,
                     gate_up: fused(i, &[Target::Gate, Target::Up])?,
                     down: fused(i, &[Target::Down])?,
                 })
@@ -1025,7 +1024,7 @@ impl Model {
         };
         Some(PackedWeights {
             layers,
-            norm: packed::to_vec(&self.norm.weight)?,
+            norm: cpu_kernels::to_vec(&self.norm.weight)?,
             dims: Dims {
                 hidden: c.hidden_size,
                 heads: c.num_attention_heads,
@@ -1038,7 +1037,7 @@ impl Model {
         })
     }
 
-    /// One decode step (t = 1, at most [`SMALL_M_ROWS`] rows) through [`crate::decode_cpu`];
+    /// One decode step (t = 1, at most [`SMALL_M_ROWS`] rows) through [`crate::cpu_kernels`];
     /// the same values as [`Model::trunk`] up to rounding. Final-norm hidden states (b, 1,
     /// hidden) out.
     fn decode_packed(
@@ -1055,15 +1054,15 @@ impl Model {
         let total = offset + 1;
         let (cos, sin) = self.rope.at(positions, Kind::Float);
         let bad = |what: &str| ModelError::invalid("decode step", what.to_string(), "a bug");
-        let cos = packed::to_vec(&cos).ok_or_else(|| bad("rotary table"))?;
-        let sin = packed::to_vec(&sin).ok_or_else(|| bad("rotary table"))?;
+        let cos = cpu_kernels::to_vec(&cos).ok_or_else(|| bad("rotary table"))?;
+        let sin = cpu_kernels::to_vec(&sin).ok_or_else(|| bad("rotary table"))?;
         let valid: Option<Vec<bool>> = match mask {
             AttnMask::All => None,
             AttnMask::Explicit(m) => Some(Vec::<bool>::try_from(m.reshape([b * total]))?),
             AttnMask::Causal => return Err(bad("causal mask for one token")),
         };
         let x = Tensor::f_embedding(&self.embed_tokens, &input_ids.view([b]), -1, false, false)?;
-        let mut x = packed::to_vec(&x).ok_or_else(|| bad("embedding"))?;
+        let mut x = cpu_kernels::to_vec(&x).ok_or_else(|| bad("embedding"))?;
         let step = Step {
             rows,
             offset: offset as usize,
@@ -1072,29 +1071,12 @@ impl Model {
             sin: &sin,
             valid: valid.as_deref(),
         };
-        let want = [b, d.kv_heads as i64, cache.capacity, d.head_dim as i64];
+        // layer_step checks the caches' layout (b, n_kv, capacity, head_dim) itself.
         for (l, (kc, vc)) in w.layers.iter().zip(cache.layers.iter_mut()) {
-            for t in [&*kc, &*vc] {
-                if t.size() != want || !t.is_contiguous() || t.kind() != Kind::Float {
-                    return Err(bad("cache layout"));
-                }
-            }
-            // SAFETY: both caches checked above as contiguous f32 (b, n_kv, capacity,
-            // head_dim), exclusively borrowed; `l` packed from this model (dims `d`);
-            // pack_weights checked AVX2/FMA.
-            unsafe {
-                decode_cpu::layer_step(
-                    l,
-                    &d,
-                    &step,
-                    &mut x,
-                    kc.data_ptr() as *mut f32,
-                    vc.data_ptr() as *mut f32,
-                )
-            };
+            cpu_kernels::layer_step(l, &d, &step, &mut x, kc, vc)?;
         }
         let mut out = vec![0f32; x.len()];
-        decode_cpu::rms_norm(&x, &w.norm, d.eps, &mut out);
+        cpu_kernels::rms_norm(&x, &w.norm, d.eps, &mut out);
         Ok(Tensor::from_slice(&out).view([b, 1, d.hidden as i64]))
     }
 
@@ -1599,7 +1581,7 @@ mod tests {
 
     #[test]
     fn packed_no_grad_log_probs_equal_the_libtorch_ones() {
-        if !packed::available(tch::get_num_threads().max(1) as usize) {
+        if !cpu_kernels::available(tch::get_num_threads().max(1) as usize) {
             return;
         }
         let mut c = tiny("LlamaForCausalLM", false);
@@ -1635,7 +1617,7 @@ mod tests {
 
     #[test]
     fn packed_decode_steps_equal_the_libtorch_ones() {
-        if !packed::available(tch::get_num_threads().max(1) as usize) {
+        if !cpu_kernels::available(tch::get_num_threads().max(1) as usize) {
             return;
         }
         let _g = tch::no_grad_guard();

@@ -802,7 +802,7 @@ mod tests {
         m.add_lora(all_targets(8), 7).unwrap();
         randomize_b(&m, 30);
         let plain = merged_copy(&m);
-        if crate::packed::available(tch::get_num_threads().max(1) as usize) {
+        if crate::cpu_kernels::available(tch::get_num_threads().max(1) as usize) {
             assert!(
                 m.pack_weights().is_some(),
                 "adapters on: packed with merged weights"

@@ -168,6 +168,8 @@ pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 // SAFETY: used only to hand buffers to the team for disjoint writes or shared reads while the
 // owning call waits for the team.
 unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as for Send: the team's threads share it only while the owning call waits, and they
+// read or write disjoint ranges through it.
 unsafe impl<T> Sync for SendPtr<T> {}
 
 /// One linear layer's weight (out, in), packed for the decode kernel, and its bias.
@@ -181,8 +183,12 @@ pub(crate) struct PackedLinear {
 impl PackedLinear {
     /// Packs an f32 CPU weight (out, in); `None` when its shape or storage does not suit the
     /// kernel (out not a multiple of 16, another dtype or device), so the caller keeps libtorch's
-    /// GEMM for it.
+    /// GEMM for it, or when this CPU has no AVX2/FMA: a `PackedLinear` is the proof that the
+    /// kernels may run (the module's invariant).
     pub(crate) fn pack(weight: &Tensor, bias: Option<&Tensor>) -> Option<PackedLinear> {
+        if !cpu_has_kernel() {
+            return None;
+        }
         if weight.kind() != Kind::Float || weight.device() != Device::Cpu || weight.dim() != 2 {
             return None;
         }
@@ -262,7 +268,8 @@ impl PackedLinear {
         parallel_for(out / PANEL, &|panels| {
             let (xp, yp, wp) = (xp, yp, wp);
             // SAFETY: lengths asserted above, the packed data is out * inp; each share writes
-            // only its own panels' columns of y.
+            // only its own panels' columns of y; `self` exists, so the CPU has AVX2 and FMA
+            // (`pack` checks).
             unsafe { gemm_panels(xp.0, rows, inp, wp.0, yp.0, out, panels.clone()) };
             if let Some(b) = bias {
                 let cols = panels.start * PANEL..panels.end * PANEL;
@@ -281,7 +288,8 @@ impl PackedLinear {
 ///
 /// # Safety
 /// `x` points to rows * inp f32, `w` to the packed (out / 16) panels of inp * 16 f32, `y` to
-/// rows * out f32; the CPU has AVX2 and FMA (checked by [`available`]).
+/// rows * out f32, the columns of `panels` accessed by nothing else during the call; the CPU has
+/// AVX2 and FMA (checked by [`available`]; a [`PackedLinear`] exists only where it holds).
 #[cfg(target_arch = "x86_64")]
 unsafe fn gemm_panels(
     x: *const f32,
@@ -311,6 +319,10 @@ unsafe fn gemm_panels(
     }
 }
 
+/// Never called: no `PackedLinear` is packed off x86-64.
+///
+/// # Safety
+/// As the x86-64 [`gemm_panels`].
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn gemm_panels(
     _x: *const f32,
@@ -420,7 +432,8 @@ mod tests {
         let run = |splits: &[Range<usize>]| {
             let mut y = vec![0f32; rows * out];
             for s in splits {
-                // SAFETY: shapes as packed; x is contiguous (rows, inp).
+                // SAFETY: shapes as packed; x is contiguous (rows, inp); AVX2 and FMA checked
+                // above.
                 unsafe {
                     gemm_panels(
                         x.data_ptr() as *const f32,
@@ -470,6 +483,13 @@ mod tests {
         );
         let half = randn(&[32, 32], 0).to_kind(Kind::BFloat16);
         assert!(PackedLinear::pack(&half, None).is_none(), "bf16");
+        if !cpu_has_kernel() {
+            assert!(
+                PackedLinear::pack(&randn(&[32, 8], 0), None).is_none(),
+                "no AVX2/FMA"
+            );
+            return;
+        }
         let p = PackedLinear::pack(&randn(&[32, 8], 0), None).unwrap();
         let err = p.forward(&randn(&[2, 9], 0)).unwrap_err().to_string();
         assert!(err.contains("expected (rows, 8)"), "{err}");

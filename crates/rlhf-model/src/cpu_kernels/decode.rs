@@ -1,6 +1,6 @@
 //! Whole decode steps on x86-64 CPUs with AVX2 and FMA: every layer of one step (one new token
 //! for each of at most [`crate::llama::SMALL_M_ROWS`] rows) computed on plain f32 buffers, with
-//! the projections through [`crate::packed`]'s kernel and everything between them (RMSNorm,
+//! the projections through [`super::packed`]'s kernel and everything between them (RMSNorm,
 //! rotary embeddings, the key/value cache write, attention, SiLU gating, residuals) here.
 //!
 //! Why: at 32 rows a libtorch decode step of the 20.5M benchmark model spent as long between its
@@ -17,7 +17,10 @@
 
 use std::ops::Range;
 
-use crate::packed::{parallel_for, PackedLinear, SendPtr};
+use tch::{Device, Kind, Tensor};
+
+use super::packed::{parallel_for, PackedLinear, SendPtr};
+use crate::error::{ModelError, Result};
 
 /// Shapes of the model the buffers belong to.
 #[derive(Clone, Copy, Debug)]
@@ -102,19 +105,49 @@ fn rotary(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
 
 /// One decoder layer of one decode step over `x` (rows, hidden), in place: the step's keys and
 /// values go into slot `s.offset` of the layer's cache `kc`, `vc` (each (rows, kv_heads,
-/// capacity, head_dim) contiguous f32).
+/// capacity, head_dim) contiguous f32 on the CPU, as `KvCache` holds them).
 ///
-/// # Safety
-/// `kc` and `vc` point to rows * kv_heads * capacity * head_dim f32 each, nothing else reads or
-/// writes them during the call; `l` was packed for `d`; the CPU has AVX2 and FMA.
-pub(crate) unsafe fn layer_step(
+/// # Errors
+/// A cache of another layout, a step whose slot is past the cache's capacity, heads that do not
+/// divide into the key/value heads, or an `x` that is not (rows, hidden): each a bug in the
+/// caller, reported instead of writing out of bounds.
+///
+/// # Panics
+/// When `l` was packed for other shapes than `d` (the projections' slice checks).
+pub(crate) fn layer_step(
     l: &CpuLayer,
     d: &Dims,
     s: &Step<'_>,
     x: &mut [f32],
-    kc: *mut f32,
-    vc: *mut f32,
-) {
+    kc: &mut Tensor,
+    vc: &mut Tensor,
+) -> Result<()> {
+    let bad = |what: &str| ModelError::invalid("decode step", what.to_string(), "a bug");
+    let want = [
+        s.rows as i64,
+        d.kv_heads as i64,
+        s.capacity as i64,
+        d.head_dim as i64,
+    ];
+    for t in [&*kc, &*vc] {
+        if t.size() != want
+            || !t.is_contiguous()
+            || t.kind() != Kind::Float
+            || t.device() != Device::Cpu
+        {
+            return Err(bad("cache layout"));
+        }
+    }
+    if s.offset >= s.capacity {
+        return Err(bad("cache slot past the capacity"));
+    }
+    if d.kv_heads == 0 || d.heads % d.kv_heads != 0 {
+        return Err(bad("heads not a multiple of the key/value heads"));
+    }
+    if x.len() != s.rows * d.hidden {
+        return Err(bad("hidden states not (rows, hidden)"));
+    }
+    let (kc, vc) = (kc.data_ptr() as *mut f32, vc.data_ptr() as *mut f32);
     let (rows, hd) = (s.rows, d.head_dim);
     let (nh, nkv) = (d.heads, d.kv_heads);
     let mut h = vec![0f32; rows * d.hidden];
@@ -133,32 +166,46 @@ pub(crate) unsafe fn layer_step(
         let (qp, ap, kp, vp) = (qp, ap, kp, vp);
         let mut scores = vec![0f32; total];
         for r in share {
-            // SAFETY: row r of the (rows, qkv_w) buffer and of the caches (the function's
-            // contract) belong to this share alone; so does row r of `att`.
-            let row = std::slice::from_raw_parts_mut(qp.0.add(r * qkv_w), qkv_w);
+            // SAFETY: r < rows, so row r of the (rows, qkv_w) buffer lies inside it, and this
+            // share alone touches it.
+            let row = unsafe { std::slice::from_raw_parts_mut(qp.0.add(r * qkv_w), qkv_w) };
             let (cos, sin) = (&s.cos[r * hd..(r + 1) * hd], &s.sin[r * hd..(r + 1) * hd]);
             rotary(&mut row[..(nh + nkv) * hd], hd, cos, sin);
             for g in 0..nkv {
                 let slot = ((r * nkv + g) * s.capacity + s.offset) * hd;
                 let k = &row[(nh + g) * hd..(nh + g + 1) * hd];
                 let v = &row[(nh + nkv + g) * hd..(nh + nkv + g + 1) * hd];
-                std::ptr::copy_nonoverlapping(k.as_ptr(), kp.0.add(slot), hd);
-                std::ptr::copy_nonoverlapping(v.as_ptr(), vp.0.add(slot), hd);
+                // SAFETY: the caches were checked above as contiguous (rows, nkv, capacity, hd)
+                // f32 with offset < capacity, so slot..slot + hd of row r, group g lies inside
+                // them; the caller's `&mut` borrows are exclusive and this share alone writes
+                // row r; `k` and `v` are in the separate `qkv` buffer.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(k.as_ptr(), kp.0.add(slot), hd);
+                    std::ptr::copy_nonoverlapping(v.as_ptr(), vp.0.add(slot), hd);
+                }
             }
             let valid = s.valid.map(|v| &v[r * total..(r + 1) * total]);
             for head in 0..nh {
+                // heads % kv_heads == 0 (checked), so head / (nh / nkv) < nkv.
                 let base = (r * nkv + head / (nh / nkv)) * s.capacity * hd;
-                attend_one(
-                    row.as_ptr().add(head * hd),
-                    kp.0.add(base),
-                    vp.0.add(base),
-                    hd,
-                    total,
-                    scale,
-                    valid,
-                    &mut scores,
-                    ap.0.add((r * nh + head) * hd),
-                );
+                // SAFETY: q is head `head` of `row` (nh * hd of its qkv_w floats are q); k and v
+                // are the first `total` <= capacity slots of row r's group in the caches (layout
+                // checked above), which this share alone writes; `scores` holds `total`; y is
+                // row r, head `head` of `att` (rows * nh * hd), written by this share alone. The
+                // CPU has AVX2 and FMA: `l` holds PackedLinears, which exist only on such CPUs.
+                unsafe {
+                    attend_one(
+                        row.as_ptr().add(head * hd),
+                        kp.0.add(base),
+                        vp.0.add(base),
+                        hd,
+                        total,
+                        scale,
+                        valid,
+                        &mut scores,
+                        ap.0.add((r * nh + head) * hd),
+                    )
+                };
             }
         }
     });
@@ -183,13 +230,16 @@ pub(crate) unsafe fn layer_step(
                     std::slice::from_raw_parts_mut(actp.0.add(r * inter), inter),
                 )
             };
-            silu_mul(&gr[..inter], &gr[inter..], ar);
+            // SAFETY: the CPU has AVX2 and FMA: `l` holds PackedLinears, which exist only on
+            // such CPUs.
+            unsafe { silu_mul(&gr[..inter], &gr[inter..], ar) };
         }
     });
     l.down.forward_slice(&act, rows, &mut o);
     for (a, b) in x.iter_mut().zip(&o) {
         *a += b;
     }
+    Ok(())
 }
 
 /// softmax(q·Kᵀ · scale over the valid slots) · V for one row and head: `y` (head_dim).
@@ -237,6 +287,9 @@ unsafe fn attend_one(
 }
 
 /// The eight lanes of `acc` summed in lane order.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -247,6 +300,9 @@ unsafe fn sum_lanes(acc: std::arch::x86_64::__m256) -> f32 {
 }
 
 /// Σ a[i] b[i] with eight lanes, then the lanes in order.
+///
+/// # Safety
+/// `a` and `b` point to `n` f32 each; the CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
@@ -266,6 +322,10 @@ unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
 }
 
 /// y += alpha * x.
+///
+/// # Safety
+/// `x` points to `n` f32 and `y` to `n` f32 that nothing else accesses during the call; the
+/// CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn axpy(alpha: f32, x: *const f32, y: *mut f32, n: usize) {
@@ -284,6 +344,9 @@ unsafe fn axpy(alpha: f32, x: *const f32, y: *mut f32, n: usize) {
 }
 
 /// x[i] = exp(x[i] - m) for every i ([`exp8`] eight at a time); returns the sum, lanes in order.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
@@ -306,27 +369,41 @@ unsafe fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
     s
 }
 
+/// Never called: CPU decode steps exist only on x86-64.
+///
+/// # Safety
+/// As the x86-64 [`exp_sub_sum`].
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn exp_sub_sum(_x: &mut [f32], _m: f32) -> f32 {
     unreachable!("CPU decode steps are only chosen on x86-64 (see packed::available)")
 }
 
+/// Never called: CPU decode steps exist only on x86-64.
+///
+/// # Safety
+/// As the x86-64 [`dot`].
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn dot(_a: *const f32, _b: *const f32, _n: usize) -> f32 {
     unreachable!("CPU decode steps are only chosen on x86-64 (see packed::available)")
 }
 
+/// Never called: CPU decode steps exist only on x86-64.
+///
+/// # Safety
+/// As the x86-64 [`axpy`].
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn axpy(_alpha: f32, _x: *const f32, _y: *mut f32, _n: usize) {
     unreachable!("CPU decode steps are only chosen on x86-64 (see packed::available)")
 }
 
 /// out = silu(g) * u = g / (1 + exp(-g)) * u, eight lanes at a time ([`exp8`]).
-fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+///
+/// # Safety
+/// On x86-64 the CPU has AVX2 and FMA.
+unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
     let n = out.len().min(g.len()).min(u.len());
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: n bounds the three slices; AVX2 and FMA were checked before any CPU decode step
-    // was chosen (packed::available).
+    // SAFETY: n bounds the three slices; AVX2 and FMA are this function's own precondition.
     let i = unsafe { silu_mul_avx2(g.as_ptr(), u.as_ptr(), out.as_mut_ptr(), n) };
     #[cfg(not(target_arch = "x86_64"))]
     let i = 0;
@@ -336,6 +413,10 @@ fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
 }
 
 /// [`silu_mul`] over the first n - n % 8 elements; returns how many it did.
+///
+/// # Safety
+/// `g`, `u` and `out` point to `n` f32 each, `out` accessed by nothing else during the call;
+/// the CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn silu_mul_avx2(g: *const f32, u: *const f32, out: *mut f32, n: usize) -> usize {
@@ -354,6 +435,9 @@ unsafe fn silu_mul_avx2(g: *const f32, u: *const f32, out: *mut f32, n: usize) -
 /// exp of eight lanes: Cephes' expf (range reduction by ln 2 in two parts, a degree-5
 /// polynomial, the exponent added back), within ~1 ulp of libm for inputs in [-87, 88]; above 88
 /// it returns exp(88), below -87 exactly 0 (true values under 1.7e-38; -inf gives 0).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -386,9 +470,8 @@ unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu_kernels::{available, to_vec};
     use crate::llama::seeded_randn;
-    use crate::packed::to_vec;
-    use tch::{Kind, Tensor};
 
     #[test]
     fn rms_norm_matches_the_libtorch_formula() {
@@ -405,7 +488,7 @@ mod tests {
 
     #[test]
     fn exp_sub_sum_matches_libm_and_zeroes_masked_slots() {
-        if !crate::packed::available(1) {
+        if !available(1) {
             return;
         }
         let mut x: Vec<f32> = (0..53).map(|i| (i as f32 - 30.0) * 3.1).collect();
@@ -425,7 +508,7 @@ mod tests {
 
     #[test]
     fn silu_mul_matches_libtorch() {
-        if !crate::packed::available(1) {
+        if !available(1) {
             return;
         }
         let g = Tensor::cat(
@@ -438,11 +521,90 @@ mod tests {
         let u = seeded_randn(&[107], 3);
         let want = g.silu() * &u;
         let mut got = vec![0f32; 107];
-        silu_mul(&to_vec(&g).unwrap(), &to_vec(&u).unwrap(), &mut got);
+        // SAFETY: AVX2 and FMA checked above.
+        unsafe { silu_mul(&to_vec(&g).unwrap(), &to_vec(&u).unwrap(), &mut got) };
         // Relative to the value (|g| up to 200): a few f32 ulps.
         let err = ((Tensor::from_slice(&got) - &want).abs() / (want.abs() + 1.0))
             .max()
             .double_value(&[]);
         assert!(err < 1e-6, "{err}");
+    }
+
+    #[test]
+    fn layer_step_refuses_what_would_write_out_of_bounds() {
+        if !available(tch::get_num_threads().max(1) as usize) {
+            return;
+        }
+        let _g = tch::no_grad_guard();
+        let d = Dims {
+            hidden: 16,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 8,
+            inter: 16,
+            eps: 1e-6,
+        };
+        let pack = |out: i64, inp: i64, seed: i64| {
+            PackedLinear::pack(&(seeded_randn(&[out, inp], seed) * 0.1), None).unwrap()
+        };
+        let l = CpuLayer {
+            ln1: vec![1.0; 16],
+            qkv: pack(d.qkv() as i64, 16, 1),
+            o: pack(16, 16, 2),
+            ln2: vec![1.0; 16],
+            gate_up: pack(32, 16, 3),
+            down: pack(16, 16, 4),
+        };
+        let (rows, capacity) = (2usize, 4usize);
+        let trig = vec![0.5f32; rows * d.head_dim];
+        let step = |offset: usize| Step {
+            rows,
+            offset,
+            capacity,
+            cos: &trig,
+            sin: &trig,
+            valid: None,
+        };
+        let cache =
+            |slots: i64| Tensor::zeros([rows as i64, 1, slots, 8], (Kind::Float, tch::Device::Cpu));
+        let run = |s: &Step<'_>, d: &Dims, kc: &mut Tensor, vc: &mut Tensor| {
+            let mut x = to_vec(&seeded_randn(&[rows as i64, 16], 5)).unwrap();
+            layer_step(&l, d, s, &mut x, kc, vc).map(|()| x)
+        };
+        let err = |r: Result<Vec<f32>>| r.unwrap_err().to_string();
+
+        // A well-formed step writes its keys into slot 2 and changes x.
+        let (mut kc, mut vc) = (cache(4), cache(4));
+        let x = run(&step(2), &d, &mut kc, &mut vc).unwrap();
+        assert!(x.iter().all(|v| v.is_finite()));
+        assert_ne!(
+            kc.narrow(2, 2, 1).abs().sum(Kind::Float).double_value(&[]),
+            0.0
+        );
+        assert_eq!(
+            kc.narrow(2, 3, 1).abs().sum(Kind::Float).double_value(&[]),
+            0.0
+        );
+
+        // A cache with fewer slots than the step says, one of another dtype, a slot past the
+        // capacity, heads that do not group: errors, nothing written.
+        let (mut small, mut vsmall) = (cache(3), cache(3));
+        assert!(err(run(&step(2), &d, &mut small, &mut vsmall)).contains("cache layout"));
+        let mut half = cache(4).to_kind(Kind::BFloat16);
+        assert!(err(run(&step(2), &d, &mut half, &mut vc)).contains("cache layout"));
+        let (mut kc, mut vc) = (cache(4), cache(4));
+        assert!(err(run(&step(4), &d, &mut kc, &mut vc)).contains("past the capacity"));
+        let odd = Dims {
+            heads: 3,
+            kv_heads: 2,
+            ..d
+        };
+        let (mut kc2, mut vc2) = (
+            Tensor::zeros([rows as i64, 2, 4, 8], (Kind::Float, tch::Device::Cpu)),
+            Tensor::zeros([rows as i64, 2, 4, 8], (Kind::Float, tch::Device::Cpu)),
+        );
+        assert!(err(run(&step(0), &odd, &mut kc2, &mut vc2)).contains("key/value heads"));
+        assert_eq!(kc.abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert_eq!(kc2.abs().sum(Kind::Float).double_value(&[]), 0.0);
     }
 }
