@@ -508,6 +508,20 @@ impl RunConfig {
                 "must not be empty with extract: after_marker",
             );
         }
+        if m.kind == RewardKind::Math {
+            if m.extract != AnswerExtract::default() {
+                return c.fail(
+                    "models.reward.extract",
+                    "is for kind: exact_match; kind: math finds the answer itself (the last \\boxed{}, else the text after `marker`, else the last number): remove the key",
+                );
+            }
+            if m.marker.is_empty() {
+                return c.fail(
+                    "models.reward.marker",
+                    "must not be empty with kind: math (the default is \"####\", GSM8K's)",
+                );
+            }
+        }
         Ok(())
     }
 
@@ -655,7 +669,7 @@ impl RunConfig {
                 None => {
                     return c.fail(
                         "models.reward.path",
-                        "required with models.reward.kind: model; set it to the reward model directory, or use kind: exact_match",
+                        "required with models.reward.kind: model; set it to the reward model directory, or use kind: exact_match or kind: math",
                     )
                 }
             }

@@ -99,7 +99,7 @@ fn prepare(args: &LaunchArgs, started: Instant) -> Result<Prepared> {
             tokenizer: &tokenizer,
             chat_template: cfg.rollout.chat_template,
             max_prompt_tokens: cfg.rollout.max_prompt_tokens,
-            need_answer: cfg.models.reward.kind == RewardKind::ExactMatch,
+            need_answer: cfg.models.reward.kind.needs_answer(),
         },
     )?;
     if prompts.rows.len() < cfg.rollout.batch_size {
@@ -567,6 +567,11 @@ async fn create_roles(
                 rlhf_config::AnswerExtract::Full => "full",
             }
             .into(),
+            marker: r.marker.clone(),
+            correct: r.correct,
+            incorrect: r.incorrect,
+        }),
+        RewardKind::Math => pb::reward_role_spec::Kind::Math(pb::MathReward {
             marker: r.marker.clone(),
             correct: r.correct,
             incorrect: r.incorrect,

@@ -148,7 +148,7 @@ pub fn load(file: &Path, opts: &PromptOptions<'_>) -> Result<PromptSet> {
             parse_row(line).map_err(|e| anyhow::anyhow!("{}:{n}: {e}", file.display()))?;
         if opts.need_answer && answer.is_none() {
             bail!(
-                "{}:{n}: no `answer`, which the exact_match reward (models.reward.kind) needs on every row",
+                "{}:{n}: no `answer`, which a rule reward (models.reward.kind: exact_match or math) needs on every row",
                 file.display()
             );
         }

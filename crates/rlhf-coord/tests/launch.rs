@@ -1,5 +1,5 @@
 //! `rlhf-coord launch` end to end with real `rlhf-worker` processes on loopback: PPO with every
-//! role in its own process, RLOO with colocated roles, a worker killed with SIGKILL mid-run (the
+//! role in its own process, RLOO with colocated roles, GRPO with the `math` reward, a worker killed with SIGKILL mid-run (the
 //! run stops non-zero naming the worker and role, without hanging), a frozen worker caught by
 //! missed heartbeats, and bad inputs stopped before any training.
 
@@ -134,6 +134,43 @@ fn rloo_with_colocated_roles() {
         "{log}"
     );
     assert!(!log.contains("worker started"), "{log}");
+}
+
+#[test]
+fn grpo_with_the_math_reward() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = setup(
+        tmp.path(),
+        "algorithm: {name: grpo}\nworkers:\n  - {name: all, roles: [actor, reward, reference]}\n",
+    );
+    // References as math datasets write them; the verifier reads them by value.
+    let mut rows = String::new();
+    for (a, b) in [(1, 2), (3, 4), (2, 2), (5, 1)] {
+        rows.push_str(&format!(
+            "{{\"prompt\": \"{a}+{b}=\", \"answer\": \"The sum is $\\\\boxed{{{}}}$.\"}}\n",
+            a + b
+        ));
+    }
+    std::fs::write(tmp.path().join("prompts.jsonl"), rows).unwrap();
+    // `incorrect` away from exact_match's 0 shows whose scores the run trained on.
+    let out = launch(
+        &f,
+        &[
+            "train.steps=2",
+            "models.reward.kind=math",
+            "models.reward.incorrect=0.25",
+        ],
+    );
+    assert_ok(&out);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("reward_outputs=[\"math\"]"), "{log}");
+    let m = metrics(tmp.path());
+    assert_eq!(m.len(), 2);
+    for row in &m {
+        let r = row["reward_mean"].as_f64().unwrap();
+        assert!((0.25..=1.0).contains(&r), "{row}");
+        assert!(row["actor/pg_loss"].is_number(), "{row}");
+    }
 }
 
 /// Starts a long run in the background and returns it once a step has completed.
