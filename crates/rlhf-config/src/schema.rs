@@ -798,9 +798,19 @@ impl Default for RewardShapingConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RolloutConfig {
-    /// Required. JSONL prompts file: one object per line with a `prompt` string or a chat
-    /// `messages` list, and optionally an `answer` (for `exact_match` and `math`).
+    /// Required. The prompts: a JSONL file (one object per line), a Parquet file, or a Hugging
+    /// Face dataset directory as it lies on disk (`data/train-00000-of-00003.parquet`, ...;
+    /// `split` picks the files). Each row holds a `prompt` string or a chat `messages` list
+    /// (`[{role, content}, ...]`), and optionally an `answer` (for `exact_match` and `math`).
     pub prompts: PathBuf,
+    /// The split read when `prompts` is a dataset directory. Default: `train`.
+    pub split: String,
+    /// The column (JSONL key) holding the prompt string. Default: `prompt`.
+    pub prompt_key: String,
+    /// The column holding the chat message list. Default: `messages`.
+    pub messages_key: String,
+    /// The column holding the reference answer. Default: `answer`.
+    pub answer_key: String,
     /// Prompts per step; >= 1. Default: 8.
     pub batch_size: usize,
     /// Responses sampled per prompt; >= 1, and >= 2 for `rloo` and `grpo`. Default: 1.
@@ -833,6 +843,10 @@ impl Default for RolloutConfig {
     fn default() -> Self {
         RolloutConfig {
             prompts: PathBuf::new(),
+            split: "train".to_owned(),
+            prompt_key: "prompt".to_owned(),
+            messages_key: "messages".to_owned(),
+            answer_key: "answer".to_owned(),
             batch_size: 8,
             samples_per_prompt: 1,
             max_new_tokens: 64,

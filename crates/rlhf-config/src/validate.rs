@@ -678,14 +678,28 @@ impl RunConfig {
         if prompts.as_os_str().is_empty() {
             return c.fail(
                 "rollout.prompts",
-                "required: set it to a JSONL prompts file",
+                "required: set it to a JSONL or Parquet prompts file, or a Hugging Face dataset directory",
             );
         }
-        if !prompts.is_file() {
+        if !prompts.is_file() && !prompts.is_dir() {
             return c.fail(
                 "rollout.prompts",
                 format!("prompts file {} does not exist; check the path (relative paths in the file are relative to the file's directory)", prompts.display()),
             );
+        }
+        let r = &self.rollout;
+        for (key, v) in [
+            ("rollout.split", &r.split),
+            ("rollout.prompt_key", &r.prompt_key),
+            ("rollout.messages_key", &r.messages_key),
+            ("rollout.answer_key", &r.answer_key),
+        ] {
+            if v.trim().is_empty() {
+                return c.fail(
+                    key,
+                    "must not be empty; name a split or column (remove the key for its default)",
+                );
+            }
         }
         let v = &self.validation;
         if v.every > 0 && !v.mt_bench.join("question.jsonl").is_file() {

@@ -100,6 +100,8 @@ fn prepare(args: &LaunchArgs, started: Instant) -> Result<Prepared> {
             chat_template: cfg.rollout.chat_template,
             max_prompt_tokens: cfg.rollout.max_prompt_tokens,
             need_answer: cfg.models.reward.kind.needs_answer(),
+            split: &cfg.rollout.split,
+            columns: prompts::columns(&cfg.rollout),
         },
     )?;
     if prompts.rows.len() < cfg.rollout.batch_size {
