@@ -526,6 +526,29 @@ pub enum RewardKind {
     Model,
     /// A rule: the response's answer equals the prompt row's `answer` field.
     ExactMatch,
+    /// A rule for math answers: the response's `\boxed{}` answer (else the text after `marker`,
+    /// else its last number) equals the prompt row's `answer` by value (`0.5` = `1/2` =
+    /// `\frac{1}{2}`; LaTeX, thousands separators, units and percent signs read through).
+    Math,
+}
+
+impl RewardKind {
+    /// The rules that score against the prompt row's `answer`, which every row must then have.
+    pub fn needs_answer(self) -> bool {
+        match self {
+            RewardKind::Model => false,
+            RewardKind::ExactMatch | RewardKind::Math => true,
+        }
+    }
+
+    /// The name in the run file.
+    pub fn name(self) -> &'static str {
+        match self {
+            RewardKind::Model => "model",
+            RewardKind::ExactMatch => "exact_match",
+            RewardKind::Math => "math",
+        }
+    }
 }
 
 /// How `exact_match` takes the answer out of a response.
@@ -545,17 +568,17 @@ pub enum AnswerExtract {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RewardConfig {
-    /// `model` or `exact_match`. Default: `model`.
+    /// `model`, `exact_match` or `math`. Default: `model`.
     pub kind: RewardKind,
     /// Reward model directory; required (with `config.json`) when `kind: model`. Default: null.
     pub path: Option<PathBuf>,
     /// `exact_match` only: `last_number`, `after_marker` or `full`. Default: `last_number`.
     pub extract: AnswerExtract,
-    /// `after_marker` only: the marker that precedes the answer. Default: `"####"` (GSM8K).
+    /// `after_marker` and `math`: the marker that precedes the answer. Default: `"####"` (GSM8K).
     pub marker: String,
-    /// `exact_match` only: reward for a match. Default: 1.0.
+    /// `exact_match` and `math`: reward for a match. Default: 1.0.
     pub correct: f64,
-    /// `exact_match` only: reward otherwise. Default: 0.0.
+    /// `exact_match` and `math`: reward otherwise. Default: 0.0.
     pub incorrect: f64,
 }
 
@@ -775,9 +798,19 @@ impl Default for RewardShapingConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RolloutConfig {
-    /// Required. JSONL prompts file: one object per line with a `prompt` string or a chat
-    /// `messages` list, and optionally an `answer` (for `exact_match`).
+    /// Required. The prompts: a JSONL file (one object per line), a Parquet file, or a Hugging
+    /// Face dataset directory as it lies on disk (`data/train-00000-of-00003.parquet`, ...;
+    /// `split` picks the files). Each row holds a `prompt` string or a chat `messages` list
+    /// (`[{role, content}, ...]`), and optionally an `answer` (for `exact_match` and `math`).
     pub prompts: PathBuf,
+    /// The split read when `prompts` is a dataset directory. Default: `train`.
+    pub split: String,
+    /// The column (JSONL key) holding the prompt string. Default: `prompt`.
+    pub prompt_key: String,
+    /// The column holding the chat message list. Default: `messages`.
+    pub messages_key: String,
+    /// The column holding the reference answer. Default: `answer`.
+    pub answer_key: String,
     /// Prompts per step; >= 1. Default: 8.
     pub batch_size: usize,
     /// Responses sampled per prompt; >= 1, and >= 2 for `rloo` and `grpo`. Default: 1.
@@ -810,6 +843,10 @@ impl Default for RolloutConfig {
     fn default() -> Self {
         RolloutConfig {
             prompts: PathBuf::new(),
+            split: "train".to_owned(),
+            prompt_key: "prompt".to_owned(),
+            messages_key: "messages".to_owned(),
+            answer_key: "answer".to_owned(),
             batch_size: 8,
             samples_per_prompt: 1,
             max_new_tokens: 64,

@@ -508,6 +508,20 @@ impl RunConfig {
                 "must not be empty with extract: after_marker",
             );
         }
+        if m.kind == RewardKind::Math {
+            if m.extract != AnswerExtract::default() {
+                return c.fail(
+                    "models.reward.extract",
+                    "is for kind: exact_match; kind: math finds the answer itself (the last \\boxed{}, else the text after `marker`, else the last number): remove the key",
+                );
+            }
+            if m.marker.is_empty() {
+                return c.fail(
+                    "models.reward.marker",
+                    "must not be empty with kind: math (the default is \"####\", GSM8K's)",
+                );
+            }
+        }
         Ok(())
     }
 
@@ -655,7 +669,7 @@ impl RunConfig {
                 None => {
                     return c.fail(
                         "models.reward.path",
-                        "required with models.reward.kind: model; set it to the reward model directory, or use kind: exact_match",
+                        "required with models.reward.kind: model; set it to the reward model directory, or use kind: exact_match or kind: math",
                     )
                 }
             }
@@ -664,14 +678,28 @@ impl RunConfig {
         if prompts.as_os_str().is_empty() {
             return c.fail(
                 "rollout.prompts",
-                "required: set it to a JSONL prompts file",
+                "required: set it to a JSONL or Parquet prompts file, or a Hugging Face dataset directory",
             );
         }
-        if !prompts.is_file() {
+        if !prompts.is_file() && !prompts.is_dir() {
             return c.fail(
                 "rollout.prompts",
                 format!("prompts file {} does not exist; check the path (relative paths in the file are relative to the file's directory)", prompts.display()),
             );
+        }
+        let r = &self.rollout;
+        for (key, v) in [
+            ("rollout.split", &r.split),
+            ("rollout.prompt_key", &r.prompt_key),
+            ("rollout.messages_key", &r.messages_key),
+            ("rollout.answer_key", &r.answer_key),
+        ] {
+            if v.trim().is_empty() {
+                return c.fail(
+                    key,
+                    "must not be empty; name a split or column (remove the key for its default)",
+                );
+            }
         }
         let v = &self.validation;
         if v.every > 0 && !v.mt_bench.join("question.jsonl").is_file() {

@@ -177,10 +177,38 @@ fn the_reward_model_is_required_unless_the_reward_is_a_rule() {
     let yaml = BASE.replace("  reward:\n    path: models/rm\n", "");
     let msg = err(f.load(&yaml, &[], &[]));
     assert!(msg.starts_with("models.reward.path: required"), "{msg}");
-    let loaded = f
-        .load(&yaml, &["models.reward.kind=exact_match"], &[])
-        .unwrap();
-    assert_eq!(loaded.config.models.reward.path, None);
+    for kind in ["exact_match", "math"] {
+        let loaded = f
+            .load(&yaml, &[&format!("models.reward.kind={kind}")], &[])
+            .unwrap();
+        assert_eq!(loaded.config.models.reward.path, None);
+        assert!(loaded.config.models.reward.kind.needs_answer());
+    }
+}
+
+#[test]
+fn math_rewards_refuse_exact_match_keys_and_an_empty_marker() {
+    let f = Fixture::new();
+    let yaml = BASE.replace(
+        "  reward:\n    path: models/rm\n",
+        "  reward:\n    kind: math\n",
+    );
+    let loaded = f.load(&yaml, &[], &[]).unwrap();
+    assert_eq!(loaded.config.models.reward.kind.name(), "math");
+    let msg = err(f.load(&yaml, &["models.reward.extract=full"], &[]));
+    assert!(
+        msg.starts_with("models.reward.extract: ")
+            && msg.contains("kind: exact_match")
+            && msg.contains("remove the key"),
+        "{msg}"
+    );
+    let no_marker = yaml.replace("kind: math\n", "kind: math\n    marker: \"\"\n");
+    let msg = err(f.load(&no_marker, &[], &[]));
+    assert!(
+        msg.starts_with("models.reward.marker: must not be empty with kind: math")
+            && msg.contains(&f.at(line_of(&no_marker, "marker:"))),
+        "{msg}"
+    );
 }
 
 #[test]

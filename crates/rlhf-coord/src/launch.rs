@@ -105,7 +105,9 @@ fn prepare(args: &LaunchArgs, started: Instant) -> Result<Prepared> {
             tokenizer: &tokenizer,
             chat_template: cfg.rollout.chat_template,
             max_prompt_tokens: cfg.rollout.max_prompt_tokens,
-            need_answer: cfg.models.reward.kind == RewardKind::ExactMatch,
+            need_answer: cfg.models.reward.kind.needs_answer(),
+            split: &cfg.rollout.split,
+            columns: prompts::columns(&cfg.rollout),
         },
     )?;
     if prompts.rows.len() < cfg.rollout.batch_size {
@@ -670,6 +672,11 @@ async fn create_roles(
                 rlhf_config::AnswerExtract::Full => "full",
             }
             .into(),
+            marker: r.marker.clone(),
+            correct: r.correct,
+            incorrect: r.incorrect,
+        }),
+        RewardKind::Math => pb::reward_role_spec::Kind::Math(pb::MathReward {
             marker: r.marker.clone(),
             correct: r.correct,
             incorrect: r.incorrect,

@@ -1,15 +1,21 @@
-//! The prompt set: a JSONL file with one object per line holding a `prompt` string or a chat
-//! `messages` list, and optionally a reference `answer` (for rule rewards). Everything is read,
-//! checked and tokenized before training starts, so a bad line is an error naming its number
+//! The prompt set: a JSONL file with one object per line, or a Parquet file, or a Hugging Face
+//! dataset directory (`rollout.split`'s shards, read through `rlhf_train::columnar` in record
+//! batches), each row holding a `prompt` string or a chat `messages` list, and optionally a
+//! reference `answer` (for rule rewards), in the columns `rollout.prompt_key`, `messages_key`
+//! and `answer_key` name. Everything is read, checked and tokenized before training starts, so a
+//! bad line or row is an error naming the file and its line (JSONL) or row (Parquet, from 0)
 //! instead of a crash at step 300. Batches come from a resumable cursor over seeded per-epoch
 //! permutations.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use rlhf_algo::shuffled_indices;
+use rlhf_config::RolloutConfig;
 use rlhf_model::{ChatMessage, Tokenizer};
+use rlhf_train::columnar::{is_parquet, Columns};
+use rlhf_train::data::{DataInput, RowSource};
 use serde::{Deserialize, Serialize};
 
 /// One prompt row.
@@ -32,6 +38,18 @@ pub struct PromptOptions<'a> {
     pub max_prompt_tokens: usize,
     /// Every row must carry `answer` (rule rewards).
     pub need_answer: bool,
+    /// The split read from a dataset directory (`rollout.split`).
+    pub split: &'a str,
+    /// Which columns hold `prompt`, `messages` and `answer` ([`columns`]).
+    pub columns: Columns,
+}
+
+/// The column mapping of `rollout.prompt_key`, `messages_key` and `answer_key`.
+pub fn columns(r: &RolloutConfig) -> Columns {
+    Columns::default()
+        .map("prompt", Some(&r.prompt_key), "rollout.prompt_key")
+        .map("messages", Some(&r.messages_key), "rollout.messages_key")
+        .map("answer", Some(&r.answer_key), "rollout.answer_key")
 }
 
 fn parse_messages(v: &serde_json::Value) -> std::result::Result<Vec<ChatMessage>, String> {
@@ -54,11 +72,23 @@ fn parse_messages(v: &serde_json::Value) -> std::result::Result<Vec<ChatMessage>
         .collect()
 }
 
-fn parse_row(text: &str) -> std::result::Result<(Vec<ChatMessage>, Option<String>), String> {
-    let v: serde_json::Value =
+type Row = (Vec<ChatMessage>, Option<String>);
+
+/// A JSONL line, with the column mapping applied.
+fn parse_row(text: &str, columns: &Columns) -> std::result::Result<Row, String> {
+    let mut v: serde_json::Value =
         serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
-    let obj = v.as_object().ok_or("each line must be a JSON object")?;
-    let messages = match (obj.get("prompt"), obj.get("messages")) {
+    let obj = v.as_object_mut().ok_or("each line must be a JSON object")?;
+    columns.apply(obj);
+    parse_fields(obj)
+}
+
+/// A row's fields; a null counts as absent (Parquet rows have every column).
+fn parse_fields(
+    obj: &serde_json::Map<String, serde_json::Value>,
+) -> std::result::Result<Row, String> {
+    let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
+    let messages = match (get("prompt"), get("messages")) {
         (Some(_), Some(_)) => return Err("has both `prompt` and `messages`; keep one".into()),
         (Some(p), None) => {
             let p = p.as_str().ok_or("`prompt` must be a string")?;
@@ -68,6 +98,11 @@ fn parse_row(text: &str) -> std::result::Result<(Vec<ChatMessage>, Option<String
             vec![ChatMessage::new("user", p)]
         }
         (None, Some(m)) => parse_messages(m)?,
+        (None, None) if obj.contains_key("prompt") || obj.contains_key("messages") => {
+            return Err(
+                "the prompt is null; every row needs a `prompt` string or a `messages` list".into(),
+            )
+        }
         (None, None) => return Err("needs a `prompt` string or a `messages` list".into()),
     };
     let answer = match obj.get("answer") {
@@ -129,8 +164,65 @@ impl<R: BufRead> BoundedLines<R> {
     }
 }
 
-/// Reads, checks and tokenizes the whole file.
+/// Checks and tokenizes one row; `at` names it (`FILE:LINE`, `FILE: row N`) in errors.
+fn accept(
+    opts: &PromptOptions<'_>,
+    at: impl Fn() -> String,
+    (messages, answer): Row,
+) -> Result<PromptRow> {
+    if opts.need_answer && answer.is_none() {
+        bail!(
+            "{}: no `answer`, which a rule reward (models.reward.kind: exact_match or math) needs on every row{}",
+            at(),
+            opts.columns.describe()
+        );
+    }
+    let ids = opts
+        .tokenizer
+        .encode_messages(&messages, opts.chat_template, true)
+        .with_context(|| {
+            format!(
+                "{}: applying the policy's chat template (set rollout.chat_template: false for \
+                 plain prompts)",
+                at()
+            )
+        })?;
+    if ids.is_empty() {
+        bail!("{}: the prompt tokenizes to nothing", at());
+    }
+    if ids.len() > opts.max_prompt_tokens {
+        bail!(
+            "{}: the prompt has {} tokens, more than rollout.max_prompt_tokens = {}; shorten it \
+             or raise the limit (prompts are never truncated silently)",
+            at(),
+            ids.len(),
+            opts.max_prompt_tokens
+        );
+    }
+    Ok(PromptRow {
+        messages,
+        answer,
+        ids,
+    })
+}
+
+/// Reads, checks and tokenizes the whole file or dataset directory.
 pub fn load(file: &Path, opts: &PromptOptions<'_>) -> Result<PromptSet> {
+    let rows = if file.is_dir() || is_parquet(file) {
+        load_parquet(file, opts)?
+    } else {
+        load_jsonl(file, opts)?
+    };
+    if rows.is_empty() {
+        bail!("rollout.prompts: {} has no prompts", file.display());
+    }
+    Ok(PromptSet {
+        file: file.to_path_buf(),
+        rows,
+    })
+}
+
+fn load_jsonl(file: &Path, opts: &PromptOptions<'_>) -> Result<Vec<PromptRow>> {
     let f = std::fs::File::open(file)
         .with_context(|| format!("rollout.prompts: cannot open {}", file.display()))?;
     let mut rows = vec![];
@@ -144,49 +236,37 @@ pub fn load(file: &Path, opts: &PromptOptions<'_>) -> Result<PromptSet> {
         if line.trim().is_empty() {
             continue;
         }
-        let (messages, answer) =
-            parse_row(line).map_err(|e| anyhow::anyhow!("{}:{n}: {e}", file.display()))?;
-        if opts.need_answer && answer.is_none() {
-            bail!(
-                "{}:{n}: no `answer`, which the exact_match reward (models.reward.kind) needs on every row",
-                file.display()
-            );
-        }
-        let ids = opts
-            .tokenizer
-            .encode_messages(&messages, opts.chat_template, true)
-            .with_context(|| {
-                format!(
-                    "{}:{n}: applying the policy's chat template (set rollout.chat_template: false \
-                     for plain prompts)",
-                    file.display()
-                )
-            })?;
-        if ids.is_empty() {
-            bail!("{}:{n}: the prompt tokenizes to nothing", file.display());
-        }
-        if ids.len() > opts.max_prompt_tokens {
-            bail!(
-                "{}:{n}: the prompt has {} tokens, more than rollout.max_prompt_tokens = {}; \
-                 shorten it or raise the limit (prompts are never truncated silently)",
-                file.display(),
-                ids.len(),
-                opts.max_prompt_tokens
-            );
-        }
-        rows.push(PromptRow {
-            messages,
-            answer,
-            ids,
+        let row = parse_row(line, &opts.columns)
+            .map_err(|e| anyhow!("{}:{n}: {e}{}", file.display(), opts.columns.describe()))?;
+        rows.push(accept(opts, || format!("{}:{n}", file.display()), row)?);
+    }
+    Ok(rows)
+}
+
+/// A Parquet file or a dataset directory's split, streamed in record batches.
+fn load_parquet(file: &Path, opts: &PromptOptions<'_>) -> Result<Vec<PromptRow>> {
+    let mut required = vec![vec!["prompt", "messages"]];
+    if opts.need_answer {
+        required.push(vec!["answer"]);
+    }
+    let input = DataInput {
+        path: file,
+        split: Some(opts.split),
+        split_key: "rollout.split".into(),
+        columns: opts.columns.clone(),
+        required,
+    };
+    let mut src = RowSource::open(&input).context("rollout.prompts")?;
+    let mut rows = vec![];
+    while let Some((n, v)) = src.next_row()? {
+        let fields = v.and_then(|v| match v {
+            serde_json::Value::Object(obj) => parse_fields(&obj),
+            _ => Err("not a row".into()),
         });
+        let row = fields.map_err(|e| src.bad_row(n, e))?;
+        rows.push(accept(opts, || src.location(n), row)?);
     }
-    if rows.is_empty() {
-        bail!("rollout.prompts: {} has no prompts", file.display());
-    }
-    Ok(PromptSet {
-        file: file.to_path_buf(),
-        rows,
-    })
+    Ok(rows)
 }
 
 /// Position in the prompt stream: epoch `epoch`'s permutation, next index `pos`. Checkpointed so
@@ -280,13 +360,13 @@ mod tests {
     #[test]
     fn rows_parse_or_say_why_not() {
         assert_eq!(
-            parse_row(r#"{"prompt": "hi", "answer": 3}"#)
+            parse_row(r#"{"prompt": "hi", "answer": 3}"#, &Columns::default())
                 .unwrap()
                 .1
                 .as_deref(),
             Some("3")
         );
-        let (m, a) = parse_row(r#"{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}"#).unwrap();
+        let (m, a) = parse_row(r#"{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}"#, &Columns::default()).unwrap();
         assert_eq!((m.len(), a), (2, None));
         for (bad, why) in [
             ("[1]", "JSON object"),
@@ -297,7 +377,7 @@ mod tests {
             ("{\"prompt\": \"a\", \"answer\": [1]}", "`answer`"),
             ("{not json", "not valid JSON"),
         ] {
-            let e = parse_row(bad).unwrap_err();
+            let e = parse_row(bad, &Columns::default()).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }
     }

@@ -104,11 +104,7 @@ const SFT_REQUIRED: &[&str] = &["run_dir", "model", "data"];
 
 fn placeholder_data() -> DataConfig {
     DataConfig {
-        train: DataSource {
-            path: PathBuf::new(),
-            format: None,
-            split: None,
-        },
+        train: DataSource::default(),
         eval: None,
         on_bad_row: OnBadRow::Fail,
         max_length: None,

@@ -1,5 +1,6 @@
 //! `rlhf-coord launch` end to end with real `rlhf-worker` processes on loopback: PPO with every
-//! role in its own process, RLOO with colocated roles, a worker killed with SIGKILL mid-run (the
+//! role in its own process, RLOO with colocated roles, GRPO with the `math` reward (on JSONL and
+//! on a Parquet dataset directory), a worker killed with SIGKILL mid-run (the
 //! run stops non-zero naming the worker and role, without hanging), a frozen worker caught by
 //! missed heartbeats, and bad inputs stopped before any training.
 
@@ -9,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{arithmetic_prompts, coord, launch, tiny_model, worker_bin};
+use common::{arithmetic_prompts, coord, jsonl, launch, tiny_model, worker_bin, write_parquet};
 
 /// A tiny policy, an arithmetic prompt file, and a run file with the given extra YAML.
 fn setup(dir: &Path, extra: &str) -> PathBuf {
@@ -134,6 +135,96 @@ fn rloo_with_colocated_roles() {
         "{log}"
     );
     assert!(!log.contains("worker started"), "{log}");
+}
+
+#[test]
+fn grpo_with_the_math_reward() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = setup(
+        tmp.path(),
+        "algorithm: {name: grpo}\nworkers:\n  - {name: all, roles: [actor, reward, reference]}\n",
+    );
+    // References as math datasets write them; the verifier reads them by value.
+    let mut rows = String::new();
+    for (a, b) in [(1, 2), (3, 4), (2, 2), (5, 1)] {
+        rows.push_str(&format!(
+            "{{\"prompt\": \"{a}+{b}=\", \"answer\": \"The sum is $\\\\boxed{{{}}}$.\"}}\n",
+            a + b
+        ));
+    }
+    std::fs::write(tmp.path().join("prompts.jsonl"), rows).unwrap();
+    // `incorrect` away from exact_match's 0 shows whose scores the run trained on.
+    let out = launch(
+        &f,
+        &[
+            "train.steps=2",
+            "models.reward.kind=math",
+            "models.reward.incorrect=0.25",
+        ],
+    );
+    assert_ok(&out);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("reward_outputs=[\"math\"]"), "{log}");
+    let m = metrics(tmp.path());
+    assert_eq!(m.len(), 2);
+    for row in &m {
+        let r = row["reward_mean"].as_f64().unwrap();
+        assert!((0.25..=1.0).contains(&r), "{row}");
+        assert!(row["actor/pg_loss"].is_number(), "{row}");
+    }
+
+    // The same from a Hugging Face dataset directory written by pyarrow: chat messages and
+    // answers in columns of other names, the train split in two shards beside a test split.
+    let row = |a: u32, b: u32| {
+        serde_json::json!({
+            "conversation": [
+                {"role": "system", "content": "Add."},
+                {"role": "user", "content": format!("{a}+{b}=")},
+            ],
+            "solution": format!("\\frac{{{}}}{{1}}", a + b),
+        })
+    };
+    let hf = tmp.path().join("hf");
+    write_parquet(
+        tmp.path(),
+        serde_json::json!([
+            {"path": hf.join("data/train-00000-of-00002.parquet"), "rows": [row(1, 2), row(3, 4)]},
+            {"path": hf.join("data/train-00001-of-00002.parquet"), "rows": [row(2, 2), row(5, 1)]},
+            {"path": hf.join("data/test-00000-of-00001.parquet"), "rows": [row(9, 9)]},
+        ]),
+    );
+    let out = launch(
+        &f,
+        &[
+            "run.name=hf",
+            "train.steps=1",
+            "models.reward.kind=math",
+            "models.reward.incorrect=0.25",
+            &format!("rollout.prompts={}", hf.display()),
+            "rollout.split=train",
+            "rollout.messages_key=conversation",
+            "rollout.answer_key=solution",
+        ],
+    );
+    assert_ok(&out);
+    let m = jsonl(&tmp.path().join("runs/hf/metrics.jsonl"));
+    assert_eq!(m.len(), 1);
+    let r = m[0]["reward_mean"].as_f64().unwrap();
+    assert!((0.25..=1.0).contains(&r), "{}", m[0]);
+    // The test split alone is one prompt, fewer than a batch: the run refuses it, counting it.
+    let out = launch(
+        &f,
+        &[
+            "run.name=hf-test",
+            &format!("rollout.prompts={}", hf.display()),
+            "rollout.split=test",
+            "rollout.messages_key=conversation",
+            "rollout.answer_key=solution",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("has only 1 prompts"), "{err}");
 }
 
 /// Starts a long run in the background and returns it once a step has completed.
@@ -277,6 +368,39 @@ fn bad_inputs_stop_before_training() {
     .to_string();
     assert!(
         err.contains("bad.jsonl:1") && err.contains("answer"),
+        "{err}"
+    );
+    // A Parquet prompts file: a null prompt is named by file and row (from 0); a missing
+    // column by the columns the file has.
+    let pq = tmp.path().join("bad.parquet");
+    write_parquet(
+        tmp.path(),
+        serde_json::json!([{"path": &pq, "rows": [
+            {"prompt": "1+1=", "answer": "2"},
+            {"prompt": null, "answer": "3"},
+        ]}]),
+    );
+    let err = String::from_utf8_lossy(
+        &launch(&f, &[&format!("rollout.prompts={}", pq.display())]).stderr,
+    )
+    .to_string();
+    assert!(
+        err.contains("bad.parquet: row 1 (counting from 0): the prompt is null"),
+        "{err}"
+    );
+    let err = String::from_utf8_lossy(
+        &launch(
+            &f,
+            &[
+                &format!("rollout.prompts={}", pq.display()),
+                "rollout.answer_key=solution",
+            ],
+        )
+        .stderr,
+    )
+    .to_string();
+    assert!(
+        err.contains("bad.parquet: no column `solution` (rollout.answer_key); the file has columns: prompt (Utf8), answer (Utf8)"),
         "{err}"
     );
     // A missing worker binary.

@@ -12,7 +12,8 @@ use rlhf_algo::{OptimConfig, HELPSTEER2_ATTRIBUTES};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
-use crate::data::{DataFormat, OnBadRow};
+use crate::columnar::Columns;
+use crate::data::{DataFormat, DataInput, OnBadRow};
 use crate::error::{Result, TrainError};
 
 /// What a reward model is trained to do.
@@ -46,20 +47,62 @@ impl RmObjective {
     }
 }
 
-/// One data file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One data file or dataset directory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSource {
-    /// A `.jsonl` or `.jsonl.gz` file. Required.
+    /// A `.jsonl` or `.jsonl.gz` file, a Parquet file, or a Hugging Face dataset directory
+    /// (`data/train-00000-of-00003.parquet`, ...; `split` picks the files). Required.
     pub path: PathBuf,
     /// Row format. Default: the objective's (regression: `helpsteer2`, bradley_terry:
     /// `pairwise`, scaled_bradley_terry: `helpsteer2_preference`; SFT: `chat`).
     #[serde(default)]
     pub format: Option<DataFormat>,
-    /// HelpSteer2-Preference only: use rows whose `split` equals this (`train`,
-    /// `validation`); the others are counted as left out. Default: every row.
+    /// For a dataset directory: the split whose Parquet files are read (default `train`). For a
+    /// HelpSteer2-Preference file: use rows whose `split` field equals this (`train`,
+    /// `validation`); the others are counted as left out (default: every row).
     #[serde(default)]
     pub split: Option<String>,
+    /// The column (JSONL key) holding the `prompt` field. Default: `prompt`.
+    #[serde(default)]
+    pub prompt_key: Option<String>,
+    /// The column holding the chat `messages` field (SFT). Default: `messages`.
+    #[serde(default)]
+    pub messages_key: Option<String>,
+    /// The column holding the `response` field. Default: `response`.
+    #[serde(default)]
+    pub response_key: Option<String>,
+    /// The column holding the `chosen` field (pairs). Default: `chosen`.
+    #[serde(default)]
+    pub chosen_key: Option<String>,
+    /// The column holding the `rejected` field (pairs). Default: `rejected`.
+    #[serde(default)]
+    pub rejected_key: Option<String>,
+}
+
+impl DataSource {
+    /// What to read: `key` is where this source sits in the job file (`data.train`), for the
+    /// errors; `required` the fields whose columns a Parquet source must have.
+    pub fn input<'a>(&'a self, key: &str, required: Vec<Vec<&'a str>>) -> DataInput<'a> {
+        let k = |name: &str| format!("{key}.{name}");
+        DataInput {
+            path: &self.path,
+            split: self.split.as_deref(),
+            split_key: k("split"),
+            columns: Columns::default()
+                .map("prompt", self.prompt_key.as_deref(), k("prompt_key"))
+                .map("messages", self.messages_key.as_deref(), k("messages_key"))
+                .map("response", self.response_key.as_deref(), k("response_key"))
+                .map("chosen", self.chosen_key.as_deref(), k("chosen_key"))
+                .map("rejected", self.rejected_key.as_deref(), k("rejected_key")),
+            required,
+        }
+    }
+
+    /// The HelpSteer2-Preference row filter: `split` of a file (of a directory it picks files).
+    pub fn row_split(&self) -> Option<&str> {
+        self.split.as_deref().filter(|_| !self.path.is_dir())
+    }
 }
 
 /// Training and evaluation data.

@@ -1,5 +1,7 @@
 //! Streaming readers for the published data formats, from `.jsonl` or gzip-compressed
-//! `.jsonl.gz` (detected by the gzip magic bytes, not the name):
+//! `.jsonl.gz` (detected by the gzip magic bytes, not the name), or from Parquet files and
+//! Hugging Face dataset directories ([`crate::columnar`]; rows become the same JSON objects,
+//! numbered from 0 within their file instead of by line):
 //!
 //! - HelpSteer2 ratings (<https://huggingface.co/datasets/nvidia/HelpSteer2>): `prompt`,
 //!   `response`, and the attributes `helpfulness`, `correctness`, `coherence`, `complexity`,
@@ -29,6 +31,7 @@ use rlhf_model::ChatMessage;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::columnar::{is_parquet, split_files, Columns, ParquetRows, DEFAULT_SPLIT};
 use crate::error::{Result, TrainError};
 
 /// The separator HelpSteer2 puts between the turns of a multi-turn prompt.
@@ -183,19 +186,149 @@ impl JsonlReader {
     }
 }
 
+/// Where rows are read from: a `.jsonl` / `.jsonl.gz` file, a Parquet file (told by its magic
+/// bytes, not its name), or a Hugging Face dataset directory (one split's Parquet shards, see
+/// [`crate::columnar`]).
+#[derive(Debug, Clone)]
+pub struct DataInput<'a> {
+    pub path: &'a Path,
+    /// The split read from a dataset directory; `None`: `train`. Ignored for files.
+    pub split: Option<&'a str>,
+    /// The config key that sets `split`, for errors.
+    pub split_key: String,
+    /// Which column holds which row field (JSONL keys and Parquet columns alike).
+    pub columns: Columns,
+    /// Row fields whose columns a Parquet file must have, checked before the first row: for
+    /// each entry, any one of its fields will do. JSONL rows are checked one by one instead.
+    pub required: Vec<Vec<&'a str>>,
+}
+
+impl<'a> DataInput<'a> {
+    /// A file or directory read with the default split and no column mapping.
+    pub fn new(path: &'a Path) -> Self {
+        DataInput {
+            path,
+            split: None,
+            split_key: "the split".into(),
+            columns: Columns::default(),
+            required: vec![],
+        }
+    }
+}
+
+enum Reader {
+    Jsonl(JsonlReader),
+    Parquet(ParquetRows),
+}
+
+/// The rows of a [`DataInput`], whatever its format, as JSON objects with the column mapping
+/// applied, each with its line (JSONL, from 1) or row (Parquet, from 0 within its file).
+pub struct RowSource {
+    reader: Reader,
+    columns: Columns,
+}
+
+impl RowSource {
+    pub fn open(input: &DataInput<'_>) -> Result<RowSource> {
+        let parquet_files = if input.path.is_dir() {
+            Some(split_files(
+                input.path,
+                input.split.unwrap_or(DEFAULT_SPLIT),
+                &input.split_key,
+            )?)
+        } else if is_parquet(input.path) {
+            Some(vec![input.path.to_path_buf()])
+        } else {
+            None
+        };
+        let reader = match parquet_files {
+            Some(files) => Reader::Parquet(ParquetRows::open(
+                files,
+                input.columns.clone(),
+                &input.required,
+            )?),
+            None => Reader::Jsonl(JsonlReader::open(input.path)?),
+        };
+        Ok(RowSource {
+            reader,
+            columns: input.columns.clone(),
+        })
+    }
+
+    /// The file the last row came from.
+    pub fn path(&self) -> &Path {
+        match &self.reader {
+            Reader::Jsonl(r) => r.path(),
+            Reader::Parquet(r) => r.path(),
+        }
+    }
+
+    /// Whether rows are Parquet rows (numbered from 0) rather than JSONL lines (from 1).
+    pub fn is_parquet(&self) -> bool {
+        matches!(self.reader, Reader::Parquet(_))
+    }
+
+    /// `FILE:LINE` or `FILE: row N (counting from 0)`, for log lines.
+    pub fn location(&self, n: u64) -> String {
+        if self.is_parquet() {
+            format!("{}: row {n} (counting from 0)", self.path().display())
+        } else {
+            format!("{}:{n}", self.path().display())
+        }
+    }
+
+    /// The error for a bad row `n` of the current file.
+    pub fn bad_row(&self, n: u64, msg: String) -> TrainError {
+        let msg = format!("{msg}{}", self.columns.describe());
+        let path = self.path().to_path_buf();
+        if self.is_parquet() {
+            TrainError::BadRecord { path, row: n, msg }
+        } else {
+            TrainError::BadRow { path, line: n, msg }
+        }
+    }
+
+    /// The next row: its number and the JSON object, or the reason the line is not one.
+    pub fn next_row(&mut self) -> Result<Option<(u64, std::result::Result<Value, String>)>> {
+        match &mut self.reader {
+            Reader::Jsonl(r) => Ok(r.next_row()?.map(|(n, v)| {
+                let v = v.map(|mut v| {
+                    if let Value::Object(obj) = &mut v {
+                        self.columns.apply(obj);
+                    }
+                    v
+                });
+                (n, v)
+            })),
+            Reader::Parquet(r) => Ok(r.next_row()?.map(|(n, v)| (n, Ok(v)))),
+        }
+    }
+}
+
 /// How many skipped rows are logged one by one before only the count goes on.
 const LOGGED_BAD_ROWS: u64 = 20;
 
-/// Reads every row of `path` through `parse`, applying the bad-row policy. Returns the examples
-/// in file order (with their line numbers) and the counts; logs a summary.
+/// Reads every row of the file or dataset directory `path` (split `train`, no column mapping)
+/// through `parse`; see [`read_rows_from`].
 pub fn read_rows<T>(
     path: &Path,
     on_bad: OnBadRow,
+    parse: impl FnMut(&Value) -> std::result::Result<RowOutcome<T>, String>,
+) -> Result<(Vec<(u64, T)>, RowStats)> {
+    read_rows_from(&DataInput::new(path), on_bad, parse)
+}
+
+/// Reads every row of `input` through `parse`, applying the bad-row policy. Returns the examples
+/// in order (with their line numbers, or row numbers within their Parquet file) and the counts;
+/// logs a summary.
+pub fn read_rows_from<T>(
+    input: &DataInput<'_>,
+    on_bad: OnBadRow,
     mut parse: impl FnMut(&Value) -> std::result::Result<RowOutcome<T>, String>,
 ) -> Result<(Vec<(u64, T)>, RowStats)> {
-    let mut reader = JsonlReader::open(path)?;
+    let mut reader = RowSource::open(input)?;
     let mut stats = RowStats {
-        path: path.to_path_buf(),
+        path: input.path.to_path_buf(),
         ..Default::default()
     };
     let mut out = Vec::new();
@@ -210,19 +343,18 @@ pub fn read_rows<T>(
             Ok(RowOutcome::Filter(why)) => *stats.filtered.entry(why.to_string()).or_insert(0) += 1,
             Err(msg) => match on_bad {
                 OnBadRow::Fail => {
-                    return Err(TrainError::BadRow {
-                        path: path.to_path_buf(),
+                    return Err(reader.bad_row(
                         line,
-                        msg: format!(
+                        format!(
                             "{msg} (to skip and count bad rows: `data.on_bad_row: skip` in a job \
                              file, `--on-bad-row skip` for score, eval-rm and derive-pairs)"
                         ),
-                    })
+                    ))
                 }
                 OnBadRow::Skip => {
                     stats.skipped_bad += 1;
                     if stats.skipped_bad <= LOGGED_BAD_ROWS {
-                        tracing::warn!("{}:{line}: skipping bad row: {msg}", path.display());
+                        tracing::warn!("{}: skipping bad row: {msg}", reader.location(line));
                     }
                 }
             },

@@ -1,4 +1,4 @@
-//! The one error type of this crate. Bad data names the file and line, bad configuration names
+//! The one error type of this crate. Bad data names the file and line (JSONL) or row (Parquet), bad configuration names
 //! the key, and a checkpoint that does not fit the job names the checkpoint and what differs.
 
 use std::path::PathBuf;
@@ -17,6 +17,14 @@ pub enum TrainError {
     BadRow {
         path: PathBuf,
         line: u64,
+        msg: String,
+    },
+
+    /// A row of a Parquet file that cannot be used; rows count from 0 within the file.
+    #[error("{}: row {row} (counting from 0): {msg}", path.display())]
+    BadRecord {
+        path: PathBuf,
+        row: u64,
         msg: String,
     },
 

@@ -3,16 +3,19 @@
 //! and HelpSteer2-Preference papers) and SFT policies, plus their data loaders, reward-model
 //! scoring and RewardBench-format evaluation.
 //!
-//! Owns: streaming readers for the published formats with the bad-row policy ([`data`]);
+//! Owns: streaming readers for the published formats with the bad-row policy ([`data`]), from
+//! JSONL or from Parquet files and Hugging Face dataset directories ([`columnar`]);
 //! chat-template tokenization and assistant masks ([`encode`]); the losses ([`losses`]); the
 //! job files ([`config`]); the shared optimisation loop with checkpoints and exact resume
 //! ([`trainer`]); the jobs ([`rm`], [`sft`]); reward models for scoring ([`reward`]);
 //! RewardBench evaluation ([`eval`]); rating-to-pair derivation ([`pairs`]).
 //!
 //! May use: rlhf-model (the model), rlhf-algo (AdamW, schedules, clipping, permutations),
-//! rlhf-ckpt (the checkpoint format), tch. Knows nothing about gRPC, tokio, figment or clap:
-//! the binary loads the job files and calls [`rm::train_reward_model`] and [`sft::train_sft`].
+//! rlhf-ckpt (the checkpoint format), tch, parquet + arrow (Parquet data). Knows nothing about
+//! gRPC, tokio, figment or clap: the binary loads the job files and calls
+//! [`rm::train_reward_model`] and [`sft::train_sft`].
 
+pub mod columnar;
 pub mod config;
 pub mod data;
 pub mod encode;

@@ -14,7 +14,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::{check_exists, DataSource, RmJobConfig, RmObjective};
 use crate::data::{
-    conversation, parse_hs2_preference, parse_pairwise, parse_rating, read_rows, DataFormat,
+    conversation, parse_hs2_preference, parse_pairwise, parse_rating, read_rows_from, DataFormat,
     OnBadRow, RowOutcome, RowStats,
 };
 use crate::encode::{encode_conversation, pad_batch};
@@ -72,6 +72,7 @@ pub struct Reading<'a> {
 /// end and are counted under `filtered` as `truncated (kept)`.
 pub fn read_rm_data(
     src: &DataSource,
+    key: &str,
     format: DataFormat,
     r: &Reading<'_>,
 ) -> Result<(RmData, RowStats)> {
@@ -84,7 +85,9 @@ pub fn read_rm_data(
     let mut truncated = 0u64;
     let (data, mut stats) = match format {
         DataFormat::Helpsteer2 => {
-            let (rows, stats) = read_rows(&src.path, r.on_bad, |v| {
+            let mut required = vec![vec!["prompt"], vec!["response"]];
+            required.extend(r.attributes.iter().map(|a| vec![a.as_str()]));
+            let (rows, stats) = read_rows_from(&src.input(key, required), r.on_bad, |v| {
                 let row = parse_rating(v, r.attributes)?;
                 let ids = enc(&conversation(&row.prompt, &row.response), &mut truncated)?;
                 let t = row.ratings.iter().map(|&x| x as f32).collect();
@@ -98,8 +101,21 @@ pub fn read_rm_data(
             (RmData::Rated(set), stats)
         }
         DataFormat::Helpsteer2Preference | DataFormat::Pairwise => {
-            let split = src.split.as_deref();
-            let (rows, stats) = read_rows(&src.path, r.on_bad, |v| {
+            let split = src.row_split();
+            let mut required = if format == DataFormat::Pairwise {
+                vec![vec!["chosen"], vec!["rejected"]]
+            } else {
+                vec![
+                    vec!["prompt"],
+                    vec!["response_1"],
+                    vec!["response_2"],
+                    vec!["preference_strength"],
+                ]
+            };
+            if split.is_some() {
+                required.push(vec!["split"]);
+            }
+            let (rows, stats) = read_rows_from(&src.input(key, required), r.on_bad, |v| {
                 let pair = if format == DataFormat::Pairwise {
                     parse_pairwise(v)?
                 } else {
@@ -436,12 +452,16 @@ pub fn train_reward_model(cfg: &RmJobConfig, control: &JobControl) -> Result<Job
         on_bad: cfg.data.on_bad_row,
         attributes: &attributes,
     };
-    let (train, train_stats) =
-        read_rm_data(&cfg.data.train, cfg.format_of(&cfg.data.train), &reading)?;
+    let (train, train_stats) = read_rm_data(
+        &cfg.data.train,
+        "data.train",
+        cfg.format_of(&cfg.data.train),
+        &reading,
+    )?;
     let mut data_stats = vec![train_stats];
     let eval = match &cfg.data.eval {
         Some(src) => {
-            let (d, s) = read_rm_data(src, cfg.format_of(src), &reading)?;
+            let (d, s) = read_rm_data(src, "data.eval", cfg.format_of(src), &reading)?;
             data_stats.push(s);
             Some(d)
         }

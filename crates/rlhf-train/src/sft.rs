@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tch::Kind;
 
 use crate::config::{check_exists, DataSource, SftJobConfig};
-use crate::data::{parse_chat, read_rows, OnBadRow, RowOutcome, RowStats};
+use crate::data::{parse_chat, read_rows_from, OnBadRow, RowOutcome, RowStats};
 use crate::encode::{encode_chat_masked, pad_batch, pad_marks, MaskedTokens};
 use crate::error::{Result, TrainError};
 use crate::losses::sft_loss_sum;
@@ -22,12 +22,14 @@ use crate::trainer::{fingerprint, BatchStats, JobControl, JobReport, Session, Se
 /// counted); a row with no assistant token left within `max_len` is left out and counted.
 pub fn read_chat_data(
     src: &DataSource,
+    key: &str,
     tok: &Tokenizer,
     max_len: usize,
     on_bad: OnBadRow,
 ) -> Result<(Vec<MaskedTokens>, RowStats)> {
     let mut truncated = 0u64;
-    let (rows, mut stats) = read_rows(&src.path, on_bad, |v| {
+    let input = src.input(key, vec![vec!["messages", "prompt"]]);
+    let (rows, mut stats) = read_rows_from(&input, on_bad, |v| {
         let msgs = parse_chat(v)?;
         let (t, cut) = encode_chat_masked(tok, &msgs, max_len)?;
         truncated += u64::from(cut);
@@ -185,11 +187,17 @@ pub fn train_sft(cfg: &SftJobConfig, control: &JobControl) -> Result<JobReport> 
         .data
         .max_length
         .unwrap_or(base_cfg.max_position_embeddings);
-    let (train, s) = read_chat_data(&cfg.data.train, &tok, max_len, cfg.data.on_bad_row)?;
+    let (train, s) = read_chat_data(
+        &cfg.data.train,
+        "data.train",
+        &tok,
+        max_len,
+        cfg.data.on_bad_row,
+    )?;
     let mut data_stats = vec![s];
     let eval = match &cfg.data.eval {
         Some(src) => {
-            let (d, s) = read_chat_data(src, &tok, max_len, cfg.data.on_bad_row)?;
+            let (d, s) = read_chat_data(src, "data.eval", &tok, max_len, cfg.data.on_bad_row)?;
             data_stats.push(s);
             Some(d)
         }

@@ -1,5 +1,34 @@
 //! Programmatic rewards for verifiable tasks: the response's answer is extracted and compared with
-//! the prompt row's reference `answer`.
+//! the prompt row's reference `answer`. [`ExactMatch`] compares text or the last number;
+//! [`MathAnswer`] (in [`math`]) reads math answers (`\boxed{}`, fractions, LaTeX) by value.
+
+pub mod math;
+
+pub use math::MathAnswer;
+
+/// A rule reward as a role holds it.
+#[derive(Debug, Clone)]
+pub enum Rule {
+    ExactMatch(ExactMatch),
+    Math(MathAnswer),
+}
+
+impl Rule {
+    /// The name its score is logged under (`models.reward.kind`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Rule::ExactMatch(_) => "exact_match",
+            Rule::Math(_) => "math",
+        }
+    }
+
+    pub fn score(&self, response: &str, reference: &str) -> f64 {
+        match self {
+            Rule::ExactMatch(r) => r.score(response, reference),
+            Rule::Math(r) => r.score(response, reference),
+        }
+    }
+}
 
 /// How the answer is taken from a response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -23,7 +23,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::comm::{owned_ranges, Groups};
 use crate::error::{RoleError, RoleResult};
-use crate::reward_rules::ExactMatch;
+use crate::reward_rules::Rule;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RoleKind {
@@ -84,7 +84,8 @@ pub enum RewardKindSpec {
         mean: f64,
         std: f64,
     },
-    ExactMatch(ExactMatch),
+    /// A rule over the response text and the row's answer (`exact_match`, `math`).
+    Rule(Rule),
 }
 
 #[derive(Debug, Clone)]
@@ -266,7 +267,7 @@ pub enum Role {
     Actor(Trainer),
     Critic(Trainer),
     RewardModel(RewardModel),
-    RewardRule(ExactMatch),
+    RewardRule(Rule),
     Reference(ModelDir),
     Generator(ModelDir),
 }
@@ -363,8 +364,8 @@ impl Role {
                 freeze(&dir);
                 Role::Generator(dir)
             }
-            RoleDetail::Reward(RewardKindSpec::ExactMatch(rule)) => {
-                names.push("exact_match".to_string());
+            RoleDetail::Reward(RewardKindSpec::Rule(rule)) => {
+                names.push(rule.name().to_string());
                 Role::RewardRule(rule.clone())
             }
             RoleDetail::Reward(RewardKindSpec::Model {
@@ -571,7 +572,7 @@ impl Role {
                 Ok(Scores {
                     rewards: Tensor::f_from_slice(&r)?,
                     attributes: None,
-                    attribute_names: vec!["exact_match".into()],
+                    attribute_names: vec![rule.name().into()],
                 })
             }
             Role::RewardModel(rm) => rm.score(&items),

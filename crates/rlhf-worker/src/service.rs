@@ -22,7 +22,7 @@ use tracing::{info, instrument};
 use crate::comm::{weights_digest, Group, Purpose};
 use crate::error::{RoleError, RoleResult};
 use crate::host::{Hosted, RoleHandle};
-use crate::reward_rules::{ExactMatch, Extract};
+use crate::reward_rules::{ExactMatch, Extract, MathAnswer, Rule};
 use crate::roles::{
     kl_estimator, GenerateArgs, RewardKindSpec, RoleDetail, RoleSpec, ScoreItem, Seqs, TrainBatch,
     TrainerSpec,
@@ -256,13 +256,25 @@ impl TryFrom<pb::CreateRoleRequest> for RoleSpec {
                             correct,
                             incorrect,
                         } = e;
-                        RewardKindSpec::ExactMatch(ExactMatch {
+                        RewardKindSpec::Rule(Rule::ExactMatch(ExactMatch {
                             extract: Extract::parse(&extract)
                                 .map_err(|m| RoleError::bad("extract", m))?,
                             marker,
                             correct,
                             incorrect,
-                        })
+                        }))
+                    }
+                    Some(pb::reward_role_spec::Kind::Math(e)) => {
+                        let pb::MathReward {
+                            marker,
+                            correct,
+                            incorrect,
+                        } = e;
+                        RewardKindSpec::Rule(Rule::Math(MathAnswer {
+                            marker,
+                            correct,
+                            incorrect,
+                        }))
                     }
                     None => return Err(RoleError::bad("spec.reward.kind", "missing".into())),
                 })
@@ -274,7 +286,7 @@ impl TryFrom<pb::CreateRoleRequest> for RoleSpec {
                 ))
             }
         };
-        let needs_model = !matches!(detail, RoleDetail::Reward(RewardKindSpec::ExactMatch(_)));
+        let needs_model = !matches!(detail, RoleDetail::Reward(RewardKindSpec::Rule(_)));
         if needs_model && model_path.is_empty() {
             return Err(RoleError::bad(
                 "model_path",

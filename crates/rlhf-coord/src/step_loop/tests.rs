@@ -254,6 +254,8 @@ fn context(dir: &Path, sets: &[&str]) -> RunContext {
             chat_template: false,
             max_prompt_tokens: cfg.rollout.max_prompt_tokens,
             need_answer: true,
+            split: &cfg.rollout.split,
+            columns: crate::prompts::columns(&cfg.rollout),
         },
     )
     .unwrap();

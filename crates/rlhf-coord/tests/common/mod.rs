@@ -81,3 +81,36 @@ pub fn launch(file: &Path, set: &[&str]) -> Output {
     }
     c.output().unwrap()
 }
+
+/// The venv interpreter with the test packages (scripts/setup-torch.sh --test-deps).
+pub fn python() -> PathBuf {
+    if let Ok(v) = std::env::var("RLHF_TORCH_VENV") {
+        let p = Path::new(&v).join("bin/python");
+        if p.exists() {
+            return p;
+        }
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let p = Path::new(&home).join(".cache/rlhf-coord/torch-venv/bin/python");
+    if p.exists() {
+        return p;
+    }
+    PathBuf::from("python3")
+}
+
+/// Writes Parquet files with pyarrow: `spec` as scripts/golden/write_parquet.py takes it (a
+/// list of `{path, rows, compression?, row_group_size?}`), through a file in `dir`.
+pub fn write_parquet(dir: &Path, spec: serde_json::Value) {
+    let f = dir.join("parquet-spec.json");
+    std::fs::write(&f, spec.to_string()).unwrap();
+    let out = Command::new(python())
+        .arg(repo().join("scripts/golden/write_parquet.py"))
+        .arg(&f)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python().display()));
+    assert!(
+        out.status.success(),
+        "write_parquet.py failed (did you run `scripts/setup-torch.sh --test-deps`?): {}",
+        text(&out)
+    );
+}
