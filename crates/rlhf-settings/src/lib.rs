@@ -174,6 +174,16 @@ impl KlConfig {
     }
 }
 
+/// The KL-to-reference term of the actor's loss under [`KlMode::Loss`]: the coordinator sends
+/// the run's estimator and its current coefficient when it creates the actor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KlLossTerm {
+    /// Per-token estimator (GRPO uses k3).
+    pub estimator: KlEstimator,
+    /// Coefficient beta; finite and >= 0.
+    pub coef: f64,
+}
+
 /// `algorithm.reward:` — turning reward-model outputs into the scalar reward.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
