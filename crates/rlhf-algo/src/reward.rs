@@ -257,12 +257,7 @@ mod tests {
     fn goodness_uses_the_helpsteer2_weights() {
         let scores =
             Tensor::from_slice(&[4.0, 3.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 4.0, 4.0]).reshape([2, 5]);
-        let r = combine_attributes(
-            &scores,
-            &HELPSTEER2_ATTRIBUTES,
-            &goodness(),
-        )
-        .unwrap();
+        let r = combine_attributes(&scores, &HELPSTEER2_ATTRIBUTES, &goodness()).unwrap();
         let want = [0.65 * 4.0 + 0.8 * 3.0 + 0.45 * 2.0, 0.0];
         for (a, b) in v1(&r).iter().zip(want) {
             assert!((a - b).abs() < 1e-12);

@@ -89,9 +89,7 @@ impl AlgoSettings {
             uses_critic: estimator == AdvantageEstimator::Gae,
         };
         s.advantage.validate().context("algorithm")?;
-        s.policy_loss
-            .validate()
-            .map_err(|e| e.under("algorithm"))?;
+        s.policy_loss.validate().map_err(|e| e.under("algorithm"))?;
         // The run file calls the value loss's `clip` `algorithm.value_clip`.
         s.value_loss.validate().map_err(|mut e| {
             e.key = "algorithm.value_clip".into();

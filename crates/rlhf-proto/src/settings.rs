@@ -325,7 +325,11 @@ mod tests {
                 beta2: 0.95,
                 eps: 1e-6,
                 schedule,
-                warmup_steps: if schedule == LrSchedule::Constant { 0 } else { 4 },
+                warmup_steps: if schedule == LrSchedule::Constant {
+                    0
+                } else {
+                    4
+                },
                 min_lr_ratio: 0.1,
             };
             assert_eq!(
@@ -339,12 +343,15 @@ mod tests {
     fn out_of_range_and_unset_fields_are_named() {
         let mut m = pb::PolicyLossSettings::from(&PolicyLossConfig::default());
         m.clip_eps = 1.5;
-        let e = PolicyLossConfig::try_from(m.clone()).unwrap_err();
+        let e = PolicyLossConfig::try_from(m).unwrap_err();
         assert_eq!(e.field, "policy_loss.clip_eps");
-        assert!(e.reason.contains("1.5") && e.reason.contains("(0, 1)"), "{e}");
+        assert!(
+            e.reason.contains("1.5") && e.reason.contains("(0, 1)"),
+            "{e}"
+        );
         m.clip_eps = 0.2;
         m.agg = 0;
-        let e = PolicyLossConfig::try_from(m.clone()).unwrap_err();
+        let e = PolicyLossConfig::try_from(m).unwrap_err();
         assert_eq!(e.field, "policy_loss.agg");
         m.agg = 99;
         assert_eq!(
@@ -374,14 +381,14 @@ mod tests {
 
         let mut o = optimizer_settings(&OptimizerConfig::actor(), 10);
         o.beta2 = 1.0;
-        let e = optimizer_from_settings(o.clone()).unwrap_err();
+        let e = optimizer_from_settings(o).unwrap_err();
         assert_eq!(e.field, "optimizer.beta2");
         assert_eq!(e.to_string(), "`optimizer.beta2`: 1: must be in [0, 1)");
         o.beta2 = 0.999;
         o.schedule = pb::LrSchedule::Cosine as i32;
         o.warmup_steps = 10;
         assert_eq!(
-            optimizer_from_settings(o.clone()).unwrap_err().field,
+            optimizer_from_settings(o).unwrap_err().field,
             "optimizer.warmup_steps"
         );
         o.schedule = 0;

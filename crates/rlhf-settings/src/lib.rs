@@ -621,10 +621,7 @@ mod tests {
 
         let mut r = RewardShapingConfig::default();
         r.attribute_weights.insert("verbosity".into(), f64::NAN);
-        assert_eq!(
-            r.validate().unwrap_err().key,
-            "attribute_weights.verbosity"
-        );
+        assert_eq!(r.validate().unwrap_err().key, "attribute_weights.verbosity");
         let r = RewardShapingConfig {
             std: 0.0,
             ..RewardShapingConfig::default()

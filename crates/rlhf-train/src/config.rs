@@ -507,7 +507,8 @@ pub fn job_optimizer() -> OptimizerConfig {
 /// Validates the optimizer settings; the cosine horizon (the job's length) is checked when the
 /// job starts.
 fn validate_optim(o: &OptimizerConfig) -> Result<()> {
-    Ok(o.validate().map_err(|e| AlgoError::from(e.under("optim")))?)
+    Ok(o.validate()
+        .map_err(|e| AlgoError::from(e.under("optim")))?)
 }
 
 /// Paths that must exist before a job starts, with the key that names them.

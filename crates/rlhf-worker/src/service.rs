@@ -151,9 +151,10 @@ fn trainer_spec(t: pb::TrainerSpec, actor: bool) -> RoleResult<TrainerSpec> {
             ))
         }
     };
-    let (optim, total_steps) = optimizer_from_settings(optimizer.ok_or_else(|| {
-        RoleError::bad("optimizer", "required: the AdamW settings".into())
-    })?)?;
+    let (optim, total_steps) = optimizer_from_settings(
+        optimizer
+            .ok_or_else(|| RoleError::bad("optimizer", "required: the AdamW settings".into()))?,
+    )?;
     if micro_batch_size < 1 {
         return Err(RoleError::bad(
             "micro_batch_size",
