@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 fn main() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read when the script runs, not when it is compiled: a build script compiled for one
+    // checkout may be run for another (worktrees sharing a build directory).
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let root = PathBuf::from(manifest_dir).join("../../proto");
     let protos: Vec<PathBuf> = ["tensor", "coordinator", "worker"]
         .iter()
         .map(|n| root.join(format!("rlhf/v1/{n}.proto")))

@@ -809,6 +809,13 @@ pub struct LoggingConfig {
     pub progress: bool,
     /// Write a reward/KL plot (PNG) to the run directory. Default: true.
     pub plot: bool,
+    /// Every this many steps, append `samples_prompts` of the step's prompts with their
+    /// completions, scores and per-attribute scores to `RUN_DIR/samples.jsonl`; 0 turns it off.
+    /// Default: 10.
+    pub samples_every: u64,
+    /// How many prompts (each with all its `rollout.samples_per_prompt` completions) a sampled
+    /// step writes; at most `rollout.batch_size` are. Default: 2.
+    pub samples_prompts: usize,
 }
 
 impl Default for LoggingConfig {
@@ -818,6 +825,8 @@ impl Default for LoggingConfig {
             format: LogFormat::Plain,
             progress: true,
             plot: true,
+            samples_every: 10,
+            samples_prompts: 2,
         }
     }
 }

@@ -1,39 +1,19 @@
 //! `rlhf-coord`: the command-line entry point of rlhf-coord.
 //!
-//! Today it carries the model tools (`init-model`, `generate`); the RLHF controller (`launch`),
-//! reward-model jobs and the rest arrive as later subcommands. This binary owns the tracing
-//! subscriber (`RLHF_LOG` filter, `RLHF_LOG_FORMAT=json`), argument parsing and exit codes; all
-//! model logic lives in `rlhf-model`.
-
-mod checkpoint;
-mod cluster;
-mod export;
-mod generate_cmd;
-mod launch;
-mod launcher;
-mod limits;
-mod metrics;
-mod plan;
-mod plot;
-mod prompts;
-mod replicas;
-mod rl;
-mod slurm;
-mod status;
-mod tls;
-mod train_cmds;
-mod validation;
-mod workers;
+//! Parses the command line, installs the tracing subscriber (`RLHF_LOG` filter,
+//! `RLHF_LOG_FORMAT=json`) and maps errors to exit codes; every command's work is in the
+//! `rlhf_coord` library (`lib.rs`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use rlhf_model::config::{device_from_str, kind_from_str};
+use rlhf_coord::{
+    export, generate_cmd, launch, parse_device, parse_kind, plan, status, train_cmds,
+};
 use rlhf_model::init::{init_model, InitSpec, Preset};
 use rlhf_model::Family;
-use tch::{Device, Kind};
 
 #[derive(Parser)]
 #[command(name = "rlhf-coord", version, about = "Distributed RLHF orchestrator")]
@@ -106,14 +86,6 @@ fn parse_family(s: &str) -> Result<Family> {
         "qwen2" => Family::Qwen2,
         _ => bail!("--arch {s:?}: expected llama, mistral or qwen2"),
     })
-}
-
-pub(crate) fn parse_kind(flag: &str, s: &str) -> Result<Kind> {
-    kind_from_str(s).with_context(|| format!("{flag} {s:?}: expected float32, bfloat16 or float16"))
-}
-
-pub(crate) fn parse_device(s: &str) -> Result<Device> {
-    device_from_str(s).with_context(|| format!("--device {s:?}: expected cpu, cuda or cuda:N"))
 }
 
 fn init_tracing() {

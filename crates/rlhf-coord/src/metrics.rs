@@ -1,44 +1,39 @@
-//! Per-step metrics: one JSON object per line in `RUN_DIR/metrics.jsonl` (written and flushed
-//! each step, so a crash loses at most the step in progress), and the progress bar on stderr
+//! Per-step metrics: one JSON object per line in `RUN_DIR/metrics.jsonl`, its keys those of
+//! [`StepMetrics`] (written and flushed each step, so a crash loses at most the step in
+//! progress), and the progress bar on stderr
 //! (steps, reward, KL, tokens/s) with a plain log line per step when stderr is not a terminal.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-pub struct MetricsWriter {
+use crate::step_loop::StepMetrics;
+
+/// An append-only JSONL file: `metrics.jsonl`, `samples.jsonl`.
+pub struct JsonlWriter {
     path: PathBuf,
     file: std::io::BufWriter<std::fs::File>,
 }
 
-impl MetricsWriter {
+impl JsonlWriter {
     /// Opens `path` for appending (a resumed run continues the same file).
-    pub fn create(path: &Path) -> Result<MetricsWriter> {
+    pub fn create(path: &Path) -> Result<JsonlWriter> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
-        Ok(MetricsWriter {
+        Ok(JsonlWriter {
             path: path.to_path_buf(),
             file: std::io::BufWriter::new(file),
         })
     }
 
-    pub fn write(&mut self, step: u64, m: &BTreeMap<String, f64>) -> Result<()> {
-        let mut obj = serde_json::Map::new();
-        obj.insert("step".into(), step.into());
-        for (k, v) in m {
-            // JSON has no NaN/inf: write null so the line stays parseable.
-            let val = serde_json::Number::from_f64(*v)
-                .map(serde_json::Value::Number)
-                .unwrap_or(serde_json::Value::Null);
-            obj.insert(k.clone(), val);
-        }
-        let line = serde_json::to_string(&obj)?;
+    /// Appends one line (non-finite numbers as `null`, so the line stays JSON) and flushes it.
+    pub fn write(&mut self, m: &impl serde::Serialize) -> Result<()> {
+        let line = serde_json::to_string(m)?;
         writeln!(self.file, "{line}")
             .with_context(|| format!("writing {}", self.path.display()))?;
         self.flush()
@@ -71,14 +66,11 @@ impl Progress {
         Progress { bar }
     }
 
-    pub fn step(&self, step: u64, m: &BTreeMap<String, f64>) {
-        let g = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
+    pub fn step(&self, m: &StepMetrics) {
+        let step = m.step;
         let msg = format!(
             "reward {:.3} kl {:.4} tok/s {:.0} step {:.2}s",
-            g("reward_mean"),
-            g("kl_mean"),
-            g("tokens_per_s"),
-            g("time/step_s")
+            m.reward_mean, m.kl_mean, m.tokens_per_s, m.step_s
         );
         match &self.bar {
             Some(b) => {

@@ -8,7 +8,7 @@
 //! - Generation is sharded by prompt over the generators (or over the actor replicas when there
 //!   are no generators). Row `i` of the batch samples from the stream of (seed, `i`) wherever it
 //!   runs, so the shard boundaries do not change what is sampled; the shards' answers are merged
-//!   into one padded batch ([`crate::rl::merge_generations`]).
+//!   into one padded batch ([`rl::merge_generations`]).
 //! - A minibatch is sharded by rows over the replicas; every shard carries the whole minibatch's
 //!   token and row counts, so each replica's loss is its share of the minibatch loss, and the
 //!   replicas all-reduce (sum) gradients before clipping and the optimizer step. Their partial
@@ -23,7 +23,8 @@ use futures::future::try_join_all;
 use rlhf_config::CollectiveBackend;
 use rlhf_proto::pb;
 
-use crate::workers::RoleClient;
+use crate::rl;
+use crate::workers::{RoleClient, RoleHandle};
 
 /// The backend a group over `members` uses: NCCL when asked for, or with `auto` when every
 /// member is on a CUDA device of its own; TCP otherwise. NCCL refuses two ranks on one GPU
@@ -129,25 +130,16 @@ pub async fn form_group(
     Ok(())
 }
 
-/// `n` items cut into at most `k` contiguous, non-empty ranges differing in length by at most 1.
-pub fn shards(n: usize, k: usize) -> Vec<Range<usize>> {
-    let k = k.clamp(1, n.max(1));
-    (0..k)
-        .map(|i| (i * n / k)..((i + 1) * n / k))
-        .filter(|r| !r.is_empty())
-        .collect()
-}
-
 /// Generates `req`'s prompts on `gens`, sharded by prompt, and merges the answers in order.
-pub async fn generate(
-    gens: &[RoleClient],
+pub async fn generate<R: RoleHandle>(
+    gens: &[R],
     req: pb::GenerateRequest,
 ) -> Result<pb::GenerateResponse> {
     if gens.len() == 1 {
         return gens[0].generate(req).await;
     }
     let per_prompt = req.samples_per_prompt as u64;
-    let parts = shards(req.prompts.len(), gens.len());
+    let parts = rl::shards(req.prompts.len(), gens.len());
     let calls = parts.iter().zip(gens).map(|(r, g)| {
         let shard = pb::GenerateRequest {
             prompts: req.prompts[r.clone()].to_vec(),
@@ -157,22 +149,22 @@ pub async fn generate(
         g.generate(shard)
     });
     let answers = try_join_all(calls).await?;
-    tokio::task::block_in_place(|| crate::rl::merge_generations(answers))
+    tokio::task::block_in_place(|| rl::merge_generations(answers))
 }
 
 /// Reference log-probs of `seqs` from the actor replicas with their LoRA adapters switched off
 /// (the reference is the policy's frozen base, `ModelsConfig::reference_is_actor_base`): rows
 /// sharded over the replicas at prompt-group boundaries (`group` rows per prompt, so each
 /// shard keeps its prompts' shared prefix), the answers concatenated in order.
-pub async fn base_log_probs(
-    actors: &[RoleClient],
+pub async fn base_log_probs<R: RoleHandle>(
+    actors: &[R],
     seqs: pb::Sequences,
     temperature: f64,
     group: usize,
 ) -> Result<pb::Tensor> {
     if actors.len() <= 1 {
         let actor = actors.first().context("no actor replica to ask")?;
-        return actor.base_log_probs(seqs, temperature).await;
+        return actor.log_probs(seqs, temperature, true).await;
     }
     let rows = seqs
         .input_ids
@@ -182,22 +174,22 @@ pub async fn base_log_probs(
         .unwrap_or(0) as usize;
     let group = group.max(1);
     let parts: Vec<Range<usize>> = if rows % group == 0 {
-        shards(rows / group, actors.len())
+        rl::shards(rows / group, actors.len())
             .into_iter()
             .map(|r| r.start * group..r.end * group)
             .collect()
     } else {
-        shards(rows, actors.len())
+        rl::shards(rows, actors.len())
     };
-    let pieces = tokio::task::block_in_place(|| crate::rl::split_sequences(&seqs, &parts))?;
+    let pieces = tokio::task::block_in_place(|| rl::split_sequences(&seqs, &parts))?;
     let answers = try_join_all(
         actors
             .iter()
             .zip(pieces)
-            .map(|(a, s)| a.base_log_probs(s, temperature)),
+            .map(|(a, s)| a.log_probs(s, temperature, true)),
     )
     .await?;
-    tokio::task::block_in_place(|| crate::rl::concat_rows("ref_logprobs", &answers))
+    tokio::task::block_in_place(|| rl::concat_rows("ref_logprobs", &answers))
 }
 
 /// Combines the replicas' answers to one minibatch's TrainStep: partial metrics add up,
@@ -224,7 +216,7 @@ pub fn combine_metrics(parts: &[pb::TrainStepResponse]) -> pb::TrainStepResponse
 
 /// Broadcasts replica 0's actor weights to every generator; returns (bytes, seconds of the
 /// slowest member).
-pub async fn sync_generators(actor: &RoleClient, gens: &[RoleClient]) -> Result<(u64, f64)> {
+pub async fn sync_generators<R: RoleHandle>(actor: &R, gens: &[R]) -> Result<(u64, f64)> {
     let calls = std::iter::once(actor)
         .chain(gens)
         .map(|m| m.sync_weights(0));
@@ -237,7 +229,7 @@ pub async fn sync_generators(actor: &RoleClient, gens: &[RoleClient]) -> Result<
 
 /// Checks that every member of `members` holds the same weights as `members[0]`. `what` names
 /// the set in the error ("actor replicas", "generators (after weight sync)").
-pub async fn check_digests(members: &[RoleClient], what: &str, step: u64) -> Result<()> {
+pub async fn check_digests<R: RoleHandle>(members: &[R], what: &str, step: u64) -> Result<()> {
     if members.len() < 2 {
         return Ok(());
     }
@@ -247,11 +239,11 @@ pub async fn check_digests(members: &[RoleClient], what: &str, step: u64) -> Res
             bail!(
                 "replica check after step {step}: {what} differ: worker `{}` (role {}) has weights sha256 {}…, worker `{}` (role {}) has {}…; \
                  replicas must stay bitwise equal (same model files, dtype and seed on every worker); stopping",
-                m.worker,
-                m.role,
+                m.worker(),
+                m.role(),
                 &d[..16],
-                members[0].worker,
-                members[0].role,
+                members[0].worker(),
+                members[0].role(),
                 &digests[0][..16]
             );
         }
@@ -296,14 +288,6 @@ mod tests {
             e.contains("`g` and `h` share cuda:0 on host n1") && e.contains("auto/tcp"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn shards_tile_and_balance() {
-        assert_eq!(shards(5, 2), vec![0..2, 2..5]);
-        assert_eq!(shards(4, 4), vec![0..1, 1..2, 2..3, 3..4]);
-        assert_eq!(shards(2, 3), vec![0..1, 1..2]);
-        assert_eq!(shards(7, 1), vec![0..7]);
     }
 
     #[test]

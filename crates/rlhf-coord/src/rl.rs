@@ -5,6 +5,7 @@
 //! `.await`. Also the mapping from the user-facing config to the algorithm crate's types.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use anyhow::{Context, Result};
 use rlhf_algo::{
@@ -114,15 +115,36 @@ impl AlgoSettings {
     }
 }
 
-/// The rollout of one step, as wire tensors.
+/// Per-step seed for sampling, derived from the run seed (splitmix64 of seed + step).
+pub fn step_seed(seed: u64, step: u64) -> u64 {
+    use rlhf_model::generate::{splitmix64, SPLITMIX_GAMMA};
+    splitmix64(seed.wrapping_add(step.wrapping_mul(SPLITMIX_GAMMA)))
+}
+
+/// `n` items cut into at most `k` contiguous, non-empty ranges differing in length by at most 1.
+pub fn shards(n: usize, k: usize) -> Vec<Range<usize>> {
+    let k = k.clamp(1, n.max(1));
+    (0..k)
+        .map(|i| (i * n / k)..((i + 1) * n / k))
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// The rollout of one step, decoded once from the wire when it is shaped and kept as tensors
+/// until the step's last minibatch: each minibatch only selects its rows and encodes them.
 pub struct Rollout {
-    pub seqs: pb::Sequences,
-    pub response_mask: pb::Tensor,
-    pub old_logprobs: pb::Tensor,
-    pub ref_logprobs: Option<pb::Tensor>,
-    pub values: Option<pb::Tensor>,
-    pub advantages: pb::Tensor,
-    pub returns: pb::Tensor,
+    /// Prompt + response token ids, `[rows, prompt_width + response_len]`.
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    pub prompt_width: i64,
+    pub response_len: i64,
+    /// 1.0 on response tokens, `[rows, response_len]`.
+    pub response_mask: Tensor,
+    pub old_logprobs: Tensor,
+    pub ref_logprobs: Option<Tensor>,
+    pub values: Option<Tensor>,
+    pub advantages: Tensor,
+    pub returns: Tensor,
     pub rows: i64,
 }
 
@@ -325,28 +347,38 @@ impl Shaper {
             advantage_mean: rlhf_algo::masked_mean(&a.advantages, &mask, None)?.double_value(&[]),
             attribute_means,
         };
-        let rollout = Rollout {
-            seqs: sequences(g)?,
-            response_mask: to_wire("response_mask", &mask)?,
-            old_logprobs: to_wire("old_logprobs", &old)?,
-            ref_logprobs: reference
+        let ids = g
+            .input_ids
+            .as_ref()
+            .context("Generate answer has no input_ids")?;
+        let input_ids = from_wire("input_ids", ids)?;
+        let attention_mask = from_wire(
+            "attention_mask",
+            g.attention_mask
                 .as_ref()
-                .map(|t| to_wire("ref_logprobs", t))
-                .transpose()?,
-            values: v.as_ref().map(|t| to_wire("values", t)).transpose()?,
-            advantages: to_wire("advantages", &a.advantages)?,
-            returns: to_wire("returns", &a.returns)?,
+                .context("Generate answer has no attention_mask")?,
+        )?;
+        let width = ids.shape.get(1).copied().unwrap_or(0);
+        let rollout = Rollout {
+            input_ids,
+            attention_mask,
+            prompt_width: g.prompt_width,
+            response_len: width - g.prompt_width,
+            response_mask: mask,
+            old_logprobs: old,
+            ref_logprobs: reference,
+            values: v,
+            advantages: a.advantages,
+            returns: a.returns,
             rows: b,
         };
         Ok((rollout, stats))
     }
 }
 
-fn take(field: &str, t: &pb::Tensor, idx: &Tensor) -> Result<pb::Tensor> {
-    Ok(to_wire(
-        field,
-        &from_wire(field, t)?.f_index_select(0, idx)?,
-    )?)
+/// Rows `idx` of `t`, encoded for the wire as `field`.
+fn take(field: &str, t: &Tensor, idx: &Tensor) -> Result<pb::Tensor> {
+    Ok(to_wire(field, &t.f_index_select(0, idx)?)?)
 }
 
 /// One minibatch's TrainStep requests for `replicas` data-parallel replicas: `rows` cut into
@@ -362,12 +394,12 @@ pub fn minibatch_shards(
     if replicas <= 1 {
         return Ok(vec![minibatch(r, rows, ref_for_actor, critic)?]);
     }
-    let mask = from_wire("response_mask", &r.response_mask)?;
-    let tokens = mask
+    let tokens = r
+        .response_mask
         .f_index_select(0, &Tensor::f_from_slice(rows)?)?
         .f_sum(Kind::Double)?
         .f_double_value(&[])?;
-    crate::replicas::shards(rows.len(), replicas)
+    shards(rows.len(), replicas)
         .into_iter()
         .map(|range| {
             let (mut a, mut c) = minibatch(r, &rows[range], ref_for_actor, critic)?;
@@ -463,24 +495,11 @@ pub fn minibatch(
     critic: bool,
 ) -> Result<(pb::TrainStepRequest, Option<pb::TrainStepRequest>)> {
     let idx = Tensor::f_from_slice(rows)?;
-    let ids = take(
-        "input_ids",
-        r.seqs.input_ids.as_ref().context("no input_ids")?,
-        &idx,
-    )?;
-    let am = take(
-        "attention_mask",
-        r.seqs
-            .attention_mask
-            .as_ref()
-            .context("no attention_mask")?,
-        &idx,
-    )?;
     let seqs = pb::Sequences {
-        input_ids: Some(ids),
-        attention_mask: Some(am),
-        prompt_width: r.seqs.prompt_width,
-        response_len: r.seqs.response_len,
+        input_ids: Some(take("input_ids", &r.input_ids, &idx)?),
+        attention_mask: Some(take("attention_mask", &r.attention_mask, &idx)?),
+        prompt_width: r.prompt_width,
+        response_len: r.response_len,
     };
     let mask = take("response_mask", &r.response_mask, &idx)?;
     let actor = pb::TrainStepRequest {
@@ -514,4 +533,119 @@ pub fn minibatch(
         _ => None,
     };
     Ok((actor, critic))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(field: &str, v: &[f32], shape: [i64; 2]) -> pb::Tensor {
+        to_wire(field, &Tensor::from_slice(v).view(shape)).unwrap()
+    }
+
+    fn ids(field: &str, v: &[i64], shape: [i64; 2]) -> pb::Tensor {
+        to_wire(field, &Tensor::from_slice(v).view(shape)).unwrap()
+    }
+
+    fn values(t: &pb::Tensor) -> Vec<f64> {
+        let t = from_wire("t", t)
+            .unwrap()
+            .to_kind(Kind::Double)
+            .flatten(0, -1);
+        Vec::<f64>::try_from(t).unwrap()
+    }
+
+    #[test]
+    fn shards_tile_and_balance() {
+        assert_eq!(shards(5, 2), vec![0..2, 2..5]);
+        assert_eq!(shards(4, 4), vec![0..1, 1..2, 2..3, 3..4]);
+        assert_eq!(shards(2, 3), vec![0..1, 1..2]);
+        assert_eq!(shards(7, 1), vec![0..7]);
+    }
+
+    /// A 4-row rollout whose row `i` carries the value `i` in every per-token field.
+    fn rollout() -> Rollout {
+        let per_row = |k: f32| -> Vec<f32> { (0..4).flat_map(|i| [i as f32 + k; 2]).collect() };
+        Rollout {
+            input_ids: Tensor::from_slice(&(0..12).collect::<Vec<i64>>()).view([4, 3]),
+            attention_mask: Tensor::ones([4, 3], (Kind::Int64, tch::Device::Cpu)),
+            prompt_width: 1,
+            response_len: 2,
+            // Row 3 has one response token, the others two: 7 tokens in all.
+            response_mask: Tensor::from_slice(&[1f32, 1., 1., 1., 1., 1., 1., 0.]).view([4, 2]),
+            old_logprobs: Tensor::from_slice(&per_row(0.0)).view([4, 2]),
+            ref_logprobs: Some(Tensor::from_slice(&per_row(0.5)).view([4, 2])),
+            values: Some(Tensor::from_slice(&per_row(0.25)).view([4, 2])),
+            advantages: Tensor::from_slice(&per_row(0.0)).view([4, 2]),
+            returns: Tensor::from_slice(&per_row(0.75)).view([4, 2]),
+            rows: 4,
+        }
+    }
+
+    #[test]
+    fn minibatch_shards_cut_the_rows_and_carry_the_whole_minibatch_normaliser() {
+        let r = rollout();
+        let shards = minibatch_shards(&r, &[3, 0, 2], 2, true, true).unwrap();
+        assert_eq!(shards.len(), 2);
+        let (a0, c0) = &shards[0];
+        let (a1, _) = &shards[1];
+        // Row 3 goes to replica 0, rows 0 and 2 to replica 1, in that order.
+        assert_eq!(values(a0.advantages.as_ref().unwrap()), [3., 3.]);
+        assert_eq!(values(a1.advantages.as_ref().unwrap()), [0., 0., 2., 2.]);
+        assert_eq!(
+            values(a0.sequences.as_ref().unwrap().input_ids.as_ref().unwrap()),
+            [9., 10., 11.]
+        );
+        assert_eq!(values(a0.ref_logprobs.as_ref().unwrap()), [3.5, 3.5]);
+        let c0 = c0.as_ref().expect("critic request");
+        assert_eq!(values(c0.returns.as_ref().unwrap()), [3.75, 3.75]);
+        assert_eq!(values(c0.old_values.as_ref().unwrap()), [3.25, 3.25]);
+        assert!(c0.advantages.is_none() && c0.old_logprobs.is_none());
+        // Every shard's loss is normalised by the whole minibatch: 1 + 2 + 2 tokens, 3 rows.
+        for (a, _) in &shards {
+            assert_eq!((a.minibatch_tokens, a.minibatch_rows), (5.0, 3.0));
+        }
+        // Without KL in the loss the actor gets no reference log-probs; one replica gets the
+        // plain minibatch.
+        let one = minibatch_shards(&r, &[1], 1, false, false).unwrap();
+        assert!(one[0].0.ref_logprobs.is_none() && one[0].1.is_none());
+        assert_eq!(one[0].0.minibatch_rows, 0.0);
+    }
+
+    #[test]
+    fn merged_generations_pad_prompts_left_and_responses_right() {
+        // Part 1: prompt width 1, responses of 2; part 2: prompt width 2, a response of 1.
+        let a = pb::GenerateResponse {
+            input_ids: Some(ids("input_ids", &[7, 1, 2], [1, 3])),
+            attention_mask: Some(ids("attention_mask", &[1, 1, 1], [1, 3])),
+            prompt_width: 1,
+            response_mask: Some(t("response_mask", &[1., 1.], [1, 2])),
+            response_logprobs: Some(t("response_logprobs", &[-1., -2.], [1, 2])),
+            finished: vec![true],
+        };
+        let b = pb::GenerateResponse {
+            input_ids: Some(ids("input_ids", &[8, 9, 3], [1, 3])),
+            attention_mask: Some(ids("attention_mask", &[1, 1, 1], [1, 3])),
+            prompt_width: 2,
+            response_mask: Some(t("response_mask", &[1.], [1, 1])),
+            response_logprobs: Some(t("response_logprobs", &[-3.], [1, 1])),
+            finished: vec![false],
+        };
+        let m = merge_generations(vec![a, b]).unwrap();
+        assert_eq!(m.prompt_width, 2);
+        assert_eq!(
+            values(m.input_ids.as_ref().unwrap()),
+            [0., 7., 1., 2., 8., 9., 3., 0.]
+        );
+        assert_eq!(
+            values(m.attention_mask.as_ref().unwrap()),
+            [0., 1., 1., 1., 1., 1., 1., 0.]
+        );
+        assert_eq!(values(m.response_mask.as_ref().unwrap()), [1., 1., 1., 0.]);
+        assert_eq!(
+            values(m.response_logprobs.as_ref().unwrap()),
+            [-1., -2., -3., 0.]
+        );
+        assert_eq!(m.finished, [true, false]);
+    }
 }

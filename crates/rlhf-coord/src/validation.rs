@@ -18,7 +18,7 @@ use rlhf_proto::pb;
 use tracing::{info, warn};
 
 use crate::rl;
-use crate::workers::RoleClient;
+use crate::workers::RoleHandle;
 
 /// What a validation produced.
 pub struct Outcome {
@@ -41,9 +41,9 @@ pub struct Validator {
 
 /// The reward role as a [`GoodnessScorer`]: its Score RPC returns rewards already normalised by
 /// the reward model's mean and std, hence `RmNormalization { mean: 0, std: 1 }`.
-struct RewardScorer<'a>(&'a RoleClient);
+struct RewardScorer<'a, R>(&'a R);
 
-impl GoodnessScorer for RewardScorer<'_> {
+impl<R: RoleHandle> GoodnessScorer for RewardScorer<'_, R> {
     fn score<'a>(
         &'a self,
         conversations: Vec<Vec<ChatMessage>>,
@@ -150,9 +150,9 @@ impl Validator {
         Ok((out, cut))
     }
 
-    async fn answer(
+    async fn answer<R: RoleHandle>(
         &self,
-        actor: &RoleClient,
+        actor: &R,
         tok: &Tokenizer,
         convs: &[Vec<ChatMessage>],
         seed: u64,
@@ -183,16 +183,16 @@ impl Validator {
     }
 
     /// Answers, judges and saves; `Ok` with a missing score when the judge failed.
-    pub async fn run(
+    pub async fn run<R: RoleHandle>(
         &self,
-        actor: &RoleClient,
-        reward: &RoleClient,
+        actor: &R,
+        reward: &R,
         tok: &Tokenizer,
         run_dir: &Path,
         step: u64,
     ) -> Result<Outcome> {
         let t0 = std::time::Instant::now();
-        let seed = crate::launch::step_seed(step, u64::MAX);
+        let seed = rl::step_seed(step, u64::MAX);
         let (a1, cut1) = self
             .answer(actor, tok, &self.bench.turn1_conversations(None), seed)
             .await?;

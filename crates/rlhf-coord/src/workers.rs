@@ -2,6 +2,8 @@
 //! error names the worker and role it went to, so a failure reads "worker `w1` (role reward):
 //! Score: ..." instead of a bare transport error.
 
+use std::future::Future;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
@@ -120,32 +122,6 @@ impl RoleClient {
         }
     }
 
-    pub async fn create(&self, mut req: pb::CreateRoleRequest) -> Result<pb::CreateRoleResponse> {
-        req.role_id = self.role.clone();
-        let mut c = self.client.clone();
-        self.call("CreateRole", c.create_role(req)).await
-    }
-
-    pub async fn generate(&self, mut req: pb::GenerateRequest) -> Result<pb::GenerateResponse> {
-        req.role_id = self.role.clone();
-        let mut c = self.client.clone();
-        self.call("Generate", c.generate(req)).await
-    }
-
-    pub async fn log_probs(&self, seqs: pb::Sequences, temperature: f64) -> Result<pb::Tensor> {
-        self.log_probs_with(seqs, temperature, false).await
-    }
-
-    /// Log-probs from an actor with LoRA adapters, computed with the adapters off: the frozen
-    /// base policy's, which is the reference when the reference is the policy's directory.
-    pub async fn base_log_probs(
-        &self,
-        seqs: pb::Sequences,
-        temperature: f64,
-    ) -> Result<pb::Tensor> {
-        self.log_probs_with(seqs, temperature, true).await
-    }
-
     async fn log_probs_with(
         &self,
         seqs: pb::Sequences,
@@ -164,40 +140,7 @@ impl RoleClient {
             .ok_or_else(|| self.err("LogProbs", "answer has no tensor"))
     }
 
-    pub async fn values(&self, seqs: pb::Sequences) -> Result<pb::Tensor> {
-        let mut c = self.client.clone();
-        let req = pb::SequencesRequest {
-            role_id: self.role.clone(),
-            sequences: Some(seqs),
-            temperature: 1.0,
-            adapters_off: false,
-        };
-        let r = self.call("Values", c.values(req)).await?;
-        r.tensor
-            .ok_or_else(|| self.err("Values", "answer has no tensor"))
-    }
-
-    pub async fn score(&self, items: Vec<pb::ScoreItem>) -> Result<pb::ScoreResponse> {
-        let mut c = self.client.clone();
-        let req = pb::ScoreRequest {
-            role_id: self.role.clone(),
-            items,
-        };
-        self.call("Score", c.score(req)).await
-    }
-
-    /// Writes the role's trainable state into `dir` (SaveState). Saving a large model takes
-    /// longer than a step's RPC, so the deadline is at least 10 minutes.
-    pub async fn save_state(&self, dir: &std::path::Path) -> Result<Vec<String>> {
-        self.state_call("SaveState", dir, true).await
-    }
-
-    /// Restores what [`RoleClient::save_state`] wrote (LoadState).
-    pub async fn load_state(&self, dir: &std::path::Path) -> Result<Vec<String>> {
-        self.state_call("LoadState", dir, false).await
-    }
-
-    async fn state_call(&self, op: &str, dir: &std::path::Path, save: bool) -> Result<Vec<String>> {
+    async fn state_call(&self, op: &str, dir: &Path, save: bool) -> Result<Vec<String>> {
         let mut c = self.client.clone();
         let req = pb::StateRequest {
             role_id: self.role.clone(),
@@ -215,10 +158,10 @@ impl RoleClient {
         Ok(r.files)
     }
 
-    pub async fn train_step(&self, mut req: pb::TrainStepRequest) -> Result<pb::TrainStepResponse> {
+    pub async fn create(&self, mut req: pb::CreateRoleRequest) -> Result<pb::CreateRoleResponse> {
         req.role_id = self.role.clone();
         let mut c = self.client.clone();
-        self.call("TrainStep", c.train_step(req)).await
+        self.call("CreateRole", c.create_role(req)).await
     }
 }
 
@@ -265,9 +208,125 @@ impl RoleClient {
         self.call("JoinGroup", c.join_group(req)).await?;
         Ok(())
     }
+}
+
+/// Asks a worker to stop; best effort, short deadline.
+pub async fn shutdown(mut client: Inner) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown(pb::Empty {})).await;
+}
+
+/// What the step loop asks of a role: the calls of one training step, the weight sync, the
+/// replica check and the checkpoint's state. [`RoleClient`] implements it over gRPC; the step
+/// loop's unit tests implement it in-process. Start-up calls (CreateRole, the collective
+/// groups) are [`RoleClient`]'s own: the loop never makes them.
+pub trait RoleHandle: Clone + Send + Sync + 'static {
+    /// The worker the role runs on, for messages.
+    fn worker(&self) -> &str;
+    /// The role's id on its worker (`actor`, `actor-1`, `reward`, ...).
+    fn role(&self) -> &str;
+    /// Samples responses (Generate).
+    fn generate(
+        &self,
+        req: pb::GenerateRequest,
+    ) -> impl Future<Output = Result<pb::GenerateResponse>> + Send;
+    /// Per-token log-probs of the response tokens (LogProbs). `adapters_off`: an actor with
+    /// LoRA adapters answers with them switched off (the frozen base policy's log-probs).
+    fn log_probs(
+        &self,
+        seqs: pb::Sequences,
+        temperature: f64,
+        adapters_off: bool,
+    ) -> impl Future<Output = Result<pb::Tensor>> + Send;
+    /// The critic's per-token values (Values).
+    fn values(&self, seqs: pb::Sequences) -> impl Future<Output = Result<pb::Tensor>> + Send;
+    /// Rewards of decoded responses (Score).
+    fn score(
+        &self,
+        items: Vec<pb::ScoreItem>,
+    ) -> impl Future<Output = Result<pb::ScoreResponse>> + Send;
+    /// One optimizer step on a minibatch shard (TrainStep).
+    fn train_step(
+        &self,
+        req: pb::TrainStepRequest,
+    ) -> impl Future<Output = Result<pb::TrainStepResponse>> + Send;
+    /// Takes part in a weight broadcast from rank `root` of the role's weights group.
+    fn sync_weights(
+        &self,
+        root: usize,
+    ) -> impl Future<Output = Result<pb::SyncWeightsResponse>> + Send;
+    /// SHA-256 of the role's weights.
+    fn weights_digest(&self) -> impl Future<Output = Result<String>> + Send;
+    /// Writes the role's trainable state into `dir`; returns the files written.
+    fn save_state(&self, dir: &Path) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// Restores what `save_state` wrote.
+    fn load_state(&self, dir: &Path) -> impl Future<Output = Result<Vec<String>>> + Send;
+}
+
+impl RoleHandle for RoleClient {
+    fn worker(&self) -> &str {
+        &self.worker
+    }
+
+    fn role(&self) -> &str {
+        &self.role
+    }
+
+    async fn generate(&self, mut req: pb::GenerateRequest) -> Result<pb::GenerateResponse> {
+        req.role_id = self.role.clone();
+        let mut c = self.client.clone();
+        self.call("Generate", c.generate(req)).await
+    }
+
+    async fn log_probs(
+        &self,
+        seqs: pb::Sequences,
+        temperature: f64,
+        adapters_off: bool,
+    ) -> Result<pb::Tensor> {
+        self.log_probs_with(seqs, temperature, adapters_off).await
+    }
+
+    async fn values(&self, seqs: pb::Sequences) -> Result<pb::Tensor> {
+        let mut c = self.client.clone();
+        let req = pb::SequencesRequest {
+            role_id: self.role.clone(),
+            sequences: Some(seqs),
+            temperature: 1.0,
+            adapters_off: false,
+        };
+        let r = self.call("Values", c.values(req)).await?;
+        r.tensor
+            .ok_or_else(|| self.err("Values", "answer has no tensor"))
+    }
+
+    async fn score(&self, items: Vec<pb::ScoreItem>) -> Result<pb::ScoreResponse> {
+        let mut c = self.client.clone();
+        let req = pb::ScoreRequest {
+            role_id: self.role.clone(),
+            items,
+        };
+        self.call("Score", c.score(req)).await
+    }
+
+    /// Writes the role's trainable state into `dir` (SaveState). Saving a large model takes
+    /// longer than a step's RPC, so the deadline is at least 10 minutes.
+    async fn save_state(&self, dir: &Path) -> Result<Vec<String>> {
+        self.state_call("SaveState", dir, true).await
+    }
+
+    /// Restores what [`RoleClient::save_state`] wrote (LoadState).
+    async fn load_state(&self, dir: &Path) -> Result<Vec<String>> {
+        self.state_call("LoadState", dir, false).await
+    }
+
+    async fn train_step(&self, mut req: pb::TrainStepRequest) -> Result<pb::TrainStepResponse> {
+        req.role_id = self.role.clone();
+        let mut c = self.client.clone();
+        self.call("TrainStep", c.train_step(req)).await
+    }
 
     /// Takes part in a weight broadcast from rank `root` of this role's weights group.
-    pub async fn sync_weights(&self, root: usize) -> Result<pb::SyncWeightsResponse> {
+    async fn sync_weights(&self, root: usize) -> Result<pb::SyncWeightsResponse> {
         let mut c = self.client.clone();
         let req = pb::SyncWeightsRequest {
             role_id: self.role.clone(),
@@ -277,7 +336,7 @@ impl RoleClient {
     }
 
     /// SHA-256 of the role's weights.
-    pub async fn weights_digest(&self) -> Result<String> {
+    async fn weights_digest(&self) -> Result<String> {
         let mut c = self.client.clone();
         let req = pb::RoleRef {
             role_id: self.role.clone(),
@@ -287,9 +346,4 @@ impl RoleClient {
             .await?
             .sha256)
     }
-}
-
-/// Asks a worker to stop; best effort, short deadline.
-pub async fn shutdown(mut client: Inner) {
-    let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown(pb::Empty {})).await;
 }
