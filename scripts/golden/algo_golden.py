@@ -129,12 +129,12 @@ def kl_cases():
 
 
 def agg_reference(per_token, mask, mode):
-    if mode == "token-mean":
+    if mode == "token_mean":
         return torch.masked_select(per_token, mask.bool()).mean()
     rows = []
     for b in range(per_token.shape[0]):
         sel = torch.masked_select(per_token[b], mask[b].bool())
-        rows.append(sel.sum() if mode == "seq-mean-token-sum" else sel.mean())
+        rows.append(sel.sum() if mode == "seq_mean_token_sum" else sel.mean())
     return torch.stack(rows).mean()
 
 
@@ -152,18 +152,18 @@ def ppo_cases():
     ref = old + torch.randn(b, t, dtype=DT) * 0.2
     cases = []
     configs = []
-    for mode in ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]:
+    for mode in ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]:
         for dual in [None, 3.0]:
             configs.append({"kind": "ppo", "clip_eps": 0.2, "dual_clip": dual, "agg": mode})
-    configs.append({"kind": "ppo", "clip_eps": 0.1, "dual_clip": None, "agg": "token-mean"})
-    configs.append({"kind": "pg", "clip_eps": 0.2, "dual_clip": None, "agg": "token-mean"})
-    configs.append({"kind": "pg", "clip_eps": 0.2, "dual_clip": None, "agg": "seq-mean-token-mean"})
+    configs.append({"kind": "ppo", "clip_eps": 0.1, "dual_clip": None, "agg": "token_mean"})
+    configs.append({"kind": "pg", "clip_eps": 0.2, "dual_clip": None, "agg": "token_mean"})
+    configs.append({"kind": "pg", "clip_eps": 0.2, "dual_clip": None, "agg": "seq_mean_token_mean"})
     configs.append(
-        {"kind": "ppo", "clip_eps": 0.2, "dual_clip": 3.0, "agg": "seq-mean-token-sum",
+        {"kind": "ppo", "clip_eps": 0.2, "dual_clip": 3.0, "agg": "seq_mean_token_sum",
          "entropy_coef": 0.01, "kl": {"estimator": "k3", "coef": 0.05}}
     )
     configs.append(
-        {"kind": "ppo", "clip_eps": 0.2, "dual_clip": None, "agg": "token-mean",
+        {"kind": "ppo", "clip_eps": 0.2, "dual_clip": None, "agg": "token_mean",
          "entropy_coef": 0.0, "kl": {"estimator": "k1", "coef": 0.1}}
     )
     for cfg in configs:
@@ -233,7 +233,7 @@ def value_cases():
     ret = old + torch.randn(b, t, dtype=DT) * 0.5
     cases = []
     for clip in [0.2, 0.05, None]:
-        for mode in ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]:
+        for mode in ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]:
             v = new0.clone().requires_grad_(True)
             err = (v - ret) ** 2
             if clip is None:

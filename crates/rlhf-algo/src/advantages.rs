@@ -19,8 +19,7 @@ use crate::error::{AlgoError, Result};
 use crate::masked::{dims2, expect_shape, float_kind, sum_on, whiten_on, Checks, Mask};
 
 /// Which advantage estimator a run uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AdvantageEstimator {
     /// Generalised advantage estimation with a critic (PPO).
     #[default]
@@ -36,8 +35,7 @@ pub enum AdvantageEstimator {
 }
 
 /// Advantage estimation settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdvantageConfig {
     /// The estimator. Default `gae`.
     pub estimator: AdvantageEstimator,

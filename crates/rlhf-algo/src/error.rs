@@ -97,6 +97,9 @@ pub enum AlgoError {
         /// Why it is rejected and what is allowed.
         reason: &'static str,
     },
+    /// A setting (KL, loss, optimizer, reward shaping) out of range; the key names the field.
+    #[error(transparent)]
+    Settings(#[from] rlhf_settings::SettingsError),
     /// Reward-model attributes and configured weights do not match.
     #[error("reward attribute `{name}` {reason}")]
     Attribute {

@@ -7,97 +7,12 @@
 //! `k1 = -log r` (unbiased, can be negative), `k2 = (log r)^2 / 2` (biased, low variance, >= 0),
 //! `k3 = (r - 1) - log r` (unbiased, low variance, >= 0).
 
+use rlhf_settings::{KlConfig, KlEstimator};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::error::{AlgoError, Result};
 use crate::masked::{dims2, expect_shape, float_kind, sum_on, Checks, Mask};
-
-/// Which KL estimator turns a pair of per-token logprobs into a per-token KL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum KlEstimator {
-    /// `log pi - log pi_ref`: unbiased; what InstructGPT and TRL put in the reward.
-    #[default]
-    K1,
-    /// `(log pi - log pi_ref)^2 / 2`: non-negative, biased.
-    K2,
-    /// `exp(log pi_ref - log pi) - 1 - (log pi_ref - log pi)`: unbiased and non-negative; what
-    /// GRPO uses as a loss term.
-    K3,
-}
-
-/// Where the KL penalty enters training.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum KlMode {
-    /// Per token inside the reward, `r_t -= beta * kl_t` (InstructGPT, HelpSteer2 PPO).
-    #[default]
-    Reward,
-    /// As a separate loss term `beta * agg(kl_t)` differentiated through the policy (GRPO).
-    Loss,
-}
-
-/// KL penalty settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KlConfig {
-    /// Estimator of the per-token KL. Default `k1`.
-    pub estimator: KlEstimator,
-    /// Whether the penalty goes into the reward or the loss. Default `reward`.
-    pub mode: KlMode,
-    /// The coefficient beta, or its initial value when adaptive. Default `3e-3`, the KL penalty of
-    /// the HelpSteer2 PPO runs.
-    pub coef: f64,
-    /// Target KL (nats per sequence) of the adaptive controller; `None` keeps `coef` fixed.
-    /// Default `None`. Ziegler et al. use 6 for stylistic continuation.
-    pub target: Option<f64>,
-    /// Horizon of the adaptive controller in samples: the coefficient moves by at most 20% per
-    /// `horizon` samples. Default `10000` (Ziegler et al., TRL).
-    pub horizon: u64,
-}
-
-impl Default for KlConfig {
-    fn default() -> Self {
-        KlConfig {
-            estimator: KlEstimator::K1,
-            mode: KlMode::Reward,
-            coef: 3e-3,
-            target: None,
-            horizon: 10_000,
-        }
-    }
-}
-
-impl KlConfig {
-    /// Checks ranges; errors name the key.
-    pub fn validate(&self) -> Result<()> {
-        if !(self.coef.is_finite() && self.coef >= 0.0) {
-            return Err(cfg_err("kl.coef", self.coef, "must be finite and >= 0"));
-        }
-        if let Some(t) = self.target {
-            if !(t.is_finite() && t > 0.0) {
-                return Err(cfg_err("kl.target", t, "must be finite and > 0"));
-            }
-            if self.horizon == 0 {
-                return Err(AlgoError::Config {
-                    key: "kl.horizon",
-                    value: "0".into(),
-                    reason: "must be > 0 when kl.target is set",
-                });
-            }
-        }
-        Ok(())
-    }
-}
-
-fn cfg_err(key: &'static str, value: f64, reason: &'static str) -> AlgoError {
-    AlgoError::Config {
-        key,
-        value: value.to_string(),
-        reason,
-    }
-}
 
 /// Largest |log r| fed to `exp` by k3: beyond it f32 would overflow (exp(89) > f32::MAX); verl
 /// clamps at the same bound. Tokens past it get a clamped KL and no gradient through the exp.
@@ -190,7 +105,7 @@ pub struct KlControllerState {
 impl KlController {
     /// A controller starting at `cfg.coef`; adaptive when `cfg.target` is set.
     pub fn new(cfg: &KlConfig) -> Result<Self> {
-        cfg.validate()?;
+        cfg.validate().map_err(|e| e.under("kl"))?;
         Ok(KlController {
             state: KlControllerState {
                 coef: cfg.coef,
@@ -209,7 +124,7 @@ impl KlController {
             horizon: state.horizon,
             ..KlConfig::default()
         };
-        cfg.validate()?;
+        cfg.validate().map_err(|e| e.under("kl"))?;
         Ok(KlController { state })
     }
 
@@ -376,15 +291,27 @@ mod tests {
             ..KlConfig::default()
         };
         match KlController::new(&cfg) {
-            Err(AlgoError::Config { key, .. }) => assert_eq!(key, "kl.coef"),
-            other => panic!("expected a config error, got {other:?}"),
+            Err(AlgoError::Settings(e)) => assert_eq!(e.key, "kl.coef"),
+            other => panic!("expected a settings error, got {other:?}"),
         }
-        let cfg: std::result::Result<KlConfig, _> = serde_json::from_str(r#"{"coeff": 0.1}"#);
-        assert!(cfg.is_err(), "unknown keys must be rejected");
-        let cfg: KlConfig = serde_json::from_str(r#"{"estimator": "k3", "mode": "loss"}"#).unwrap();
-        assert_eq!(
-            (cfg.estimator, cfg.mode, cfg.coef),
-            (KlEstimator::K3, KlMode::Loss, 3e-3)
-        );
+        let restored = KlController::from_state(KlControllerState {
+            coef: 0.1,
+            target: Some(-1.0),
+            horizon: 10,
+            updates: 3,
+        });
+        match restored {
+            Err(AlgoError::Settings(e)) => assert_eq!(e.key, "kl.target"),
+            other => panic!("expected a settings error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_saved_controller_state_still_loads() {
+        // controller.json of a checkpoint written before the settings moved to rlhf-settings.
+        let old = r#"{"coef":0.0031415,"target":6.0,"horizon":10000,"updates":12}"#;
+        let c = KlController::from_state(serde_json::from_str(old).unwrap()).unwrap();
+        assert_eq!(c.coef(), 0.0031415);
+        assert_eq!(serde_json::to_string(c.state()).unwrap(), old);
     }
 }

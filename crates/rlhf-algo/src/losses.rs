@@ -5,26 +5,13 @@
 //! scalar loss (differentiable w.r.t. the new logprobs or values) with its metrics, fetched in the
 //! same single host transfer as the input checks.
 
+use rlhf_settings::{KlLossTerm, LossAgg, PolicyLossConfig, PolicyLossKind, ValueLossConfig};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::error::{AlgoError, Result};
-use crate::kl::{kl_estimate, KlEstimator};
+use crate::kl::kl_estimate;
 use crate::masked::{dims2, expect_shape, float_kind, mean_on, sum_on, var_on, Checks, Mask};
-
-/// How per-token losses reduce to one scalar (the names follow verl's `loss_agg_mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum LossAgg {
-    /// Mean over all response tokens of the batch: long responses weigh more.
-    #[default]
-    TokenMean,
-    /// Per-sequence sum over tokens, then mean over sequences (Dr. GRPO without the length bias
-    /// of a per-sequence mean; scale grows with length).
-    SeqMeanTokenSum,
-    /// Per-sequence mean over tokens, then mean over sequences (the original GRPO).
-    SeqMeanTokenMean,
-}
 
 /// Reduces a per-token quantity (b, t) to a scalar with `agg` over the tokens `response_mask`
 /// selects. Rows without a selected token are an error (they would divide by zero).
@@ -50,92 +37,12 @@ pub(crate) fn aggregate_on(m: &Mask, x: &Tensor, agg: LossAgg) -> Result<Tensor>
     })
 }
 
-/// Which policy loss the actor minimises.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum PolicyLossKind {
-    /// `max(-A r, -A clip(r, 1-eps, 1+eps))` with `r = pi / pi_old` (PPO).
-    #[default]
-    Ppo,
-    /// `-A log pi` (vanilla REINFORCE-family policy gradient; exact only on-policy).
-    Pg,
-}
-
-/// Policy loss settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PolicyLossConfig {
-    /// The loss. Default `ppo`.
-    pub kind: PolicyLossKind,
-    /// PPO clip range epsilon. Default `0.2` (Schulman et al. 2017).
-    pub clip_eps: f64,
-    /// Dual-clip bound `c > 1` for negative advantages: the loss of a token with `A < 0` is at
-    /// most `-c A`. Default `None` (off); Ye et al. 2020 use 3.
-    pub dual_clip: Option<f64>,
-    /// Weight of the entropy bonus (subtracted from the loss). Default `0.0`: LLM RLHF practice
-    /// (InstructGPT, TRL, verl) does not use one; the entropy is still reported when given.
-    pub entropy_coef: f64,
-    /// Loss aggregation. Default `token-mean`.
-    pub agg: LossAgg,
-}
-
-impl Default for PolicyLossConfig {
-    fn default() -> Self {
-        PolicyLossConfig {
-            kind: PolicyLossKind::Ppo,
-            clip_eps: 0.2,
-            dual_clip: None,
-            entropy_coef: 0.0,
-            agg: LossAgg::TokenMean,
-        }
-    }
-}
-
-impl PolicyLossConfig {
-    /// Checks ranges; errors name the key.
-    pub fn validate(&self) -> Result<()> {
-        if !(self.clip_eps > 0.0 && self.clip_eps < 1.0) {
-            return Err(cfg_err(
-                "policy_loss.clip_eps",
-                self.clip_eps,
-                "must be in (0, 1)",
-            ));
-        }
-        if let Some(c) = self.dual_clip {
-            if !(c.is_finite() && c > 1.0) {
-                return Err(cfg_err(
-                    "policy_loss.dual_clip",
-                    c,
-                    "must be finite and > 1",
-                ));
-            }
-        }
-        if !self.entropy_coef.is_finite() {
-            return Err(cfg_err(
-                "policy_loss.entropy_coef",
-                self.entropy_coef,
-                "must be finite",
-            ));
-        }
-        Ok(())
-    }
-}
-
 fn cfg_err(key: &'static str, value: f64, reason: &'static str) -> AlgoError {
     AlgoError::Config {
         key,
         value: value.to_string(),
         reason,
     }
-}
-
-/// The KL-to-reference loss term of [`KlMode::Loss`](crate::kl::KlMode::Loss).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct KlLossTerm {
-    /// Per-token estimator (GRPO uses k3).
-    pub estimator: KlEstimator,
-    /// Coefficient beta (from the [`KlController`](crate::kl::KlController)).
-    pub coef: f64,
 }
 
 /// Inputs of [`policy_loss`]; all (b, t).
@@ -188,7 +95,7 @@ pub fn policy_loss(
     inputs: &PolicyLossInputs<'_>,
     kl: Option<KlLossTerm>,
 ) -> Result<PolicyLoss> {
-    cfg.validate()?;
+    cfg.validate().map_err(|e| e.under("policy_loss"))?;
     let (b, t) = dims2("logprobs", inputs.logprobs)?;
     let shape = [b, t];
     expect_shape("old_logprobs", inputs.old_logprobs, &shape, "logprobs")?;
@@ -310,38 +217,6 @@ pub fn policy_loss(
     Ok(PolicyLoss { loss, metrics })
 }
 
-/// Value loss settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ValueLossConfig {
-    /// Clip range of the new value around the rollout value; `None` disables clipping. Default
-    /// `0.2` (the PPO reference implementation, TRL's `cliprange_value`).
-    pub clip: Option<f64>,
-    /// Loss aggregation. Default `token-mean`.
-    pub agg: LossAgg,
-}
-
-impl Default for ValueLossConfig {
-    fn default() -> Self {
-        ValueLossConfig {
-            clip: Some(0.2),
-            agg: LossAgg::TokenMean,
-        }
-    }
-}
-
-impl ValueLossConfig {
-    /// Checks ranges; errors name the key.
-    pub fn validate(&self) -> Result<()> {
-        match self.clip {
-            Some(c) if !(c.is_finite() && c > 0.0) => {
-                Err(cfg_err("value_loss.clip", c, "must be finite and > 0"))
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
 /// Inputs of [`value_loss`]; all (b, t).
 pub struct ValueLossInputs<'a> {
     /// Values predicted by the critic being trained (carries the gradient).
@@ -383,7 +258,7 @@ pub struct ValueLoss {
 
 /// The critic loss for one (micro-)batch, with the same checks as [`policy_loss`].
 pub fn value_loss(cfg: &ValueLossConfig, inputs: &ValueLossInputs<'_>) -> Result<ValueLoss> {
-    cfg.validate()?;
+    cfg.validate().map_err(|e| e.under("value_loss"))?;
     let (b, t) = dims2("values", inputs.values)?;
     let shape = [b, t];
     expect_shape("old_values", inputs.old_values, &shape, "values")?;
@@ -455,6 +330,7 @@ pub fn value_loss(cfg: &ValueLossConfig, inputs: &ValueLossInputs<'_>) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rlhf_settings::KlEstimator;
 
     fn t2(rows: &[&[f64]]) -> Tensor {
         let b = rows.len() as i64;
@@ -711,46 +587,37 @@ mod tests {
     }
 
     #[test]
-    fn config_errors_name_the_key_and_unknown_fields_fail() {
+    fn out_of_range_settings_are_refused_naming_the_key() {
+        let (lp, mask) = (t2(&[&[-1.0, -2.0]]), t2(&[&[1.0, 1.0]]));
+        let inputs = PolicyLossInputs {
+            logprobs: &lp,
+            old_logprobs: &lp,
+            advantages: &lp,
+            response_mask: &mask,
+            entropy: None,
+            ref_logprobs: None,
+        };
         let bad = PolicyLossConfig {
             clip_eps: 0.0,
             ..Default::default()
         };
-        assert!(matches!(
-            bad.validate(),
-            Err(AlgoError::Config {
-                key: "policy_loss.clip_eps",
-                ..
-            })
-        ));
-        let bad = PolicyLossConfig {
-            dual_clip: Some(0.5),
-            ..Default::default()
-        };
-        assert!(matches!(
-            bad.validate(),
-            Err(AlgoError::Config {
-                key: "policy_loss.dual_clip",
-                ..
-            })
-        ));
+        match policy_loss(&bad, &inputs, None) {
+            Err(AlgoError::Settings(e)) => assert_eq!(e.key, "policy_loss.clip_eps"),
+            other => panic!("expected a settings error, got {other:?}"),
+        }
         let bad = ValueLossConfig {
             clip: Some(-1.0),
             ..Default::default()
         };
-        assert!(matches!(
-            bad.validate(),
-            Err(AlgoError::Config {
-                key: "value_loss.clip",
-                ..
-            })
-        ));
-        assert!(serde_json::from_str::<PolicyLossConfig>(r#"{"clip": 0.1}"#).is_err());
-        let cfg: PolicyLossConfig =
-            serde_json::from_str(r#"{"agg": "seq-mean-token-mean", "kind": "pg"}"#).unwrap();
-        assert_eq!(
-            (cfg.agg, cfg.kind, cfg.clip_eps),
-            (LossAgg::SeqMeanTokenMean, PolicyLossKind::Pg, 0.2)
-        );
+        let inputs = ValueLossInputs {
+            values: &lp,
+            old_values: &lp,
+            returns: &lp,
+            response_mask: &mask,
+        };
+        match value_loss(&bad, &inputs) {
+            Err(AlgoError::Settings(e)) => assert_eq!(e.key, "value_loss.clip"),
+            other => panic!("expected a settings error, got {other:?}"),
+        }
     }
 }

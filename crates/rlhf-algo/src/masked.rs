@@ -46,11 +46,6 @@ impl Mask {
     pub(crate) fn zero_out(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.f_where_scalarother(&self.on, 0.0)?)
     }
-
-    /// Number of unmasked tokens per row, (b,) in the values' dtype.
-    pub(crate) fn row_counts(&self) -> Result<Tensor> {
-        Ok(self.weight.f_sum_dim_intlist(1, false, None::<Kind>)?)
-    }
 }
 
 /// The dtype of `x`, which must be floating point.

@@ -7,170 +7,42 @@ use std::collections::{HashMap, HashSet};
 use std::f64::consts::PI;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use rlhf_settings::{LrSchedule, OptimizerConfig};
 use tch::{Kind, Tensor};
 
 use crate::error::{AlgoError, Result};
 
-/// Learning-rate schedule shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum LrScheduleKind {
-    /// `lr` at every step (HelpSteer2 PPO). Needs `warmup_steps = 0`.
-    #[default]
-    Constant,
-    /// Linear warmup from `lr / warmup_steps` to `lr` over `warmup_steps`, then constant.
-    Warmup,
-    /// Linear warmup, then cosine decay from `lr` to `min_lr_ratio * lr` at `total_steps`.
-    Cosine,
-}
-
-/// Optimizer and schedule settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OptimConfig {
-    /// Peak learning rate. Default `1e-7`, the constant LR of the HelpSteer2 PPO actor.
-    pub lr: f64,
-    /// Adam beta1. Default `0.9` (PyTorch).
-    pub beta1: f64,
-    /// Adam beta2. Default `0.999` (PyTorch).
-    pub beta2: f64,
-    /// Adam epsilon. Default `1e-8` (PyTorch).
-    pub eps: f64,
-    /// Decoupled weight decay, applied to matrices only (see [`uses_weight_decay`]). Default
-    /// `0.01` (PyTorch's AdamW).
-    pub weight_decay: f64,
-    /// Clip the global gradient L2 norm to this; `None` disables clipping. Default `1.0`
-    /// (HF Trainer, TRL, verl).
-    pub max_grad_norm: Option<f64>,
-    /// Schedule. Default `constant`.
-    pub schedule: LrScheduleKind,
-    /// Warmup steps for `warmup` and `cosine`. Default `0`.
-    pub warmup_steps: u64,
-    /// Step at which the cosine schedule reaches its minimum; must exceed `warmup_steps` for
-    /// `cosine`. Default `0` (unused by the other schedules).
-    pub total_steps: u64,
-    /// Cosine floor as a fraction of `lr`. Default `0.0`.
-    pub min_lr_ratio: f64,
-}
-
-impl Default for OptimConfig {
-    fn default() -> Self {
-        OptimConfig {
-            lr: 1e-7,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-            max_grad_norm: Some(1.0),
-            schedule: LrScheduleKind::Constant,
-            warmup_steps: 0,
-            total_steps: 0,
-            min_lr_ratio: 0.0,
-        }
-    }
-}
-
-impl OptimConfig {
-    /// Checks ranges; errors name the key.
-    pub fn validate(&self) -> Result<()> {
-        let check = |key: &'static str, v: f64, ok: bool, reason: &'static str| {
-            if ok {
-                Ok(())
-            } else {
-                Err(AlgoError::Config {
-                    key,
-                    value: v.to_string(),
-                    reason,
-                })
-            }
-        };
-        check(
-            "optim.lr",
-            self.lr,
-            self.lr.is_finite() && self.lr >= 0.0,
-            "must be finite and >= 0",
-        )?;
-        check(
-            "optim.beta1",
-            self.beta1,
-            (0.0..1.0).contains(&self.beta1),
-            "must be in [0, 1)",
-        )?;
-        check(
-            "optim.beta2",
-            self.beta2,
-            (0.0..1.0).contains(&self.beta2),
-            "must be in [0, 1)",
-        )?;
-        check(
-            "optim.eps",
-            self.eps,
-            self.eps.is_finite() && self.eps > 0.0,
-            "must be finite and > 0",
-        )?;
-        check(
-            "optim.weight_decay",
-            self.weight_decay,
-            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
-            "must be finite and >= 0",
-        )?;
-        if let Some(c) = self.max_grad_norm {
-            check(
-                "optim.max_grad_norm",
-                c,
-                c.is_finite() && c > 0.0,
-                "must be finite and > 0",
-            )?;
-        }
-        check(
-            "optim.min_lr_ratio",
-            self.min_lr_ratio,
-            (0.0..=1.0).contains(&self.min_lr_ratio),
-            "must be in [0, 1]",
-        )?;
-        match self.schedule {
-            LrScheduleKind::Constant if self.warmup_steps != 0 => Err(AlgoError::Config {
-                key: "optim.warmup_steps",
-                value: self.warmup_steps.to_string(),
-                reason: "must be 0 for the constant schedule; use schedule `warmup`",
-            }),
-            LrScheduleKind::Cosine if self.total_steps <= self.warmup_steps => {
-                Err(AlgoError::Config {
-                    key: "optim.total_steps",
-                    value: self.total_steps.to_string(),
-                    reason: "must exceed optim.warmup_steps for the cosine schedule",
-                })
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
 /// The learning rate as a function of the optimizer step.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LrSchedule {
-    cfg: OptimConfig,
+pub struct LrScheduler {
+    cfg: OptimizerConfig,
+    /// Optimizer steps of the whole run: where the cosine schedule reaches its floor.
+    total_steps: u64,
 }
 
-impl LrSchedule {
-    /// The schedule of `cfg`.
-    pub fn new(cfg: &OptimConfig) -> Result<Self> {
-        cfg.validate()?;
-        Ok(LrSchedule { cfg: cfg.clone() })
+impl LrScheduler {
+    /// The schedule of `cfg` over a run of `total_steps` optimizer steps; errors name the key
+    /// under `optim`.
+    pub fn new(cfg: &OptimizerConfig, total_steps: u64) -> Result<Self> {
+        cfg.check_horizon(total_steps)
+            .map_err(|e| e.under("optim"))?;
+        Ok(LrScheduler {
+            cfg: cfg.clone(),
+            total_steps,
+        })
     }
 
     /// Learning rate for the update that follows `step` completed updates (so `lr_at(0)` is the
     /// first update's). Warmup is `lr * (step + 1) / warmup_steps`, so no update is wasted at 0.
     pub fn lr_at(&self, step: u64) -> f64 {
         let c = &self.cfg;
-        if c.schedule != LrScheduleKind::Constant && step < c.warmup_steps {
+        if c.schedule != LrSchedule::Constant && step < c.warmup_steps {
             return c.lr * (step + 1) as f64 / c.warmup_steps as f64;
         }
         match c.schedule {
-            LrScheduleKind::Constant | LrScheduleKind::Warmup => c.lr,
-            LrScheduleKind::Cosine => {
-                let span = c.total_steps.saturating_sub(c.warmup_steps).max(1) as f64;
+            LrSchedule::Constant | LrSchedule::Warmup => c.lr,
+            LrSchedule::Cosine => {
+                let span = self.total_steps.saturating_sub(c.warmup_steps).max(1) as f64;
                 let progress = ((step - c.warmup_steps) as f64 / span).min(1.0);
                 c.lr * (c.min_lr_ratio
                     + (1.0 - c.min_lr_ratio) * 0.5 * (1.0 + (PI * progress).cos()))
@@ -209,7 +81,7 @@ pub(crate) struct AdamUpdate {
 }
 
 impl AdamUpdate {
-    pub(crate) fn new(cfg: &OptimConfig) -> Self {
+    pub(crate) fn new(cfg: &OptimizerConfig) -> Self {
         AdamUpdate {
             beta1: cfg.beta1,
             beta2: cfg.beta2,
@@ -289,8 +161,8 @@ const STEP: &str = "step";
 impl AdamW {
     /// An optimizer over `params` (names must be unique; tensors must be floating point and are
     /// shared, not copied). Moments start at zero, like PyTorch's lazily created state.
-    pub fn new(params: Vec<(String, Tensor)>, cfg: &OptimConfig) -> Result<Self> {
-        cfg.validate()?;
+    pub fn new(params: Vec<(String, Tensor)>, cfg: &OptimizerConfig) -> Result<Self> {
+        cfg.validate().map_err(|e| e.under("optim"))?;
         let mut seen = HashSet::new();
         let mut states = Vec::with_capacity(params.len());
         for (name, param) in params {
@@ -531,7 +403,7 @@ mod tests {
         // With zero moments, Adam's first update is lr * g / (|g| + eps) for every entry.
         let w = param(&[1.0, 2.0, 3.0, 4.0], &[2, 2]);
         let b = param(&[0.5, -0.5], &[2]);
-        let cfg = OptimConfig {
+        let cfg = OptimizerConfig {
             weight_decay: 0.0,
             eps: 1e-12,
             ..Default::default()
@@ -558,7 +430,7 @@ mod tests {
     fn weight_decay_skips_biases() {
         let w = param(&[1.0, 1.0, 1.0, 1.0], &[2, 2]);
         let b = param(&[1.0, 1.0], &[2]);
-        let cfg = OptimConfig {
+        let cfg = OptimizerConfig {
             weight_decay: 0.5,
             ..Default::default()
         };
@@ -580,7 +452,7 @@ mod tests {
     #[test]
     fn state_round_trips_through_safetensors_exactly() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = OptimConfig::default();
+        let cfg = OptimizerConfig::default();
         let make = || param(&[0.3, -0.2, 0.1, 0.7, 0.0, 1.5], &[2, 3]);
         let (a, b) = (make(), make());
         let mut opt_a = AdamW::new(vec![("w".into(), a.shallow_clone())], &cfg).unwrap();
@@ -635,57 +507,52 @@ mod tests {
 
     #[test]
     fn schedules() {
-        let s = |cfg: OptimConfig| LrSchedule::new(&cfg).unwrap();
-        let constant = s(OptimConfig {
-            lr: 1.0,
-            ..Default::default()
-        });
+        let s = |cfg: OptimizerConfig, total| LrScheduler::new(&cfg, total).unwrap();
+        let constant = s(
+            OptimizerConfig {
+                lr: 1.0,
+                ..Default::default()
+            },
+            0,
+        );
         assert_eq!((constant.lr_at(0), constant.lr_at(1000)), (1.0, 1.0));
-        let warm = s(OptimConfig {
-            lr: 1.0,
-            schedule: LrScheduleKind::Warmup,
-            warmup_steps: 4,
-            ..Default::default()
-        });
+        let warm = s(
+            OptimizerConfig {
+                lr: 1.0,
+                schedule: LrSchedule::Warmup,
+                warmup_steps: 4,
+                ..Default::default()
+            },
+            0,
+        );
         assert_eq!(
             [0, 1, 3, 4, 99].map(|i| warm.lr_at(i)),
             [0.25, 0.5, 1.0, 1.0, 1.0]
         );
-        let cos = s(OptimConfig {
+        let cosine = OptimizerConfig {
             lr: 1.0,
-            schedule: LrScheduleKind::Cosine,
+            schedule: LrSchedule::Cosine,
             warmup_steps: 2,
-            total_steps: 12,
             min_lr_ratio: 0.1,
             ..Default::default()
-        });
+        };
+        let cos = s(cosine.clone(), 12);
         assert_eq!(cos.lr_at(0), 0.5);
         assert_eq!(cos.lr_at(2), 1.0);
         assert!((cos.lr_at(7) - 0.55).abs() < 1e-12);
         assert!((cos.lr_at(12) - 0.1).abs() < 1e-12);
         assert!((cos.lr_at(500) - 0.1).abs() < 1e-12);
-        let bad = OptimConfig {
-            schedule: LrScheduleKind::Cosine,
-            total_steps: 0,
-            ..Default::default()
-        };
-        assert!(matches!(
-            LrSchedule::new(&bad),
-            Err(AlgoError::Config {
-                key: "optim.total_steps",
-                ..
-            })
-        ));
-        let bad = OptimConfig {
+        match LrScheduler::new(&cosine, 2) {
+            Err(AlgoError::Settings(e)) => assert_eq!(e.key, "optim.warmup_steps"),
+            other => panic!("expected a settings error, got {other:?}"),
+        }
+        let bad = OptimizerConfig {
             warmup_steps: 3,
             ..Default::default()
         };
-        assert!(matches!(
-            bad.validate(),
-            Err(AlgoError::Config {
-                key: "optim.warmup_steps",
-                ..
-            })
-        ));
+        match LrScheduler::new(&bad, 10) {
+            Err(AlgoError::Settings(e)) => assert_eq!(e.key, "optim.warmup_steps"),
+            other => panic!("expected a settings error, got {other:?}"),
+        }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use rlhf_settings::RewardShapingConfig;
 use tch::{Kind, Tensor};
 
 use crate::error::{AlgoError, Result};
@@ -22,76 +22,6 @@ pub const HELPSTEER2_ATTRIBUTES: [&str; 5] = [
     "complexity",
     "verbosity",
 ];
-
-/// Reward shaping settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RewardConfig {
-    /// Weight of each reward-model attribute in the scalar reward; every attribute the model
-    /// emits needs an entry (0 ignores it). Default HelpSteer2 goodness: helpfulness 0.65,
-    /// correctness 0.8, coherence 0.45, complexity 0, verbosity 0. A single-output
-    /// (Bradley-Terry) model skips this step.
-    pub attribute_weights: BTreeMap<String, f64>,
-    /// Mean subtracted from the combined reward (over the reward dataset's responses, as in
-    /// HelpSteer2). Default `0.0`.
-    pub mean: f64,
-    /// Std the centred reward is divided by. Default `1.0`.
-    pub std: f64,
-    /// Subtracted from the normalised reward of responses cut by the length limit without an EOS
-    /// (TRL's `missing_eos_penalty`). Default `None` (no penalty).
-    pub truncation_penalty: Option<f64>,
-    /// The final reward is clipped to `[-clip, clip]`. Default `None` (no clipping);
-    /// DeepSpeed-Chat uses 5.
-    pub clip: Option<f64>,
-}
-
-impl Default for RewardConfig {
-    fn default() -> Self {
-        let weights = [0.65, 0.8, 0.45, 0.0, 0.0];
-        RewardConfig {
-            attribute_weights: HELPSTEER2_ATTRIBUTES
-                .iter()
-                .map(|n| n.to_string())
-                .zip(weights)
-                .collect(),
-            mean: 0.0,
-            std: 1.0,
-            truncation_penalty: None,
-            clip: None,
-        }
-    }
-}
-
-impl RewardConfig {
-    /// Checks ranges; errors name the key.
-    pub fn validate(&self) -> Result<()> {
-        for (name, w) in &self.attribute_weights {
-            if !w.is_finite() {
-                return Err(AlgoError::Attribute {
-                    name: name.clone(),
-                    reason: "has a non-finite weight",
-                });
-            }
-        }
-        if !self.mean.is_finite() {
-            return Err(cfg_err("reward.mean", self.mean, "must be finite"));
-        }
-        if !(self.std.is_finite() && self.std > 0.0) {
-            return Err(cfg_err("reward.std", self.std, "must be finite and > 0"));
-        }
-        if let Some(p) = self.truncation_penalty {
-            if !p.is_finite() {
-                return Err(cfg_err("reward.truncation_penalty", p, "must be finite"));
-            }
-        }
-        if let Some(c) = self.clip {
-            if !(c.is_finite() && c > 0.0) {
-                return Err(cfg_err("reward.clip", c, "must be finite and > 0"));
-            }
-        }
-        Ok(())
-    }
-}
 
 fn cfg_err(key: &'static str, value: f64, reason: &'static str) -> AlgoError {
     AlgoError::Config {
@@ -156,11 +86,11 @@ pub fn combine_attributes(
 /// Shapes per-sequence rewards (b,): `(r - mean) / std`, minus the truncation penalty where
 /// `truncated` (b,) is set, then clipped. Non-finite inputs are an error naming the row.
 pub fn shape_rewards(
-    cfg: &RewardConfig,
+    cfg: &RewardShapingConfig,
     rewards: &Tensor,
     truncated: Option<&Tensor>,
 ) -> Result<Tensor> {
-    cfg.validate()?;
+    cfg.validate().map_err(|e| e.under("reward"))?;
     let b = rows_1d("rewards", rewards)?;
     float_kind("rewards", rewards)?;
     let mut checks = Checks::new();
@@ -182,7 +112,7 @@ pub fn shape_rewards(
 }
 
 /// Mean and unbiased std of reward-model scores (n,), e.g. over the reward dataset's responses,
-/// to store as [`RewardConfig::mean`] and [`RewardConfig::std`].
+/// to store as [`RewardShapingConfig::mean`] and [`RewardShapingConfig::std`].
 pub fn normalization_stats(scores: &Tensor) -> Result<(f64, f64)> {
     let n = rows_1d("scores", scores)?;
     if n < 2 {
@@ -315,16 +245,19 @@ mod tests {
         Vec::<f64>::try_from(x).unwrap()
     }
 
+    /// HelpSteer2's goodness over all five SteerLM heads (complexity and verbosity weigh 0).
+    fn goodness() -> BTreeMap<String, f64> {
+        let mut w = RewardShapingConfig::default().attribute_weights;
+        w.insert("complexity".into(), 0.0);
+        w.insert("verbosity".into(), 0.0);
+        w
+    }
+
     #[test]
     fn goodness_uses_the_helpsteer2_weights() {
         let scores =
             Tensor::from_slice(&[4.0, 3.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 4.0, 4.0]).reshape([2, 5]);
-        let r = combine_attributes(
-            &scores,
-            &HELPSTEER2_ATTRIBUTES,
-            &RewardConfig::default().attribute_weights,
-        )
-        .unwrap();
+        let r = combine_attributes(&scores, &HELPSTEER2_ATTRIBUTES, &goodness()).unwrap();
         let want = [0.65 * 4.0 + 0.8 * 3.0 + 0.45 * 2.0, 0.0];
         for (a, b) in v1(&r).iter().zip(want) {
             assert!((a - b).abs() < 1e-12);
@@ -333,7 +266,7 @@ mod tests {
 
     #[test]
     fn attribute_mismatches_are_named() {
-        let w = RewardConfig::default().attribute_weights;
+        let w = goodness();
         let s = Tensor::zeros([1, 2], (Kind::Double, tch::Device::Cpu));
         match combine_attributes(&s, &["helpfulness", "humor"], &w) {
             Err(AlgoError::Attribute { name, .. }) => assert_eq!(name, "humor"),
@@ -360,7 +293,7 @@ mod tests {
 
     #[test]
     fn shaping_normalises_penalises_then_clips() {
-        let cfg = RewardConfig {
+        let cfg = RewardShapingConfig {
             mean: 1.0,
             std: 2.0,
             truncation_penalty: Some(0.5),
@@ -385,17 +318,14 @@ mod tests {
                 ..
             })
         ));
-        let cfg = RewardConfig {
+        let cfg = RewardShapingConfig {
             std: 0.0,
             ..Default::default()
         };
-        assert!(matches!(
-            shape_rewards(&cfg, &r, None),
-            Err(AlgoError::Config {
-                key: "reward.std",
-                ..
-            })
-        ));
+        match shape_rewards(&cfg, &r, None) {
+            Err(AlgoError::Settings(e)) => assert_eq!(e.key, "reward.std"),
+            other => panic!("expected a settings error, got {other:?}"),
+        }
     }
 
     #[test]

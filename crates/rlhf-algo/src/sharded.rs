@@ -22,7 +22,8 @@ use std::ops::Range;
 use tch::{Kind, Tensor};
 
 use crate::error::{AlgoError, Result};
-use crate::optim::{uses_weight_decay, zero_grads, AdamUpdate, OptimConfig};
+use crate::optim::{uses_weight_decay, zero_grads, AdamUpdate};
+use rlhf_settings::OptimizerConfig;
 
 /// How low-precision (bf16, f16) parameters are trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -107,11 +108,11 @@ impl ShardedAdamW {
     /// length; `[0..total]` without sharding). Moments start at zero.
     pub fn new(
         params: Vec<(String, Tensor)>,
-        cfg: &OptimConfig,
+        cfg: &OptimizerConfig,
         precision: Precision,
         owned: Vec<Range<i64>>,
     ) -> Result<Self> {
-        cfg.validate()?;
+        cfg.validate().map_err(|e| e.under("optim"))?;
         let mut seen = HashSet::new();
         let mut kind = None;
         for (name, p) in &params {
@@ -199,7 +200,7 @@ impl ShardedAdamW {
     /// An optimizer owning every element (no sharding).
     pub fn unsharded(
         params: Vec<(String, Tensor)>,
-        cfg: &OptimConfig,
+        cfg: &OptimizerConfig,
         precision: Precision,
     ) -> Result<Self> {
         let everything = std::iter::once(0..flat_len(&params)).collect();
@@ -600,11 +601,11 @@ mod tests {
         (Tensor::arange(total, (Kind::Float, Device::Cpu)) * (0.37 + step as f64) + 0.5).cos()
     }
 
-    fn cfg(lr: f64) -> OptimConfig {
-        OptimConfig {
+    fn cfg(lr: f64) -> OptimizerConfig {
+        OptimizerConfig {
             lr,
             weight_decay: 0.1,
-            ..OptimConfig::default()
+            ..OptimizerConfig::default()
         }
     }
 

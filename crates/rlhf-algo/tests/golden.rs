@@ -436,7 +436,11 @@ fn golden_reward_shaping() {
         .iter()
         .map(|x| x.as_str().unwrap())
         .collect();
-    let weights = RewardConfig::default().attribute_weights;
+    // The run file's default weights name the three attributes goodness uses; a five-head
+    // SteerLM model needs complexity and verbosity listed at 0.
+    let mut weights = RewardShapingConfig::default().attribute_weights;
+    weights.insert("complexity".into(), 0.0);
+    weights.insert("verbosity".into(), 0.0);
     let python_weights: std::collections::BTreeMap<String, f64> =
         serde_json::from_value(g["weights"].clone()).unwrap();
     assert_eq!(
@@ -453,7 +457,7 @@ fn golden_reward_shaping() {
         .collect();
     let truncated = Tensor::from_slice(&flags);
     for case in g["shaped"].as_array().unwrap() {
-        let cfg = RewardConfig {
+        let cfg = RewardShapingConfig {
             mean: f(&g["mean"]),
             std: f(&g["std"]),
             truncation_penalty: case["truncation_penalty"].as_f64(),
@@ -505,7 +509,7 @@ fn golden_adamw_and_grad_clipping() {
     let w = tensor(&g["weight"]).set_requires_grad(true);
     let b = tensor(&g["bias"]).set_requires_grad(true);
     let betas = g["betas"].as_array().unwrap();
-    let cfg = OptimConfig {
+    let cfg = OptimizerConfig {
         beta1: f(&betas[0]),
         beta2: f(&betas[1]),
         eps: f(&g["eps"]),

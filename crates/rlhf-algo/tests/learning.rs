@@ -6,7 +6,7 @@
 
 use rlhf_algo::{
     kl_penalty, policy_loss, token_level_rewards, value_loss, AdamW, AdvantageCalculator,
-    AdvantageConfig, AdvantageEstimator, AdvantageInputs, KlEstimator, LrScheduleKind, OptimConfig,
+    AdvantageConfig, AdvantageEstimator, AdvantageInputs, KlEstimator, LrSchedule, OptimizerConfig,
     PolicyLossConfig, PolicyLossInputs, ValueLossConfig, ValueLossInputs,
 };
 use rlhf_model::init::{InitSpec, Preset};
@@ -30,11 +30,11 @@ fn model(head: HeadKind, seed: i64) -> Model {
 }
 
 fn optimizer(m: &Model, lr: f64) -> AdamW {
-    let cfg = OptimConfig {
+    let cfg = OptimizerConfig {
         lr,
         weight_decay: 0.0,
         max_grad_norm: Some(1.0),
-        schedule: LrScheduleKind::Constant,
+        schedule: LrSchedule::Constant,
         ..Default::default()
     };
     AdamW::new(m.named_tensors(), &cfg).unwrap()
@@ -54,7 +54,7 @@ fn train(estimator: AdvantageEstimator) -> Vec<f64> {
         ..Default::default()
     })
     .unwrap();
-    let loss_cfg = PolicyLossConfig::default(); // PPO clip 0.2, token-mean
+    let loss_cfg = PolicyLossConfig::default(); // PPO clip 0.2, token_mean
     let prompts: Vec<Vec<i64>> = (0..PROMPTS * SAMPLES)
         .map(|i| {
             let p = i / SAMPLES; // consecutive rows share a prompt (RLOO/GRPO groups)

@@ -148,18 +148,10 @@ proptest! {
     }
 
     #[test]
-    fn minibatches_partition_the_buffer(rows_per_mb in 1i64..5, mbs in 1i64..5, seed in any::<u64>(), epoch in 0u64..4) {
-        let b = rows_per_mb * mbs;
-        let ids = Tensor::arange(b, (Kind::Int64, tch::Device::Cpu)).unsqueeze(1).repeat([1, 3]);
-        let ones = Tensor::ones([b, 2], (Kind::Float, tch::Device::Cpu));
-        let lp = Tensor::arange(b, (Kind::Float, tch::Device::Cpu)).unsqueeze(1).repeat([1, 2]);
-        let mut buf = RolloutBuffer::new(RolloutBatch::new(ids.ones_like(), ids.ones_like(), ones.shallow_clone(), lp.shallow_clone()).unwrap()).unwrap();
-        buf.set_advantages(Advantages { advantages: lp.shallow_clone(), returns: lp.shallow_clone() }).unwrap();
-        let parts = buf.minibatches(rows_per_mb, seed, epoch).unwrap();
-        prop_assert_eq!(parts.len() as i64, mbs);
-        let mut seen: Vec<i64> = parts.iter().flat_map(|p| host(&p.old_logprobs.select(1, 0)).into_iter().map(|x| x as i64)).collect();
+    fn shuffled_indices_are_a_permutation(n in 0usize..200, seed in any::<u64>(), epoch in 0u64..4) {
+        let mut seen = shuffled_indices(n, seed, epoch);
         seen.sort();
-        prop_assert_eq!(seen, (0..b).collect::<Vec<_>>());
+        prop_assert_eq!(seen, (0..n as i64).collect::<Vec<_>>());
     }
 
     #[test]

@@ -11,10 +11,11 @@
 //! against the working directory otherwise. Errors carry the key path (`workers[1].roles`) and
 //! `FILE:LINE`, the environment variable, or the `--set` argument.
 //!
-//! It may use serde, figment (merging), serde_norway (YAML) and yaml-rust2 (key lines). It knows
-//! nothing about tch, tonic, tokio or any other crate of ours: the coordinator maps these plain
-//! types onto the algorithms and launchers itself, and validates what needs more than this file
-//! (prompt lengths, tokenizers) with [`Provenance::error_at`] so its errors read the same.
+//! It may use serde, figment (merging), serde_norway (YAML) and yaml-rust2 (key lines), and
+//! `rlhf-settings` (the algorithm settings, shared with `rlhf-algo`). It knows nothing about tch,
+//! tonic, tokio or any other crate of ours: the coordinator maps these plain types onto the
+//! launchers itself, and validates what needs more than this file (prompt lengths, tokenizers)
+//! with [`Provenance::error_at`] so its errors read the same.
 
 mod error;
 mod lines;

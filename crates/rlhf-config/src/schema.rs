@@ -3,14 +3,21 @@
 //! Every struct denies unknown keys and defaults each missing field (`#[serde(default)]` over the
 //! `Default` impl), so a file names only what it changes. Fields marked "required" default to an
 //! empty value that the loader's validation rejects with the key's name. Enum values are snake_case.
+//!
+//! The algorithm settings (`algorithm.kl`, `algorithm.reward`, `algorithm.loss_agg`,
+//! `train.actor`, `train.critic`) are `rlhf-settings` types, the same ones `rlhf-algo` computes
+//! with; they are re-exported here so the run file's types all live under `rlhf_config`.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub use rlhf_settings::{
+    KlConfig, KlEstimator, KlMode, LossAgg, LrSchedule, OptimizerConfig, RewardShapingConfig,
+};
 
 /// A whole RLHF run: what to train, with what, where the workers run and how to log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -636,19 +643,6 @@ impl AlgorithmName {
     }
 }
 
-/// How per-token losses are reduced to a scalar.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LossAgg {
-    /// Mean over all response tokens of the minibatch.
-    #[default]
-    TokenMean,
-    /// Sum over each sequence's tokens, mean over sequences.
-    SeqMeanTokenSum,
-    /// Mean over each sequence's tokens, mean over sequences.
-    SeqMeanTokenMean,
-}
-
 /// `algorithm:` — the RL objective.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -697,99 +691,6 @@ impl Default for AlgorithmConfig {
             baseline_decay: 0.9,
             kl: KlConfig::default(),
             reward: RewardShapingConfig::default(),
-        }
-    }
-}
-
-/// Estimator of the per-token KL divergence from the reference.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KlEstimator {
-    /// `log p - log q`.
-    #[default]
-    K1,
-    /// `(log p - log q)^2 / 2`.
-    K2,
-    /// `exp(log q - log p) - 1 - (log q - log p)` (unbiased, non-negative).
-    K3,
-}
-
-/// Where the KL penalty enters the objective.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KlMode {
-    /// Subtracted from the per-token reward (`-coef * kl(t)`).
-    #[default]
-    Reward,
-    /// Added to the policy loss.
-    Loss,
-}
-
-/// `algorithm.kl:` — the KL penalty.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct KlConfig {
-    /// KL coefficient (initial value when adaptive); >= 0. Default: 0.003 (HelpSteer2's PPO).
-    pub coef: f64,
-    /// `k1`, `k2` or `k3`. Default: `k1`.
-    pub estimator: KlEstimator,
-    /// `reward` or `loss`. Default: `reward`.
-    pub mode: KlMode,
-    /// Target KL of the adaptive controller; > 0 when set. Default: null (fixed coefficient).
-    pub target: Option<f64>,
-    /// Adaptive controller horizon in samples; >= 1. Default: 10000.
-    pub horizon: u64,
-}
-
-impl Default for KlConfig {
-    fn default() -> Self {
-        KlConfig {
-            coef: 0.003,
-            estimator: KlEstimator::K1,
-            mode: KlMode::Reward,
-            target: None,
-            horizon: 10_000,
-        }
-    }
-}
-
-/// `algorithm.reward:` — turning reward-model outputs into the scalar reward.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RewardShapingConfig {
-    /// Weights of a multi-attribute reward model's outputs, by attribute name. A file, variable
-    /// or `--set` that names this map replaces it whole. Default: HelpSteer2's "goodness",
-    /// `{coherence: 0.45, correctness: 0.8, helpfulness: 0.65}`.
-    pub attribute_weights: BTreeMap<String, f64>,
-    /// Subtracted from the weighted reward before dividing by `std`. Default: 0.0.
-    pub mean: f64,
-    /// Divides the centred reward; > 0. Default: 1.0.
-    pub std: f64,
-    /// Clip the normalised reward to [-clip, clip]; > 0 when set. Default: null (off).
-    pub clip: Option<f64>,
-    /// Reward given to responses that hit `max_new_tokens` without EOS. Default: null (scored
-    /// like any other response).
-    pub truncation_penalty: Option<f64>,
-}
-
-impl Default for RewardShapingConfig {
-    fn default() -> Self {
-        // HelpSteer2 (Wang et al., 2024), §4: goodness = 0.65*helpfulness + 0.8*correctness
-        // + 0.45*coherence.
-        let attribute_weights = [
-            ("helpfulness", 0.65),
-            ("correctness", 0.8),
-            ("coherence", 0.45),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-        RewardShapingConfig {
-            attribute_weights,
-            mean: 0.0,
-            std: 1.0,
-            clip: None,
-            truncation_penalty: None,
         }
     }
 }
@@ -858,76 +759,6 @@ impl Default for RolloutConfig {
             chat_template: true,
             async_generation: false,
         }
-    }
-}
-
-/// Learning-rate schedule.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LrSchedule {
-    /// `lr` throughout.
-    #[default]
-    Constant,
-    /// Linear warm-up over `warmup_steps`, then constant.
-    Warmup,
-    /// Linear warm-up, then cosine decay to `min_lr_ratio * lr` at `train.steps`.
-    Cosine,
-}
-
-/// `train.actor:` / `train.critic:` — an AdamW optimizer.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct OptimizerConfig {
-    /// Learning rate; > 0. Default: 1e-6 for the actor, 1e-5 for the critic.
-    pub lr: f64,
-    /// Decoupled weight decay; >= 0. Default: 0.0.
-    pub weight_decay: f64,
-    /// Gradient-norm clip; > 0 when set. Default: 1.0 (null = off).
-    pub max_grad_norm: Option<f64>,
-    /// Adam beta1, in [0, 1). Default: 0.9.
-    pub beta1: f64,
-    /// Adam beta2, in [0, 1). Default: 0.999.
-    pub beta2: f64,
-    /// Adam epsilon; > 0. Default: 1e-8.
-    pub eps: f64,
-    /// `constant`, `warmup` or `cosine`. Default: `constant`.
-    pub schedule: LrSchedule,
-    /// Warm-up steps for `warmup` and `cosine`. Default: 0.
-    pub warmup_steps: u64,
-    /// `cosine` only: final lr as a fraction of `lr`, in [0, 1]. Default: 0.0.
-    pub min_lr_ratio: f64,
-}
-
-impl OptimizerConfig {
-    /// The actor's defaults (`lr: 1e-6`).
-    pub fn actor() -> Self {
-        OptimizerConfig {
-            lr: 1e-6,
-            weight_decay: 0.0,
-            max_grad_norm: Some(1.0),
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            schedule: LrSchedule::Constant,
-            warmup_steps: 0,
-            min_lr_ratio: 0.0,
-        }
-    }
-
-    /// The critic's defaults (`lr: 1e-5`, the rest as the actor's).
-    pub fn critic() -> Self {
-        OptimizerConfig {
-            lr: 1e-5,
-            ..OptimizerConfig::actor()
-        }
-    }
-}
-
-impl Default for OptimizerConfig {
-    /// The actor's defaults. Through the loader, `train.critic` fields default to
-    /// [`OptimizerConfig::critic`]; only a bare serde deserialisation uses this for both.
-    fn default() -> Self {
-        OptimizerConfig::actor()
     }
 }
 

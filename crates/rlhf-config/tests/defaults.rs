@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 
-/// (key in the config, struct in schema.rs, field)
+/// (key in the config, struct in schema.rs or rlhf-settings, field)
 const DOCUMENTED: &[(&str, &str, &str)] = &[
     ("run.dir", "RunSection", "dir"),
     ("run.seed", "RunSection", "seed"),
@@ -51,7 +51,16 @@ const DOCUMENTED: &[(&str, &str, &str)] = &[
     ("algorithm.kl.coef", "KlConfig", "coef"),
     ("algorithm.kl.estimator", "KlConfig", "estimator"),
     ("algorithm.kl.horizon", "KlConfig", "horizon"),
+    ("algorithm.kl.mode", "KlConfig", "mode"),
+    ("algorithm.kl.target", "KlConfig", "target"),
     ("algorithm.reward.std", "RewardShapingConfig", "std"),
+    ("algorithm.reward.mean", "RewardShapingConfig", "mean"),
+    ("algorithm.reward.clip", "RewardShapingConfig", "clip"),
+    (
+        "algorithm.reward.truncation_penalty",
+        "RewardShapingConfig",
+        "truncation_penalty",
+    ),
     ("rollout.batch_size", "RolloutConfig", "batch_size"),
     (
         "rollout.samples_per_prompt",
@@ -70,8 +79,35 @@ const DOCUMENTED: &[(&str, &str, &str)] = &[
     ("train.steps", "TrainConfig", "steps"),
     ("train.minibatch_size", "TrainConfig", "minibatch_size"),
     ("train.micro_batch_size", "TrainConfig", "micro_batch_size"),
+    ("train.actor.beta1", "OptimizerConfig", "beta1"),
     ("train.actor.beta2", "OptimizerConfig", "beta2"),
     ("train.actor.eps", "OptimizerConfig", "eps"),
+    (
+        "train.actor.weight_decay",
+        "OptimizerConfig",
+        "weight_decay",
+    ),
+    (
+        "train.actor.max_grad_norm",
+        "OptimizerConfig",
+        "max_grad_norm",
+    ),
+    ("train.actor.schedule", "OptimizerConfig", "schedule"),
+    (
+        "train.actor.warmup_steps",
+        "OptimizerConfig",
+        "warmup_steps",
+    ),
+    (
+        "train.actor.min_lr_ratio",
+        "OptimizerConfig",
+        "min_lr_ratio",
+    ),
+    (
+        "train.critic.max_grad_norm",
+        "OptimizerConfig",
+        "max_grad_norm",
+    ),
     ("logging.level", "LoggingConfig", "level"),
     ("logging.format", "LoggingConfig", "format"),
     ("checkpoint.every", "CheckpointConfig", "every"),
@@ -110,12 +146,12 @@ const DOCUMENTED: &[(&str, &str, &str)] = &[
 fn documented_default(source: &str, name: &str, field: &str) -> String {
     let start = source
         .find(&format!("pub struct {name} {{"))
-        .unwrap_or_else(|| panic!("struct {name} not in schema.rs"));
+        .unwrap_or_else(|| panic!("struct {name} not in schema.rs or rlhf-settings"));
     let body = &source[start..];
     let body = &body[..body.find("\n}").unwrap()];
     let field_at = body
         .find(&format!("    pub {field}: "))
-        .unwrap_or_else(|| panic!("{name}.{field} not in schema.rs"));
+        .unwrap_or_else(|| panic!("{name}.{field} not in schema.rs or rlhf-settings"));
     let docs: Vec<&str> = body[..field_at]
         .lines()
         .rev()
@@ -140,8 +176,13 @@ fn documented_default(source: &str, name: &str, field: &str) -> String {
 
 #[test]
 fn documented_defaults_equal_loaded_values() {
-    let source =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/schema.rs")).unwrap();
+    // The run file's structs: its own sections, and the algorithm settings it embeds.
+    let source = [
+        concat!(env!("CARGO_MANIFEST_DIR"), "/src/schema.rs"),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../rlhf-settings/src/lib.rs"),
+    ]
+    .map(|p| std::fs::read_to_string(p).unwrap())
+    .join("\n");
     let f = Fixture::new();
     let loaded = f.load(BASE, &[], &[]).unwrap();
     let actual = serde_norway::to_value(&loaded.config).unwrap();

@@ -301,6 +301,55 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn a_controller_state_saved_before_the_settings_crate_still_loads() {
+        // controller.json as checkpoints wrote it when rlhf-config and rlhf-algo each had their
+        // own settings types: the KL controller and baseline state, and the run config's
+        // algorithm settings, must read back as they were written.
+        let saved = json!({
+            "format": 1,
+            "step": 3,
+            "samples": 24,
+            "cursor": {"seed": 7, "shuffle": true, "epoch": 1, "pos": 2},
+            "kl": {"coef": 0.0512345, "target": 6.0, "horizon": 10000, "updates": 3},
+            "baseline": {"value": 0.25, "updates": 3},
+            "train_seconds": 1.5,
+            "config": {"algorithm": {
+                "loss_agg": "seq_mean_token_mean",
+                "kl": {"coef": 0.05, "estimator": "k3", "mode": "loss", "target": 6.0,
+                       "horizon": 10000},
+                "reward": {"attribute_weights": {"helpfulness": 1.0}, "mean": 0.0, "std": 1.0,
+                           "clip": null, "truncation_penalty": 0.5}
+            }, "train": {"actor": {"lr": 1e-6, "weight_decay": 0.0, "max_grad_norm": 1.0,
+                "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "schedule": "cosine",
+                "warmup_steps": 2, "min_lr_ratio": 0.1}}}
+        });
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONTROLLER_FILE), saved.to_string()).unwrap();
+        let s = ControllerState::read(dir.path()).unwrap();
+        let kl = rlhf_algo::KlController::from_state(s.kl.clone()).unwrap();
+        assert_eq!(kl.coef(), 0.0512345);
+        assert_eq!(s.baseline.value, Some(0.25));
+        assert_eq!(serde_json::to_value(&s).unwrap(), saved);
+        let a = &s.config["algorithm"];
+        let kl: rlhf_config::KlConfig = serde_json::from_value(a["kl"].clone()).unwrap();
+        assert_eq!(kl.estimator, rlhf_config::KlEstimator::K3);
+        let agg: rlhf_config::LossAgg = serde_json::from_value(a["loss_agg"].clone()).unwrap();
+        assert_eq!(agg, rlhf_config::LossAgg::SeqMeanTokenMean);
+        let reward: rlhf_config::RewardShapingConfig =
+            serde_json::from_value(a["reward"].clone()).unwrap();
+        let actor: rlhf_config::OptimizerConfig =
+            serde_json::from_value(s.config["train"]["actor"].clone()).unwrap();
+        assert_eq!(actor.schedule, rlhf_config::LrSchedule::Cosine);
+        // Written back today, the settings are the same JSON, so a resume sees no config change.
+        assert_eq!(serde_json::to_value(&kl).unwrap(), a["kl"]);
+        assert_eq!(serde_json::to_value(&reward).unwrap(), a["reward"]);
+        assert_eq!(
+            serde_json::to_value(&actor).unwrap(),
+            s.config["train"]["actor"]
+        );
+    }
+
+    #[test]
     fn diff_lists_changed_keys_and_breaking_ones_refuse() {
         let then = json!({"models": {"policy": "/a"}, "rollout": {"batch_size": 8, "max_new_tokens": 16}, "train": {"steps": 10}});
         let now = json!({"models": {"policy": "/b"}, "rollout": {"batch_size": 4, "max_new_tokens": 16}, "train": {"steps": 20}});

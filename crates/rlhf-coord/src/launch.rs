@@ -15,6 +15,7 @@ use rlhf_config::{EnvSource, LauncherKind, RewardKind, Role, RunConfig};
 use rlhf_model::Tokenizer;
 use rlhf_proto::auth::RunToken;
 use rlhf_proto::pb;
+use rlhf_proto::settings::optimizer_settings;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -596,7 +597,6 @@ async fn create_roles(
     }
     let dtype = dtype_name(cfg.models.dtype).to_string();
     let seed = cfg.run.seed;
-    let kl_in_loss = s.kl.mode == rlhf_algo::KlMode::Loss;
     let use_reference = s.kl.coef > 0.0 || s.kl.target.is_some();
     // LoRA on the policy's own directory: the reference is the actor's base, no second copy.
     let reference_is_actor = use_reference && cfg.models.reference_is_actor_base();
@@ -608,18 +608,17 @@ async fn create_roles(
             targets: l.targets.clone(),
         })
     };
-    let trainer = |loss_json: String,
-                   optim: &rlhf_algo::OptimConfig,
+    let trainer = |loss: pb::trainer_spec::Loss,
+                   optim: &rlhf_algo::OptimizerConfig,
                    actor: bool|
      -> Result<pb::TrainerSpec> {
         Ok(pb::TrainerSpec {
-            loss_json,
-            optim_json: serde_json::to_string(optim)?,
+            loss: Some(loss),
+            optimizer: Some(optimizer_settings(optim, s.optimizer_steps)),
+            kl_loss: s.kl_loss_term().filter(|_| actor).map(Into::into),
             micro_batch_size: cfg.train.micro_batch_size as i64,
             gradient_checkpointing: cfg.train.gradient_checkpointing,
             temperature: cfg.rollout.temperature,
-            kl_loss_coef: if actor && kl_in_loss { s.kl.coef } else { 0.0 },
-            kl_estimator: rl::kl_estimator_name(cfg.algorithm.kl.estimator).into(),
             pure_low_precision: cfg.train.pure_low_precision,
             zero_stage: cfg.train.zero_stage,
             // Adapters on the actor only; the critic trains its whole trunk.
@@ -646,7 +645,7 @@ async fn create_roles(
         dtype: dtype.clone(),
         seed,
         spec: Some(pb::create_role_request::Spec::Actor(trainer(
-            serde_json::to_string(&s.policy_loss)?,
+            pb::trainer_spec::Loss::PolicyLoss((&s.policy_loss).into()),
             &s.actor_optim,
             true,
         )?)),
@@ -717,7 +716,7 @@ async fn create_roles(
             dtype: dtype.clone(),
             seed: seed.wrapping_add(1),
             spec: Some(pb::create_role_request::Spec::Critic(trainer(
-                serde_json::to_string(&s.value_loss)?,
+                pb::trainer_spec::Loss::ValueLoss((&s.value_loss).into()),
                 &s.critic_optim,
                 false,
             )?)),

@@ -10,8 +10,8 @@ use std::ops::Range;
 use anyhow::{Context, Result};
 use rlhf_algo::{
     kl_penalty, shape_rewards, token_level_rewards, AdvantageCalculator, AdvantageConfig,
-    AdvantageEstimator, AdvantageInputs, KlConfig, KlController, KlEstimator, KlMode, LossAgg,
-    LrScheduleKind, OptimConfig, PolicyLossConfig, PolicyLossKind, RewardConfig, ValueLossConfig,
+    AdvantageEstimator, AdvantageInputs, KlConfig, KlController, KlMode, OptimizerConfig,
+    PolicyLossConfig, PolicyLossKind, RewardShapingConfig, ValueLossConfig,
 };
 use rlhf_config::{self as schema, RunConfig};
 use rlhf_model::Tokenizer;
@@ -19,7 +19,9 @@ use rlhf_proto::pb;
 use rlhf_proto::wire::{from_wire, to_wire};
 use tch::{Kind, Tensor};
 
-/// The algorithm settings of a run, in `rlhf-algo`'s types.
+/// The algorithm settings of a run, as `rlhf-algo` takes them. The KL, reward-shaping and
+/// optimizer sections are the run file's own values (`rlhf-settings` types, shared by both);
+/// only the advantage estimator and the two losses are assembled from `algorithm:` here.
 #[derive(Debug, Clone)]
 pub struct AlgoSettings {
     pub advantage: AdvantageConfig,
@@ -27,53 +29,13 @@ pub struct AlgoSettings {
     pub value_loss: ValueLossConfig,
     pub kl: KlConfig,
     /// Controller-side shaping: clip and truncation penalty (the reward role already normalised).
-    pub reward: RewardConfig,
-    pub actor_optim: OptimConfig,
-    pub critic_optim: OptimConfig,
+    pub reward: RewardShapingConfig,
+    pub actor_optim: OptimizerConfig,
+    pub critic_optim: OptimizerConfig,
+    /// Optimizer steps of the whole run (steps x epochs x minibatches): where a cosine schedule
+    /// reaches its floor.
+    pub optimizer_steps: u64,
     pub uses_critic: bool,
-}
-
-fn agg(a: schema::LossAgg) -> LossAgg {
-    match a {
-        schema::LossAgg::TokenMean => LossAgg::TokenMean,
-        schema::LossAgg::SeqMeanTokenSum => LossAgg::SeqMeanTokenSum,
-        schema::LossAgg::SeqMeanTokenMean => LossAgg::SeqMeanTokenMean,
-    }
-}
-
-pub fn kl_estimator(e: schema::KlEstimator) -> KlEstimator {
-    match e {
-        schema::KlEstimator::K1 => KlEstimator::K1,
-        schema::KlEstimator::K2 => KlEstimator::K2,
-        schema::KlEstimator::K3 => KlEstimator::K3,
-    }
-}
-
-pub fn kl_estimator_name(e: schema::KlEstimator) -> &'static str {
-    match e {
-        schema::KlEstimator::K1 => "k1",
-        schema::KlEstimator::K2 => "k2",
-        schema::KlEstimator::K3 => "k3",
-    }
-}
-
-fn optim(o: &schema::OptimizerConfig, total_steps: u64) -> OptimConfig {
-    OptimConfig {
-        lr: o.lr,
-        beta1: o.beta1,
-        beta2: o.beta2,
-        eps: o.eps,
-        weight_decay: o.weight_decay,
-        max_grad_norm: o.max_grad_norm,
-        schedule: match o.schedule {
-            schema::LrSchedule::Constant => LrScheduleKind::Constant,
-            schema::LrSchedule::Warmup => LrScheduleKind::Warmup,
-            schema::LrSchedule::Cosine => LrScheduleKind::Cosine,
-        },
-        warmup_steps: o.warmup_steps,
-        total_steps,
-        min_lr_ratio: o.min_lr_ratio,
-    }
 }
 
 impl AlgoSettings {
@@ -103,48 +65,53 @@ impl AlgoSettings {
             clip_eps: a.clip_eps,
             dual_clip: a.dual_clip,
             entropy_coef: a.entropy_coef,
-            agg: agg(a.loss_agg),
+            agg: a.loss_agg,
         };
         let value_loss = ValueLossConfig {
             clip: a.value_clip,
-            agg: agg(a.loss_agg),
+            agg: a.loss_agg,
         };
-        let kl = KlConfig {
-            estimator: kl_estimator(a.kl.estimator),
-            mode: match a.kl.mode {
-                schema::KlMode::Reward => KlMode::Reward,
-                schema::KlMode::Loss => KlMode::Loss,
-            },
-            coef: a.kl.coef,
-            target: a.kl.target,
-            horizon: a.kl.horizon,
-        };
-        let reward = RewardConfig {
-            attribute_weights: a.reward.attribute_weights.clone(),
+        let reward = RewardShapingConfig {
             mean: 0.0,
             std: 1.0,
-            truncation_penalty: a.reward.truncation_penalty,
-            clip: a.reward.clip,
+            ..a.reward.clone()
         };
         let minibatches = (c.rollout_sequences() / c.minibatch_size().max(1)).max(1) as u64;
-        let total = c.train.steps * c.train.epochs as u64 * minibatches;
+        let optimizer_steps = c.train.steps * c.train.epochs as u64 * minibatches;
         let s = AlgoSettings {
             advantage,
             policy_loss,
             value_loss,
-            kl,
+            kl: a.kl.clone(),
             reward,
-            actor_optim: optim(&c.train.actor, total),
-            critic_optim: optim(&c.train.critic, total),
+            actor_optim: c.train.actor.clone(),
+            critic_optim: c.train.critic.clone(),
+            optimizer_steps,
             uses_critic: estimator == AdvantageEstimator::Gae,
         };
         s.advantage.validate().context("algorithm")?;
-        s.policy_loss.validate().context("algorithm")?;
-        s.value_loss.validate().context("algorithm")?;
-        s.kl.validate().context("algorithm.kl")?;
-        s.actor_optim.validate().context("train.actor")?;
-        s.critic_optim.validate().context("train.critic")?;
+        s.policy_loss.validate().map_err(|e| e.under("algorithm"))?;
+        // The run file calls the value loss's `clip` `algorithm.value_clip`.
+        s.value_loss.validate().map_err(|mut e| {
+            e.key = "algorithm.value_clip".into();
+            e
+        })?;
+        s.kl.validate().map_err(|e| e.under("algorithm.kl"))?;
+        s.actor_optim
+            .check_horizon(optimizer_steps)
+            .map_err(|e| e.under("train.actor"))?;
+        s.critic_optim
+            .check_horizon(optimizer_steps)
+            .map_err(|e| e.under("train.critic"))?;
         Ok(s)
+    }
+
+    /// The actor's KL loss term when `algorithm.kl.mode` is `loss` with a nonzero coefficient.
+    pub fn kl_loss_term(&self) -> Option<rlhf_algo::KlLossTerm> {
+        (self.kl.mode == KlMode::Loss && self.kl.coef > 0.0).then_some(rlhf_algo::KlLossTerm {
+            estimator: self.kl.estimator,
+            coef: self.kl.coef,
+        })
     }
 }
 

@@ -127,7 +127,7 @@ impl Default for RmFile {
             bradley_terry: Default::default(),
             data: placeholder_data(),
             train: Default::default(),
-            optim: Default::default(),
+            optim: rlhf_train::config::job_optimizer(),
             checkpoint: Default::default(),
         })
     }
@@ -139,6 +139,9 @@ fn config_error(p: &Provenance, e: TrainError) -> ConfigError {
         TrainError::Config { key, msg } => p.error_at(&key, msg),
         TrainError::Algo(rlhf_algo::AlgoError::Config { key, value, reason }) => {
             p.error_at(key, format!("{value}: {reason}"))
+        }
+        TrainError::Algo(rlhf_algo::AlgoError::Settings(e)) => {
+            p.error_at(&e.key, format!("{}: {}", e.value, e.reason))
         }
         other => p.error_at("", other.to_string()),
     }
@@ -195,7 +198,7 @@ impl Default for SftFile {
             output: None,
             data: placeholder_data(),
             train: Default::default(),
-            optim: Default::default(),
+            optim: rlhf_train::config::job_optimizer(),
             checkpoint: Default::default(),
         })
     }

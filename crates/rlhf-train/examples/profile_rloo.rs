@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use rlhf_algo::{policy_loss, AdamW, OptimConfig, PolicyLossConfig, PolicyLossInputs};
+use rlhf_algo::{policy_loss, AdamW, OptimizerConfig, PolicyLossConfig, PolicyLossInputs};
 use rlhf_model::{
     generate, token_logprobs_from, Entropy, GenerationConfig, LoadOptions, Model, Sampling,
 };
@@ -45,7 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..GenerationConfig::greedy(t)
     };
     let params: Vec<(String, tch::Tensor)> = model.named_tensors();
-    let mut opt = AdamW::new(params, &OptimConfig::default())?;
+    let mut opt = AdamW::new(params, &OptimizerConfig::default())?;
     let loss_cfg = PolicyLossConfig::default();
     let mut times: Vec<(&str, Vec<f64>)> =
         vec![("gen", vec![]), ("ref", vec![]), ("train", vec![])];

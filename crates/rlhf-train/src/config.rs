@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use rlhf_algo::{OptimConfig, HELPSTEER2_ATTRIBUTES};
+use rlhf_algo::{AlgoError, OptimizerConfig, HELPSTEER2_ATTRIBUTES};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
@@ -390,10 +390,11 @@ pub struct RmJobConfig {
     /// Loop settings. Defaults: see [`TrainConfig`].
     #[serde(default)]
     pub train: TrainConfig,
-    /// AdamW and LR schedule (rlhf-algo's `OptimConfig`; its default LR is 1e-7, the PPO
-    /// actor's; reward models usually want ~1e-6..1e-5). Defaults: see `OptimConfig`.
-    #[serde(default)]
-    pub optim: OptimConfig,
+    /// AdamW and LR schedule, the run file's `train.actor` keys (`rlhf-settings`'
+    /// `OptimizerConfig`); a cosine schedule decays over the whole job. Defaults: see
+    /// [`job_optimizer`] (LR 1e-7; reward models usually want ~1e-6..1e-5).
+    #[serde(default = "job_optimizer")]
+    pub optim: OptimizerConfig,
     /// Checkpointing. Default: only at the end, keep 2.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
@@ -505,9 +506,10 @@ pub struct SftJobConfig {
     /// Loop settings. Defaults: see [`TrainConfig`].
     #[serde(default)]
     pub train: TrainConfig,
-    /// AdamW and LR schedule. Defaults: see `OptimConfig` (LR 1e-7: set your own).
-    #[serde(default)]
-    pub optim: OptimConfig,
+    /// AdamW and LR schedule, as for reward models. Defaults: see [`job_optimizer`] (LR 1e-7:
+    /// set your own).
+    #[serde(default = "job_optimizer")]
+    pub optim: OptimizerConfig,
     /// Checkpointing. Default: only at the end, keep 2.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
@@ -535,14 +537,21 @@ impl SftJobConfig {
     }
 }
 
-/// Validates the optimizer settings; a cosine schedule without `total_steps` is allowed (the
-/// job fills in its own length).
-fn validate_optim(o: &OptimConfig) -> Result<()> {
-    let mut o = o.clone();
-    if o.schedule == rlhf_algo::LrScheduleKind::Cosine && o.total_steps == 0 {
-        o.total_steps = o.warmup_steps + 1;
+/// A job file's `optim:` defaults: the run file's actor optimizer with LR 1e-7 (the HelpSteer2
+/// PPO actor's) and PyTorch AdamW's weight decay 0.01, what the jobs have always used.
+pub fn job_optimizer() -> OptimizerConfig {
+    OptimizerConfig {
+        lr: 1e-7,
+        weight_decay: 0.01,
+        ..OptimizerConfig::actor()
     }
-    Ok(o.validate()?)
+}
+
+/// Validates the optimizer settings; the cosine horizon (the job's length) is checked when the
+/// job starts.
+fn validate_optim(o: &OptimizerConfig) -> Result<()> {
+    Ok(o.validate()
+        .map_err(|e| AlgoError::from(e.under("optim")))?)
 }
 
 /// Paths that must exist before a job starts, with the key that names them.

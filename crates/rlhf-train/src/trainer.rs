@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use rlhf_algo::{shuffled_indices, AdamW, LrSchedule, OptimConfig};
+use rlhf_algo::{shuffled_indices, AdamW, LrScheduler, OptimizerConfig};
 use rlhf_ckpt::CheckpointWriter;
 use rlhf_model::{Model, SaveOptions};
 use serde::{Deserialize, Serialize};
@@ -222,7 +222,7 @@ pub struct Session {
     pub run_dir: PathBuf,
     pub model: Model,
     pub opt: AdamW,
-    pub schedule: LrSchedule,
+    pub schedule: LrScheduler,
     pub max_grad_norm: Option<f64>,
     pub state: TrainerState,
     /// The checkpoint step this session resumed from.
@@ -236,7 +236,7 @@ pub struct SessionSpec<'a> {
     pub run_dir: &'a Path,
     pub job: String,
     pub config: Value,
-    pub optim: &'a OptimConfig,
+    pub optim: &'a OptimizerConfig,
     pub train: &'a TrainConfig,
     pub examples: usize,
     pub fingerprint: String,
@@ -257,12 +257,9 @@ impl Session {
         let total_steps = t
             .max_steps
             .unwrap_or_else(|| t.epochs * Sampler::steps_per_epoch(spec.examples, t.batch_size));
-        let mut optim = spec.optim.clone();
-        if optim.schedule == rlhf_algo::LrScheduleKind::Cosine && optim.total_steps == 0 {
-            // An unset cosine horizon means "the whole job".
-            optim.total_steps = total_steps;
-        }
-        let schedule = LrSchedule::new(&optim)?;
+        let optim = spec.optim;
+        // A cosine schedule decays over the whole job.
+        let schedule = LrScheduler::new(optim, total_steps)?;
         let resume = rlhf_ckpt::latest_valid(spec.run_dir)?;
         let (model, state, resumed_from, side_dir) = match resume {
             None => {
@@ -319,7 +316,7 @@ impl Session {
             }
         };
         let side_files = read_side_files(&side_dir)?;
-        let mut opt = AdamW::new(model.named_tensors(), &optim)?;
+        let mut opt = AdamW::new(model.named_tensors(), optim)?;
         if let Some(step) = resumed_from {
             let dir = rlhf_ckpt::checkpoints_dir(spec.run_dir).join(rlhf_ckpt::dir_name(step));
             opt.load(&dir.join(CKPT_OPTIMIZER))?;

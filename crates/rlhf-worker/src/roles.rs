@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rlhf_algo::{
-    policy_loss, value_loss, KlEstimator, KlLossTerm, LossAgg, LossScaler, LrSchedule, OptimConfig,
+    policy_loss, value_loss, KlLossTerm, LossAgg, LossScaler, LrScheduler, OptimizerConfig,
     PolicyLossConfig, PolicyLossInputs, Precision, ShardedAdamW, ValueLossConfig, ValueLossInputs,
 };
 use rlhf_model::{
@@ -53,7 +53,9 @@ pub struct TrainerSpec {
     pub policy_loss: PolicyLossConfig,
     /// Critic loss (ignored by actors).
     pub value_loss: ValueLossConfig,
-    pub optim: OptimConfig,
+    pub optim: OptimizerConfig,
+    /// Optimizer steps of the whole run: where a cosine schedule reaches its floor.
+    pub total_steps: u64,
     pub micro_batch_size: i64,
     /// Activation checkpointing per decoder layer (`train.gradient_checkpointing`): the
     /// training forward keeps only each layer's input and the backward recomputes the layer.
@@ -254,7 +256,7 @@ pub struct Trainer {
     acc: Option<Tensor>,
     /// Dynamic loss scaling, for f16 models.
     scaler: Option<LossScaler>,
-    schedule: LrSchedule,
+    schedule: LrScheduler,
     step: u64,
 }
 
@@ -954,7 +956,7 @@ impl Trainer {
             spec.precision,
             Vec::new(),
         )?;
-        let schedule = LrSchedule::new(&spec.optim)?;
+        let schedule = LrScheduler::new(&spec.optim, spec.total_steps)?;
         let scaler = (dir.model.kind() == Kind::Half).then(LossScaler::default);
         Ok(Trainer {
             dir,
@@ -1386,19 +1388,6 @@ impl Trainer {
     }
 }
 
-/// Parses a `k1`/`k2`/`k3` estimator name.
-pub fn kl_estimator(name: &str) -> RoleResult<KlEstimator> {
-    match name {
-        "k1" => Ok(KlEstimator::K1),
-        "k2" => Ok(KlEstimator::K2),
-        "k3" => Ok(KlEstimator::K3),
-        other => Err(RoleError::bad(
-            "kl_estimator",
-            format!("`{other}`: expected k1, k2 or k3"),
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use rlhf_model::init::{init_model, InitSpec, Preset};
@@ -1461,10 +1450,11 @@ mod tests {
             let spec = TrainerSpec {
                 policy_loss: PolicyLossConfig::default(),
                 value_loss: ValueLossConfig::default(),
-                optim: OptimConfig {
+                optim: OptimizerConfig {
                     lr: 1e-3,
-                    ..OptimConfig::default()
+                    ..OptimizerConfig::default()
                 },
+                total_steps: 0,
                 micro_batch_size: 2,
                 gradient_checkpointing,
                 temperature: 1.0,
@@ -1546,7 +1536,8 @@ mod tests {
             detail: RoleDetail::Actor(TrainerSpec {
                 policy_loss: PolicyLossConfig::default(),
                 value_loss: ValueLossConfig::default(),
-                optim: OptimConfig::default(),
+                optim: OptimizerConfig::default(),
+                total_steps: 0,
                 micro_batch_size: 2,
                 temperature: 1.0,
                 kl_loss: None,

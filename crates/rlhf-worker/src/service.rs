@@ -9,10 +9,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use rlhf_algo::{KlLossTerm, OptimConfig, PolicyLossConfig, Precision, ValueLossConfig};
+use rlhf_algo::{KlLossTerm, PolicyLossConfig, Precision, ValueLossConfig};
 use rlhf_model::{ChatMessage, LoraConfig, Target};
 use rlhf_proto::limits::WEIGHT_CHUNK_BYTES;
 use rlhf_proto::pb::{self, worker_server::Worker};
+use rlhf_proto::settings::{optimizer_from_settings, SettingsFieldError};
 use rlhf_proto::wire::{self, optional, required, to_wire};
 use tch::{Device, Kind};
 use tokio::sync::{watch, Mutex, RwLock};
@@ -24,8 +25,7 @@ use crate::error::{RoleError, RoleResult};
 use crate::host::{Hosted, RoleHandle};
 use crate::reward_rules::{ExactMatch, Extract, MathAnswer, Rule};
 use crate::roles::{
-    kl_estimator, GenerateArgs, RewardKindSpec, RoleDetail, RoleSpec, ScoreItem, Seqs, TrainBatch,
-    TrainerSpec,
+    GenerateArgs, RewardKindSpec, RoleDetail, RoleSpec, ScoreItem, Seqs, TrainBatch, TrainerSpec,
 };
 
 /// The service state: the roles this worker hosts, listeners of groups being formed, and the
@@ -110,22 +110,23 @@ fn parse_dtype(s: &str) -> RoleResult<Kind> {
     }
 }
 
-fn json<T: serde::de::DeserializeOwned>(field: &str, s: &str) -> RoleResult<T> {
-    serde_json::from_str(s).map_err(|e| RoleError::bad(field, e.to_string()))
+impl From<SettingsFieldError> for RoleError {
+    fn from(e: SettingsFieldError) -> Self {
+        RoleError::bad(&e.field, e.reason)
+    }
 }
 
 fn trainer_spec(t: pb::TrainerSpec, actor: bool) -> RoleResult<TrainerSpec> {
     let pb::TrainerSpec {
-        loss_json,
-        optim_json,
         micro_batch_size,
         temperature,
-        kl_loss_coef,
-        kl_estimator: est,
         pure_low_precision,
         zero_stage,
         lora,
         gradient_checkpointing,
+        loss,
+        optimizer,
+        kl_loss,
     } = t;
     if zero_stage > 2 {
         return Err(RoleError::bad(
@@ -133,19 +134,27 @@ fn trainer_spec(t: pb::TrainerSpec, actor: bool) -> RoleResult<TrainerSpec> {
             format!("{zero_stage}: expected 0, 1 or 2"),
         ));
     }
-    let (policy_loss, value_loss) = if actor {
-        (
-            json::<PolicyLossConfig>("loss_json", &loss_json)?,
-            ValueLossConfig::default(),
-        )
-    } else {
-        (
-            PolicyLossConfig::default(),
-            json::<ValueLossConfig>("loss_json", &loss_json)?,
-        )
+    use pb::trainer_spec::Loss;
+    let (policy_loss, value_loss) = match (actor, loss) {
+        (true, Some(Loss::PolicyLoss(p))) => (p.try_into()?, ValueLossConfig::default()),
+        (false, Some(Loss::ValueLoss(v))) => (PolicyLossConfig::default(), v.try_into()?),
+        (true, _) => {
+            return Err(RoleError::bad(
+                "policy_loss",
+                "an actor needs policy_loss settings".into(),
+            ))
+        }
+        (false, _) => {
+            return Err(RoleError::bad(
+                "value_loss",
+                "a critic needs value_loss settings".into(),
+            ))
+        }
     };
-    let optim: OptimConfig = json("optim_json", &optim_json)?;
-    optim.validate()?;
+    let (optim, total_steps) = optimizer_from_settings(
+        optimizer
+            .ok_or_else(|| RoleError::bad("optimizer", "required: the AdamW settings".into()))?,
+    )?;
     if micro_batch_size < 1 {
         return Err(RoleError::bad(
             "micro_batch_size",
@@ -153,19 +162,22 @@ fn trainer_spec(t: pb::TrainerSpec, actor: bool) -> RoleResult<TrainerSpec> {
         ));
     }
     let temperature = if temperature == 0.0 { 1.0 } else { temperature };
-    let kl_loss = (actor && kl_loss_coef > 0.0)
-        .then(|| -> RoleResult<KlLossTerm> {
-            Ok(KlLossTerm {
-                estimator: kl_estimator(&est)?,
-                coef: kl_loss_coef,
-            })
-        })
-        .transpose()?;
+    let kl_loss = match kl_loss {
+        Some(k) if actor => Some(KlLossTerm::try_from(k)?),
+        Some(_) => {
+            return Err(RoleError::bad(
+                "kl_loss",
+                "only an actor's loss has a KL term; leave it unset for a critic".into(),
+            ))
+        }
+        None => None,
+    };
     let lora = lora.filter(|_| actor).map(lora_config).transpose()?;
     Ok(TrainerSpec {
         policy_loss,
         value_loss,
         optim,
+        total_steps,
         micro_batch_size,
         gradient_checkpointing,
         temperature,
@@ -817,22 +829,112 @@ impl Worker for WorkerService {
 mod tests {
     use super::*;
 
+    use rlhf_algo::{KlEstimator, LossAgg, OptimizerConfig};
+    use rlhf_proto::settings::optimizer_settings;
+
+    fn actor_spec() -> pb::TrainerSpec {
+        pb::TrainerSpec {
+            micro_batch_size: 2,
+            temperature: 1.0,
+            gradient_checkpointing: false,
+            pure_low_precision: false,
+            zero_stage: 0,
+            lora: None,
+            loss: Some(pb::trainer_spec::Loss::PolicyLoss(
+                (&PolicyLossConfig::default()).into(),
+            )),
+            optimizer: Some(optimizer_settings(&OptimizerConfig::actor(), 10)),
+            kl_loss: None,
+        }
+    }
+
     #[test]
     fn trainer_spec_carries_gradient_checkpointing() {
         for on in [false, true] {
             let t = pb::TrainerSpec {
-                loss_json: serde_json::to_string(&PolicyLossConfig::default()).unwrap(),
-                optim_json: serde_json::to_string(&OptimConfig::default()).unwrap(),
-                micro_batch_size: 2,
-                temperature: 1.0,
-                kl_loss_coef: 0.0,
-                kl_estimator: "k1".into(),
                 gradient_checkpointing: on,
-                pure_low_precision: false,
-                zero_stage: 0,
-                lora: None,
+                ..actor_spec()
             };
             assert_eq!(trainer_spec(t, true).unwrap().gradient_checkpointing, on);
         }
+    }
+
+    #[test]
+    fn trainer_spec_carries_the_typed_settings() {
+        let t = pb::TrainerSpec {
+            kl_loss: Some(
+                KlLossTerm {
+                    estimator: KlEstimator::K3,
+                    coef: 0.04,
+                }
+                .into(),
+            ),
+            ..actor_spec()
+        };
+        let s = trainer_spec(t, true).unwrap();
+        assert_eq!(s.policy_loss, PolicyLossConfig::default());
+        assert_eq!((s.optim, s.total_steps), (OptimizerConfig::actor(), 10));
+        assert_eq!(
+            s.kl_loss,
+            Some(KlLossTerm {
+                estimator: KlEstimator::K3,
+                coef: 0.04
+            })
+        );
+        let critic = pb::TrainerSpec {
+            loss: Some(pb::trainer_spec::Loss::ValueLoss(
+                (&ValueLossConfig {
+                    clip: None,
+                    agg: LossAgg::SeqMeanTokenSum,
+                })
+                    .into(),
+            )),
+            ..actor_spec()
+        };
+        let s = trainer_spec(critic, false).unwrap();
+        assert_eq!(s.value_loss.agg, LossAgg::SeqMeanTokenSum);
+    }
+
+    #[test]
+    fn bad_trainer_settings_are_refused_naming_the_field() {
+        let field = |t: pb::TrainerSpec, actor: bool| match trainer_spec(t, actor) {
+            Err(RoleError::BadRequest { field, .. }) => field,
+            other => panic!("expected a bad request, got {other:?}"),
+        };
+        // An actor sent a critic's loss, and the other way round.
+        assert_eq!(field(actor_spec(), false), "value_loss");
+        let no_loss = pb::TrainerSpec {
+            loss: None,
+            ..actor_spec()
+        };
+        assert_eq!(field(no_loss, true), "policy_loss");
+        let no_optimizer = pb::TrainerSpec {
+            optimizer: None,
+            ..actor_spec()
+        };
+        assert_eq!(field(no_optimizer, true), "optimizer");
+        let mut o = optimizer_settings(&OptimizerConfig::actor(), 10);
+        o.lr = f64::INFINITY;
+        let bad_lr = pb::TrainerSpec {
+            optimizer: Some(o),
+            ..actor_spec()
+        };
+        assert_eq!(field(bad_lr, true), "optimizer.lr");
+        let kl = pb::KlLossSettings {
+            coef: -1.0,
+            estimator: pb::KlEstimator::K1 as i32,
+        };
+        let bad_kl = pb::TrainerSpec {
+            kl_loss: Some(kl),
+            ..actor_spec()
+        };
+        assert_eq!(field(bad_kl, true), "kl_loss.coef");
+        let mut p = pb::PolicyLossSettings::from(&PolicyLossConfig::default());
+        p.dual_clip = Some(0.5);
+        let bad_dual = pb::TrainerSpec {
+            loss: Some(pb::trainer_spec::Loss::PolicyLoss(p)),
+            ..actor_spec()
+        };
+        assert_eq!(field(bad_dual, true), "policy_loss.dual_clip");
     }
 }

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use rlhf_algo::{OptimConfig, PolicyLossConfig, Precision, ValueLossConfig};
+use rlhf_algo::{OptimizerConfig, PolicyLossConfig, Precision, ValueLossConfig};
 use rlhf_model::init::{init_model, InitSpec, Preset};
 use rlhf_model::{Family, LoraConfig, Target};
 use rlhf_worker::roles::{Role, RoleDetail, RoleSpec, Seqs, TrainerSpec};
@@ -36,7 +36,8 @@ fn actor(dir: &Path, lora: Option<LoraConfig>) -> Role {
     let t = TrainerSpec {
         policy_loss: PolicyLossConfig::default(),
         value_loss: ValueLossConfig::default(),
-        optim: OptimConfig::default(),
+        optim: OptimizerConfig::default(),
+        total_steps: 0,
         micro_batch_size: 4,
         gradient_checkpointing: false,
         temperature: 1.0,
