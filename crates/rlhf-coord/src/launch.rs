@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use rlhf_config::{EnvSource, LauncherKind, RewardKind, Role, RunConfig};
+use rlhf_config::{EnvSource, LauncherKind, LoadedConfig, RewardKind, Role, RunConfig};
 use rlhf_model::Tokenizer;
 use rlhf_proto::auth::RunToken;
 use rlhf_proto::pb;
@@ -25,6 +25,7 @@ use crate::launcher;
 use crate::prompts::{self, PromptOptions};
 use crate::replicas;
 use crate::rl::{self, AlgoSettings};
+use crate::run_state::{self, RunState, State};
 use crate::slurm;
 pub use crate::step_loop::Preempted;
 use crate::step_loop::{Reference, ResumePoint, Roles, RunContext, StepLoop};
@@ -89,8 +90,12 @@ fn find_resume(run_dir: &Path, cfg: &RunConfig) -> Result<Option<ResumePoint>> {
     Ok(Some(ResumePoint { dir, state }))
 }
 
-fn prepare(args: &LaunchArgs, started: Instant) -> Result<Prepared> {
-    let loaded = rlhf_config::load(&args.file, &args.set, EnvSource::Process)?;
+/// The run file with its `--set` overrides and `RLHF_` variables.
+pub fn load(args: &LaunchArgs) -> Result<LoadedConfig> {
+    Ok(rlhf_config::load(&args.file, &args.set, EnvSource::Process)?)
+}
+
+fn prepare(loaded: LoadedConfig, started: Instant) -> Result<Prepared> {
     let cfg = &loaded.config;
     let settings = AlgoSettings::from_config(cfg)?;
     crate::limits::check_message_sizes(&loaded)?;
@@ -236,24 +241,24 @@ fn refuse_to_overwrite(run_dir: &Path) -> Result<()> {
     )
 }
 
-/// Runs `launch`; returns when the run ends.
-pub fn run(args: LaunchArgs) -> Result<()> {
+/// Runs `launch` with its run file as [`load`] read it; returns when the run ends.
+pub fn run(args: LaunchArgs, loaded: LoadedConfig) -> Result<()> {
     let started = Instant::now();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(launch(args, started))
+        .block_on(launch(args, loaded, started))
 }
 
-async fn launch(args: LaunchArgs, started: Instant) -> Result<()> {
+async fn launch(args: LaunchArgs, loaded: LoadedConfig, started: Instant) -> Result<()> {
     // Listening before anything slow: a signal while checkpoints are hashed, models load or
     // workers register is honoured at the first step boundary, never fatal.
     let pids = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (stop_request, stop_sig) = watch::channel(None);
     listen_for_signals(pids.clone(), stop_request.clone())?;
-    let mut p = tokio::task::block_in_place(|| prepare(&args, started))?;
+    let mut p = tokio::task::block_in_place(|| prepare(loaded, started))?;
     let cfg = p.run.loaded.config.clone();
     let submit = cfg.launcher.kind == LauncherKind::Slurm && !slurm::in_allocation();
     if args.dry_run {
@@ -269,11 +274,16 @@ async fn launch(args: LaunchArgs, started: Instant) -> Result<()> {
     // directory); the kernel releases it when this process ends, so a requeued job retakes it.
     let lock = p.lock.take();
     info!(run_dir = %p.run.run_dir.display(), "run directory ready");
+    let started_unix = run_state::now_unix();
     if submit {
         // The job takes the lock itself when it starts, which may be before this exits.
         drop(lock);
-        return submit_to_slurm(&args, &p);
+        let job = submit_to_slurm(&args, &p)?;
+        RunState::new(State::Queued, Some(format!("Slurm job {job}")), started_unix)
+            .write(&p.run.run_dir)?;
+        return Ok(());
     }
+    RunState::new(State::Running, None, started_unix).write(&p.run.run_dir)?;
     let allocation = if cfg.launcher.kind == LauncherKind::Slurm {
         let a = slurm::allocation()?;
         a.check_devices(&cfg)?;
@@ -293,6 +303,9 @@ async fn launch(args: LaunchArgs, started: Instant) -> Result<()> {
         .into()),
         None => run_async(p, allocation.as_ref(), pids, (stop_request, stop_sig)).await,
     };
+    if let Err(e) = end_state(&result, started_unix).write(&run_dir) {
+        warn!(error = %format!("{e:#}"), "could not record how the run ended");
+    }
     let Some(a) = allocation else {
         drop(lock);
         return result;
@@ -309,6 +322,17 @@ async fn launch(args: LaunchArgs, started: Instant) -> Result<()> {
     }
     drop(lock);
     result
+}
+
+/// How a launch ended, for `status`.
+fn end_state(result: &Result<()>, started_unix: u64) -> RunState {
+    match result {
+        Ok(()) => RunState::new(State::Finished, None, started_unix),
+        Err(e) => match e.downcast_ref::<Preempted>() {
+            Some(p) => RunState::new(State::Preempted, Some(p.to_string()), started_unix),
+            None => RunState::new(State::Failed, Some(format!("{e:#}")), started_unix),
+        },
+    }
 }
 
 /// Why a Slurm job should come back by requeue and resume from its newest checkpoint: it was
@@ -346,8 +370,9 @@ fn sbatch_script(args: &LaunchArgs, p: &Prepared) -> Result<String> {
     ))
 }
 
-/// Outside an allocation: write the sbatch script into the run directory and submit it.
-fn submit_to_slurm(args: &LaunchArgs, p: &Prepared) -> Result<()> {
+/// Outside an allocation: write the sbatch script into the run directory and submit it;
+/// returns the job id.
+fn submit_to_slurm(args: &LaunchArgs, p: &Prepared) -> Result<String> {
     let script = sbatch_script(args, p)?;
     let (id, path) = slurm::submit(&script, &p.run.run_dir)?;
     println!(
@@ -355,7 +380,7 @@ fn submit_to_slurm(args: &LaunchArgs, p: &Prepared) -> Result<()> {
         p.run.run_dir.display()
     );
     info!(job = %id, script = %path.display(), "submitted to Slurm");
-    Ok(())
+    Ok(id)
 }
 
 /// Listens for SIGTERM, SIGUSR1 (Slurm's warning) and SIGINT. The first sets the returned

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use rlhf_coord::logging::LogSettings;
 use rlhf_coord::{
     export, generate_cmd, launch, parse_device, parse_kind, plan, status, train_cmds,
 };
@@ -21,6 +22,13 @@ struct Cli {
     /// libtorch intra-op threads (default: libtorch's choice, usually the core count).
     #[arg(long, global = true)]
     threads: Option<i32>,
+    /// More log lines: -v debug, -vv trace. Overrides `logging.level` and RLHF_LOG.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "quiet")]
+    verbose: u8,
+    /// Fewer log lines: -q warnings and errors, -qq errors. Overrides `logging.level` and
+    /// RLHF_LOG.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    quiet: u8,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -88,21 +96,37 @@ fn parse_family(s: &str) -> Result<Family> {
     })
 }
 
-fn init_tracing() {
+/// Installs the one tracing subscriber (stderr; JSON lines or plain, ANSI colours on a
+/// terminal).
+fn init_tracing(settings: &LogSettings) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("RLHF_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_new(&settings.filter).unwrap_or_else(|e| {
+        eprintln!(
+            "warning: log filter {:?} is not valid ({e}); logging at info",
+            settings.filter
+        );
+        EnvFilter::new("info")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if std::env::var("RLHF_LOG_FORMAT").as_deref() == Ok("json") {
+    if settings.json {
         builder.json().init();
     } else {
         builder.init();
     }
 }
 
+fn log_settings(verbose: u8, quiet: u8, run: Option<&rlhf_config::LoadedConfig>) -> LogSettings {
+    LogSettings::resolve(verbose, quiet, |k| std::env::var(k).ok(), run)
+}
+
 fn run(cli: Cli) -> Result<()> {
+    let (verbose, quiet) = (cli.verbose, cli.quiet);
+    if !matches!(cli.cmd, Cmd::Launch(_)) {
+        init_tracing(&log_settings(verbose, quiet, None));
+    }
     if let Some(n) = cli.threads {
         if n < 1 {
             bail!("--threads {n}: must be >= 1");
@@ -141,7 +165,12 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Generate(args) => generate_cmd::run(args),
-        Cmd::Launch(args) => launch::run(args),
+        Cmd::Launch(args) => {
+            // The run file says how to log: read it before the first log line.
+            let loaded = launch::load(&args)?;
+            init_tracing(&log_settings(verbose, quiet, Some(&loaded)));
+            launch::run(args, loaded)
+        }
         Cmd::Export(args) => export::run(args),
         Cmd::Status(args) => status::run(args),
         Cmd::Plan(args) => plan::run(args),
@@ -172,7 +201,6 @@ fn render_error(e: &anyhow::Error) -> String {
 }
 
 fn main() -> ExitCode {
-    init_tracing();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -74,6 +74,14 @@ impl<R: RoleHandle> GoodnessScorer for RewardScorer<'_, R> {
     }
 }
 
+/// The judge as the run file spells it.
+fn judge_name(j: JudgeKind) -> &'static str {
+    match j {
+        JudgeKind::RewardModel => "reward_model",
+        JudgeKind::Http => "http",
+    }
+}
+
 fn model_context(policy: &Path) -> Result<usize> {
     Ok(rlhf_model::config::Config::from_dir(policy)?.max_position_embeddings)
 }
@@ -109,7 +117,7 @@ impl Validator {
         }
         info!(
             questions = bench.questions().len(),
-            judge = ?v.judge,
+            judge = judge_name(v.judge),
             every = v.every,
             "MT-Bench validation ready"
         );
@@ -216,7 +224,8 @@ impl Validator {
                 &rm_judge
             }
         };
-        let v = rlhf_eval::validate(&self.bench, judge, answers).await?;
+        let mut v = rlhf_eval::validate(&self.bench, judge, answers).await?;
+        v.report.truncated_prompts = cut1 + cut2;
         let dir = run_dir.join("validation").join(rlhf_ckpt::dir_name(step));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         tokio::task::block_in_place(|| v.save(&dir))
@@ -230,10 +239,19 @@ impl Validator {
                 "some MT-Bench answers have no rating (see judgments.jsonl)"
             );
         }
+        if r.truncated_prompts > 0 {
+            warn!(
+                step,
+                truncated_prompts = r.truncated_prompts,
+                context = self.context,
+                "MT-Bench prompts were cut from the left to fit the policy's context with validation.max_new_tokens; their scores read less of the conversation"
+            );
+        }
         info!(
             step,
-            score = ?r.overall,
+            score = %r.overall.map_or("none".to_string(), |s| format!("{s:.3}")),
             judged = r.judged,
+            truncated_prompts = r.truncated_prompts,
             answer_s = t_answer.as_secs_f64(),
             total_s = t0.elapsed().as_secs_f64(),
             dir = %dir.display(),
@@ -244,7 +262,7 @@ impl Validator {
             judge: judge.name().to_string(),
             per_category: r.per_category.clone(),
             missing: r.missing,
-            truncated_prompts: cut1 + cut2,
+            truncated_prompts: r.truncated_prompts,
         })
     }
 }

@@ -162,3 +162,31 @@ fn a_relaunch_never_overwrites_steps_it_cannot_resume() {
     assert!(previous[0].join("samples.jsonl").exists());
     assert!(run.join(rlhf_ckpt::LOCK_FILE).exists());
 }
+
+#[test]
+fn logging_level_and_format_come_from_the_run_file_and_the_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = setup(tmp.path());
+    let dry = |args: &[&str]| {
+        let out = coord()
+            .args(["launch", "--dry-run", "--set", "launcher.kind=local"])
+            .args(args)
+            .arg(&f)
+            .env_remove("RLHF_LOG")
+            .env_remove("RLHF_LOG_FORMAT")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let info = "nothing was written";
+    assert!(dry(&[]).contains(info));
+    assert!(!dry(&["--set", "logging.level=warn"]).contains(info));
+    assert!(!dry(&["-q"]).contains(info));
+    // -v beats the key.
+    assert!(dry(&["-v", "--set", "logging.level=warn"]).contains(info));
+    let json = dry(&["--set", "logging.format=json"]);
+    let line = json.lines().find(|l| l.contains(info)).expect("the info line");
+    let v: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+    assert_eq!(v["level"], "INFO");
+}

@@ -37,6 +37,10 @@ pub struct Report {
     pub missing: usize,
     /// Of the missing: the judge answered but no valid rating could be read.
     pub unparseable: usize,
+    /// Prompts the answering model saw cut from the left to fit its context (set by the caller
+    /// that answered; 0 in reports written before it was recorded).
+    #[serde(default)]
+    pub truncated_prompts: usize,
 }
 
 #[derive(Default)]
@@ -90,6 +94,7 @@ impl Report {
             judged: all.n,
             missing,
             unparseable,
+            truncated_prompts: 0,
         }
     }
 
