@@ -6,13 +6,15 @@
 //! Owns: streaming readers for the published formats with the bad-row policy ([`data`]);
 //! chat-template tokenization and assistant masks ([`encode`]); the losses ([`losses`]); the
 //! job files ([`config`]); the shared optimisation loop with checkpoints and exact resume
-//! ([`trainer`]); the jobs ([`rm`], [`sft`]); reward models for scoring ([`reward`]);
-//! RewardBench evaluation ([`eval`]); rating-to-pair derivation ([`pairs`]).
+//! ([`trainer`]); the best checkpoint by the held-out metric and early stop ([`best`]); the
+//! jobs ([`rm`], [`sft`]); reward models for scoring ([`reward`]); RewardBench evaluation
+//! ([`eval`]); rating-to-pair derivation ([`pairs`]).
 //!
 //! May use: rlhf-model (the model), rlhf-algo (AdamW, schedules, clipping, permutations),
 //! rlhf-ckpt (the checkpoint format), tch. Knows nothing about gRPC, tokio, figment or clap:
 //! the binary loads the job files and calls [`rm::train_reward_model`] and [`sft::train_sft`].
 
+pub mod best;
 pub mod config;
 pub mod data;
 pub mod encode;
@@ -33,4 +35,4 @@ pub use pairs::{derive_pairs, DerivedPairs};
 pub use reward::{RewardModel, Scored};
 pub use rm::train_reward_model;
 pub use sft::train_sft;
-pub use trainer::{JobControl, JobReport};
+pub use trainer::{BestReport, JobControl, JobReport};
