@@ -513,7 +513,7 @@ pub fn train_reward_model(cfg: &RmJobConfig, control: &JobControl) -> Result<Job
         fingerprint: task.fingerprint(),
         model_dir: &cfg.model,
     };
-    let mut session = Session::open(spec, control, fresh, &load)?;
+    let mut session = Session::open(spec, control, fresh, load)?;
     let finished = session.train(&task, &cfg.train, &cfg.checkpoint, control)?;
     let mut report = JobReport {
         steps: session.state.step,
@@ -530,7 +530,7 @@ pub fn train_reward_model(cfg: &RmJobConfig, control: &JobControl) -> Result<Job
     if !finished {
         return Ok(report);
     }
-    let (step, eval) = session.select_export(&task, cfg.checkpoint.export, &load)?;
+    let (step, eval) = session.select_export(&task, cfg.checkpoint.export, load)?;
     report.eval = eval;
     report.output_step = Some(step);
     if let Some(ev) = &report.eval {

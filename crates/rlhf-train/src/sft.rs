@@ -232,7 +232,7 @@ pub fn train_sft(cfg: &SftJobConfig, control: &JobControl) -> Result<JobReport> 
         model_dir: &cfg.model,
     };
     let load = |dir: &Path| -> Result<Model> { Ok(Model::load(dir, &opts)?) };
-    let mut session = Session::open(spec, control, || Ok(Model::load(&cfg.model, &opts)?), &load)?;
+    let mut session = Session::open(spec, control, || Ok(Model::load(&cfg.model, &opts)?), load)?;
     let finished = session.train(&task, &cfg.train, &cfg.checkpoint, control)?;
     let mut report = JobReport {
         steps: session.state.step,
@@ -247,7 +247,7 @@ pub fn train_sft(cfg: &SftJobConfig, control: &JobControl) -> Result<JobReport> 
         data: data_stats,
     };
     if finished {
-        let (step, eval) = session.select_export(&task, cfg.checkpoint.export, &load)?;
+        let (step, eval) = session.select_export(&task, cfg.checkpoint.export, load)?;
         report.eval = eval;
         report.output_step = Some(step);
         let out = cfg.output_dir();
