@@ -26,17 +26,22 @@ pub struct GenerateArgs {
     /// Greedy decoding (the default unless --temperature is given).
     #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
     greedy: bool,
+    /// Sampling temperature (> 0); sampling instead of greedy decoding.
     #[arg(long)]
     temperature: Option<f64>,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
     #[arg(long)]
     top_p: Option<f64>,
+    /// Sample among the K most likely tokens only.
     #[arg(long)]
     top_k: Option<usize>,
+    /// Tokens to generate per prompt at most.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     /// Keep generating through EOS until max_new_tokens (benchmarks).
     #[arg(long)]
     ignore_eos: bool,
+    /// Sampling seed (the same seed gives the same samples).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Prompts per generation batch.

@@ -36,6 +36,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Write a randomly initialised model in HF layout (config, safetensors, tokenizer).
+    #[command(after_help = "Examples:
+  rlhf-coord init-model --preset tiny --out models/tiny
+  rlhf-coord init-model --arch qwen2 --preset small --dtype bfloat16 --out models/small")]
     InitModel {
         /// Model family: llama, mistral or qwen2.
         #[arg(long, default_value = "llama")]
@@ -44,6 +47,7 @@ enum Cmd {
         /// weights for GPU runs: qwen2.5-1.5b (with --arch qwen2), llama3-8b.
         #[arg(long, default_value = "tiny")]
         preset: String,
+        /// Directory to write the model to (created; existing files are replaced).
         #[arg(long)]
         out: PathBuf,
         /// Tie lm_head to the embedding (default: true for qwen2, false otherwise).
@@ -55,6 +59,7 @@ enum Cmd {
         /// Stored dtype: float32, bfloat16, float16.
         #[arg(long, default_value = "float32")]
         dtype: String,
+        /// Seed of the random weights (the same seed gives the same model).
         #[arg(long, default_value_t = 0)]
         seed: i64,
         /// Where the random weights are drawn (cpu, cuda, cuda:N); a GPU draws a 8B model's
@@ -62,28 +67,103 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
-    /// Generate completions for one prompt or a JSONL file of prompts.
+    /// Generate completions for one prompt or a JSONL file of prompts, from a model directory,
+    /// a checkpoint or a run directory (its newest valid checkpoint's actor).
+    #[command(
+        after_help = "--chat renders each prompt with the model's chat template \
+(chat_template.jinja or tokenizer_config.json) as a user turn; without it prompt strings are \
+tokenized as they are. `messages` rows are always rendered with the template.
+
+Examples:
+  rlhf-coord generate models/tiny --prompt 'What is 2+3?' --chat --greedy
+  rlhf-coord generate runs/demo --prompts prompts.jsonl --chat --temperature 0.7 --top-p 0.9 --json
+  rlhf-coord generate exported/ --prompt 'Hello' --max-new-tokens 32 --device cuda"
+    )]
     Generate(generate_cmd::GenerateArgs),
     /// Run an RLHF job: start the worker daemons and train per the run file (resumes from the
     /// run directory's newest valid checkpoint).
+    #[command(
+        after_help = "The trained policy is the actor of the run's checkpoints \
+(RUN_DIR/checkpoints/step-NNNNNN/actor/); `rlhf-coord export RUN_DIR --out DIR` writes it as a \
+clean Hugging Face model directory.
+
+Exit codes:
+  0   the run reached train.steps
+  1   an error (the message names the key, file or worker at fault)
+  75  stopped by SIGTERM, SIGUSR1 (Slurm's warning), Ctrl-C, a worker's signal or \
+checkpoint.must_save_by, after writing a checkpoint: launch again to resume
+  76  a second Ctrl-C: workers killed, no checkpoint of the current step
+
+Examples:
+  rlhf-coord launch configs/local.yaml
+  rlhf-coord launch configs/local.yaml --set train.steps=10 --set run.name=short
+  rlhf-coord launch cluster/example.yaml --dry-run"
+    )]
     Launch(launch::LaunchArgs),
     /// Write a checkpoint's trained actor as a Hugging Face model directory (LoRA merged, or the
     /// adapter alone with --adapter-only).
+    #[command(after_help = "Examples:
+  rlhf-coord export runs/demo --out exported/
+  rlhf-coord export runs/demo --best --out exported-best/
+  rlhf-coord export runs/demo --step 120 --out exported-120/
+  rlhf-coord export runs/lora --adapter-only --out adapter/")]
     Export(export::ExportArgs),
     /// Show a run's progress, checkpoints and validation ranking.
+    #[command(after_help = "Examples:
+  rlhf-coord status runs/demo
+  rlhf-coord status runs/demo --verify")]
     Status(status::StatusArgs),
     /// Print the placement, estimated memory per device and the sbatch script of a run file,
     /// without running anything.
+    #[command(after_help = "Examples:
+  rlhf-coord plan cluster/example.yaml
+  rlhf-coord plan configs/local.yaml --set train.micro_batch_size=2 --json")]
     Plan(plan::PlanArgs),
     /// Train a reward model (regression, Bradley-Terry, scaled BT) from a job file.
+    #[command(
+        after_help = "The reward model is written to `output` (default RUN_DIR/model): HF \
+files plus rlhf_reward.json, ready for models.reward. With data.eval, every evaluation is \
+checkpointed and ranked in RUN_DIR/checkpoints/ranking.json; the best is kept and exported \
+(checkpoint.export), and train.early_stop stops on it. Job file keys: docs/reward-models.md.
+
+Examples:
+  rlhf-coord train-rm rm.yaml
+  rlhf-coord train-rm rm.yaml --set train.epochs=2 --set data.on_bad_row=skip
+  rlhf-coord train-rm rm.yaml --resume --json"
+    )]
     TrainRm(train_cmds::JobArgs),
     /// Supervised fine-tuning on chat data from a job file.
+    #[command(
+        after_help = "The fine-tuned model is written to `output` (default RUN_DIR/model), \
+an HF directory `generate` and `launch` (models.policy) read. Job file keys: \
+docs/reward-models.md (\"Job files\"; with data.eval the best evaluation is kept and exported, \
+as for train-rm).
+
+Examples:
+  rlhf-coord sft configs/demo-warmup.yaml
+  rlhf-coord sft sft.yaml --set optim.lr=1e-5 --stop-after 100"
+    )]
     Sft(train_cmds::JobArgs),
     /// Score prompt + response rows with a reward model.
+    #[command(
+        after_help = "Prints one line per row: line number, reward, attribute scores.
+
+Examples:
+  rlhf-coord score runs/rm/model --data rows.jsonl
+  rlhf-coord score runs/rm/model --data rows.jsonl.gz --json --on-bad-row skip"
+    )]
     Score(train_cmds::ScoreArgs),
-    /// Evaluate a reward model on RewardBench-format data.
+    /// Evaluate a reward model on RewardBench-format data (or on pairs as derive-pairs writes
+    /// them: rows without `subset` count as the subset `all`).
+    #[command(after_help = "Examples:
+  rlhf-coord eval-rm runs/rm/model reward-bench.jsonl
+  rlhf-coord eval-rm runs/rm/model pairs.jsonl --json
+  rlhf-coord eval-rm runs/rm/model reward-bench.jsonl --categories categories.json --device cuda")]
     EvalRm(train_cmds::EvalArgs),
     /// Derive preference pairs from HelpSteer2 ratings (higher helpfulness is chosen).
+    #[command(after_help = "Examples:
+  rlhf-coord derive-pairs helpsteer2-train.jsonl.gz --out pairs.jsonl
+  rlhf-coord derive-pairs ratings.jsonl --out pairs.jsonl --on-bad-row skip")]
     DerivePairs(train_cmds::DerivePairsArgs),
 }
 

@@ -48,6 +48,7 @@ pub struct ScoreArgs {
     /// One JSON object per row: line, reward, attribute scores.
     #[arg(long)]
     json: bool,
+    /// Responses scored per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     /// cpu, cuda or cuda:N.
@@ -62,18 +63,23 @@ pub struct ScoreArgs {
 pub struct EvalArgs {
     /// Reward model directory.
     model: PathBuf,
-    /// RewardBench-format rows: `prompt`, `chosen`, `rejected`, `subset`.
+    /// RewardBench-format rows: `prompt`, `chosen`, `rejected`, and `subset` (rows without it,
+    /// such as the pairs derive-pairs writes, count under the subset `all`).
     data: PathBuf,
     /// Subset→category map (JSON: {"Category": ["subset", ...] or {"subset": weight}}).
     /// Default: RewardBench's published map and example-count weights.
     #[arg(long)]
     categories: Option<PathBuf>,
+    /// Print the report (subsets, categories, overall, row counts) as JSON.
     #[arg(long)]
     json: bool,
+    /// Responses scored per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// fail (default) or skip bad rows (each named with file:line, then counted).
     #[arg(long, default_value = "fail")]
     on_bad_row: String,
 }
@@ -82,12 +88,18 @@ pub struct EvalArgs {
 pub struct DerivePairsArgs {
     /// HelpSteer2 ratings rows (`prompt`, `response`, `helpfulness`).
     input: PathBuf,
-    /// Pairwise JSONL to write (`prompt`, `chosen`, `rejected`, ...).
+    /// Pairwise JSONL to write (`prompt`, `chosen`, `rejected`, ...); train-rm's
+    /// `bradley_terry` objective and eval-rm read it.
     #[arg(long)]
     out: PathBuf,
+    /// fail (default) or skip bad rows (each named with file:line, then counted).
     #[arg(long, default_value = "fail")]
     on_bad_row: String,
 }
+
+/// How `score`, `eval-rm` and `derive-pairs` say to skip bad rows: their flag, not the job
+/// files' `data.on_bad_row` key.
+pub const FLAG_SKIP_HINT: &str = "to skip and count bad rows, rerun with `--on-bad-row skip`";
 
 fn on_bad_row(s: &str) -> Result<OnBadRow> {
     match s {
@@ -299,6 +311,22 @@ fn print_report(r: &JobReport, json: bool) -> Result<()> {
         return Ok(());
     }
     println!("trained {} steps", r.steps);
+    if let Some(why) = &r.early_stop {
+        println!("stopped before the last step: {why}");
+    }
+    if let Some(b) = &r.best {
+        println!(
+            "best checkpoint: step {} (held-out {} {:.6}), {} (ranked in {}; kept whatever \
+             checkpoint.keep_last says)",
+            b.step,
+            b.metric,
+            b.value,
+            b.checkpoint.display(),
+            b.checkpoint
+                .with_file_name(rlhf_train::best::RANKING_FILE)
+                .display()
+        );
+    }
     if let Some(ev) = &r.eval {
         println!("eval: {ev}");
     }
@@ -309,7 +337,14 @@ fn print_report(r: &JobReport, json: bool) -> Result<()> {
         );
     }
     if let Some(o) = &r.output {
-        println!("model written to {}", o.display());
+        match r.output_step {
+            Some(step) if step != r.steps => println!(
+                "model written to {} (the best checkpoint's weights, step {step}; \
+                 checkpoint.export: last writes the last step's)",
+                o.display()
+            ),
+            _ => println!("model written to {}", o.display()),
+        }
     }
     Ok(())
 }
@@ -333,7 +368,8 @@ pub fn score(args: ScoreArgs) -> Result<()> {
     let (rows, stats) = read_rows(&args.data, on_bad_row(&args.on_bad_row)?, |v| {
         let (p, r) = parse_prompt_response(v)?;
         Ok(RowOutcome::Use(rm.encode(&conversation(&p, &r))?))
-    })?;
+    })
+    .map_err(|e| e.with_skip_hint(FLAG_SKIP_HINT))?;
     if stats.skipped_bad > 0 {
         eprintln!("{stats}");
     }
@@ -377,7 +413,8 @@ pub fn eval_rm(args: EvalArgs) -> Result<()> {
         on_bad_row(&args.on_bad_row)?,
         &map,
         args.batch_size,
-    )?;
+    )
+    .map_err(|e| e.with_skip_hint(FLAG_SKIP_HINT))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -407,7 +444,8 @@ pub fn eval_rm(args: EvalArgs) -> Result<()> {
 
 pub fn derive_pairs(args: DerivePairsArgs) -> Result<()> {
     let mut buf = Vec::new();
-    let r = rlhf_train::derive_pairs(&args.input, on_bad_row(&args.on_bad_row)?, &mut buf)?;
+    let r = rlhf_train::derive_pairs(&args.input, on_bad_row(&args.on_bad_row)?, &mut buf)
+        .map_err(|e| e.with_skip_hint(FLAG_SKIP_HINT))?;
     rlhf_ckpt::write_atomic(&args.out, &buf)
         .with_context(|| format!("writing {}", args.out.display()))?;
     println!(

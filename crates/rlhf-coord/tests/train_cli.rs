@@ -1,8 +1,9 @@
 //! The reward-model and SFT subcommands end to end: `train-rm` (regression, then scaled
 //! Bradley-Terry initialised from its helpfulness head, on HelpSteer2 and HelpSteer2-Preference
 //! files incl. gzip and multi-turn prompts), `score`, `eval-rm`, `derive-pairs` + Bradley-Terry,
-//! `sft`; bad rows (fail naming file:line, skip with counts); job-file errors naming key and
-//! line; `--stop-after` then resume.
+//! `sft`; bad rows (fail naming file:line and the command's own way to skip, skip with counts);
+//! job-file errors naming key and line; `--stop-after` then resume; `eval-rm` on what
+//! `derive-pairs` writes; the best checkpoint printed and an early stop named in the log.
 
 use std::io::Write;
 use std::path::Path;
@@ -237,6 +238,11 @@ fn bad_rows_fail_naming_file_and_line_or_are_skipped_and_counted() {
             && err.contains("outside 0..4"),
         "{err}"
     );
+    // A job's hint names its job-file key, not the other commands' flag.
+    assert!(
+        err.contains("`data.on_bad_row: skip`") && !err.contains("--on-bad-row"),
+        "{err}"
+    );
     let out = ok(bin()
         .arg("train-rm")
         .arg(&job)
@@ -259,8 +265,11 @@ fn bad_rows_fail_naming_file_and_line_or_are_skipped_and_counted() {
         err.contains("ratings.jsonl:7:") && err.contains("not JSON"),
         "{err}"
     );
-    // The hint names the flag these commands take, as well as the job-file key.
-    assert!(err.contains("--on-bad-row skip"), "{err}");
+    // The hint names the flag this command takes, not the job files' key.
+    assert!(
+        err.contains("rerun with `--on-bad-row skip`") && !err.contains("data.on_bad_row"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -377,6 +386,17 @@ fn derive_pairs_bt_sft_and_stop_resume() {
         out.contains("resumed from step 1") && out.contains("trained 3 steps"),
         "{out}"
     );
+    // eval-rm reads the pair file as derive-pairs wrote it (no `subset`): one subset, `all`.
+    let out = ok(bin()
+        .arg("eval-rm")
+        .arg(d.join("run/model"))
+        .arg(d.join("pairs.jsonl"))
+        .arg("--json")
+        .output()
+        .unwrap());
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["subsets"]["all"]["rows"], pairs.len(), "{r}");
+    assert_eq!(r["unmapped"], json!(["all"]));
 
     // SFT on chat rows (messages, and HelpSteer2 prompt + response with turns).
     let chat = d.join("chat.jsonl");
@@ -472,4 +492,75 @@ fn sigusr1_checkpoints_then_stops() {
         out.contains(&format!("stopped after step {step};")),
         "{out} vs {latest}"
     );
+}
+
+#[test]
+fn early_stop_is_logged_and_the_best_checkpoint_printed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    init(&d.join("base"));
+    // Preferences between random filler answers, held out reversed: every step of memorising
+    // the training pairs makes held-out accuracy worse.
+    let words = [
+        "the", "sea", "model", "small", "travel", "square", "token", "data",
+    ];
+    let answer = |i: usize, salt: usize| -> String {
+        (0..6)
+            .map(|j| words[(i * 7 + j * 3 + salt * 5 + i * j) % words.len()])
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let rows = |swap: bool| -> Vec<Value> {
+        (0..16)
+            .map(|i| {
+                let (a, b) = (answer(i, 1), answer(i, 2));
+                let (c, r) = if swap { (b, a) } else { (a, b) };
+                json!({"prompt": format!("Question {}?", i % 4), "chosen": c, "rejected": r})
+            })
+            .collect()
+    };
+    write_jsonl(&d.join("train.jsonl"), &rows(false));
+    write_jsonl(&d.join("held_out.jsonl"), &rows(true));
+    let job = d.join("bt.yaml");
+    std::fs::write(
+        &job,
+        "run_dir: run\nmodel: base\nobjective: bradley_terry\n\
+         data:\n  train:\n    path: train.jsonl\n  eval:\n    path: held_out.jsonl\n\
+         train:\n  batch_size: 8\n  micro_batch_size: 8\n  epochs: 6\n  eval_every: 1\n\
+         \x20 early_stop:\n    patience: 1\n\
+         optim:\n  lr: 0.002\n\
+         checkpoint:\n  keep_last: 1\n",
+    )
+    .unwrap();
+    let out = bin().arg("train-rm").arg(&job).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let stdout = ok(out);
+    assert!(
+        stderr.contains("early stop: held-out accuracy has not got higher")
+            && stderr.contains("train.early_stop.patience 1"),
+        "the log does not say why it stopped:\n{stderr}"
+    );
+    let ranking: Value =
+        serde_json::from_slice(&std::fs::read(d.join("run/checkpoints/ranking.json")).unwrap())
+            .unwrap();
+    let best = ranking["best"].as_str().unwrap();
+    let step: u64 = best.trim_start_matches("step-").parse().unwrap();
+    assert!(
+        stdout.contains("stopped before the last step: early stop")
+            && stdout.contains(&format!("best checkpoint: step {step} (held-out accuracy"))
+            && stdout.contains(&format!("checkpoints/{best}")),
+        "{stdout}"
+    );
+    assert!(d
+        .join("run/checkpoints")
+        .join(best)
+        .join("model/model.safetensors")
+        .exists());
+    let trained: u64 = stdout
+        .split("trained ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(trained < 12, "no early stop: {stdout}");
 }

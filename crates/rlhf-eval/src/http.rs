@@ -151,8 +151,9 @@ impl HttpJudge {
             None => None,
             Some(var) => Some(std::env::var(var).map_err(|e| {
                 EvalError::Config(format!(
-                    "API key variable {var}: {e}; export it or leave api_key_env unset for a \
-                     judge that needs no key"
+                    "API key variable {var}: {e}; export {var}, or for a judge that needs no \
+                     key set the variable name to the empty string (`validation.http.api_key_env: \
+                     \"\"` in a run file; leaving the key out means the default, OPENAI_API_KEY)"
                 ))
             })?),
         };
@@ -392,9 +393,12 @@ mod tests {
         c.base_url = "http://127.0.0.1:8000/v1/".into();
         c.api_key_env = Some("RLHF_EVAL_UNIT_TEST_SURELY_UNSET_KEY".into());
         let e = HttpJudge::new(c.clone(), bench.judge_prompts()).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("RLHF_EVAL_UNIT_TEST_SURELY_UNSET_KEY"), "{e}");
+        // The way out that works: an empty variable name (leaving the key out of a run file
+        // gives the default OPENAI_API_KEY, which is what failed for users).
         assert!(
-            e.to_string()
-                .contains("RLHF_EVAL_UNIT_TEST_SURELY_UNSET_KEY"),
+            e.contains(r#"validation.http.api_key_env: """#) && !e.contains("unset"),
             "{e}"
         );
         c.api_key_env = None;

@@ -153,8 +153,27 @@ pub struct TrainConfig {
     pub gradient_checkpointing: bool,
     /// Steps between log lines (and `metrics.jsonl` records). Default 10.
     pub log_every: u64,
-    /// Steps between evaluations on `data.eval`. Default: only at the end.
+    /// Steps between evaluations on `data.eval`. Default: only at the end. Every evaluation
+    /// writes a checkpoint and ranks it in `checkpoints/ranking.json` by the held-out metric
+    /// (reward models: `accuracy` for Bradley-Terry and scaled BT, `mse` for regression; SFT:
+    /// `nll`); the best one is protected from `checkpoint.keep_last`.
     pub eval_every: Option<u64>,
+    /// Stop when the held-out metric stops improving: `{patience: N, min_delta: x}`. Needs
+    /// `data.eval` and `train.eval_every`. Default: none (train to the last step).
+    pub early_stop: Option<EarlyStopConfig>,
+}
+
+/// `train.early_stop`: the job stops (finished, with its checkpoint) after `patience`
+/// evaluations in a row that did not beat the best one by more than `min_delta`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopConfig {
+    /// Evaluations in a row without an improvement before the job stops; >= 1. Required.
+    pub patience: u64,
+    /// How much an evaluation must beat the best so far by to count as an improvement, in the
+    /// metric's units (accuracy, MSE or NLL); >= 0. Default 0 (any improvement counts).
+    #[serde(default)]
+    pub min_delta: f64,
 }
 
 impl Default for TrainConfig {
@@ -170,6 +189,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             log_every: 10,
             eval_every: None,
+            early_stop: None,
         }
     }
 }
@@ -197,6 +217,20 @@ impl TrainConfig {
         if self.eval_every == Some(0) {
             return Err(TrainError::config("train.eval_every", "must be >= 1"));
         }
+        if let Some(es) = &self.early_stop {
+            if es.patience == 0 {
+                return Err(TrainError::config(
+                    "train.early_stop.patience",
+                    "must be >= 1 (evaluations without improvement before stopping)",
+                ));
+            }
+            if !(es.min_delta.is_finite() && es.min_delta >= 0.0) {
+                return Err(TrainError::config(
+                    "train.early_stop.min_delta",
+                    format!("must be finite and >= 0, found {}", es.min_delta),
+                ));
+            }
+        }
         self.device()?;
         self.kind()?;
         Ok(())
@@ -221,15 +255,31 @@ impl TrainConfig {
     }
 }
 
+/// Which weights a finished job writes to its output directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportChoice {
+    /// The checkpoint with the best held-out metric (the top of `checkpoints/ranking.json`);
+    /// the last step's weights when there is no `data.eval`. The default.
+    #[default]
+    Best,
+    /// The last step's weights.
+    Last,
+}
+
 /// When full checkpoints are written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
-    /// Steps between checkpoints. Default: none (only the final checkpoint, and one when the job
-    /// is stopped early).
+    /// Steps between checkpoints. Default: none (only the final checkpoint, one at every
+    /// evaluation, and one when the job is stopped early).
     pub every: Option<u64>,
-    /// Checkpoints kept (older ones are deleted unless protected). Default 2.
+    /// Checkpoints kept (older ones are deleted unless protected; the best evaluated one always
+    /// is). Default 2.
     pub keep_last: usize,
+    /// What a finished job writes to `output`: `best` (the best evaluated checkpoint's weights)
+    /// or `last`. Default `best`, which is `last` for a job without `data.eval`.
+    pub export: ExportChoice,
 }
 
 impl Default for CheckpointConfig {
@@ -237,6 +287,7 @@ impl Default for CheckpointConfig {
         CheckpointConfig {
             every: None,
             keep_last: 2,
+            export: ExportChoice::Best,
         }
     }
 }
@@ -428,6 +479,7 @@ impl RmJobConfig {
         self.train.validate()?;
         self.checkpoint.validate()?;
         validate_optim(&self.optim)?;
+        check_early_stop(&self.train, &self.data)?;
         let allowed: &[DataFormat] = match self.objective {
             RmObjective::Regression => &[DataFormat::Helpsteer2],
             RmObjective::BradleyTerry => {
@@ -520,6 +572,7 @@ impl SftJobConfig {
         self.train.validate()?;
         self.checkpoint.validate()?;
         validate_optim(&self.optim)?;
+        check_early_stop(&self.train, &self.data)?;
         check_format("data.train", &self.data.train, &[DataFormat::Chat])?;
         if let Some(e) = &self.data.eval {
             check_format("data.eval", e, &[DataFormat::Chat])?;
@@ -545,6 +598,27 @@ pub fn job_optimizer() -> OptimizerConfig {
         weight_decay: 0.01,
         ..OptimizerConfig::actor()
     }
+}
+
+/// `train.early_stop` judges held-out evaluations, so it needs eval data and a cadence.
+fn check_early_stop(train: &TrainConfig, data: &DataConfig) -> Result<()> {
+    if train.early_stop.is_none() {
+        return Ok(());
+    }
+    if data.eval.is_none() {
+        return Err(TrainError::config(
+            "train.early_stop",
+            "needs held-out data to judge: set data.eval.path (or remove train.early_stop)",
+        ));
+    }
+    if train.eval_every.is_none() {
+        return Err(TrainError::config(
+            "train.early_stop",
+            "needs evaluations during training: set train.eval_every (steps between \
+             evaluations, e.g. the steps of one epoch)",
+        ));
+    }
+    Ok(())
 }
 
 /// Validates the optimizer settings; the cosine horizon (the job's length) is checked when the
@@ -620,5 +694,44 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("data.train.split"));
+    }
+
+    #[test]
+    fn early_stop_is_checked() {
+        let c = rm(serde_json::json!({})).unwrap();
+        assert_eq!(c.train.early_stop, None, "off by default");
+        assert_eq!(c.checkpoint.export, ExportChoice::Best);
+        let eval = serde_json::json!({"train": {"path": "t.jsonl"}, "eval": {"path": "e.jsonl"}});
+        let err = |extra: serde_json::Value| c_err(rm(extra).unwrap());
+        fn c_err(c: RmJobConfig) -> String {
+            c.validate().unwrap_err().to_string()
+        }
+        let e = err(serde_json::json!({"train": {"early_stop": {"patience": 2}}}));
+        assert!(
+            e.contains("train.early_stop") && e.contains("data.eval"),
+            "{e}"
+        );
+        let e = err(serde_json::json!({"data": eval, "train": {"early_stop": {"patience": 2}}}));
+        assert!(
+            e.contains("train.early_stop") && e.contains("eval_every"),
+            "{e}"
+        );
+        let e = err(serde_json::json!({"data": eval,
+            "train": {"eval_every": 5, "early_stop": {"patience": 0}}}));
+        assert!(e.contains("train.early_stop.patience"), "{e}");
+        let e = err(serde_json::json!({"data": eval,
+            "train": {"eval_every": 5, "early_stop": {"patience": 1, "min_delta": -0.1}}}));
+        assert!(e.contains("train.early_stop.min_delta"), "{e}");
+        assert!(
+            rm(serde_json::json!({"train": {"early_stop": {"patience": 1, "delta": 0}}}))
+                .unwrap_err()
+                .to_string()
+                .contains("delta")
+        );
+        let ok = rm(serde_json::json!({"data": eval,
+            "train": {"eval_every": 5, "early_stop": {"patience": 3}}}))
+        .unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.train.early_stop.unwrap().min_delta, 0.0);
     }
 }

@@ -308,6 +308,14 @@ impl RowSource {
 /// How many skipped rows are logged one by one before only the count goes on.
 const LOGGED_BAD_ROWS: u64 = 20;
 
+/// The skip hint of a refused row until the caller names its own setting
+/// ([`TrainError::with_skip_hint`]: [`JOB_SKIP_HINT`] for job files, the command's flag for
+/// the commands that take one).
+pub const GENERIC_SKIP_HINT: &str = "the `skip` bad-row policy skips and counts such rows";
+/// The skip hint of the training jobs, whose bad-row policy is a job-file key.
+pub const JOB_SKIP_HINT: &str = "to skip and count bad rows, set `data.on_bad_row: skip` in the \
+                                 job file, or pass `--set data.on_bad_row=skip`";
+
 /// Reads every row of the file or dataset directory `path` (split `train`, no column mapping)
 /// through `parse`; see [`read_rows_from`].
 pub fn read_rows<T>(
@@ -343,13 +351,10 @@ pub fn read_rows_from<T>(
             Ok(RowOutcome::Filter(why)) => *stats.filtered.entry(why.to_string()).or_insert(0) += 1,
             Err(msg) => match on_bad {
                 OnBadRow::Fail => {
-                    return Err(reader.bad_row(
-                        line,
-                        format!(
-                            "{msg} (to skip and count bad rows: `data.on_bad_row: skip` in a job \
-                             file, `--on-bad-row skip` for score, eval-rm and derive-pairs)"
-                        ),
-                    ))
+                    return Err(TrainError::RowRefused {
+                        row: Box::new(reader.bad_row(line, msg)),
+                        hint: GENERIC_SKIP_HINT.into(),
+                    })
                 }
                 OnBadRow::Skip => {
                     stats.skipped_bad += 1;
@@ -608,11 +613,19 @@ pub struct BenchRow {
     pub subset: String,
 }
 
+/// The subset a RewardBench row without a `subset` field is counted under (pair files as
+/// `derive-pairs` writes them have none).
+pub const DEFAULT_SUBSET: &str = "all";
+
+/// A RewardBench row: the pairwise fields and an optional `subset` (default [`DEFAULT_SUBSET`]).
 pub fn parse_rewardbench(v: &Value) -> std::result::Result<BenchRow, String> {
     let pair = parse_pairwise(v)?;
-    let subset = str_field(v, "subset")?;
+    let subset = match v.get("subset") {
+        None | Some(Value::Null) => DEFAULT_SUBSET,
+        Some(_) => str_field(v, "subset")?,
+    };
     if subset.is_empty() {
-        return Err("empty `subset`".into());
+        return Err("empty `subset` (leave the field out to count the row under `all`)".into());
     }
     Ok(BenchRow {
         prompt: pair.prompt,
@@ -748,6 +761,25 @@ mod tests {
     }
 
     #[test]
+    fn rewardbench_rows_without_subset_count_under_all() {
+        // A pair as `derive-pairs` writes it: no `subset`.
+        let row = json!({"prompt": "q", "chosen": "a", "rejected": "b",
+                         "chosen_helpfulness": 3, "rejected_helpfulness": 1});
+        assert_eq!(parse_rewardbench(&row).unwrap().subset, DEFAULT_SUBSET);
+        let mut named = row.clone();
+        named["subset"] = json!("hep-go");
+        assert_eq!(parse_rewardbench(&named).unwrap().subset, "hep-go");
+        named["subset"] = json!(3);
+        assert!(parse_rewardbench(&named)
+            .unwrap_err()
+            .contains("`subset` must be a string"));
+        named["subset"] = json!("");
+        assert!(parse_rewardbench(&named)
+            .unwrap_err()
+            .contains("empty `subset`"));
+    }
+
+    #[test]
     fn reader_handles_gzip_blank_lines_and_bad_json() {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
@@ -774,11 +806,17 @@ mod tests {
             parse_prompt_response(v).map(RowOutcome::Use)
         })
         .err()
-        .unwrap()
-        .to_string();
+        .unwrap();
+        let text = e.to_string();
         assert!(
-            e.contains("d.jsonl.gz:3:") && e.contains("on_bad_row"),
-            "{e}"
+            text.contains("d.jsonl.gz:3:") && text.contains(GENERIC_SKIP_HINT),
+            "{text}"
+        );
+        // The caller's own setting replaces the generic hint.
+        let text = e.with_skip_hint(JOB_SKIP_HINT).to_string();
+        assert!(
+            text.contains("d.jsonl.gz:3:") && text.ends_with(&format!("({JOB_SKIP_HINT})")),
+            "{text}"
         );
         let (rows, stats) = read_rows(&path, OnBadRow::Skip, |v| {
             parse_prompt_response(v).map(RowOutcome::Use)

@@ -28,6 +28,16 @@ pub enum TrainError {
         msg: String,
     },
 
+    /// A bad row met under `on_bad_row: fail` (a [`TrainError::BadRow`] or
+    /// [`TrainError::BadRecord`], which names its place), which `skip` would have skipped and
+    /// counted. `hint` says how to skip in the caller's terms (a job-file key or a command-line
+    /// flag, see [`TrainError::with_skip_hint`]).
+    #[error("{row} ({hint})")]
+    RowRefused {
+        row: Box<TrainError>,
+        hint: String,
+    },
+
     /// A job setting is missing, out of range or inconsistent with another.
     #[error("config `{key}`: {msg}")]
     Config { key: String, msg: String },
@@ -60,6 +70,18 @@ impl TrainError {
         TrainError::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// Replaces the skip hint of a [`TrainError::RowRefused`] (other errors pass unchanged),
+    /// so the message names the setting of the command the user ran.
+    pub fn with_skip_hint(self, hint: impl Into<String>) -> Self {
+        match self {
+            TrainError::RowRefused { row, .. } => TrainError::RowRefused {
+                row,
+                hint: hint.into(),
+            },
+            other => other,
         }
     }
 

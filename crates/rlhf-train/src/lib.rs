@@ -7,14 +7,16 @@
 //! JSONL or from Parquet files and Hugging Face dataset directories ([`columnar`]);
 //! chat-template tokenization and assistant masks ([`encode`]); the losses ([`losses`]); the
 //! job files ([`config`]); the shared optimisation loop with checkpoints and exact resume
-//! ([`trainer`]); the jobs ([`rm`], [`sft`]); reward models for scoring ([`reward`]);
-//! RewardBench evaluation ([`eval`]); rating-to-pair derivation ([`pairs`]).
+//! ([`trainer`]); the best checkpoint by the held-out metric and early stop ([`best`]); the
+//! jobs ([`rm`], [`sft`]); reward models for scoring ([`reward`]); RewardBench evaluation
+//! ([`eval`]); rating-to-pair derivation ([`pairs`]).
 //!
 //! May use: rlhf-model (the model), rlhf-algo (AdamW, schedules, clipping, permutations),
 //! rlhf-ckpt (the checkpoint format), tch, parquet + arrow (Parquet data). Knows nothing about
 //! gRPC, tokio, figment or clap: the binary loads the job files and calls
 //! [`rm::train_reward_model`] and [`sft::train_sft`].
 
+pub mod best;
 pub mod columnar;
 pub mod config;
 pub mod data;
@@ -36,4 +38,4 @@ pub use pairs::{derive_pairs, DerivedPairs};
 pub use reward::{RewardModel, Scored};
 pub use rm::train_reward_model;
 pub use sft::train_sft;
-pub use trainer::{JobControl, JobReport};
+pub use trainer::{BestReport, JobControl, JobReport};

@@ -12,10 +12,11 @@ use rlhf_model::{
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
+use crate::best::Selection;
 use crate::config::{check_exists, DataSource, RmJobConfig, RmObjective};
 use crate::data::{
     conversation, parse_hs2_preference, parse_pairwise, parse_rating, read_rows_from, DataFormat,
-    OnBadRow, RowOutcome, RowStats,
+    OnBadRow, RowOutcome, RowStats, JOB_SKIP_HINT,
 };
 use crate::encode::{encode_conversation, pad_batch};
 use crate::error::{Result, TrainError};
@@ -356,6 +357,20 @@ impl Task for RmTask {
             self.eval_batch,
         )?))
     }
+
+    /// Pairs: held-out accuracy (higher is better); ratings: held-out MSE (lower is better).
+    fn selection(&self) -> Option<Selection> {
+        self.eval.as_ref().map(|e| match e {
+            RmData::Pairs(_) => Selection {
+                metric: "accuracy",
+                higher_is_better: true,
+            },
+            RmData::Rated(_) => Selection {
+                metric: "mse",
+                higher_is_better: false,
+            },
+        })
+    }
 }
 
 /// Held-out metrics. Regression: MSE overall and per attribute, and Pearson correlation per
@@ -452,16 +467,15 @@ pub fn train_reward_model(cfg: &RmJobConfig, control: &JobControl) -> Result<Job
         on_bad: cfg.data.on_bad_row,
         attributes: &attributes,
     };
-    let (train, train_stats) = read_rm_data(
-        &cfg.data.train,
-        "data.train",
-        cfg.format_of(&cfg.data.train),
-        &reading,
-    )?;
+    let read = |src: &DataSource, key: &str| {
+        read_rm_data(src, key, cfg.format_of(src), &reading)
+            .map_err(|e| e.with_skip_hint(JOB_SKIP_HINT))
+    };
+    let (train, train_stats) = read(&cfg.data.train, "data.train")?;
     let mut data_stats = vec![train_stats];
     let eval = match &cfg.data.eval {
         Some(src) => {
-            let (d, s) = read_rm_data(src, "data.eval", cfg.format_of(src), &reading)?;
+            let (d, s) = read(src, "data.eval")?;
             data_stats.push(s);
             Some(d)
         }
@@ -524,15 +538,20 @@ pub fn train_reward_model(cfg: &RmJobConfig, control: &JobControl) -> Result<Job
         resumed_from: session.resumed_from,
         output: None,
         eval: None,
+        best: session.best(),
+        output_step: None,
+        early_stop: session.early_stopped.clone(),
         reward_spec: None,
         data: data_stats,
     };
     if !finished {
         return Ok(report);
     }
-    report.eval = task.evaluate(&session.model)?;
+    let (step, eval) = session.select_export(&task, cfg.checkpoint.export, load)?;
+    report.eval = eval;
+    report.output_step = Some(step);
     if let Some(ev) = &report.eval {
-        tracing::info!("final eval: {ev}");
+        tracing::info!("held-out eval of the exported model (step {step}): {ev}");
     }
     let reward_spec = reward_spec_for(cfg, &session.model, &task)?;
     let out = cfg.output_dir();

@@ -11,8 +11,9 @@ use rlhf_model::{
 use serde_json::{json, Value};
 use tch::Kind;
 
+use crate::best::Selection;
 use crate::config::{check_exists, DataSource, SftJobConfig};
-use crate::data::{parse_chat, read_rows_from, OnBadRow, RowOutcome, RowStats};
+use crate::data::{parse_chat, read_rows_from, OnBadRow, RowOutcome, RowStats, JOB_SKIP_HINT};
 use crate::encode::{encode_chat_masked, pad_batch, pad_marks, MaskedTokens};
 use crate::error::{Result, TrainError};
 use crate::losses::sft_loss_sum;
@@ -154,6 +155,14 @@ impl Task for SftTask {
             json!({"nll": nll, "perplexity": nll.exp(), "tokens": n, "rows": eval.len()}),
         ))
     }
+
+    /// The held-out loss: mean NLL of the assistant tokens (lower is better).
+    fn selection(&self) -> Option<Selection> {
+        self.eval.as_ref().map(|_| Selection {
+            metric: "nll",
+            higher_is_better: false,
+        })
+    }
 }
 
 /// Runs `sft`: like [`crate::rm::train_reward_model`], for a causal LM on chat data.
@@ -187,17 +196,15 @@ pub fn train_sft(cfg: &SftJobConfig, control: &JobControl) -> Result<JobReport> 
         .data
         .max_length
         .unwrap_or(base_cfg.max_position_embeddings);
-    let (train, s) = read_chat_data(
-        &cfg.data.train,
-        "data.train",
-        &tok,
-        max_len,
-        cfg.data.on_bad_row,
-    )?;
+    let read = |src: &DataSource, key: &str| {
+        read_chat_data(src, key, &tok, max_len, cfg.data.on_bad_row)
+            .map_err(|e| e.with_skip_hint(JOB_SKIP_HINT))
+    };
+    let (train, s) = read(&cfg.data.train, "data.train")?;
     let mut data_stats = vec![s];
     let eval = match &cfg.data.eval {
         Some(src) => {
-            let (d, s) = read_chat_data(src, "data.eval", &tok, max_len, cfg.data.on_bad_row)?;
+            let (d, s) = read(src, "data.eval")?;
             data_stats.push(s);
             Some(d)
         }
@@ -226,12 +233,8 @@ pub fn train_sft(cfg: &SftJobConfig, control: &JobControl) -> Result<JobReport> 
         fingerprint: task.fingerprint(),
         model_dir: &cfg.model,
     };
-    let mut session = Session::open(
-        spec,
-        control,
-        || Ok(Model::load(&cfg.model, &opts)?),
-        |dir: &Path| Ok(Model::load(dir, &opts)?),
-    )?;
+    let load = |dir: &Path| -> Result<Model> { Ok(Model::load(dir, &opts)?) };
+    let mut session = Session::open(spec, control, || Ok(Model::load(&cfg.model, &opts)?), load)?;
     let finished = session.train(&task, &cfg.train, &cfg.checkpoint, control)?;
     let mut report = JobReport {
         steps: session.state.step,
@@ -239,11 +242,16 @@ pub fn train_sft(cfg: &SftJobConfig, control: &JobControl) -> Result<JobReport> 
         resumed_from: session.resumed_from,
         output: None,
         eval: None,
+        best: session.best(),
+        output_step: None,
+        early_stop: session.early_stopped.clone(),
         reward_spec: None,
         data: data_stats,
     };
     if finished {
-        report.eval = task.evaluate(&session.model)?;
+        let (step, eval) = session.select_export(&task, cfg.checkpoint.export, load)?;
+        report.eval = eval;
+        report.output_step = Some(step);
         let out = cfg.output_dir();
         session.export(&out, |_| Ok(()))?;
         report.output = Some(out);

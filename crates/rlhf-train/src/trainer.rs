@@ -29,7 +29,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::config::{CheckpointConfig, TrainConfig};
+use crate::best::{Ranking, Selection, Tracker};
+use crate::config::{CheckpointConfig, ExportChoice, TrainConfig};
 use crate::error::{Result, TrainError};
 
 /// Files of the `checkpoints/step-N` directories written by these jobs.
@@ -71,12 +72,29 @@ pub struct JobReport {
     pub resumed_from: Option<u64>,
     /// The exported model (finished jobs).
     pub output: Option<PathBuf>,
-    /// Held-out metrics at the end, when there is eval data.
+    /// Held-out metrics of the exported model, when there is eval data.
     pub eval: Option<Value>,
+    /// The best evaluated checkpoint (`checkpoints/ranking.json`'s `best`), when there is eval
+    /// data.
+    pub best: Option<BestReport>,
+    /// The step whose weights are in `output` (`checkpoint.export`).
+    pub output_step: Option<u64>,
+    /// Why the job stopped before its last step under `train.early_stop`.
+    pub early_stop: Option<String>,
     /// The reward spec written next to the model (reward-model jobs).
     pub reward_spec: Option<rlhf_model::RewardSpec>,
     /// What happened to the rows of each data file.
     pub data: Vec<crate::data::RowStats>,
+}
+
+/// Where the best evaluated checkpoint is and what it scored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BestReport {
+    pub step: u64,
+    /// `RUN/checkpoints/step-NNNNNN`; its `model/` is an HF directory of those weights.
+    pub checkpoint: PathBuf,
+    pub metric: String,
+    pub value: f64,
 }
 
 /// Everything about the data stream and progress a resumed job needs.
@@ -100,6 +118,10 @@ pub struct TrainerState {
     pub tokens_seen: u64,
     /// The job config as run (for the record; a changed config is reported on resume).
     pub config: Value,
+    /// The best held-out evaluation so far and the evaluations since (early stop resumes
+    /// counting from here). Default: none (checkpoints from before it existed).
+    #[serde(default)]
+    pub held_out: Tracker,
 }
 
 /// Shuffled batches over `n` examples, epoch after epoch; a batch never spans two epochs (the
@@ -187,6 +209,9 @@ pub trait Task {
     fn backward(&self, model: &Model, idx: &[usize], denom: f64) -> Result<BatchStats>;
     /// Metrics on the held-out data, if there is any.
     fn evaluate(&self, model: &Model) -> Result<Option<Value>>;
+    /// The held-out metric checkpoints are ranked and early stop judged by (`None` without
+    /// held-out data).
+    fn selection(&self) -> Option<Selection>;
 }
 
 /// SHA-256 over the token sequences, in order, with their lengths.
@@ -229,6 +254,10 @@ pub struct Session {
     pub resumed_from: Option<u64>,
     side_files: Vec<(String, Vec<u8>)>,
     last_loss: Option<f64>,
+    /// The last evaluation of this process (step, metrics), so the end need not repeat it.
+    last_eval: Option<(u64, Value)>,
+    /// Set when `train.early_stop` ended training: why.
+    pub early_stopped: Option<String>,
 }
 
 /// What a session needs to know to start or resume.
@@ -281,6 +310,7 @@ impl Session {
                     samples_seen: 0,
                     tokens_seen: 0,
                     config: spec.config.clone(),
+                    held_out: Tracker::default(),
                 };
                 (fresh()?, state, None, spec.model_dir.to_path_buf())
             }
@@ -332,11 +362,14 @@ impl Session {
             resumed_from,
             side_files,
             last_loss: None,
+            last_eval: None,
+            early_stopped: None,
         })
     }
 
-    /// Runs optimizer steps until the job's last step or `control.stop_after`. Returns whether
-    /// training is complete.
+    /// Runs optimizer steps until the job's last step, `control.stop_after`, or an early stop
+    /// (`train.early_stop`, reason in [`Session::early_stopped`]). Returns whether training is
+    /// complete (an early stop is). Every evaluation is checkpointed and ranked.
     pub fn train(
         &mut self,
         task: &dyn Task,
@@ -357,6 +390,18 @@ impl Session {
         let mut window_steps = 0u64;
         let mut window_samples = 0usize;
         let mut grad_norm_sum = 0.0;
+        let selection = task.selection();
+        let early = selection.zip(train.early_stop);
+        // A job that stopped early and is run again is done (unless its patience was raised).
+        if let Some((sel, es)) = early {
+            if self.state.step < self.state.total_steps {
+                if let Some(why) = self.state.held_out.early_stop_reason(sel, &es) {
+                    tracing::info!("{why}; nothing left to train");
+                    self.early_stopped = Some(why);
+                    return Ok(true);
+                }
+            }
+        }
         while self.state.step < self.state.total_steps {
             if control.stop_after.is_some_and(|k| self.state.step >= k) {
                 return Ok(false);
@@ -406,17 +451,40 @@ impl Session {
                 grad_norm_sum = 0.0;
                 window_start = Instant::now();
             }
-            if train.eval_every.is_some_and(|e| step % e == 0) && !at_end {
+            let mut ranked = None;
+            if train.eval_every.is_some_and(|e| step % e == 0) || at_end {
                 if let Some(ev) = task.evaluate(&self.model)? {
                     tracing::info!("step {step} eval: {ev}");
                     metrics.write(&json!({"step": step, "eval": ev}))?;
+                    if let Some(sel) = selection {
+                        let min_delta = train.early_stop.map_or(0.0, |es| es.min_delta);
+                        let score = self.state.held_out.observe(step, &ev, sel, min_delta);
+                        ranked = Some((sel, score));
+                    }
+                    self.last_eval = Some((step, ev));
                 }
             }
+            let early_stop = early
+                .and_then(|(sel, es)| ranked.and(self.state.held_out.early_stop_reason(sel, &es)))
+                .filter(|_| !at_end);
             let stop =
                 (control.stop_after.is_some_and(|k| step >= k) || control.signalled()) && !at_end;
-            if at_end || stop || ckpt.every.is_some_and(|e| step % e == 0) {
-                self.checkpoint(ckpt.keep_last)?;
+            if at_end
+                || stop
+                || early_stop.is_some()
+                || ranked.is_some()
+                || ckpt.every.is_some_and(|e| step % e == 0)
+            {
+                self.checkpoint(ckpt.keep_last, ranked)?;
                 window_start = Instant::now();
+            }
+            if let Some(why) = early_stop {
+                tracing::warn!(
+                    "stopping after step {step} of {}: {why}",
+                    self.state.total_steps
+                );
+                self.early_stopped = Some(why);
+                return Ok(true);
             }
             if stop {
                 tracing::warn!("stopping after step {step} as asked; rerun the job to resume");
@@ -426,8 +494,13 @@ impl Session {
         Ok(true)
     }
 
-    /// Writes a full checkpoint of the current step and applies retention.
-    pub fn checkpoint(&mut self, keep_last: usize) -> Result<rlhf_ckpt::CheckpointInfo> {
+    /// Writes a full checkpoint of the current step, ranks it when it was evaluated (`ranked`:
+    /// the metric and its value), and applies retention.
+    pub fn checkpoint(
+        &mut self,
+        keep_last: usize,
+        ranked: Option<(Selection, Option<f64>)>,
+    ) -> Result<rlhf_ckpt::CheckpointInfo> {
         let w = CheckpointWriter::begin(&self.run_dir, self.state.step)?;
         self.write_model(&w.dir().join(CKPT_MODEL_DIR))?;
         self.opt.save(&w.dir().join(CKPT_OPTIMIZER))?;
@@ -438,8 +511,71 @@ impl Session {
             "epoch": self.state.epoch,
             "loss": self.last_loss,
         }))?;
+        if let Some((sel, score)) = ranked {
+            let r = Ranking::record(&self.run_dir, sel, self.state.step, score)?;
+            if let Some(best) = &r.best {
+                tracing::info!(
+                    "best checkpoint by held-out {}: {best} ({})",
+                    sel.metric,
+                    Ranking::path(&self.run_dir).display()
+                );
+            }
+        }
         rlhf_ckpt::prune(&self.run_dir, keep_last)?;
         Ok(info)
+    }
+
+    /// The best evaluated checkpoint, if any.
+    pub fn best(&self) -> Option<BestReport> {
+        self.state.held_out.best.as_ref().map(|b| BestReport {
+            step: b.step,
+            checkpoint: rlhf_ckpt::checkpoints_dir(&self.run_dir).join(rlhf_ckpt::dir_name(b.step)),
+            metric: b.metric.clone(),
+            value: b.value,
+        })
+    }
+
+    /// After training: puts the weights `checkpoint.export` asks for into `self.model` (the best
+    /// evaluated checkpoint's, read back with `load`, or the last step's) and returns their
+    /// step and their held-out metrics (evaluated again only when this process has not).
+    pub fn select_export(
+        &mut self,
+        task: &dyn Task,
+        choice: ExportChoice,
+        load: impl FnOnce(&Path) -> Result<Model>,
+    ) -> Result<(u64, Option<Value>)> {
+        if let (ExportChoice::Best, Some(best)) = (choice, self.state.held_out.best.clone()) {
+            if best.step != self.state.step {
+                let dir =
+                    rlhf_ckpt::checkpoints_dir(&self.run_dir).join(rlhf_ckpt::dir_name(best.step));
+                if !dir.join(CKPT_MODEL_DIR).is_dir() {
+                    return Err(TrainError::Resume {
+                        dir,
+                        msg: format!(
+                            "the best checkpoint (held-out {} {:.6}) is gone; restore it, or set \
+                             checkpoint.export: last",
+                            best.metric, best.value
+                        ),
+                    });
+                }
+                tracing::info!(
+                    "exporting the best checkpoint, step {} (held-out {} {:.6}), not the last \
+                     step {} (checkpoint.export: last would)",
+                    best.step,
+                    best.metric,
+                    best.value,
+                    self.state.step
+                );
+                self.model = load(&dir.join(CKPT_MODEL_DIR))?;
+                return Ok((best.step, Some(best.eval)));
+            }
+            return Ok((best.step, Some(best.eval)));
+        }
+        let eval = match self.last_eval.take() {
+            Some((step, ev)) if step == self.state.step => Some(ev),
+            _ => task.evaluate(&self.model)?,
+        };
+        Ok((self.state.step, eval))
     }
 
     /// HF files of the current weights plus the tokenizer files, into `dir`.
