@@ -837,10 +837,13 @@ pub enum LogFormat {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LoggingConfig {
-    /// Default tracing filter for the run (`RLHF_LOG` still wins). Default: `info`.
+    /// The tracing filter of `launch` (`info`, `warn`, `rlhf_coord=debug,info`). `RLHF_LOG`
+    /// counts as this key's environment variable (above the file, below `--set`); `-v` / `-q`
+    /// on the command line beat all. Default: `info`.
     #[serde(deserialize_with = "lenient_string")]
     pub level: String,
-    /// `plain` or `json`. Default: `plain`.
+    /// `plain` or `json` (`RLHF_LOG_FORMAT=json` counts as this key's environment variable).
+    /// Default: `plain`.
     pub format: LogFormat,
     /// Show a progress bar on stderr. Default: true.
     pub progress: bool,
@@ -967,6 +970,10 @@ pub struct ValidationConfig {
     pub max_questions: Option<usize>,
     /// Prompts answered per Generate call; >= 1. Default: 16.
     pub batch_size: usize,
+    /// Also validate the initial policy before the first step (a fresh run only): the
+    /// baseline the checkpoints' scores compare with, written as step 0 of `metrics.jsonl` and
+    /// `validation/step-000000/`. Default: false.
+    pub at_start: bool,
 }
 
 impl Default for ValidationConfig {
@@ -980,6 +987,7 @@ impl Default for ValidationConfig {
             temperature: 0.0,
             max_questions: None,
             batch_size: 16,
+            at_start: false,
         }
     }
 }

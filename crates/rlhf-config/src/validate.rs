@@ -622,6 +622,12 @@ impl RunConfig {
         }
         let v = &self.validation;
         if v.every == 0 {
+            if v.at_start {
+                return c.fail(
+                    "validation.at_start",
+                    "validates the initial policy, but validation is off (validation.every = 0); set validation.every or remove at_start",
+                );
+            }
             return Ok(());
         }
         c.at_least("validation.max_new_tokens", v.max_new_tokens as u64, 1)?;

@@ -92,7 +92,11 @@ fn find_resume(run_dir: &Path, cfg: &RunConfig) -> Result<Option<ResumePoint>> {
 
 /// The run file with its `--set` overrides and `RLHF_` variables.
 pub fn load(args: &LaunchArgs) -> Result<LoadedConfig> {
-    Ok(rlhf_config::load(&args.file, &args.set, EnvSource::Process)?)
+    Ok(rlhf_config::load(
+        &args.file,
+        &args.set,
+        EnvSource::Process,
+    )?)
 }
 
 fn prepare(loaded: LoadedConfig, started: Instant) -> Result<Prepared> {
@@ -129,6 +133,8 @@ fn prepare(loaded: LoadedConfig, started: Instant) -> Result<Prepared> {
             )
             .into());
     }
+    check_models(&loaded)?;
+    check_context(&loaded, &prompts)?;
     let worker_bin = launcher::worker_binary(cfg)?;
     let validator = Validator::new(cfg)?;
     let run_dir = cfg.run_dir();
@@ -146,6 +152,66 @@ fn prepare(loaded: LoadedConfig, started: Instant) -> Result<Prepared> {
         worker_bin,
         lock: None,
     })
+}
+
+/// Every model directory the run loads, checked before any worker starts: `config.json` names a
+/// supported architecture and resolves, and every safetensors header parses and matches its
+/// file's length. The error names the key that points at the directory.
+fn check_models(loaded: &LoadedConfig) -> Result<()> {
+    let m = &loaded.config.models;
+    let mut dirs = vec![("models.policy", m.policy.clone())];
+    if let Some(r) = &m.reference {
+        dirs.push(("models.reference", r.clone()));
+    }
+    if let Some(c) = &m.critic {
+        dirs.push(("models.critic", c.clone()));
+    }
+    if m.reward.kind == RewardKind::Model {
+        if let Some(r) = &m.reward.path {
+            dirs.push(("models.reward.path", r.clone()));
+        }
+    }
+    for (key, dir) in dirs {
+        let check = || -> Result<()> {
+            rlhf_model::config::Config::from_dir(&dir)?;
+            crate::plan::model_size(&dir)?;
+            Ok(())
+        };
+        check().map_err(|e| {
+            anyhow!(
+                "{}: {e:#}",
+                loaded.error_at(key, format!("{} cannot be loaded", dir.display()))
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// The longest prompt plus `rollout.max_new_tokens` must fit the policy's context, or the
+/// workers would cut the responses short without a word.
+fn check_context(loaded: &LoadedConfig, prompts: &prompts::PromptSet) -> Result<()> {
+    let cfg = &loaded.config;
+    let context = rlhf_model::config::Config::from_dir(&cfg.models.policy)?.max_position_embeddings;
+    let longest = prompts.rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+    if longest + cfg.rollout.max_new_tokens > context {
+        return Err(loaded
+            .error_at(
+                "rollout.max_new_tokens",
+                format!(
+                    "{} new tokens after the longest prompt ({longest} tokens, {}) need {} \
+                     positions, more than the policy's context of {context} \
+                     (max_position_embeddings in {}); lower rollout.max_new_tokens to at most \
+                     {} or rollout.max_prompt_tokens",
+                    cfg.rollout.max_new_tokens,
+                    prompts.file.display(),
+                    longest + cfg.rollout.max_new_tokens,
+                    cfg.models.policy.join("config.json").display(),
+                    context.saturating_sub(longest)
+                ),
+            )
+            .into());
+    }
+    Ok(())
 }
 
 /// Takes the run directory: creates it, locks it, moves an earlier run aside (`--fresh`) or
@@ -279,8 +345,12 @@ async fn launch(args: LaunchArgs, loaded: LoadedConfig, started: Instant) -> Res
         // The job takes the lock itself when it starts, which may be before this exits.
         drop(lock);
         let job = submit_to_slurm(&args, &p)?;
-        RunState::new(State::Queued, Some(format!("Slurm job {job}")), started_unix)
-            .write(&p.run.run_dir)?;
+        RunState::new(
+            State::Queued,
+            Some(format!("Slurm job {job}")),
+            started_unix,
+        )
+        .write(&p.run.run_dir)?;
         return Ok(());
     }
     RunState::new(State::Running, None, started_unix).write(&p.run.run_dir)?;

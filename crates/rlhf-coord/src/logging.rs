@@ -65,11 +65,23 @@ mod tests {
     use super::*;
     use rlhf_config::EnvSource;
 
-    fn run_file(dir: &std::path::Path, yaml: &str, sets: &[&str], env: &[(&str, &str)]) -> LoadedConfig {
+    fn run_file(
+        dir: &std::path::Path,
+        yaml: &str,
+        sets: &[&str],
+        env: &[(&str, &str)],
+    ) -> LoadedConfig {
+        // The paths the file names exist (the loader checks them), though nothing reads them.
+        std::fs::create_dir_all(dir.join("p")).unwrap();
+        std::fs::write(dir.join("p/config.json"), "{}").unwrap();
+        std::fs::write(dir.join("p.jsonl"), "").unwrap();
         let f = dir.join("run.yaml");
         std::fs::write(&f, yaml).unwrap();
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         rlhf_config::load(&f, &sets, EnvSource::Vars(env)).unwrap()
     }
 
@@ -87,27 +99,65 @@ mod tests {
         let plain = run_file(tmp.path(), file, &[], &[]);
         // The file alone.
         let s = LogSettings::resolve(0, 0, no_env, Some(&plain));
-        assert_eq!(s, LogSettings { filter: "error".into(), json: true });
+        assert_eq!(
+            s,
+            LogSettings {
+                filter: "error".into(),
+                json: true
+            }
+        );
         // RLHF_LOG / RLHF_LOG_FORMAT over the file.
         let s = LogSettings::resolve(0, 0, log_env, Some(&plain));
-        assert_eq!(s, LogSettings { filter: "debug".into(), json: false });
+        assert_eq!(
+            s,
+            LogSettings {
+                filter: "debug".into(),
+                json: false
+            }
+        );
         // --set over RLHF_LOG.
-        let set = run_file(tmp.path(), file, &["logging.level=warn", "logging.format=json"], &[]);
+        let set = run_file(
+            tmp.path(),
+            file,
+            &["logging.level=warn", "logging.format=json"],
+            &[],
+        );
         let s = LogSettings::resolve(0, 0, log_env, Some(&set));
-        assert_eq!(s, LogSettings { filter: "warn".into(), json: true });
+        assert_eq!(
+            s,
+            LogSettings {
+                filter: "warn".into(),
+                json: true
+            }
+        );
         // RLHF_LOGGING__LEVEL is the key's own variable: also over RLHF_LOG.
         let env = run_file(tmp.path(), file, &[], &[("RLHF_LOGGING__LEVEL", "trace")]);
-        assert_eq!(LogSettings::resolve(0, 0, log_env, Some(&env)).filter, "trace");
+        assert_eq!(
+            LogSettings::resolve(0, 0, log_env, Some(&env)).filter,
+            "trace"
+        );
         // -v / -q over everything.
-        assert_eq!(LogSettings::resolve(1, 0, log_env, Some(&set)).filter, "debug");
-        assert_eq!(LogSettings::resolve(0, 1, log_env, Some(&set)).filter, "warn");
-        assert_eq!(LogSettings::resolve(0, 2, log_env, Some(&set)).filter, "error");
+        assert_eq!(
+            LogSettings::resolve(1, 0, log_env, Some(&set)).filter,
+            "debug"
+        );
+        assert_eq!(
+            LogSettings::resolve(0, 1, log_env, Some(&set)).filter,
+            "warn"
+        );
+        assert_eq!(
+            LogSettings::resolve(0, 2, log_env, Some(&set)).filter,
+            "error"
+        );
         assert_eq!(LogSettings::resolve(2, 0, no_env, None).filter, "trace");
         // No run file: RLHF_LOG, else info.
         assert_eq!(LogSettings::resolve(0, 0, log_env, None).filter, "debug");
         assert_eq!(
             LogSettings::resolve(0, 0, no_env, None),
-            LogSettings { filter: "info".into(), json: false }
+            LogSettings {
+                filter: "info".into(),
+                json: false
+            }
         );
     }
 }

@@ -262,24 +262,6 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// The error and its causes on one line, each cause said once: the library error types put
-/// their source into their own message (so a log line or a gRPC status is whole on its own), and
-/// anyhow's `{:#}` would print that source again.
-fn render_error(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -289,7 +271,7 @@ fn main() -> ExitCode {
                 eprintln!("{p}");
                 return ExitCode::from(launch::EXIT_PREEMPTED);
             }
-            eprintln!("error: {}", render_error(&e));
+            eprintln!("error: {}", rlhf_proto::errors::one_line(e.chain()));
             ExitCode::FAILURE
         }
     }

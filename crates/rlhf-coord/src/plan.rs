@@ -68,9 +68,9 @@ pub struct PlanArgs {
 
 /// Parameter count and bytes of a model directory, from its safetensors headers.
 #[derive(Debug, Clone, Copy, Default)]
-struct ModelSize {
-    params: u64,
-    bytes: u64,
+pub struct ModelSize {
+    pub params: u64,
+    pub bytes: u64,
 }
 
 /// Largest safetensors header read, as the `safetensors` crate's own limit (100 MB): a damaged
@@ -135,7 +135,9 @@ fn parse_header(h: &[u8]) -> Result<(u64, u64)> {
     Ok((params, meta.data_len() as u64))
 }
 
-fn model_size(dir: &Path) -> Result<ModelSize> {
+/// Parameters and data bytes of a model directory's safetensors files (one file or an index of
+/// shards), from their headers alone, each header validated against its file's length.
+pub fn model_size(dir: &Path) -> Result<ModelSize> {
     let mut size = ModelSize::default();
     let single = dir.join("model.safetensors");
     if single.is_file() {

@@ -155,7 +155,8 @@ pub fn report(run_dir: &Path, verify: bool) -> Result<String> {
                 Some(t) if t > 0 => format!("{step}/{t} ({:.1}%)", 100.0 * step as f64 / t as f64),
                 _ => format!("{step}"),
             };
-            let g = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+            let g =
+                |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
             writeln!(
                 out,
                 "progress    step {of}  reward {}  kl {}  step time {} s (means of the last {} steps)",
@@ -273,7 +274,10 @@ mod tests {
         assert!(text.contains("step 2/40 (5.0%)"), "{text}");
         // Means over the recent steps, not the last step's values.
         assert!(text.contains("reward 0.3750"), "{text}");
-        assert!(text.contains("step time 1.000 s (means of the last 2 steps)"), "{text}");
+        assert!(
+            text.contains("step time 1.000 s (means of the last 2 steps)"),
+            "{text}"
+        );
         assert!(text.contains("LATEST: step-000020"), "{text}");
         assert!(text.contains("step-000010  step      10"), "{text}");
         assert!(text.contains("verified  [protected]"), "{text}");
@@ -316,22 +320,36 @@ mod tests {
         .unwrap();
         // Running, in this very process: 10 steps of 30 s to go.
         let started = now_unix() - 65;
-        RunState::new(State::Running, None, started).write(run).unwrap();
+        RunState::new(State::Running, None, started)
+            .write(run)
+            .unwrap();
         let text = report(run, false).unwrap();
-        assert!(text.contains(&format!("state       running (pid {}", std::process::id())), "{text}");
-        assert!(text.contains("elapsed 1 min 0") && text.contains("eta 5 min 00 s"), "{text}");
+        assert!(
+            text.contains(&format!("state       running (pid {}", std::process::id())),
+            "{text}"
+        );
+        assert!(
+            text.contains("elapsed 1 min 0") && text.contains("eta 5 min 00 s"),
+            "{text}"
+        );
         // A launch whose process is gone without writing its end.
         let mut gone = RunState::new(State::Running, None, started);
         gone.pid = i32::MAX as u32;
         gone.write(run).unwrap();
         let text = report(run, false).unwrap();
-        assert!(text.contains("its process (pid 2147483647") && text.contains("is gone"), "{text}");
+        assert!(
+            text.contains("its process (pid 2147483647") && text.contains("is gone"),
+            "{text}"
+        );
         // How it ended, with the reason.
         RunState::new(State::Failed, Some("worker `a` died".into()), started)
             .write(run)
             .unwrap();
         let text = report(run, false).unwrap();
-        assert!(text.contains("state       failed: worker `a` died"), "{text}");
+        assert!(
+            text.contains("state       failed: worker `a` died"),
+            "{text}"
+        );
         assert!(!text.contains("eta"), "{text}");
     }
 }

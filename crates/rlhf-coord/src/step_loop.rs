@@ -353,6 +353,14 @@ pub struct StepMetrics {
     pub validation: Option<ValidationMetrics>,
 }
 
+/// Step 0 of `metrics.jsonl`: the initial policy's validation (`validation.at_start`).
+#[derive(Debug, Serialize)]
+struct InitialValidation {
+    step: u64,
+    #[serde(flatten)]
+    validation: ValidationMetrics,
+}
+
 /// The MT-Bench keys of a validation step.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct ValidationMetrics {
@@ -540,6 +548,9 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
     /// (unless the last step has one) and returns [`Preempted`].
     pub async fn run(mut self, stop: watch::Receiver<Option<String>>) -> Result<()> {
         let cfg = self.ctx.config();
+        if self.state.step == 0 && cfg.validation.at_start {
+            self.validate_initial_policy().await?;
+        }
         while self.state.step < cfg.train.steps {
             if let Some(reason) = self.stop_reason(&stop) {
                 return self.stop(reason).await;
@@ -547,6 +558,22 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
             self.step().await?;
         }
         self.finish()
+    }
+
+    /// `validation.at_start`: MT-Bench of the policy before any update, written as step 0 of
+    /// `metrics.jsonl` (not ranked: there is no checkpoint of it).
+    async fn validate_initial_policy(&mut self) -> Result<()> {
+        let Some(v) = self.validate(0).await else {
+            return Ok(());
+        };
+        info!(
+            score = %v.score.map_or("none".to_string(), |s| format!("{s:.3}")),
+            "MT-Bench of the initial policy (validation.at_start): the baseline for the checkpoints' scores"
+        );
+        self.metrics.write(&InitialValidation {
+            step: 0,
+            validation: ValidationMetrics::new(&v),
+        })
     }
 
     /// The role handles (for tests).

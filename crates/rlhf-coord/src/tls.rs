@@ -24,7 +24,11 @@ pub fn enabled(mode: TlsMode, listen: IpAddr) -> bool {
 /// The run's TLS material when TLS is on (made, or reused on a resume), else None.
 pub fn for_run(cfg: &RunConfig, run_dir: &Path, listen: IpAddr) -> Result<Option<RunTls>> {
     if !enabled(cfg.launcher.tls, listen) {
-        info!(launcher.tls = ?cfg.launcher.tls, %listen, "gRPC without TLS (loopback only)");
+        let setting = serde_json::to_value(cfg.launcher.tls)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        info!(launcher.tls = %setting, %listen, "gRPC without TLS (loopback only)");
         return Ok(None);
     }
     // Absolute: the workers (srun tasks on other nodes included) get this path as it is.

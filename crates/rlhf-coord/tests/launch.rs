@@ -412,6 +412,56 @@ fn bad_inputs_stop_before_training() {
         err.contains("worker binary not found at /nonexistent/rlhf-worker"),
         "{err}"
     );
+    // More new tokens than the policy's context leaves after the longest prompt.
+    let err =
+        String::from_utf8_lossy(&launch(&f, &["rollout.max_new_tokens=100000"]).stderr).to_string();
+    assert!(
+        err.contains("rollout.max_new_tokens") && err.contains("more than the policy's context"),
+        "{err}"
+    );
+    // A damaged weights file and an unsupported architecture, found before any worker starts.
+    let copy = |name: &str| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for e in std::fs::read_dir(tmp.path().join("policy")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        dir
+    };
+    let damaged = copy("policy-damaged");
+    let weights = damaged.join("model.safetensors");
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    let err = String::from_utf8_lossy(
+        &launch(&f, &[&format!("models.policy={}", damaged.display())]).stderr,
+    )
+    .to_string();
+    assert!(
+        err.contains("models.policy") && err.contains("truncated or damaged"),
+        "{err}"
+    );
+    let gpt2 = copy("policy-gpt2");
+    let config = std::fs::read_to_string(gpt2.join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&config).unwrap();
+    v["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+    v["model_type"] = serde_json::json!("gpt2");
+    std::fs::write(gpt2.join("config.json"), v.to_string()).unwrap();
+    let err = String::from_utf8_lossy(
+        &launch(&f, &[&format!("models.policy={}", gpt2.display())]).stderr,
+    )
+    .to_string();
+    assert!(
+        err.contains("models.policy") && err.contains("gpt2"),
+        "{err}"
+    );
+    // None of these bad inputs left a run directory behind.
+    assert!(!tmp.path().join("runs").exists());
     // A worker that dies during start-up: its exit and log tail are reported.
     let script = tmp.path().join("dying-worker.sh");
     std::fs::write(

@@ -186,7 +186,10 @@ fn logging_level_and_format_come_from_the_run_file_and_the_flags() {
     // -v beats the key.
     assert!(dry(&["-v", "--set", "logging.level=warn"]).contains(info));
     let json = dry(&["--set", "logging.format=json"]);
-    let line = json.lines().find(|l| l.contains(info)).expect("the info line");
+    let line = json
+        .lines()
+        .find(|l| l.contains(info))
+        .expect("the info line");
     let v: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
     assert_eq!(v["level"], "INFO");
 }

@@ -110,9 +110,28 @@ fn reward_model_judge_scores_all_80_questions_and_ranks_checkpoints() {
         tmp.path(),
         "checkpoint: {every: 0, keep_last: 1, keep_best: 1}\n",
     );
-    let out = coord().arg("launch").arg(&f).output().unwrap();
-    ok(&out);
+    let out = coord()
+        .arg("launch")
+        .arg(&f)
+        .args(["--set", "validation.at_start=true"])
+        .output()
+        .unwrap();
+    let log = ok(&out);
     let run = tmp.path().join("runs/v");
+    let m = lines(&run.join("metrics.jsonl"));
+    let row_of = |step: u64| m.iter().find(|r| r["step"] == step).unwrap().clone();
+    // validation.at_start: the initial policy's score is step 0, the baseline.
+    let baseline = json(&run.join("validation/step-000000/scores.json"));
+    assert_eq!(
+        row_of(0)["validation/mt_bench"].as_f64(),
+        baseline["overall"].as_f64()
+    );
+    assert!(log.contains("MT-Bench of the initial policy"), "{log}");
+    // Log fields are plain values, not Rust debug forms.
+    assert!(
+        !log.contains("Some(") && !log.contains("RewardModel"),
+        "{log}"
+    );
     let mut scores = vec![];
     for step in [2u64, 4] {
         let dir = run.join(format!("validation/step-{step:06}"));
@@ -135,8 +154,8 @@ fn reward_model_judge_scores_all_80_questions_and_ranks_checkpoints() {
             / 160.0;
         assert!((overall - mean).abs() < 1e-9, "{overall} vs {mean}");
         assert_eq!(s["per_category"].as_object().unwrap().len(), 8, "{s}");
-        let m = lines(&run.join("metrics.jsonl"));
-        let row = &m[step as usize - 1];
+        assert!(s["truncated_prompts"].is_u64(), "{s}");
+        let row = &row_of(step);
         assert_eq!(row["validation/mt_bench"].as_f64(), Some(overall), "{row}");
         assert!(row["validation/writing"].is_number(), "{row}");
         scores.push((step, overall));
@@ -164,6 +183,8 @@ fn reward_model_judge_scores_all_80_questions_and_ranks_checkpoints() {
     assert!(text.contains("step 4/4 (100.0%)"), "{text}");
     assert!(text.contains(&format!("best: {kept_best}")), "{text}");
     assert!(text.contains(&format!("     1  {kept_best}")), "{text}");
+    assert!(text.contains("cut prompts"), "{text}");
+    assert!(text.contains("state       finished"), "{text}");
 }
 
 /// A minimal OpenAI-compatible chat-completions server: rates first-turn prompts `[[7]]` and

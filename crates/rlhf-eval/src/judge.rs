@@ -192,7 +192,7 @@ pub async fn validate(
     };
     let report = Report::from_judgments(&judgments);
     tracing::info!(
-        overall = ?report.overall,
+        overall = %report.overall.map_or("none".to_string(), |s| format!("{s:.3}")),
         judged = report.judged,
         missing = report.missing,
         unparseable = report.unparseable,

@@ -4,7 +4,8 @@
 //! wire format (dtype + shape + little-endian bytes) and its chunking for large payloads
 //! ([`wire`]), the run-token check every RPC goes through ([`auth`]), the run's mutual TLS (its
 //! CA and certificates in `RUN_DIR/tls/`, and the tonic TLS settings of every server and client:
-//! [`tls`]), the explicit message size limits ([`limits`]), and the conversions between the
+//! [`tls`]), the explicit message size limits ([`limits`]), how the binaries print an error
+//! ([`errors`]), and the conversions between the
 //! typed loss, KL and optimizer settings messages and the `rlhf-settings` types ([`settings`]).
 //!
 //! May use: tonic, prost, tch (for tensor conversion only), rcgen and rustls (certificates),
@@ -12,6 +13,7 @@
 //! algorithms and the controller build on this, never the other way.
 
 pub mod auth;
+pub mod errors;
 pub mod settings;
 pub mod tls;
 pub mod wire;

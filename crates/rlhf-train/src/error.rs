@@ -33,10 +33,7 @@ pub enum TrainError {
     /// counted. `hint` says how to skip in the caller's terms (a job-file key or a command-line
     /// flag, see [`TrainError::with_skip_hint`]).
     #[error("{row} ({hint})")]
-    RowRefused {
-        row: Box<TrainError>,
-        hint: String,
-    },
+    RowRefused { row: Box<TrainError>, hint: String },
 
     /// A job setting is missing, out of range or inconsistent with another.
     #[error("config `{key}`: {msg}")]

@@ -76,7 +76,10 @@ fn main() -> ExitCode {
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("rlhf-worker: error: {e:#}");
+            eprintln!(
+                "rlhf-worker: error: {}",
+                rlhf_proto::errors::one_line(e.chain())
+            );
             ExitCode::FAILURE
         }
     }
