@@ -29,7 +29,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::checkpoint::{self, ControllerState};
-use crate::metrics::{JsonlWriter, Progress};
+use crate::metrics::{
+    InitialValidation, JsonlWriter, Prefixed, Progress, StepMetrics, ValidationMetrics,
+};
 use crate::prompts::{PromptCursor, PromptSet};
 use crate::replicas;
 use crate::rl::{self, AlgoSettings, RolloutStats, Shaper};
@@ -271,120 +273,9 @@ pub struct Validated {
     pub secs: f64,
 }
 
-/// A map whose keys are written with a prefix (`attribute/helpfulness`), flattened into
-/// [`StepMetrics`].
-#[derive(Debug, Default, Clone)]
-pub struct Prefixed<V> {
-    pub prefix: &'static str,
-    pub values: BTreeMap<String, V>,
-}
-
-impl<V: Serialize> Serialize for Prefixed<V> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(Some(self.values.len()))?;
-        for (k, v) in &self.values {
-            m.serialize_entry(&format!("{}{k}", self.prefix), v)?;
-        }
-        m.end()
-    }
-}
-
-/// One line of `metrics.jsonl`: every key a step writes, documented here and nowhere else.
-/// Non-finite numbers are written as `null`. Optional keys appear only when they apply.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct StepMetrics {
-    pub step: u64,
-    /// Mean shaped reward (after clipping and the truncation penalty, before KL).
-    pub reward_mean: f64,
-    pub reward_std: f64,
-    /// Mean raw score from the reward role.
-    pub score_mean: f64,
-    /// Mean KL to the reference per sequence (sum over tokens); 0 without a reference.
-    pub kl_mean: f64,
-    /// The KL coefficient used this step.
-    pub kl_coef: f64,
-    pub response_len_mean: f64,
-    /// Share of responses cut by `rollout.max_new_tokens`.
-    pub truncated_frac: f64,
-    pub advantage_mean: f64,
-    /// `attribute/NAME`: mean of each reward-model attribute (multi-attribute heads).
-    #[serde(flatten)]
-    pub attributes: Prefixed<f64>,
-    /// `actor/...`, `critic/...`: the TrainStep metrics (losses, `grad_norm`, `lr`, clip
-    /// fractions), averaged over the step's minibatches.
-    #[serde(flatten)]
-    pub train: BTreeMap<String, f64>,
-    /// Generated response tokens per second of the rollout phase.
-    pub tokens_per_s: f64,
-    #[serde(rename = "time/step_s")]
-    pub step_s: f64,
-    #[serde(rename = "time/generate_s")]
-    pub generate_s: f64,
-    #[serde(rename = "time/score_s")]
-    pub score_s: f64,
-    #[serde(rename = "time/train_s")]
-    pub train_s: f64,
-    #[serde(rename = "time/sync_s")]
-    pub sync_s: f64,
-    /// With `rollout.async_generation`: 1 when the batch was sampled during the previous step.
-    #[serde(rename = "rollout/off_policy", skip_serializing_if = "Option::is_none")]
-    pub off_policy: Option<f64>,
-    /// With `rollout.async_generation`: waiting for the next batch before the weight sync.
-    #[serde(
-        rename = "time/wait_prefetch_s",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub wait_prefetch_s: Option<f64>,
-    /// With generators: bytes each received in the weight sync.
-    #[serde(rename = "sync/bytes", skip_serializing_if = "Option::is_none")]
-    pub sync_bytes: Option<f64>,
-    /// 1 when the replicas' weight digests were compared (and agreed) after this step.
-    #[serde(rename = "replicas/checked", skip_serializing_if = "Option::is_none")]
-    pub replicas_checked: Option<f64>,
-    /// The step's time outside the phases above (waiting included).
-    #[serde(rename = "time/controller_s")]
-    pub controller_s: f64,
-    /// The controller's own computation: decoding, shaping, building requests.
-    #[serde(rename = "time/controller_compute_s")]
-    pub controller_compute_s: f64,
-    /// Present at validation steps.
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    pub validation: Option<ValidationMetrics>,
-}
-
-/// Step 0 of `metrics.jsonl`: the initial policy's validation (`validation.at_start`).
-#[derive(Debug, Serialize)]
-struct InitialValidation {
-    step: u64,
-    #[serde(flatten)]
-    validation: ValidationMetrics,
-}
-
-/// The MT-Bench keys of a validation step.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct ValidationMetrics {
-    /// The overall score (1-10); null when the judge failed or rated nothing.
-    #[serde(rename = "validation/mt_bench")]
-    pub mt_bench: f64,
-    /// `validation/CATEGORY`: the per-category scores.
-    #[serde(flatten)]
-    pub per_category: Prefixed<f64>,
-    /// Answers without a rating.
-    #[serde(rename = "validation/missing", skip_serializing_if = "Option::is_none")]
-    pub missing: Option<f64>,
-    /// Prompts cut from the left to fit the context.
-    #[serde(
-        rename = "validation/truncated_prompts",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub truncated_prompts: Option<f64>,
-    #[serde(rename = "time/validation_s")]
-    pub secs: f64,
-}
-
-impl ValidationMetrics {
-    fn new(v: &Validated) -> ValidationMetrics {
+impl Validated {
+    fn metrics(&self) -> ValidationMetrics {
+        let v = self;
         ValidationMetrics {
             mt_bench: v.score.unwrap_or(f64::NAN),
             per_category: Prefixed {
@@ -402,7 +293,7 @@ impl ValidationMetrics {
     }
 }
 
-/// The phases of one step, for [`StepMetrics::new`].
+/// The phases of one step, for [`StepOutcome::metrics`].
 struct StepOutcome<'a> {
     step: u64,
     async_generation: bool,
@@ -415,8 +306,9 @@ struct StepOutcome<'a> {
     validated: Option<&'a Validated>,
 }
 
-impl StepMetrics {
-    fn new(o: StepOutcome<'_>) -> StepMetrics {
+impl StepOutcome<'_> {
+    fn metrics(self) -> StepMetrics {
+        let o = self;
         let s = &o.shaped.stats;
         let step_s = o.total.as_secs_f64();
         let phases = o.generated.secs
@@ -457,7 +349,7 @@ impl StepMetrics {
             controller_compute_s: o.scored.controller_secs
                 + o.shaped.controller_secs
                 + o.trained.controller_secs,
-            validation: o.validated.map(ValidationMetrics::new),
+            validation: o.validated.map(Validated::metrics),
         }
     }
 }
@@ -572,7 +464,7 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         );
         self.metrics.write(&InitialValidation {
             step: 0,
-            validation: ValidationMetrics::new(&v),
+            validation: v.metrics(),
         })
     }
 
@@ -613,7 +505,7 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         let synced = self.sync(step).await?;
         let total = t0.elapsed();
         let validated = self.validate(step).await;
-        let metrics = StepMetrics::new(StepOutcome {
+        let metrics = StepOutcome {
             step,
             async_generation: self.ctx.config().rollout.async_generation,
             total,
@@ -623,7 +515,8 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
             trained,
             synced: &synced,
             validated: validated.as_ref(),
-        });
+        }
+        .metrics();
         self.record(&metrics, shaped.rollout.rows as u64)?;
         self.write_samples(step, &generated, &scored)?;
         if self.checkpoint_due(step) || validated.is_some() {

@@ -408,7 +408,10 @@ fn a_signal_during_start_up_stops_cleanly_and_repeated_terms_do_not_force() {
         let l = l.unwrap();
         err.push_str(&l);
         err.push('\n');
-        if l.contains("run directory ready") {
+        // Workers are starting: the run stops at its first step boundary, after telling them
+        // to stop, which keeps the process alive for the second signal. (Signalled before
+        // the workers start, it can exit before the second signal lands.)
+        if l.contains("worker started") {
             break;
         }
     }
