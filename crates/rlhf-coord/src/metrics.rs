@@ -1,6 +1,7 @@
 //! Per-step metrics: one JSON object per line in `RUN_DIR/metrics.jsonl`, its keys those of
 //! [`StepMetrics`], defined and documented here and only here (written and flushed each step,
-//! so a crash loses at most the step in progress), and the progress bar on stderr
+//! so a crash loses at most the step in progress); the lines of `samples.jsonl`
+//! ([`SampleLine`]); and the progress bar on stderr
 //! (steps, reward, KL, tokens/s) with a plain log line per step when stderr is not a terminal.
 
 use std::collections::BTreeMap;
@@ -121,6 +122,35 @@ pub struct ValidationMetrics {
     pub truncated_prompts: Option<f64>,
     #[serde(rename = "time/validation_s")]
     pub secs: f64,
+}
+
+/// One line of `samples.jsonl`: a prompt of step `step` and its completions.
+#[derive(Debug, Serialize)]
+pub struct SampleLine {
+    pub step: u64,
+    pub prompt: Vec<SampleMessage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
+    pub completions: Vec<Completion>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SampleMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// One completion with what the reward role said of it.
+#[derive(Debug, Serialize)]
+pub struct Completion {
+    pub text: String,
+    /// The reward role's score (before KL and shaping).
+    pub score: f64,
+    /// Per-attribute scores of a multi-attribute reward model.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, f64>,
+    /// False when `rollout.max_new_tokens` cut it.
+    pub finished: bool,
 }
 
 /// An append-only JSONL file: `metrics.jsonl`, `samples.jsonl`.

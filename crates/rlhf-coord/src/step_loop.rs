@@ -24,13 +24,13 @@ use rlhf_algo::shuffled_indices;
 use rlhf_config::{LoadedConfig, RunConfig};
 use rlhf_model::Tokenizer;
 use rlhf_proto::pb;
-use serde::Serialize;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::checkpoint::{self, ControllerState};
 use crate::metrics::{
-    InitialValidation, JsonlWriter, Prefixed, Progress, StepMetrics, ValidationMetrics,
+    Completion, InitialValidation, JsonlWriter, Prefixed, Progress, SampleLine, SampleMessage,
+    StepMetrics, ValidationMetrics,
 };
 use crate::prompts::{PromptCursor, PromptSet};
 use crate::replicas;
@@ -468,16 +468,6 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         })
     }
 
-    /// The role handles (for tests).
-    pub fn roles(&self) -> &Roles<R> {
-        &self.roles
-    }
-
-    /// The last finished step.
-    pub fn step_done(&self) -> u64 {
-        self.state.step
-    }
-
     fn stop_reason(&self, stop: &watch::Receiver<Option<String>>) -> Option<String> {
         // Copied out: a `borrow()` held through the checkpoint would hold the watch's read lock,
         // and a worker reporting a signal meanwhile (a writer) would block on it while the
@@ -902,35 +892,6 @@ async fn restore<R: RoleHandle>(
         "state restored; continuing"
     );
     Ok(())
-}
-
-/// One line of `samples.jsonl`: a prompt of step `step` and its completions.
-#[derive(Debug, Serialize)]
-pub struct SampleLine {
-    pub step: u64,
-    pub prompt: Vec<SampleMessage>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub answer: Option<String>,
-    pub completions: Vec<Completion>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct SampleMessage {
-    pub role: String,
-    pub content: String,
-}
-
-/// One completion with what the reward role said of it.
-#[derive(Debug, Serialize)]
-pub struct Completion {
-    pub text: String,
-    /// The reward role's score (before KL and shaping).
-    pub score: f64,
-    /// Per-attribute scores of a multi-attribute reward model.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub attributes: BTreeMap<String, f64>,
-    /// False when `rollout.max_new_tokens` cut it.
-    pub finished: bool,
 }
 
 /// The `samples.jsonl` lines of a step: its first `prompts` prompts, `group` completions each.
