@@ -123,7 +123,7 @@ fn a_bad_row_is_named_by_file_and_row_under_either_policy() {
         .to_string();
     assert!(
         e.contains("pairs.parquet: row 1 (counting from 0): missing field `prompt`")
-            && e.contains("on_bad_row"),
+            && e.contains(rlhf_train::data::GENERIC_SKIP_HINT),
         "{e}"
     );
     let (rows, stats) = read_rows(&f, OnBadRow::Skip, parse).unwrap();
