@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 mod common;
-use common::{arithmetic_prompts, coord, launch, text, tiny_model, worker_bin};
+use common::{arithmetic_prompts, coord, launch, python, text, tiny_model, worker_bin};
 
 /// A tiny policy, arithmetic prompts and a two-step RLOO run with a checkpoint at each step;
 /// `lora` is YAML under `models:` (empty for full fine-tuning).
@@ -87,23 +87,6 @@ fn ours(model: &Path, prompt: &str) -> (Vec<i64>, Vec<f64>) {
 
 const MAX_NEW: usize = 16;
 const PROMPTS: [&str; 2] = ["1+2=", "3+3="];
-
-/// The venv interpreter that has torch + transformers + peft (scripts/setup-torch.sh
-/// --test-deps).
-fn python() -> PathBuf {
-    if let Ok(v) = std::env::var("RLHF_TORCH_VENV") {
-        let p = Path::new(&v).join("bin/python");
-        if p.exists() {
-            return p;
-        }
-    }
-    let home = std::env::var("HOME").unwrap_or_default();
-    let p = Path::new(&home).join(".cache/rlhf-coord/torch-venv/bin/python");
-    if p.exists() {
-        return p;
-    }
-    PathBuf::from("python3")
-}
 
 /// transformers' (and peft's) greedy new ids for each job, via `export_reference.py`.
 fn reference(tmp: &Path, jobs: serde_json::Value) -> Vec<Vec<i64>> {
