@@ -250,6 +250,15 @@ impl Provenance {
         }
     }
 
+    /// The directory of the config file, absolute (the working directory when the file has no
+    /// directory part).
+    pub fn file_dir(&self) -> PathBuf {
+        match self.file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => self.cwd.join(dir),
+            _ => self.cwd.clone(),
+        }
+    }
+
     fn resolve_path(&self, key: &str, path: &mut PathBuf) {
         if path.as_os_str().is_empty() || path.is_absolute() {
             return;

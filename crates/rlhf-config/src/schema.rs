@@ -537,13 +537,18 @@ pub enum RewardKind {
     /// else its last number) equals the prompt row's `answer` by value (`0.5` = `1/2` =
     /// `\frac{1}{2}`; LaTeX, thousands separators, units and percent signs read through).
     Math,
+    /// The user's reward server at `url`: rows are POSTed in batches as JSON (docs/rewards.md).
+    Http,
+    /// A pool of the user's long-lived processes (`command`) reading one JSON row per line on
+    /// stdin and answering one JSON score per line on stdout (docs/rewards.md).
+    Command,
 }
 
 impl RewardKind {
     /// The rules that score against the prompt row's `answer`, which every row must then have.
     pub fn needs_answer(self) -> bool {
         match self {
-            RewardKind::Model => false,
+            RewardKind::Model | RewardKind::Http | RewardKind::Command => false,
             RewardKind::ExactMatch | RewardKind::Math => true,
         }
     }
@@ -554,6 +559,8 @@ impl RewardKind {
             RewardKind::Model => "model",
             RewardKind::ExactMatch => "exact_match",
             RewardKind::Math => "math",
+            RewardKind::Http => "http",
+            RewardKind::Command => "command",
         }
     }
 }
@@ -575,7 +582,7 @@ pub enum AnswerExtract {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RewardConfig {
-    /// `model`, `exact_match` or `math`. Default: `model`.
+    /// `model`, `exact_match`, `math`, `http` or `command`. Default: `model`.
     pub kind: RewardKind,
     /// Reward model directory; required (with `config.json`) when `kind: model`. Default: null.
     pub path: Option<PathBuf>,
@@ -587,6 +594,24 @@ pub struct RewardConfig {
     pub correct: f64,
     /// `exact_match` and `math`: reward otherwise. Default: 0.0.
     pub incorrect: f64,
+    /// `http` only (and required there): the `http://` or `https://` URL batches are POSTed to.
+    /// Default: null.
+    pub url: Option<String>,
+    /// `command` only (and required there): the program and its arguments, e.g.
+    /// `[python3, my_reward.py]`; run in the run file's directory. Default: empty.
+    pub command: Vec<String>,
+    /// `http` and `command`: seconds one request (http) or one row's answer (command) may take
+    /// before it counts as failed. Default: 30.
+    pub timeout_s: f64,
+    /// `http` only: further attempts after a failed request (timeout, connection refused, 5xx,
+    /// 429), with exponential backoff from 0.5 s. Default: 2.
+    pub retries: u32,
+    /// `http`: requests in flight at once; `command`: processes in the pool. Default: 4.
+    pub concurrency: u32,
+    /// `http` only: rows per request. Default: 64.
+    pub batch_size: u32,
+    /// `command` only: the processes' working directory. Default: the run file's directory.
+    pub workdir: Option<PathBuf>,
 }
 
 impl Default for RewardConfig {
@@ -598,6 +623,13 @@ impl Default for RewardConfig {
             marker: "####".to_owned(),
             correct: 1.0,
             incorrect: 0.0,
+            url: None,
+            command: Vec::new(),
+            timeout_s: 30.0,
+            retries: 2,
+            concurrency: 4,
+            batch_size: 64,
+            workdir: None,
         }
     }
 }

@@ -28,6 +28,9 @@ impl ConfigSchema for RunConfig {
         if let Some(p) = &mut self.models.reward.path {
             visit("models.reward.path", p);
         }
+        if let Some(p) = &mut self.models.reward.workdir {
+            visit("models.reward.workdir", p);
+        }
         visit("rollout.prompts", &mut self.rollout.prompts);
         if !self.validation.mt_bench.as_os_str().is_empty() {
             visit("validation.mt_bench", &mut self.validation.mt_bench);
@@ -508,6 +511,7 @@ impl RunConfig {
                 "must not be empty with extract: after_marker",
             );
         }
+        self.check_external_reward(c)?;
         if m.kind == RewardKind::Math {
             if m.extract != AnswerExtract::default() {
                 return c.fail(
@@ -521,6 +525,64 @@ impl RunConfig {
                     "must not be empty with kind: math (the default is \"####\", GSM8K's)",
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// `models.reward`'s keys of the `http` and `command` kinds: required where they apply,
+    /// refused where they do not, in range.
+    fn check_external_reward(&self, c: &Check) -> Result<(), ConfigError> {
+        let m = &self.models.reward;
+        let kind = m.kind.name();
+        match (m.kind, &m.url) {
+            (RewardKind::Http, None) => {
+                return c.fail(
+                    "models.reward.url",
+                    "required with kind: http; set it to your reward server's URL (http://host:port/path)",
+                )
+            }
+            (RewardKind::Http, Some(url)) => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return c.fail(
+                        "models.reward.url",
+                        format!("`{url}` is not an http:// or https:// URL"),
+                    );
+                }
+            }
+            (_, Some(_)) => {
+                return c.fail(
+                    "models.reward.url",
+                    format!("is for kind: http, not kind: {kind}; remove the key"),
+                )
+            }
+            (_, None) => {}
+        }
+        match m.kind {
+            RewardKind::Command if m.command.is_empty() || m.command[0].is_empty() => {
+                return c.fail(
+                    "models.reward.command",
+                    "required with kind: command; give the program and its arguments, e.g. [python3, my_reward.py]",
+                )
+            }
+            RewardKind::Command => {}
+            _ if !m.command.is_empty() => {
+                return c.fail(
+                    "models.reward.command",
+                    format!("is for kind: command, not kind: {kind}; remove the key"),
+                )
+            }
+            _ if m.workdir.is_some() => {
+                return c.fail(
+                    "models.reward.workdir",
+                    format!("is for kind: command, not kind: {kind}; remove the key"),
+                )
+            }
+            _ => {}
+        }
+        if matches!(m.kind, RewardKind::Http | RewardKind::Command) {
+            c.positive("models.reward.timeout_s", m.timeout_s)?;
+            c.at_least("models.reward.concurrency", m.concurrency as u64, 1)?;
+            c.at_least("models.reward.batch_size", m.batch_size as u64, 1)?;
         }
         Ok(())
     }

@@ -775,6 +775,23 @@ async fn create_roles(
             correct: r.correct,
             incorrect: r.incorrect,
         }),
+        RewardKind::Http => pb::reward_role_spec::Kind::Http(pb::HttpReward {
+            url: r.url.clone().unwrap_or_default(),
+            timeout_s: r.timeout_s,
+            retries: r.retries,
+            concurrency: r.concurrency,
+            batch_size: r.batch_size,
+        }),
+        RewardKind::Command => pb::reward_role_spec::Kind::Command(pb::CommandReward {
+            command: r.command.clone(),
+            workdir: path(
+                &r.workdir
+                    .clone()
+                    .unwrap_or_else(|| p.run.loaded.provenance.file_dir()),
+            ),
+            timeout_s: r.timeout_s,
+            concurrency: r.concurrency,
+        }),
     };
     let reward_req = pb::CreateRoleRequest {
         role_id: String::new(),

@@ -23,6 +23,9 @@ use serde::{Deserialize, Serialize};
 pub struct PromptRow {
     pub messages: Vec<ChatMessage>,
     pub answer: Option<String>,
+    /// The row's other columns (not `prompt`, `messages` or `answer` after the column mapping):
+    /// sent to `http` and `command` rewards.
+    pub extra: serde_json::Map<String, serde_json::Value>,
     pub ids: Vec<i64>,
 }
 
@@ -72,7 +75,12 @@ fn parse_messages(v: &serde_json::Value) -> std::result::Result<Vec<ChatMessage>
         .collect()
 }
 
-type Row = (Vec<ChatMessage>, Option<String>);
+/// Messages, answer and the other columns.
+type Row = (
+    Vec<ChatMessage>,
+    Option<String>,
+    serde_json::Map<String, serde_json::Value>,
+);
 
 /// A JSONL line, with the column mapping applied.
 fn parse_row(text: &str, columns: &Columns) -> std::result::Result<Row, String> {
@@ -80,12 +88,12 @@ fn parse_row(text: &str, columns: &Columns) -> std::result::Result<Row, String> 
         serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
     let obj = v.as_object_mut().ok_or("each line must be a JSON object")?;
     columns.apply(obj);
-    parse_fields(obj)
+    parse_fields(std::mem::take(obj))
 }
 
 /// A row's fields; a null counts as absent (Parquet rows have every column).
 fn parse_fields(
-    obj: &serde_json::Map<String, serde_json::Value>,
+    mut obj: serde_json::Map<String, serde_json::Value>,
 ) -> std::result::Result<Row, String> {
     let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
     let messages = match (get("prompt"), get("messages")) {
@@ -111,7 +119,10 @@ fn parse_fields(
         Some(serde_json::Value::Number(n)) => Some(n.to_string()),
         Some(_) => return Err("`answer` must be a string or a number".into()),
     };
-    Ok((messages, answer))
+    for k in ["prompt", "messages", "answer"] {
+        obj.remove(k);
+    }
+    Ok((messages, answer, obj))
 }
 
 /// Longest line of a prompts file, in bytes: 64 per allowed prompt token (room for JSON escapes,
@@ -168,7 +179,7 @@ impl<R: BufRead> BoundedLines<R> {
 fn accept(
     opts: &PromptOptions<'_>,
     at: impl Fn() -> String,
-    (messages, answer): Row,
+    (messages, answer, extra): Row,
 ) -> Result<PromptRow> {
     if opts.need_answer && answer.is_none() {
         bail!(
@@ -202,6 +213,7 @@ fn accept(
     Ok(PromptRow {
         messages,
         answer,
+        extra,
         ids,
     })
 }
@@ -260,7 +272,7 @@ fn load_parquet(file: &Path, opts: &PromptOptions<'_>) -> Result<Vec<PromptRow>>
     let mut rows = vec![];
     while let Some((n, v)) = src.next_row()? {
         let fields = v.and_then(|v| match v {
-            serde_json::Value::Object(obj) => parse_fields(&obj),
+            serde_json::Value::Object(obj) => parse_fields(obj),
             _ => Err("not a row".into()),
         });
         let row = fields.map_err(|e| src.bad_row(n, e))?;
@@ -366,8 +378,13 @@ mod tests {
                 .as_deref(),
             Some("3")
         );
-        let (m, a) = parse_row(r#"{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}"#, &Columns::default()).unwrap();
+        let (m, a, extra) = parse_row(r#"{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], "level": 3, "tags": ["x"]}"#, &Columns::default()).unwrap();
         assert_eq!((m.len(), a), (2, None));
+        // The other columns stay with the row, for http and command rewards.
+        assert_eq!(
+            serde_json::Value::Object(extra),
+            serde_json::json!({"level": 3, "tags": ["x"]})
+        );
         for (bad, why) in [
             ("[1]", "JSON object"),
             ("{\"prompt\": 1}", "must be a string"),

@@ -1003,6 +1003,11 @@ fn score_items(ctx: &RunContext, generated: &Generated) -> Result<Vec<pb::ScoreI
                     .collect(),
                 response,
                 answer: row.answer.clone().unwrap_or_default(),
+                extra_json: if row.extra.is_empty() {
+                    String::new()
+                } else {
+                    serde_json::Value::Object(row.extra.clone()).to_string()
+                },
             }
         })
         .collect())

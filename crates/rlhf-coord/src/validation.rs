@@ -63,6 +63,7 @@ impl<R: RoleHandle> GoodnessScorer for RewardScorer<'_, R> {
                             .collect(),
                         response,
                         answer: String::new(),
+                        extra_json: String::new(),
                     }
                 })
                 .collect();

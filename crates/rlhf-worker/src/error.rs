@@ -33,6 +33,10 @@ pub enum RoleError {
     Wire(#[from] rlhf_proto::WireError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// The user's reward server or reward processes failed or answered wrongly (the message
+    /// names the rows and quotes the answer).
+    #[error("{0}")]
+    Reward(String),
     /// A collective with the role's peers failed (names the operation, rank and address).
     #[error("collective with peer workers failed: {0}")]
     Comm(#[from] rlhf_comm::CommError),
@@ -64,7 +68,7 @@ impl From<RoleError> for Status {
             RoleError::WrongRole { .. } => Code::FailedPrecondition,
             RoleError::NoRole(_) => Code::NotFound,
             RoleError::RoleExists(_) => Code::AlreadyExists,
-            RoleError::RoleStopped(_) => Code::Unavailable,
+            RoleError::RoleStopped(_) | RoleError::Reward(_) => Code::Unavailable,
             // Model and algorithm errors name the file, key or tensor at fault: the caller needs
             // them verbatim to fix the input.
             RoleError::Model(_) | RoleError::Algo(_) => Code::InvalidArgument,

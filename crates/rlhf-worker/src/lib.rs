@@ -16,6 +16,7 @@
 pub mod comm;
 pub mod daemon;
 pub mod error;
+pub mod external_rewards;
 pub mod host;
 pub mod malloc;
 pub mod memory;

@@ -23,6 +23,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::comm::{owned_ranges, Groups};
 use crate::error::{RoleError, RoleResult};
+use crate::external_rewards::{External, ExternalSpec};
 use crate::reward_rules::Rule;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +89,8 @@ pub enum RewardKindSpec {
     },
     /// A rule over the response text and the row's answer (`exact_match`, `math`).
     Rule(Rule),
+    /// The user's code: a reward server or a process pool (`http`, `command`).
+    External(ExternalSpec),
 }
 
 #[derive(Debug, Clone)]
@@ -235,8 +238,11 @@ pub struct ScoreItem {
     pub prompt: Vec<ChatMessage>,
     pub response: String,
     pub answer: String,
+    /// The prompt row's other columns (for `http` and `command` rewards).
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+#[derive(Debug)]
 pub struct Scores {
     /// (b,) f32.
     pub rewards: Tensor,
@@ -270,6 +276,7 @@ pub enum Role {
     Critic(Trainer),
     RewardModel(RewardModel),
     RewardRule(Rule),
+    RewardExternal(External),
     Reference(ModelDir),
     Generator(ModelDir),
 }
@@ -370,6 +377,11 @@ impl Role {
                 names.push(rule.name().to_string());
                 Role::RewardRule(rule.clone())
             }
+            RoleDetail::Reward(RewardKindSpec::External(ext)) => {
+                let ext = External::start(ext)?;
+                names.push(ext.name().to_string());
+                Role::RewardExternal(ext)
+            }
             RoleDetail::Reward(RewardKindSpec::Model {
                 attribute_weights,
                 mean,
@@ -414,7 +426,7 @@ impl Role {
             Role::Actor(t) | Role::Critic(t) => count_params(&t.dir),
             Role::RewardModel(r) => count_params(&r.dir),
             Role::Reference(d) | Role::Generator(d) => count_params(d),
-            Role::RewardRule(_) => 0,
+            Role::RewardRule(_) | Role::RewardExternal(_) => 0,
         };
         Ok((
             role,
@@ -429,7 +441,9 @@ impl Role {
         match self {
             Role::Actor(_) => RoleKind::Actor,
             Role::Critic(_) => RoleKind::Critic,
-            Role::RewardModel(_) | Role::RewardRule(_) => RoleKind::Reward,
+            Role::RewardModel(_) | Role::RewardRule(_) | Role::RewardExternal(_) => {
+                RoleKind::Reward
+            }
             Role::Reference(_) => RoleKind::Reference,
             Role::Generator(_) => RoleKind::Generator,
         }
@@ -578,6 +592,7 @@ impl Role {
                 })
             }
             Role::RewardModel(rm) => rm.score(&items),
+            Role::RewardExternal(ext) => ext.score(&items),
             _ => Err(self.wrong("Score")),
         }
     }
@@ -614,7 +629,7 @@ impl Role {
             Role::Actor(t) | Role::Critic(t) => Some(&t.dir),
             Role::RewardModel(r) => Some(&r.dir),
             Role::Reference(d) | Role::Generator(d) => Some(d),
-            Role::RewardRule(_) => None,
+            Role::RewardRule(_) | Role::RewardExternal(_) => None,
         }
     }
 

@@ -22,6 +22,9 @@ use tracing::{info, instrument};
 
 use crate::comm::{weights_digest, Group, Purpose};
 use crate::error::{RoleError, RoleResult};
+use crate::external_rewards::command::CommandSpec;
+use crate::external_rewards::http::HttpSpec;
+use crate::external_rewards::{parse_extra, ExternalSpec};
 use crate::host::{Hosted, RoleHandle};
 use crate::reward_rules::{ExactMatch, Extract, MathAnswer, Rule};
 use crate::roles::{
@@ -288,6 +291,45 @@ impl TryFrom<pb::CreateRoleRequest> for RoleSpec {
                             incorrect,
                         }))
                     }
+                    Some(pb::reward_role_spec::Kind::Http(h)) => {
+                        let pb::HttpReward {
+                            url,
+                            timeout_s,
+                            retries,
+                            concurrency,
+                            batch_size,
+                        } = h;
+                        RewardKindSpec::External(ExternalSpec::Http(HttpSpec {
+                            url,
+                            timeout: seconds("spec.reward.http.timeout_s", timeout_s)?,
+                            retries,
+                            concurrency: at_least_one("spec.reward.http.concurrency", concurrency)?,
+                            batch_size: at_least_one("spec.reward.http.batch_size", batch_size)?,
+                        }))
+                    }
+                    Some(pb::reward_role_spec::Kind::Command(c)) => {
+                        let pb::CommandReward {
+                            command,
+                            workdir,
+                            timeout_s,
+                            concurrency,
+                        } = c;
+                        if command.first().is_none_or(|p| p.is_empty()) {
+                            return Err(RoleError::bad(
+                                "spec.reward.command.command",
+                                "must name a program".into(),
+                            ));
+                        }
+                        RewardKindSpec::External(ExternalSpec::Command(CommandSpec {
+                            command,
+                            workdir: PathBuf::from(workdir),
+                            timeout: seconds("spec.reward.command.timeout_s", timeout_s)?,
+                            concurrency: at_least_one(
+                                "spec.reward.command.concurrency",
+                                concurrency,
+                            )?,
+                        }))
+                    }
                     None => return Err(RoleError::bad("spec.reward.kind", "missing".into())),
                 })
             }
@@ -298,7 +340,10 @@ impl TryFrom<pb::CreateRoleRequest> for RoleSpec {
                 ))
             }
         };
-        let needs_model = !matches!(detail, RoleDetail::Reward(RewardKindSpec::Rule(_)));
+        let needs_model = !matches!(
+            detail,
+            RoleDetail::Reward(RewardKindSpec::Rule(_) | RewardKindSpec::External(_))
+        );
         if needs_model && model_path.is_empty() {
             return Err(RoleError::bad(
                 "model_path",
@@ -314,6 +359,25 @@ impl TryFrom<pb::CreateRoleRequest> for RoleSpec {
             detail,
         })
     }
+}
+
+/// A positive, finite number of seconds.
+fn seconds(field: &str, s: f64) -> RoleResult<std::time::Duration> {
+    if s > 0.0 && s.is_finite() {
+        Ok(std::time::Duration::from_secs_f64(s))
+    } else {
+        Err(RoleError::bad(
+            field,
+            format!("must be > 0 seconds, got {s}"),
+        ))
+    }
+}
+
+fn at_least_one(field: &str, n: u32) -> RoleResult<usize> {
+    if n == 0 {
+        return Err(RoleError::bad(field, "must be at least 1".into()));
+    }
+    Ok(n as usize)
 }
 
 fn seqs(s: Option<pb::Sequences>) -> RoleResult<Seqs> {
@@ -470,13 +534,15 @@ impl Worker for WorkerService {
         let pb::ScoreRequest { role_id, items } = req.into_inner();
         let items: Vec<ScoreItem> = items
             .into_iter()
-            .map(|it| {
+            .enumerate()
+            .map(|(i, it)| {
                 let pb::ScoreItem {
                     prompt,
                     response,
                     answer,
+                    extra_json,
                 } = it;
-                ScoreItem {
+                Ok(ScoreItem {
                     prompt: prompt
                         .into_iter()
                         .map(|m| ChatMessage {
@@ -486,9 +552,10 @@ impl Worker for WorkerService {
                         .collect(),
                     response,
                     answer,
-                }
+                    extra: parse_extra(i, &extra_json)?,
+                })
             })
-            .collect();
+            .collect::<RoleResult<_>>()?;
         let role = self.role(&role_id).await?;
         let out = role
             .run(move |r| {
