@@ -16,6 +16,7 @@ pub mod plan;
 pub mod plot;
 pub mod prompts;
 pub mod replicas;
+pub mod rewards;
 pub mod rl;
 pub mod run_state;
 pub mod slurm;

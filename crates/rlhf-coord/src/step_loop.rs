@@ -34,6 +34,7 @@ use crate::metrics::{
 };
 use crate::prompts::{PromptCursor, PromptSet};
 use crate::replicas;
+use crate::rewards::{self, RewardRole};
 use crate::rl::{self, AlgoSettings, RolloutStats, Shaper};
 use crate::validation::Validator;
 use crate::workers::RoleHandle;
@@ -97,7 +98,8 @@ pub struct Roles<R> {
     pub critics: Vec<R>,
     /// Generation-only copies of the policy; empty = the actors generate.
     pub generators: Vec<R>,
-    pub reward: R,
+    /// One role per reward source (`models.reward`, or each of `models.rewards`).
+    pub rewards: Vec<RewardRole<R>>,
     pub reference: Reference<R>,
 }
 
@@ -215,9 +217,24 @@ impl Prefetch {
     }
 }
 
+/// A reward source failed (its error inside): the step loop checkpoints the finished steps
+/// before stopping ([`StepLoop::stop_after_reward_failure`]).
+#[derive(Debug)]
+pub struct RewardFailed(pub anyhow::Error);
+
+impl std::fmt::Display for RewardFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for RewardFailed {}
+
 /// What the rollout phase produced: the step's prompt rows and their samples.
 pub struct Generated {
     pub batch: Vec<usize>,
+    /// The prompt cursor before this batch: where a checkpoint of the previous step points.
+    pub cursor_before: PromptCursor,
     pub generation: pb::GenerateResponse,
     /// Sampled during the previous step, by the policy before that step's update.
     pub off_policy: bool,
@@ -489,7 +506,13 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         let step = self.state.step + 1;
         let t0 = Instant::now();
         let generated = self.rollout(step).await?;
-        let scored = self.score(&generated).await?;
+        let scored = match self.score(&generated).await {
+            Ok(s) => s,
+            Err(e) if e.is::<RewardFailed>() => {
+                return Err(self.stop_after_reward_failure(e, &generated).await)
+            }
+            Err(e) => return Err(e),
+        };
         let shaped = self.shape(&generated, &scored)?;
         let trained = self.train(step, &shaped.rollout).await?;
         let synced = self.sync(step).await?;
@@ -522,17 +545,18 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         let t0 = Instant::now();
         let cfg = self.ctx.config();
         let rows = self.ctx.prompts.rows.len();
-        let (batch, generation, off_policy) = match self.prefetch.take() {
+        let (batch, cursor_before, generation, off_policy) = match self.prefetch.take() {
             Some(pf) => {
                 debug_assert_eq!(pf.step, step);
-                let batch = pf.batch.clone();
-                (batch, pf.wait().await?, true)
+                let (batch, cursor_before) = (pf.batch.clone(), pf.cursor_before);
+                (batch, cursor_before, pf.wait().await?, true)
             }
             None => {
+                let cursor_before = self.state.cursor;
                 let batch = self.state.cursor.next_batch(rows, cfg.rollout.batch_size);
                 let req = generate_request(self.ctx, &batch, step);
                 let generation = replicas::generate(self.roles.generation(), req).await?;
-                (batch, generation, false)
+                (batch, cursor_before, generation, false)
             }
         };
         let secs = t0.elapsed().as_secs_f64();
@@ -553,6 +577,7 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         }
         Ok(Generated {
             batch,
+            cursor_before,
             generation,
             off_policy,
             secs,
@@ -573,7 +598,11 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         let group = cfg.rollout.samples_per_prompt;
         let roles = &self.roles;
         let (scores, ref_logprobs, values) = tokio::join!(
-            roles.reward.score(items),
+            async {
+                rewards::score(&roles.rewards, items)
+                    .await
+                    .map_err(|e| anyhow::Error::new(RewardFailed(e)))
+            },
             async {
                 match &roles.reference {
                     Reference::Role(r) => r
@@ -724,7 +753,11 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         let outcome = v
             .run(
                 self.roles.actor(),
-                &self.roles.reward,
+                self.roles
+                    .rewards
+                    .iter()
+                    .find(|r| r.is_model)
+                    .map(|r| &r.role),
                 &self.ctx.tokenizer,
                 &self.ctx.run_dir,
                 step,
@@ -824,6 +857,51 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         self.last_save = Instant::now();
         self.last_saved_step = Some(self.state.step);
         Ok(dir)
+    }
+
+    /// The reward sources failed on step `generated`'s batch (the user's server or script, most
+    /// likely): nothing of that step has changed a role, so the state after the previous step is
+    /// checkpointed (unless it already is) before the run stops, and a relaunch resumes there.
+    async fn stop_after_reward_failure(
+        &mut self,
+        e: anyhow::Error,
+        generated: &Generated,
+    ) -> anyhow::Error {
+        if let Some(pf) = self.prefetch.take() {
+            if let Some(task) = pf.task {
+                task.abort();
+            }
+        }
+        self.state.cursor = generated.cursor_before;
+        let done = self.state.step;
+        let failed = done + 1;
+        if done == 0 {
+            return e.context(format!(
+                "step {failed}: scoring failed before any step finished; nothing to checkpoint, a relaunch starts over"
+            ));
+        }
+        if self.last_saved_step == Some(done) {
+            return e.context(format!(
+                "step {failed}: scoring failed; the checkpoint of step {done} is the latest, a relaunch resumes from it"
+            ));
+        }
+        warn!(
+            step = done,
+            "the reward failed; checkpointing the last finished step before stopping"
+        );
+        match save_checkpoint(self.ctx, &self.roles, &self.state, None).await {
+            Ok(dir) => {
+                self.last_saved_step = Some(done);
+                self.last_save = Instant::now();
+                e.context(format!(
+                "step {failed}: scoring failed; step {done} is checkpointed in {}, fix the reward and relaunch to resume from it",
+                dir.display()
+            ))
+            }
+            Err(save) => e.context(format!(
+                "step {failed}: scoring failed, and checkpointing step {done} failed too ({save:#})"
+            )),
+        }
     }
 
     /// Stops at a step boundary: drops a prefetched batch (the checkpoint's cursor points

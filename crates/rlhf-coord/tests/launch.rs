@@ -1,6 +1,6 @@
 //! `rlhf-coord launch` end to end with real `rlhf-worker` processes on loopback: PPO with every
-//! role in its own process, RLOO with colocated roles, GRPO with the `math` reward (on JSONL and
-//! on a Parquet dataset directory), a worker killed with SIGKILL mid-run (the
+//! role in its own process, RLOO with colocated roles, GRPO with the `math` reward (on JSONL, and
+//! on a Parquet dataset directory together with a second, weighted reward source), a worker killed with SIGKILL mid-run (the
 //! run stops non-zero naming the worker and role, without hanging), a frozen worker caught by
 //! missed heartbeats, and bad inputs stopped before any training.
 
@@ -193,13 +193,22 @@ fn grpo_with_the_math_reward() {
             {"path": hf.join("data/test-00000-of-00001.parquet"), "rows": [row(9, 9)]},
         ]),
     );
+    // Scored by two sources at once (models.rewards): the math verifier and, at half weight,
+    // exact match on the last number; each is logged on its own.
+    let several = tmp.path().join("several.yaml");
+    std::fs::write(
+        &several,
+        std::fs::read_to_string(&f).unwrap().replace(
+            "  reward: {kind: exact_match}\n",
+            "  rewards:\n    - {kind: math, incorrect: 0.25}\n    - {name: exact, kind: exact_match, weight: 0.5}\n",
+        ),
+    )
+    .unwrap();
     let out = launch(
-        &f,
+        &several,
         &[
             "run.name=hf",
             "train.steps=1",
-            "models.reward.kind=math",
-            "models.reward.incorrect=0.25",
             &format!("rollout.prompts={}", hf.display()),
             "rollout.split=train",
             "rollout.messages_key=conversation",
@@ -207,10 +216,24 @@ fn grpo_with_the_math_reward() {
         ],
     );
     assert_ok(&out);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("reward_outputs=[\"math: math\", \"exact: exact_match\"]"),
+        "{log}"
+    );
     let m = jsonl(&tmp.path().join("runs/hf/metrics.jsonl"));
     assert_eq!(m.len(), 1);
-    let r = m[0]["reward_mean"].as_f64().unwrap();
-    assert!((0.25..=1.0).contains(&r), "{}", m[0]);
+    let (math, exact) = (
+        m[0]["attribute/math"].as_f64().unwrap(),
+        m[0]["attribute/exact"].as_f64().unwrap(),
+    );
+    assert!(
+        (0.25..=1.0).contains(&math) && (0.0..=1.0).contains(&exact),
+        "{}",
+        m[0]
+    );
+    let score = m[0]["score_mean"].as_f64().unwrap();
+    assert!((score - (math + 0.5 * exact)).abs() < 1e-5, "{}", m[0]);
     // The test split alone is one prompt, fewer than a batch: the run refuses it, counting it.
     let out = launch(
         &f,
