@@ -547,6 +547,21 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_write_is_an_error_naming_the_file() {
+        // /dev/full refuses every write with ENOSPC, as a full disk does.
+        let path = PathBuf::from("/dev/full");
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let mut w = EventWriter {
+            path,
+            file: BufWriter::new(file),
+        };
+        let err = w.scalars(1, &StepMetrics::default()).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("/dev/full"), "{msg}");
+        assert!(msg.contains("logging.tensorboard: false"), "{msg}");
+    }
+
+    #[test]
     fn samples_render_as_markdown_with_model_text_fenced() {
         let lines = vec![SampleLine {
             step: 4,
