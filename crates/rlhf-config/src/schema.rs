@@ -942,6 +942,10 @@ pub struct LoggingConfig {
     /// How many prompts (each with all its `rollout.samples_per_prompt` completions) a sampled
     /// step writes; at most `rollout.batch_size` are. Default: 2.
     pub samples_prompts: usize,
+    /// Write TensorBoard event files to `RUN_DIR/tensorboard/` (`tensorboard --logdir
+    /// RUN_DIR/tensorboard`): every scalar of `metrics.jsonl` per step, and the sampled
+    /// completions of `samples_every` as text. Default: true.
+    pub tensorboard: bool,
 }
 
 impl Default for LoggingConfig {
@@ -953,6 +957,7 @@ impl Default for LoggingConfig {
             plot: true,
             samples_every: 10,
             samples_prompts: 2,
+            tensorboard: true,
         }
     }
 }

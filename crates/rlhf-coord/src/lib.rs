@@ -22,6 +22,7 @@ pub mod run_state;
 pub mod slurm;
 pub mod status;
 pub mod step_loop;
+pub mod tensorboard;
 pub mod tls;
 pub mod train_cmds;
 pub mod validation;

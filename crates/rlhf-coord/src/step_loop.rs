@@ -36,6 +36,7 @@ use crate::prompts::{PromptCursor, PromptSet};
 use crate::replicas;
 use crate::rewards::{self, RewardRole};
 use crate::rl::{self, AlgoSettings, RolloutStats, Shaper};
+use crate::tensorboard::{samples_markdown, EventWriter, SAMPLES_TAG, TENSORBOARD_DIR};
 use crate::validation::Validator;
 use crate::workers::RoleHandle;
 
@@ -381,6 +382,8 @@ pub struct StepLoop<'a, R: RoleHandle> {
     metrics: JsonlWriter,
     /// `samples.jsonl` (`logging.samples_every`).
     samples: JsonlWriter,
+    /// This launch's TensorBoard event file (`logging.tensorboard`).
+    tensorboard: Option<EventWriter>,
     progress: Progress,
     /// The first step this launch runs (replicas are checked after it whatever the interval).
     first_step: u64,
@@ -392,7 +395,7 @@ pub struct StepLoop<'a, R: RoleHandle> {
 impl<'a, R: RoleHandle> StepLoop<'a, R> {
     /// Restores the checkpoint to resume from (the workers' state and the controller's), gives
     /// the generators the actor's weights, checks the replicas agree, and opens the metrics
-    /// file (cut back to the restored step).
+    /// file (cut back to the restored step) and a new TensorBoard event file.
     pub async fn start(ctx: &'a RunContext, roles: Roles<R>) -> Result<StepLoop<'a, R>> {
         let cfg = ctx.config();
         let group = cfg.rollout.samples_per_prompt as i64;
@@ -435,6 +438,11 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         let samples_path = ctx.run_dir.join("samples.jsonl");
         checkpoint::truncate_metrics(&samples_path, state.step)?;
         let samples = JsonlWriter::create(&samples_path)?;
+        let tensorboard = cfg
+            .logging
+            .tensorboard
+            .then(|| EventWriter::create(&ctx.run_dir.join(TENSORBOARD_DIR)))
+            .transpose()?;
         let progress = Progress::new(cfg.train.steps, cfg.logging.progress);
         progress.resume_at(state.step);
         Ok(StepLoop {
@@ -446,6 +454,7 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
             prefetch: None,
             metrics,
             samples,
+            tensorboard,
             progress,
             last_save: Instant::now(),
             last_step_time: Duration::ZERO,
@@ -479,10 +488,14 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
             score = %v.score.map_or("none".to_string(), |s| format!("{s:.3}")),
             "MT-Bench of the initial policy (validation.at_start): the baseline for the checkpoints' scores"
         );
-        self.metrics.write(&InitialValidation {
+        let line = InitialValidation {
             step: 0,
             validation: v.metrics(),
-        })
+        };
+        if let Some(tb) = &mut self.tensorboard {
+            tb.scalars(0, &line)?;
+        }
+        self.metrics.write(&line)
     }
 
     fn stop_reason(&self, stop: &watch::Receiver<Option<String>>) -> Option<String> {
@@ -787,10 +800,13 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         })
     }
 
-    /// Writes the metrics line, moves the progress bar and advances the loop state to the
+    /// Writes the metrics line (and its scalars to the TensorBoard file), moves the progress bar and advances the loop state to the
     /// metrics' step (`rows` sequences more trained on).
     pub fn record(&mut self, metrics: &StepMetrics, rows: u64) -> Result<()> {
         self.metrics.write(metrics)?;
+        if let Some(tb) = &mut self.tensorboard {
+            tb.scalars(metrics.step, metrics)?;
+        }
         self.progress.step(metrics);
         self.state.step = metrics.step;
         self.state.samples += rows;
@@ -800,7 +816,8 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
     }
 
     /// Every `logging.samples_every` steps: the first `logging.samples_prompts` prompts of the
-    /// batch with their completions and scores, one line per prompt, in `samples.jsonl`.
+    /// batch with their completions and scores, one line per prompt, in `samples.jsonl`, and
+    /// all of them as one Markdown text (tag `samples`) in the TensorBoard file.
     pub fn write_samples(
         &mut self,
         step: u64,
@@ -812,15 +829,19 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
             return Ok(());
         }
         let group = self.ctx.config().rollout.samples_per_prompt;
-        for line in samples(
+        let lines = samples(
             self.ctx,
             step,
             generated,
             scored,
             logging.samples_prompts,
             group,
-        )? {
-            self.samples.write(&line)?;
+        )?;
+        for line in &lines {
+            self.samples.write(line)?;
+        }
+        if let Some(tb) = self.tensorboard.as_mut().filter(|_| !lines.is_empty()) {
+            tb.text(SAMPLES_TAG, step, &samples_markdown(&lines))?;
         }
         Ok(())
     }
