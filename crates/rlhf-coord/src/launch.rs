@@ -279,8 +279,17 @@ fn set_aside(run_dir: &Path) -> Result<Option<PathBuf>> {
 /// earlier run left: refuse, saying what would be lost and how to go on.
 fn refuse_to_overwrite(run_dir: &Path) -> Result<()> {
     let metrics = run_dir.join("metrics.jsonl");
+    // Trained steps: a step-0 validation baseline alone (`validation.at_start`, stopped before
+    // step 1) is redone or kept by the next launch, never lost.
     let steps = std::fs::read_to_string(&metrics)
-        .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
+        .map(|t| {
+            t.lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .map_or(!l.trim().is_empty(), |v| v["step"].as_u64() != Some(0))
+                })
+                .count()
+        })
         .unwrap_or(0);
     let checkpoints = std::fs::read_dir(rlhf_ckpt::checkpoints_dir(run_dir))
         .map(|d| d.count())
@@ -993,6 +1002,21 @@ mod tests {
             call: None,
         }
         .into())
+    }
+
+    #[test]
+    fn a_step_0_baseline_alone_is_no_earlier_run_to_protect() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = tmp.path().join("metrics.jsonl");
+        refuse_to_overwrite(tmp.path()).unwrap();
+        std::fs::write(&m, "{\"step\": 0, \"validation/mt_bench\": 3.0}\n").unwrap();
+        refuse_to_overwrite(tmp.path()).unwrap();
+        std::fs::write(&m, "{\"step\": 0}\n{\"step\": 1}\n{\"step\": 2}\n").unwrap();
+        let e = refuse_to_overwrite(tmp.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("2 steps of metrics") && e.contains("--fresh"),
+            "{e}"
+        );
     }
 
     #[test]

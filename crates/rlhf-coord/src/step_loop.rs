@@ -389,6 +389,8 @@ pub struct StepLoop<'a, R: RoleHandle> {
     first_step: u64,
     last_save: Instant,
     last_saved_step: Option<u64>,
+    /// metrics.jsonl already holds a step-0 baseline (a launch stopped before step 1).
+    baseline_kept: bool,
     last_step_time: Duration,
 }
 
@@ -433,7 +435,9 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
             roles.check_replicas(state.step).await?;
         }
         let metrics_path = ctx.run_dir.join("metrics.jsonl");
-        checkpoint::truncate_metrics(&metrics_path, state.step)?;
+        let kept = checkpoint::truncate_metrics(&metrics_path, state.step)?;
+        // Before step 1 only a `validation.at_start` baseline survives: an earlier launch's.
+        let baseline_kept = state.step == 0 && kept > 0;
         let metrics = JsonlWriter::create(&metrics_path)?;
         let samples_path = ctx.run_dir.join("samples.jsonl");
         checkpoint::truncate_metrics(&samples_path, state.step)?;
@@ -449,6 +453,7 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
             ctx,
             first_step: state.step + 1,
             last_saved_step: ctx.resume.as_ref().map(|r| r.state.step),
+            baseline_kept,
             state,
             roles,
             prefetch: None,
@@ -467,7 +472,11 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
     pub async fn run(mut self, stop: watch::Receiver<Option<String>>) -> Result<()> {
         let cfg = self.ctx.config();
         if self.state.step == 0 && cfg.validation.at_start {
-            self.validate_initial_policy().await?;
+            if self.baseline_kept {
+                info!("the step-0 MT-Bench baseline of an earlier launch is kept (validation.at_start)");
+            } else {
+                self.validate_initial_policy().await?;
+            }
         }
         while self.state.step < cfg.train.steps {
             if let Some(reason) = self.stop_reason(&stop) {

@@ -268,7 +268,7 @@ fn context(dir: &Path, sets: &[&str]) -> RunContext {
         tokenizer,
         resume: None,
         started: Instant::now(),
-        validator: None,
+        validator: crate::validation::Validator::new(cfg).unwrap(),
         loaded,
     }
 }
@@ -539,6 +539,48 @@ async fn a_failing_reward_checkpoints_the_finished_steps_before_stopping() {
     // Failing again right after resuming from that checkpoint writes nothing new.
     let e = format!("{:#}", l.step().await.unwrap_err());
     assert!(e.contains("the checkpoint of step 2 is the latest"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_0_baseline_of_a_launch_stopped_before_step_1_is_kept_not_redone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mt = tmp.path().join("mt_bench");
+    std::fs::create_dir_all(&mt).unwrap();
+    rlhf_eval::fixture::write_mt_bench_fixture(&mt).unwrap();
+    let bench = format!("validation.mt_bench={}", mt.display());
+    let sets = [
+        "validation.every=100",
+        "validation.at_start=true",
+        bench.as_str(),
+        "validation.max_questions=1",
+        "validation.max_new_tokens=2",
+        // Nothing listens there: the judge fails, which validation logs and scores as missing.
+        "validation.judge=http",
+        "validation.http.url=http://127.0.0.1:9/v1",
+        "validation.http.api_key_env=\"\"",
+    ];
+    let stopped = || {
+        let (tx, rx) = watch::channel(Some("SIGTERM".to_string()));
+        std::mem::forget(tx);
+        rx
+    };
+    let ctx = context(tmp.path(), &sets);
+    let world = Arc::new(World::default());
+    let l = StepLoop::start(&ctx, roles(&world, 1, 0)).await.unwrap();
+    let e = l.run(stopped()).await.unwrap_err();
+    assert_eq!(e.downcast_ref::<Preempted>().expect("preempted").step, 0);
+    let lines = metrics_lines(&ctx);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["step"], 0);
+    let answered = count(&world, "actor0:Generate");
+    assert!(answered > 0, "the baseline answers the questions");
+    assert!(latest_state(&ctx).is_none());
+
+    // The next launch keeps that baseline: no second step-0 line, no questions answered again.
+    let l = StepLoop::start(&ctx, roles(&world, 1, 0)).await.unwrap();
+    l.run(stopped()).await.unwrap_err();
+    assert_eq!(metrics_lines(&ctx).len(), 1);
+    assert_eq!(count(&world, "actor0:Generate"), answered);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
