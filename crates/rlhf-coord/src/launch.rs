@@ -136,6 +136,7 @@ fn prepare(loaded: LoadedConfig, started: Instant) -> Result<Prepared> {
     }
     check_models(&loaded)?;
     check_context(&loaded, &prompts)?;
+    crate::limits::check_score_request(&loaded, &prompts)?;
     let worker_bin = launcher::worker_binary(cfg)?;
     let validator = Validator::new(cfg)?;
     let run_dir = cfg.run_dir();

@@ -124,3 +124,55 @@ pub fn check_message_sizes(loaded: &LoadedConfig) -> Result<(), rlhf_config::Con
     }
     Ok(())
 }
+
+/// The largest Score request the prompt set can make: every row of a step is its prompt's text,
+/// answer and other columns plus a response (at most 64 bytes of text per new token, far more
+/// than a token decodes to), repeated per sample. A prompt row too large for that (huge extra
+/// columns) is an error naming it and `rollout.batch_size`, not a transport error at step 1.
+pub fn check_score_request(
+    loaded: &LoadedConfig,
+    prompts: &crate::prompts::PromptSet,
+) -> anyhow::Result<()> {
+    let limit = MAX_MESSAGE_BYTES as u64 - FRAMING_BYTES;
+    let r = &loaded.config.rollout;
+    let row_bytes = |p: &crate::prompts::PromptRow| -> u64 {
+        let text: usize = p
+            .messages
+            .iter()
+            .map(|m| m.role.len() + m.content.len())
+            .sum();
+        let extra = if p.extra.is_empty() {
+            0
+        } else {
+            serde_json::Value::Object(p.extra.clone()).to_string().len()
+        };
+        (text + extra + p.answer.as_ref().map_or(0, String::len)) as u64
+            + 64 * r.max_new_tokens as u64
+    };
+    let Some((i, largest)) = prompts
+        .rows
+        .iter()
+        .map(row_bytes)
+        .enumerate()
+        .max_by_key(|(_, b)| *b)
+    else {
+        return Ok(());
+    };
+    let rows = (r.batch_size * r.samples_per_prompt) as u64;
+    // A step's batch could be the largest rows: bound it by the largest row times the rows.
+    if largest.saturating_mul(rows) > limit {
+        return Err(loaded.error_at(
+            "rollout.batch_size",
+            format!(
+                "a Score request of this prompt set could reach {:.0} MiB ({rows} rows; the                  largest prompt row, number {} counting from 0 in {}, takes {} KiB with its                  answer, other columns and a response), over the {:.0} MiB gRPC message limit;                  lower rollout.batch_size or rollout.samples_per_prompt, or drop large columns                  the reward does not need",
+                (largest * rows) as f64 / (1u64 << 20) as f64,
+                i,
+                prompts.file.display(),
+                largest / 1024,
+                limit as f64 / (1u64 << 20) as f64,
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}

@@ -1,11 +1,12 @@
 //! `rlhf-coord launch` refuses sizes past its limits before any worker starts: a batch whose
 //! LogProbs request or TrainStep request would exceed the gRPC message limit names the key to
-//! lower, and a prompts line longer than the line cap names the file and line.
+//! lower, a prompt row whose columns would make a Score request too large names the row, and a
+//! prompts line longer than the line cap names the file and line.
 
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{arithmetic_prompts, launch, tiny_model, worker_bin};
+use common::{arithmetic_prompts, coord, launch, tiny_model, worker_bin};
 
 /// A tiny policy, an arithmetic prompt file, and a run file (as tests/launch.rs's).
 fn setup(dir: &Path) -> PathBuf {
@@ -78,4 +79,51 @@ fn oversized_batches_and_prompt_lines_stop_before_any_worker_starts() {
         "{err}"
     );
     assert!(!run_dir.exists(), "the run started: {err}");
+
+    // A row whose other columns (sent to the reward with every sample) are large: 600 KB x 4
+    // prompts x 128 samples could make a 300 MiB Score request. Named with its row.
+    let wide = tmp.path().join("wide.jsonl");
+    let mut text = String::new();
+    for i in 0..4 {
+        text.push_str(&format!(
+            "{{\"prompt\": \"{i}+1=\", \"answer\": \"{}\"",
+            i + 1
+        ));
+        if i == 2 {
+            text.push_str(&format!(", \"tests\": \"{}\"", "y".repeat(600_000)));
+        }
+        text.push_str("}\n");
+    }
+    std::fs::write(&wide, text).unwrap();
+    let out = launch(
+        &f,
+        &[
+            &format!("rollout.prompts={}", wide.display()),
+            "rollout.samples_per_prompt=128",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("rollout.batch_size")
+            && err.contains("Score request")
+            && err.contains("number 2 counting from 0")
+            && err.contains("wide.jsonl"),
+        "{err}"
+    );
+    assert!(!run_dir.exists(), "the run started: {err}");
+    // With fewer samples it fits.
+    let out = coord()
+        .arg("launch")
+        .arg(&f)
+        .arg("--dry-run")
+        .args(["--set", &format!("rollout.prompts={}", wide.display())])
+        .args(["--set", "rollout.samples_per_prompt=2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
