@@ -277,8 +277,9 @@ fn parse_scores(text: &str, n: usize) -> Result<Vec<Value>, String> {
     };
     if scores.len() != n {
         return Err(format!(
-            "the answer has {} scores for {n} rows; {SHAPE}; it was {}",
+            "the answer has {} scores for {n} row{}; {SHAPE}; it was {}",
             scores.len(),
+            if n == 1 { "" } else { "s" },
             quote(text)
         ));
     }
@@ -305,13 +306,17 @@ fn backoff(attempt: u32) -> Duration {
     base + base.mul_f64(0.1 * fraction)
 }
 
-/// At most [`QUOTE_CHARS`] characters of `text`, quoted, with `…` when cut.
+/// At most [`QUOTE_CHARS`] characters of `text` on one line, with `…` when cut.
 fn quote(text: &str) -> String {
-    let mut s: String = text.chars().take(QUOTE_CHARS).collect();
+    let mut s: String = text
+        .chars()
+        .take(QUOTE_CHARS)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     if s.len() < text.len() {
         s.push('…');
     }
-    format!("{s:?}")
+    s
 }
 
 #[cfg(test)]
