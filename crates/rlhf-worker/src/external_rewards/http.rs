@@ -61,6 +61,9 @@ struct Request<'a> {
     rows: &'a [Value],
 }
 
+/// One request's answers, or the error that names it.
+type Outcome = Result<Vec<Value>, String>;
+
 /// How one attempt went wrong, and whether another may help.
 enum Failure {
     /// Timeout, connection refused or dropped, 429, 5xx.
@@ -117,7 +120,7 @@ impl HttpReward {
             .step_by(size)
             .map(|start| (start, (start + size).min(rows.len())))
             .collect();
-        let results: Vec<Mutex<Option<Result<Vec<Value>, String>>>> =
+        let results: Vec<Mutex<Option<Outcome>>> =
             requests.iter().map(|_| Mutex::new(None)).collect();
         let next = AtomicUsize::new(0);
         // Set by the first request that fails for good: the others take no new rows and make no
