@@ -191,12 +191,17 @@ impl HttpReward {
                 {
                     why
                 }
-                Err(Failure::Transient(why) | Failure::Permanent(why)) => {
-                    let of = if attempt == 1 {
+                Err(failure) => {
+                    let cut_short = matches!(failure, Failure::Transient(_)) && attempt < attempts;
+                    let (Failure::Transient(why) | Failure::Permanent(why)) = failure;
+                    let mut of = if attempt == 1 {
                         "on the first attempt".to_string()
                     } else {
                         format!("after {attempt} attempts")
                     };
+                    if cut_short {
+                        of.push_str(" (no more: another request of this call had failed)");
+                    }
                     return Err(format!(
                         "models.reward.kind http: POST {} ({label}) failed {of}: {why}",
                         self.spec.url
