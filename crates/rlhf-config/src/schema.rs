@@ -453,8 +453,12 @@ pub struct ModelsConfig {
     pub critic: Option<PathBuf>,
     /// `f32`, `bf16` or `f16`. Default: `f32`.
     pub dtype: Dtype,
-    /// Where rewards come from.
+    /// Where rewards come from (one source). Use `rewards` instead for several.
     pub reward: RewardConfig,
+    /// Several reward sources, each with the keys of `reward` plus `name` and `weight`; the
+    /// step's reward is the weighted sum, and each source is logged on its own
+    /// (`attribute/<name>`). Default: empty, meaning `reward` alone.
+    pub rewards: Vec<RewardConfig>,
     /// Train the actor as LoRA adapters on a frozen policy (docs/lora.md). Default: null, meaning
     /// full fine-tuning.
     pub lora: Option<LoraConfig>,
@@ -497,7 +501,50 @@ impl Default for LoraConfig {
     }
 }
 
+fn source(key: String, r: &RewardConfig) -> RewardSource<'_> {
+    RewardSource {
+        key,
+        name: r.name.as_deref().unwrap_or_else(|| r.kind.name()),
+        config: r,
+    }
+}
+
+/// One reward source of a run: where its keys are, its name and its settings.
+#[derive(Clone, Debug)]
+pub struct RewardSource<'a> {
+    /// `models.reward` or `models.rewards[i]`, for error messages.
+    pub key: String,
+    pub name: &'a str,
+    pub config: &'a RewardConfig,
+}
+
 impl ModelsConfig {
+    /// The run's reward sources: `models.rewards`, or `models.reward` alone.
+    pub fn reward_sources(&self) -> Vec<RewardSource<'_>> {
+        if self.rewards.is_empty() {
+            return vec![source("models.reward".into(), &self.reward)];
+        }
+        self.rewards
+            .iter()
+            .enumerate()
+            .map(|(i, r)| source(format!("models.rewards[{i}]"), r))
+            .collect()
+    }
+
+    /// Whether any reward source is a rule that scores against the prompt row's `answer`.
+    pub fn rewards_need_answer(&self) -> bool {
+        self.reward_sources()
+            .iter()
+            .any(|s| s.config.kind.needs_answer())
+    }
+
+    /// The first reward source that is a reward model (`kind: model`): the `reward_model`
+    /// judge of validation.
+    pub fn reward_model_source(&self) -> Option<RewardSource<'_>> {
+        self.reward_sources()
+            .into_iter()
+            .find(|s| s.config.kind == RewardKind::Model)
+    }
     /// The reference model directory: `models.reference`, or the policy's.
     pub fn reference_dir(&self) -> &Path {
         self.reference.as_deref().unwrap_or(&self.policy)
@@ -578,10 +625,15 @@ pub enum AnswerExtract {
     Full,
 }
 
-/// `models.reward:` — the reward model or rule.
+/// `models.reward:` (or one entry of `models.rewards:`) — a reward model, rule or user code.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RewardConfig {
+    /// The source's name in metrics (`attribute/<name>`) and logs: letters, digits, `_`, `-`;
+    /// unique among `models.rewards`. Default: null, meaning the kind's name (`math`, `model`).
+    pub name: Option<String>,
+    /// Its factor in the step's reward: `sum(weight * reward)` over the sources. Default: 1.0.
+    pub weight: f64,
     /// `model`, `exact_match`, `math`, `http` or `command`. Default: `model`.
     pub kind: RewardKind,
     /// Reward model directory; required (with `config.json`) when `kind: model`. Default: null.
@@ -617,6 +669,8 @@ pub struct RewardConfig {
 impl Default for RewardConfig {
     fn default() -> Self {
         RewardConfig {
+            name: None,
+            weight: 1.0,
             kind: RewardKind::Model,
             path: None,
             extract: AnswerExtract::LastNumber,
@@ -888,6 +942,10 @@ pub struct LoggingConfig {
     /// How many prompts (each with all its `rollout.samples_per_prompt` completions) a sampled
     /// step writes; at most `rollout.batch_size` are. Default: 2.
     pub samples_prompts: usize,
+    /// Write TensorBoard event files to `RUN_DIR/tensorboard/` (`tensorboard --logdir
+    /// RUN_DIR/tensorboard`): every scalar of `metrics.jsonl` per step, and the sampled
+    /// completions of `samples_every` as text. Default: true.
+    pub tensorboard: bool,
 }
 
 impl Default for LoggingConfig {
@@ -899,6 +957,7 @@ impl Default for LoggingConfig {
             plot: true,
             samples_every: 10,
             samples_prompts: 2,
+            tensorboard: true,
         }
     }
 }

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use crate::error::ConfigError;
 use crate::load::{ConfigSchema, Provenance};
 use crate::schema::{
-    AnswerExtract, JudgeKind, OptimizerConfig, RewardKind, Role, RunConfig, LORA_TARGETS,
+    AnswerExtract, JudgeKind, OptimizerConfig, RewardConfig, RewardKind, RewardSource, Role,
+    RunConfig, LORA_TARGETS,
 };
 
 impl ConfigSchema for RunConfig {
@@ -25,11 +26,18 @@ impl ConfigSchema for RunConfig {
         if let Some(p) = &mut self.models.critic {
             visit("models.critic", p);
         }
-        if let Some(p) = &mut self.models.reward.path {
-            visit("models.reward.path", p);
+        let mut sources: Vec<(String, &mut RewardConfig)> =
+            vec![("models.reward".into(), &mut self.models.reward)];
+        for (i, r) in self.models.rewards.iter_mut().enumerate() {
+            sources.push((format!("models.rewards[{i}]"), r));
         }
-        if let Some(p) = &mut self.models.reward.workdir {
-            visit("models.reward.workdir", p);
+        for (key, r) in sources {
+            if let Some(p) = &mut r.path {
+                visit(&format!("{key}.path"), p);
+            }
+            if let Some(p) = &mut r.workdir {
+                visit(&format!("{key}.workdir"), p);
+            }
         }
         visit("rollout.prompts", &mut self.rollout.prompts);
         if !self.validation.mt_bench.as_os_str().is_empty() {
@@ -499,90 +507,30 @@ impl RunConfig {
                 );
             }
         }
-        let m = &self.models.reward;
-        c.finite("models.reward.correct", m.correct)?;
-        c.finite("models.reward.incorrect", m.incorrect)?;
-        if m.kind == RewardKind::ExactMatch
-            && m.extract == AnswerExtract::AfterMarker
-            && m.marker.is_empty()
-        {
-            return c.fail(
-                "models.reward.marker",
-                "must not be empty with extract: after_marker",
-            );
-        }
-        self.check_external_reward(c)?;
-        if m.kind == RewardKind::Math {
-            if m.extract != AnswerExtract::default() {
-                return c.fail(
-                    "models.reward.extract",
-                    "is for kind: exact_match; kind: math finds the answer itself (the last \\boxed{}, else the text after `marker`, else the last number): remove the key",
-                );
-            }
-            if m.marker.is_empty() {
-                return c.fail(
-                    "models.reward.marker",
-                    "must not be empty with kind: math (the default is \"####\", GSM8K's)",
-                );
-            }
-        }
-        Ok(())
+        self.check_reward_sources(c)
     }
 
-    /// `models.reward`'s keys of the `http` and `command` kinds: required where they apply,
-    /// refused where they do not, in range.
-    fn check_external_reward(&self, c: &Check) -> Result<(), ConfigError> {
-        let m = &self.models.reward;
-        let kind = m.kind.name();
-        match (m.kind, &m.url) {
-            (RewardKind::Http, None) => {
-                return c.fail(
-                    "models.reward.url",
-                    "required with kind: http; set it to your reward server's URL (http://host:port/path)",
-                )
-            }
-            (RewardKind::Http, Some(url)) => {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return c.fail(
-                        "models.reward.url",
-                        format!("`{url}` is not an http:// or https:// URL"),
-                    );
-                }
-            }
-            (_, Some(_)) => {
-                return c.fail(
-                    "models.reward.url",
-                    format!("is for kind: http, not kind: {kind}; remove the key"),
-                )
-            }
-            (_, None) => {}
+    /// `models.reward`, or `models.rewards` (which then replaces it): each source's keys, and
+    /// the sources' names.
+    fn check_reward_sources(&self, c: &Check) -> Result<(), ConfigError> {
+        if !self.models.rewards.is_empty() && self.models.reward != RewardConfig::default() {
+            return c.fail(
+                "models.reward",
+                "is set together with models.rewards; list every source under models.rewards and remove models.reward",
+            );
         }
-        match m.kind {
-            RewardKind::Command if m.command.is_empty() || m.command[0].is_empty() => {
+        let sources = self.models.reward_sources();
+        for (i, s) in sources.iter().enumerate() {
+            check_reward(c, s)?;
+            if let Some(earlier) = sources[..i].iter().find(|e| e.name == s.name) {
                 return c.fail(
-                    "models.reward.command",
-                    "required with kind: command; give the program and its arguments, e.g. [python3, my_reward.py]",
-                )
+                    &format!("{}.name", s.key),
+                    format!(
+                        "`{}` is also the name of {}; give each source its own `name`",
+                        s.name, earlier.key
+                    ),
+                );
             }
-            RewardKind::Command => {}
-            _ if !m.command.is_empty() => {
-                return c.fail(
-                    "models.reward.command",
-                    format!("is for kind: command, not kind: {kind}; remove the key"),
-                )
-            }
-            _ if m.workdir.is_some() => {
-                return c.fail(
-                    "models.reward.workdir",
-                    format!("is for kind: command, not kind: {kind}; remove the key"),
-                )
-            }
-            _ => {}
-        }
-        if matches!(m.kind, RewardKind::Http | RewardKind::Command) {
-            c.positive("models.reward.timeout_s", m.timeout_s)?;
-            c.at_least("models.reward.concurrency", m.concurrency as u64, 1)?;
-            c.at_least("models.reward.batch_size", m.batch_size as u64, 1)?;
         }
         Ok(())
     }
@@ -700,10 +648,10 @@ impl RunConfig {
         }
         match v.judge {
             JudgeKind::RewardModel => {
-                if self.models.reward.kind != RewardKind::Model {
+                if self.models.reward_model_source().is_none() {
                     return c.fail(
                         "validation.judge",
-                        "reward_model judges with the run's reward model, but models.reward.kind is not `model`; use judge: http (an OpenAI-compatible endpoint) or a model reward",
+                        "reward_model judges with the run's reward model, but no reward source has kind: model; use judge: http (an OpenAI-compatible endpoint) or a model reward",
                     );
                 }
             }
@@ -731,14 +679,17 @@ impl RunConfig {
         if let Some(dir) = &m.critic {
             c.model_dir("models.critic", dir)?;
         }
-        if m.reward.kind == RewardKind::Model {
-            match &m.reward.path {
-                Some(dir) => c.model_dir("models.reward.path", dir)?,
-                None => {
-                    return c.fail(
-                        "models.reward.path",
-                        "required with models.reward.kind: model; set it to the reward model directory, or use kind: exact_match or kind: math",
-                    )
+        for s in m.reward_sources() {
+            if s.config.kind == RewardKind::Model {
+                let key = format!("{}.path", s.key);
+                match &s.config.path {
+                    Some(dir) => c.model_dir(&key, dir)?,
+                    None => {
+                        return c.fail(
+                            &key,
+                            format!("required with {}.kind: model; set it to the reward model directory, or use another kind (exact_match, math, http, command)", s.key),
+                        )
+                    }
                 }
             }
         }
@@ -778,6 +729,109 @@ impl RunConfig {
         }
         Ok(())
     }
+}
+
+/// One reward source's keys (`models.reward` or `models.rewards[i]`).
+fn check_reward(c: &Check, s: &RewardSource<'_>) -> Result<(), ConfigError> {
+    let (m, k) = (s.config, &s.key);
+    if s.name.is_empty()
+        || !s
+            .name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+    {
+        return c.fail(
+            &format!("{k}.name"),
+            format!(
+                "`{}`: use letters, digits, `_` and `-` only (it becomes the metrics key attribute/<name>)",
+                s.name
+            ),
+        );
+    }
+    c.finite(&format!("{k}.weight"), m.weight)?;
+    c.finite(&format!("{k}.correct"), m.correct)?;
+    c.finite(&format!("{k}.incorrect"), m.incorrect)?;
+    if m.kind == RewardKind::ExactMatch
+        && m.extract == AnswerExtract::AfterMarker
+        && m.marker.is_empty()
+    {
+        return c.fail(
+            &format!("{k}.marker"),
+            "must not be empty with extract: after_marker",
+        );
+    }
+    check_external_reward(c, s)?;
+    if m.kind == RewardKind::Math {
+        if m.extract != AnswerExtract::default() {
+            return c.fail(
+                &format!("{k}.extract"),
+                "is for kind: exact_match; kind: math finds the answer itself (the last \\boxed{}, else the text after `marker`, else the last number): remove the key",
+            );
+        }
+        if m.marker.is_empty() {
+            return c.fail(
+                &format!("{k}.marker"),
+                "must not be empty with kind: math (the default is \"####\", GSM8K's)",
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The keys of the `http` and `command` kinds: required where they apply, refused where they
+/// do not, in range.
+fn check_external_reward(c: &Check, s: &RewardSource<'_>) -> Result<(), ConfigError> {
+    let (m, k) = (s.config, &s.key);
+    let kind = m.kind.name();
+    match (m.kind, &m.url) {
+        (RewardKind::Http, None) => return c.fail(
+            &format!("{k}.url"),
+            "required with kind: http; set it to your reward server's URL (http://host:port/path)",
+        ),
+        (RewardKind::Http, Some(url)) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return c.fail(
+                    &format!("{k}.url"),
+                    format!("`{url}` is not an http:// or https:// URL"),
+                );
+            }
+        }
+        (_, Some(_)) => {
+            return c.fail(
+                &format!("{k}.url"),
+                format!("is for kind: http, not kind: {kind}; remove the key"),
+            )
+        }
+        (_, None) => {}
+    }
+    match m.kind {
+        RewardKind::Command if m.command.is_empty() || m.command[0].is_empty() => {
+            return c.fail(
+                &format!("{k}.command"),
+                "required with kind: command; give the program and its arguments, e.g. [python3, my_reward.py]",
+            )
+        }
+        RewardKind::Command => {}
+        _ if !m.command.is_empty() => {
+            return c.fail(
+                &format!("{k}.command"),
+                format!("is for kind: command, not kind: {kind}; remove the key"),
+            )
+        }
+        _ if m.workdir.is_some() => {
+            return c.fail(
+                &format!("{k}.workdir"),
+                format!("is for kind: command, not kind: {kind}; remove the key"),
+            )
+        }
+        _ => {}
+    }
+    if matches!(m.kind, RewardKind::Http | RewardKind::Command) {
+        c.positive(&format!("{k}.timeout_s"), m.timeout_s)?;
+        c.at_least(&format!("{k}.concurrency"), m.concurrency as u64, 1)?;
+        c.at_least(&format!("{k}.batch_size"), m.batch_size as u64, 1)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -110,6 +110,7 @@ const DOCUMENTED: &[(&str, &str, &str)] = &[
     ),
     ("logging.level", "LoggingConfig", "level"),
     ("logging.format", "LoggingConfig", "format"),
+    ("logging.tensorboard", "LoggingConfig", "tensorboard"),
     ("checkpoint.every", "CheckpointConfig", "every"),
     (
         "checkpoint.every_minutes",

@@ -281,6 +281,76 @@ fn http_rewards_need_an_http_url_that_other_kinds_refuse() {
 }
 
 #[test]
+fn several_reward_sources_are_named_weighted_and_checked_each() {
+    let f = Fixture::new();
+    let yaml = BASE.replace(
+        "  reward:\n    path: models/rm\n",
+        "  rewards:\n    - {kind: math, weight: 2.0}\n    - {name: helpful, path: models/rm, weight: 0.5}\n",
+    );
+    let loaded = f.load(&yaml, &[], &[]).unwrap();
+    let m = &loaded.config.models;
+    let sources = m.reward_sources();
+    let seen: Vec<(&str, f64, String)> = sources
+        .iter()
+        .map(|s| (s.name, s.config.weight, s.key.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("math", 2.0, "models.rewards[0]".to_string()),
+            ("helpful", 0.5, "models.rewards[1]".to_string())
+        ]
+    );
+    // Paths resolve against the file in list items too; the rule needs answers.
+    assert_eq!(
+        sources[1].config.path.as_deref(),
+        Some(f.dir.path().join("models/rm").as_path())
+    );
+    assert!(m.rewards_need_answer());
+    assert_eq!(m.reward_model_source().unwrap().name, "helpful");
+
+    // Each source's keys are checked under its own index.
+    let msg = err(f.load(
+        &yaml.replace("name: helpful, path: models/rm", "name: helpful"),
+        &[],
+        &[],
+    ));
+    assert!(msg.starts_with("models.rewards[1].path: required"), "{msg}");
+    let msg = err(f.load(
+        &yaml.replace("kind: math,", "kind: math, url: http://x,"),
+        &[],
+        &[],
+    ));
+    assert!(
+        msg.starts_with("models.rewards[0].url: is for kind: http, not kind: math"),
+        "{msg}"
+    );
+    // Names are unique and usable as metrics keys.
+    let msg = err(f.load(&yaml.replace("name: helpful", "name: math"), &[], &[]));
+    assert!(
+        msg.starts_with("models.rewards[1].name: `math` is also the name of models.rewards[0]"),
+        "{msg}"
+    );
+    let msg = err(f.load(&yaml.replace("name: helpful", "name: \"a b\""), &[], &[]));
+    assert!(
+        msg.starts_with("models.rewards[1].name: `a b`: use letters"),
+        "{msg}"
+    );
+    // One place for the sources: not both keys.
+    let msg = err(f.load(&yaml, &["models.reward.kind=math"], &[]));
+    assert!(
+        msg.starts_with("models.reward: is set together with models.rewards"),
+        "{msg}"
+    );
+    // A weight must be a number.
+    let msg = err(f.load(&yaml, &["models.rewards.0.weight=.nan"], &[]));
+    assert!(
+        msg.starts_with("models.rewards[0].weight: must be a finite"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn a_missing_prompts_file_is_named() {
     let f = Fixture::new();
     let yaml = BASE.replace("data/prompts.jsonl", "data/nope.jsonl");

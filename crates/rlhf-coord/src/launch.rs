@@ -24,6 +24,7 @@ use crate::cluster::{self, Registry, WorkerFailure};
 use crate::launcher;
 use crate::prompts::{self, PromptOptions};
 use crate::replicas;
+use crate::rewards::{self, RewardRole};
 use crate::rl::{self, AlgoSettings};
 use crate::run_state::{self, RunState, State};
 use crate::slurm;
@@ -115,7 +116,7 @@ fn prepare(loaded: LoadedConfig, started: Instant) -> Result<Prepared> {
             tokenizer: &tokenizer,
             chat_template: cfg.rollout.chat_template,
             max_prompt_tokens: cfg.rollout.max_prompt_tokens,
-            need_answer: cfg.models.reward.kind.needs_answer(),
+            need_answer: cfg.models.rewards_need_answer(),
             split: &cfg.rollout.split,
             columns: prompts::columns(&cfg.rollout),
         },
@@ -159,16 +160,16 @@ fn prepare(loaded: LoadedConfig, started: Instant) -> Result<Prepared> {
 /// file's length. The error names the key that points at the directory.
 fn check_models(loaded: &LoadedConfig) -> Result<()> {
     let m = &loaded.config.models;
-    let mut dirs = vec![("models.policy", m.policy.clone())];
+    let mut dirs = vec![("models.policy".to_string(), m.policy.clone())];
     if let Some(r) = &m.reference {
-        dirs.push(("models.reference", r.clone()));
+        dirs.push(("models.reference".into(), r.clone()));
     }
     if let Some(c) = &m.critic {
-        dirs.push(("models.critic", c.clone()));
+        dirs.push(("models.critic".into(), c.clone()));
     }
-    if m.reward.kind == RewardKind::Model {
-        if let Some(r) = &m.reward.path {
-            dirs.push(("models.reward.path", r.clone()));
+    for src in m.reward_sources() {
+        if let (RewardKind::Model, Some(r)) = (src.config.kind, &src.config.path) {
+            dirs.push((format!("{}.path", src.key), r.clone()));
         }
     }
     for (key, dir) in dirs {
@@ -180,7 +181,7 @@ fn check_models(loaded: &LoadedConfig) -> Result<()> {
         check().map_err(|e| {
             anyhow!(
                 "{}: {e:#}",
-                loaded.error_at(key, format!("{} cannot be loaded", dir.display()))
+                loaded.error_at(&key, format!("{} cannot be loaded", dir.display()))
             )
         })?;
     }
@@ -278,8 +279,17 @@ fn set_aside(run_dir: &Path) -> Result<Option<PathBuf>> {
 /// earlier run left: refuse, saying what would be lost and how to go on.
 fn refuse_to_overwrite(run_dir: &Path) -> Result<()> {
     let metrics = run_dir.join("metrics.jsonl");
+    // Trained steps: a step-0 validation baseline alone (`validation.at_start`, stopped before
+    // step 1) is redone or kept by the next launch, never lost.
     let steps = std::fs::read_to_string(&metrics)
-        .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
+        .map(|t| {
+            t.lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .map_or(!l.trim().is_empty(), |v| v["step"].as_u64() != Some(0))
+                })
+                .count()
+        })
         .unwrap_or(0);
     let checkpoints = std::fs::read_dir(rlhf_ckpt::checkpoints_dir(run_dir))
         .map(|d| d.count())
@@ -745,65 +755,34 @@ async fn create_roles(
             true,
         )?)),
     };
-    let (reward, reward_dev) = get(Role::Reward)?;
-    let r = &cfg.models.reward;
-    let reward_spec = match r.kind {
-        RewardKind::Model => pb::reward_role_spec::Kind::Model(pb::ModelReward {
-            attribute_weights: cfg
-                .algorithm
-                .reward
-                .attribute_weights
-                .clone()
-                .into_iter()
-                .collect(),
-            mean: cfg.algorithm.reward.mean,
-            std: cfg.algorithm.reward.std,
-        }),
-        RewardKind::ExactMatch => pb::reward_role_spec::Kind::ExactMatch(pb::ExactMatchReward {
-            extract: match r.extract {
-                rlhf_config::AnswerExtract::LastNumber => "last_number",
-                rlhf_config::AnswerExtract::AfterMarker => "after_marker",
-                rlhf_config::AnswerExtract::Full => "full",
-            }
-            .into(),
-            marker: r.marker.clone(),
-            correct: r.correct,
-            incorrect: r.incorrect,
-        }),
-        RewardKind::Math => pb::reward_role_spec::Kind::Math(pb::MathReward {
-            marker: r.marker.clone(),
-            correct: r.correct,
-            incorrect: r.incorrect,
-        }),
-        RewardKind::Http => pb::reward_role_spec::Kind::Http(pb::HttpReward {
-            url: r.url.clone().unwrap_or_default(),
-            timeout_s: r.timeout_s,
-            retries: r.retries,
-            concurrency: r.concurrency,
-            batch_size: r.batch_size,
-        }),
-        RewardKind::Command => pb::reward_role_spec::Kind::Command(pb::CommandReward {
-            command: r.command.clone(),
-            workdir: path(
-                &r.workdir
-                    .clone()
-                    .unwrap_or_else(|| p.run.loaded.provenance.file_dir()),
-            ),
-            timeout_s: r.timeout_s,
-            concurrency: r.concurrency,
-        }),
-    };
-    let reward_req = pb::CreateRoleRequest {
-        role_id: String::new(),
-        kind: pb::RoleKind::Reward as i32,
-        model_path: r.path.as_deref().map(path).unwrap_or_default(),
-        device: reward_dev,
-        dtype: dtype.clone(),
-        seed,
-        spec: Some(pb::create_role_request::Spec::Reward(pb::RewardRoleSpec {
-            kind: Some(reward_spec),
-        })),
-    };
+    // Every reward source is a role of its own on the worker placed with `reward`.
+    let (reward_client, reward_dev) = get(Role::Reward)?;
+    let file_dir = p.run.loaded.provenance.file_dir();
+    let reward_sources: Vec<(RewardRole<RoleClient>, pb::CreateRoleRequest)> = cfg
+        .models
+        .reward_sources()
+        .iter()
+        .map(|src| {
+            let role = RewardRole {
+                name: src.name.to_string(),
+                weight: src.config.weight,
+                is_model: src.config.kind == RewardKind::Model,
+                role: reward_client.for_role(&rewards::role_id(cfg, src)),
+            };
+            let req = pb::CreateRoleRequest {
+                role_id: String::new(),
+                kind: pb::RoleKind::Reward as i32,
+                model_path: src.config.path.as_deref().map(path).unwrap_or_default(),
+                device: reward_dev.clone(),
+                dtype: dtype.clone(),
+                seed,
+                spec: Some(pb::create_role_request::Spec::Reward(rewards::role_spec(
+                    cfg, src, &file_dir,
+                ))),
+            };
+            (role, req)
+        })
+        .collect();
     let generators = clients.get(&Role::Generator).cloned().unwrap_or_default();
     let generator_req = pb::CreateRoleRequest {
         role_id: String::new(),
@@ -889,7 +868,11 @@ async fn create_roles(
     let (a, g, rw, cr, rf) = tokio::join!(
         create_all(&actors, &actor_req),
         create_all(&generators, &generator_req),
-        reward.create(reward_req),
+        futures::future::try_join_all(
+            reward_sources
+                .iter()
+                .map(|(r, req)| r.role.create(req.clone()))
+        ),
         async {
             match &critic_req {
                 Some(req) => create_all(critic_members, req).await.map(Some),
@@ -918,7 +901,7 @@ async fn create_roles(
         actor_replicas = actors.len(),
         critic_replicas = critic_members.len(),
         generators = generators.len(),
-        reward_outputs = ?rw.attribute_names,
+        reward_outputs = ?reward_outputs(&reward_sources, &rw),
         reference = reference_src.describe(),
         "roles created"
     );
@@ -926,11 +909,27 @@ async fn create_roles(
         actors: actors.into_iter().map(|c| c.0).collect(),
         critics: critic_members.iter().map(|c| c.0.clone()).collect(),
         generators: generators.into_iter().map(|c| c.0).collect(),
-        reward,
+        rewards: reward_sources.into_iter().map(|(r, _)| r).collect(),
         reference: reference_src,
     };
     form_groups(cfg, &roles).await?;
     Ok(roles)
+}
+
+/// What the reward roles answer, for the log: the lone source's outputs, or `name: outputs` for
+/// each of several.
+fn reward_outputs<R>(
+    sources: &[(RewardRole<R>, pb::CreateRoleRequest)],
+    created: &[pb::CreateRoleResponse],
+) -> Vec<String> {
+    match created {
+        [one] => one.attribute_names.clone(),
+        _ => sources
+            .iter()
+            .zip(created)
+            .map(|((s, _), c)| format!("{}: {}", s.name, c.attribute_names.join(", ")))
+            .collect(),
+    }
 }
 
 /// Forms the collective groups the placement needs: gradients between actor replicas and
@@ -1003,6 +1002,21 @@ mod tests {
             call: None,
         }
         .into())
+    }
+
+    #[test]
+    fn a_step_0_baseline_alone_is_no_earlier_run_to_protect() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = tmp.path().join("metrics.jsonl");
+        refuse_to_overwrite(tmp.path()).unwrap();
+        std::fs::write(&m, "{\"step\": 0, \"validation/mt_bench\": 3.0}\n").unwrap();
+        refuse_to_overwrite(tmp.path()).unwrap();
+        std::fs::write(&m, "{\"step\": 0}\n{\"step\": 1}\n{\"step\": 2}\n").unwrap();
+        let e = refuse_to_overwrite(tmp.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("2 steps of metrics") && e.contains("--fresh"),
+            "{e}"
+        );
     }
 
     #[test]

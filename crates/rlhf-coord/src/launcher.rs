@@ -62,7 +62,11 @@ pub fn allowed_roots(cfg: &RunConfig, run_dir: &Path) -> Vec<PathBuf> {
         m.reference_dir().to_path_buf(),
         m.critic_dir().to_path_buf(),
     ];
-    roots.extend(m.reward.path.clone());
+    roots.extend(
+        m.reward_sources()
+            .iter()
+            .filter_map(|s| s.config.path.clone()),
+    );
     roots.sort();
     roots.dedup();
     roots

@@ -49,7 +49,10 @@ pub struct StepMetrics {
     /// Share of responses cut by `rollout.max_new_tokens`.
     pub truncated_frac: f64,
     pub advantage_mean: f64,
-    /// `attribute/NAME`: mean of each reward-model attribute (multi-attribute heads).
+    /// `attribute/NAME`: mean of each reward-model attribute (multi-attribute heads) or named
+    /// component of an `http` / `command` reward; with several reward sources
+    /// (`models.rewards`) each source's unweighted reward as `attribute/<source>` and its
+    /// attributes as `attribute/<source>/<attribute>`.
     #[serde(flatten)]
     pub attributes: Prefixed<f64>,
     /// `actor/...`, `critic/...`: the TrainStep metrics (losses, `grad_norm`, `lr`, clip

@@ -426,10 +426,15 @@ impl<'a> Estimator<'a> {
                     ..Breakdown::default()
                 }
             }
-            Role::Reward => match (&cfg.models.reward.kind, &cfg.models.reward.path) {
-                (RewardKind::Model, Some(p)) => frozen(self.model(p)?.0),
-                _ => Breakdown::default(),
-            },
+            Role::Reward => {
+                let mut sum = Breakdown::default();
+                for src in cfg.models.reward_sources() {
+                    if let (RewardKind::Model, Some(p)) = (src.config.kind, &src.config.path) {
+                        sum.add(&frozen(self.model(p)?.0));
+                    }
+                }
+                sum
+            }
         })
     }
 

@@ -34,7 +34,9 @@ use crate::metrics::{
 };
 use crate::prompts::{PromptCursor, PromptSet};
 use crate::replicas;
+use crate::rewards::{self, RewardRole};
 use crate::rl::{self, AlgoSettings, RolloutStats, Shaper};
+use crate::tensorboard::{samples_markdown, EventWriter, SAMPLES_TAG, TENSORBOARD_DIR};
 use crate::validation::Validator;
 use crate::workers::RoleHandle;
 
@@ -97,7 +99,8 @@ pub struct Roles<R> {
     pub critics: Vec<R>,
     /// Generation-only copies of the policy; empty = the actors generate.
     pub generators: Vec<R>,
-    pub reward: R,
+    /// One role per reward source (`models.reward`, or each of `models.rewards`).
+    pub rewards: Vec<RewardRole<R>>,
     pub reference: Reference<R>,
 }
 
@@ -215,9 +218,24 @@ impl Prefetch {
     }
 }
 
+/// A reward source failed (its error inside): the step loop checkpoints the finished steps
+/// before stopping ([`StepLoop::stop_after_reward_failure`]).
+#[derive(Debug)]
+pub struct RewardFailed(pub anyhow::Error);
+
+impl std::fmt::Display for RewardFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for RewardFailed {}
+
 /// What the rollout phase produced: the step's prompt rows and their samples.
 pub struct Generated {
     pub batch: Vec<usize>,
+    /// The prompt cursor before this batch: where a checkpoint of the previous step points.
+    pub cursor_before: PromptCursor,
     pub generation: pb::GenerateResponse,
     /// Sampled during the previous step, by the policy before that step's update.
     pub off_policy: bool,
@@ -364,18 +382,22 @@ pub struct StepLoop<'a, R: RoleHandle> {
     metrics: JsonlWriter,
     /// `samples.jsonl` (`logging.samples_every`).
     samples: JsonlWriter,
+    /// This launch's TensorBoard event file (`logging.tensorboard`).
+    tensorboard: Option<EventWriter>,
     progress: Progress,
     /// The first step this launch runs (replicas are checked after it whatever the interval).
     first_step: u64,
     last_save: Instant,
     last_saved_step: Option<u64>,
+    /// metrics.jsonl already holds a step-0 baseline (a launch stopped before step 1).
+    baseline_kept: bool,
     last_step_time: Duration,
 }
 
 impl<'a, R: RoleHandle> StepLoop<'a, R> {
     /// Restores the checkpoint to resume from (the workers' state and the controller's), gives
     /// the generators the actor's weights, checks the replicas agree, and opens the metrics
-    /// file (cut back to the restored step).
+    /// file (cut back to the restored step) and a new TensorBoard event file.
     pub async fn start(ctx: &'a RunContext, roles: Roles<R>) -> Result<StepLoop<'a, R>> {
         let cfg = ctx.config();
         let group = cfg.rollout.samples_per_prompt as i64;
@@ -413,22 +435,31 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
             roles.check_replicas(state.step).await?;
         }
         let metrics_path = ctx.run_dir.join("metrics.jsonl");
-        checkpoint::truncate_metrics(&metrics_path, state.step)?;
+        let kept = checkpoint::truncate_metrics(&metrics_path, state.step)?;
+        // Before step 1 only a `validation.at_start` baseline survives: an earlier launch's.
+        let baseline_kept = state.step == 0 && kept > 0;
         let metrics = JsonlWriter::create(&metrics_path)?;
         let samples_path = ctx.run_dir.join("samples.jsonl");
         checkpoint::truncate_metrics(&samples_path, state.step)?;
         let samples = JsonlWriter::create(&samples_path)?;
+        let tensorboard = cfg
+            .logging
+            .tensorboard
+            .then(|| EventWriter::create(&ctx.run_dir.join(TENSORBOARD_DIR)))
+            .transpose()?;
         let progress = Progress::new(cfg.train.steps, cfg.logging.progress);
         progress.resume_at(state.step);
         Ok(StepLoop {
             ctx,
             first_step: state.step + 1,
             last_saved_step: ctx.resume.as_ref().map(|r| r.state.step),
+            baseline_kept,
             state,
             roles,
             prefetch: None,
             metrics,
             samples,
+            tensorboard,
             progress,
             last_save: Instant::now(),
             last_step_time: Duration::ZERO,
@@ -441,7 +472,11 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
     pub async fn run(mut self, stop: watch::Receiver<Option<String>>) -> Result<()> {
         let cfg = self.ctx.config();
         if self.state.step == 0 && cfg.validation.at_start {
-            self.validate_initial_policy().await?;
+            if self.baseline_kept {
+                info!("the step-0 MT-Bench baseline of an earlier launch is kept (validation.at_start)");
+            } else {
+                self.validate_initial_policy().await?;
+            }
         }
         while self.state.step < cfg.train.steps {
             if let Some(reason) = self.stop_reason(&stop) {
@@ -462,10 +497,14 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
             score = %v.score.map_or("none".to_string(), |s| format!("{s:.3}")),
             "MT-Bench of the initial policy (validation.at_start): the baseline for the checkpoints' scores"
         );
-        self.metrics.write(&InitialValidation {
+        let line = InitialValidation {
             step: 0,
             validation: v.metrics(),
-        })
+        };
+        if let Some(tb) = &mut self.tensorboard {
+            tb.scalars(0, &line)?;
+        }
+        self.metrics.write(&line)
     }
 
     fn stop_reason(&self, stop: &watch::Receiver<Option<String>>) -> Option<String> {
@@ -489,7 +528,13 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         let step = self.state.step + 1;
         let t0 = Instant::now();
         let generated = self.rollout(step).await?;
-        let scored = self.score(&generated).await?;
+        let scored = match self.score(&generated).await {
+            Ok(s) => s,
+            Err(e) if e.is::<RewardFailed>() => {
+                return Err(self.stop_after_reward_failure(e, &generated).await)
+            }
+            Err(e) => return Err(e),
+        };
         let shaped = self.shape(&generated, &scored)?;
         let trained = self.train(step, &shaped.rollout).await?;
         let synced = self.sync(step).await?;
@@ -522,17 +567,18 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         let t0 = Instant::now();
         let cfg = self.ctx.config();
         let rows = self.ctx.prompts.rows.len();
-        let (batch, generation, off_policy) = match self.prefetch.take() {
+        let (batch, cursor_before, generation, off_policy) = match self.prefetch.take() {
             Some(pf) => {
                 debug_assert_eq!(pf.step, step);
-                let batch = pf.batch.clone();
-                (batch, pf.wait().await?, true)
+                let (batch, cursor_before) = (pf.batch.clone(), pf.cursor_before);
+                (batch, cursor_before, pf.wait().await?, true)
             }
             None => {
+                let cursor_before = self.state.cursor;
                 let batch = self.state.cursor.next_batch(rows, cfg.rollout.batch_size);
                 let req = generate_request(self.ctx, &batch, step);
                 let generation = replicas::generate(self.roles.generation(), req).await?;
-                (batch, generation, false)
+                (batch, cursor_before, generation, false)
             }
         };
         let secs = t0.elapsed().as_secs_f64();
@@ -553,6 +599,7 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         }
         Ok(Generated {
             batch,
+            cursor_before,
             generation,
             off_policy,
             secs,
@@ -573,7 +620,11 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         let group = cfg.rollout.samples_per_prompt;
         let roles = &self.roles;
         let (scores, ref_logprobs, values) = tokio::join!(
-            roles.reward.score(items),
+            async {
+                rewards::score(&roles.rewards, items)
+                    .await
+                    .map_err(|e| anyhow::Error::new(RewardFailed(e)))
+            },
             async {
                 match &roles.reference {
                     Reference::Role(r) => r
@@ -724,7 +775,11 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         let outcome = v
             .run(
                 self.roles.actor(),
-                &self.roles.reward,
+                self.roles
+                    .rewards
+                    .iter()
+                    .find(|r| r.is_model)
+                    .map(|r| &r.role),
                 &self.ctx.tokenizer,
                 &self.ctx.run_dir,
                 step,
@@ -754,10 +809,13 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         })
     }
 
-    /// Writes the metrics line, moves the progress bar and advances the loop state to the
+    /// Writes the metrics line (and its scalars to the TensorBoard file), moves the progress bar and advances the loop state to the
     /// metrics' step (`rows` sequences more trained on).
     pub fn record(&mut self, metrics: &StepMetrics, rows: u64) -> Result<()> {
         self.metrics.write(metrics)?;
+        if let Some(tb) = &mut self.tensorboard {
+            tb.scalars(metrics.step, metrics)?;
+        }
         self.progress.step(metrics);
         self.state.step = metrics.step;
         self.state.samples += rows;
@@ -767,7 +825,8 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
     }
 
     /// Every `logging.samples_every` steps: the first `logging.samples_prompts` prompts of the
-    /// batch with their completions and scores, one line per prompt, in `samples.jsonl`.
+    /// batch with their completions and scores, one line per prompt, in `samples.jsonl`, and
+    /// all of them as one Markdown text (tag `samples`) in the TensorBoard file.
     pub fn write_samples(
         &mut self,
         step: u64,
@@ -779,15 +838,19 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
             return Ok(());
         }
         let group = self.ctx.config().rollout.samples_per_prompt;
-        for line in samples(
+        let lines = samples(
             self.ctx,
             step,
             generated,
             scored,
             logging.samples_prompts,
             group,
-        )? {
-            self.samples.write(&line)?;
+        )?;
+        for line in &lines {
+            self.samples.write(line)?;
+        }
+        if let Some(tb) = self.tensorboard.as_mut().filter(|_| !lines.is_empty()) {
+            tb.text(SAMPLES_TAG, step, &samples_markdown(&lines))?;
         }
         Ok(())
     }
@@ -824,6 +887,51 @@ impl<'a, R: RoleHandle> StepLoop<'a, R> {
         self.last_save = Instant::now();
         self.last_saved_step = Some(self.state.step);
         Ok(dir)
+    }
+
+    /// The reward sources failed on step `generated`'s batch (the user's server or script, most
+    /// likely): nothing of that step has changed a role, so the state after the previous step is
+    /// checkpointed (unless it already is) before the run stops, and a relaunch resumes there.
+    async fn stop_after_reward_failure(
+        &mut self,
+        e: anyhow::Error,
+        generated: &Generated,
+    ) -> anyhow::Error {
+        if let Some(pf) = self.prefetch.take() {
+            if let Some(task) = pf.task {
+                task.abort();
+            }
+        }
+        self.state.cursor = generated.cursor_before;
+        let done = self.state.step;
+        let failed = done + 1;
+        if done == 0 {
+            return e.context(format!(
+                "step {failed}: scoring failed before any step finished; nothing to checkpoint, a relaunch starts over"
+            ));
+        }
+        if self.last_saved_step == Some(done) {
+            return e.context(format!(
+                "step {failed}: scoring failed; the checkpoint of step {done} is the latest, a relaunch resumes from it"
+            ));
+        }
+        warn!(
+            step = done,
+            "the reward failed; checkpointing the last finished step before stopping"
+        );
+        match save_checkpoint(self.ctx, &self.roles, &self.state, None).await {
+            Ok(dir) => {
+                self.last_saved_step = Some(done);
+                self.last_save = Instant::now();
+                e.context(format!(
+                "step {failed}: scoring failed; step {done} is checkpointed in {}, fix the reward and relaunch to resume from it",
+                dir.display()
+            ))
+            }
+            Err(save) => e.context(format!(
+                "step {failed}: scoring failed, and checkpointing step {done} failed too ({save:#})"
+            )),
+        }
     }
 
     /// Stops at a step boundary: drops a prefetched batch (the checkpoint's cursor points

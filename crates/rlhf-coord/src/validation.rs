@@ -195,7 +195,7 @@ impl Validator {
     pub async fn run<R: RoleHandle>(
         &self,
         actor: &R,
-        reward: &R,
+        reward: Option<&R>,
         tok: &Tokenizer,
         run_dir: &Path,
         step: u64,
@@ -214,7 +214,11 @@ impl Validator {
         let judge: &dyn Judge = match &self.http {
             Some(h) => h,
             None => {
-                scorer = RewardScorer(reward);
+                scorer = RewardScorer(reward.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "validation.judge reward_model: the run has no reward model (kind: model)"
+                    )
+                })?);
                 rm_judge = RewardModelJudge::new(
                     scorer,
                     RmNormalization {

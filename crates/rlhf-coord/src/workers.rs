@@ -158,6 +158,14 @@ impl RoleClient {
         Ok(r.files)
     }
 
+    /// The same worker connection, addressing the role `role` (one of several reward roles).
+    pub fn for_role(&self, role: &str) -> RoleClient {
+        RoleClient {
+            role: role.to_string(),
+            ..self.clone()
+        }
+    }
+
     pub async fn create(&self, mut req: pb::CreateRoleRequest) -> Result<pb::CreateRoleResponse> {
         req.role_id = self.role.clone();
         let mut c = self.client.clone();

@@ -1,6 +1,7 @@
 //! `rlhf-coord launch` end to end with real `rlhf-worker` processes on loopback: PPO with every
-//! role in its own process, RLOO with colocated roles, GRPO with the `math` reward (on JSONL and
-//! on a Parquet dataset directory), a worker killed with SIGKILL mid-run (the
+//! role in its own process (its TensorBoard event file read back with tbparse), RLOO with
+//! colocated roles, GRPO with the `math` reward (on JSONL, and on a Parquet dataset directory
+//! together with a second, weighted reward source), a worker killed with SIGKILL mid-run (the
 //! run stops non-zero naming the worker and role, without hanging), a frozen worker caught by
 //! missed heartbeats, and bad inputs stopped before any training.
 
@@ -10,7 +11,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{arithmetic_prompts, coord, jsonl, launch, tiny_model, worker_bin, write_parquet};
+use common::{
+    arithmetic_prompts, assert_tensorboard_shows_the_metrics, coord, jsonl, launch,
+    read_tensorboard, tiny_model, worker_bin, write_parquet,
+};
 
 /// A tiny policy, an arithmetic prompt file, and a run file with the given extra YAML.
 fn setup(dir: &Path, extra: &str) -> PathBuf {
@@ -51,7 +55,7 @@ fn ppo_with_every_role_in_its_own_process() {
     let tmp = tempfile::tempdir().unwrap();
     let f = setup(tmp.path(), "algorithm: {name: ppo, kl: {coef: 0.01}}\n");
     // Over IPv6: every address on the wire is a bracketed literal.
-    let out = launch(&f, &["launcher.bind=::1"]);
+    let out = launch(&f, &["launcher.bind=::1", "logging.samples_every=2"]);
     assert_ok(&out);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("advertised=[::1]:"), "{err}");
@@ -81,6 +85,32 @@ fn ppo_with_every_role_in_its_own_process() {
     assert!(resolved.contains("name: ppo"), "{resolved}");
     let png = std::fs::read(tmp.path().join("runs/t/metrics.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
+
+    // The TensorBoard event file, read back by tbparse: one file, every scalar of every
+    // metrics line at its step, and step 2's samples as text.
+    let run_dir = tmp.path().join("runs/t");
+    let tb = read_tensorboard(&run_dir);
+    assert_eq!(tb.files.len(), 1, "{:?}", tb.files);
+    assert!(
+        tb.files[0].starts_with("events.out.tfevents."),
+        "{:?}",
+        tb.files
+    );
+    assert_tensorboard_shows_the_metrics(&tb, &run_dir);
+    assert_eq!(tb.text.len(), 1, "one sampled step: {:?}", tb.text);
+    let (_, tag, step, text) = &tb.text[0];
+    assert_eq!((tag.as_str(), *step), ("samples", 2));
+    let samples = jsonl(&run_dir.join("samples.jsonl"));
+    assert_eq!(samples.len(), 2);
+    for s in &samples {
+        assert!(
+            text.contains(s["prompt"][0]["content"].as_str().unwrap()),
+            "{text}"
+        );
+        for c in s["completions"].as_array().unwrap() {
+            assert!(text.contains(c["text"].as_str().unwrap()), "{text}");
+        }
+    }
 }
 
 #[test]
@@ -93,8 +123,16 @@ fn rloo_with_colocated_roles() {
     );
     // Listening on every interface, as a multi-node run does: workers advertise this host's
     // name, which the coordinator resolves (it once refused anything but ip:port).
-    let out = launch(&f, &["train.steps=2", "launcher.bind=0.0.0.0"]);
+    let out = launch(
+        &f,
+        &[
+            "train.steps=2",
+            "launcher.bind=0.0.0.0",
+            "logging.tensorboard=false",
+        ],
+    );
     assert_ok(&out);
+    assert!(!tmp.path().join("runs/t/tensorboard").exists());
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains(&format!("address={}:", host.trim())), "{log}");
@@ -193,13 +231,22 @@ fn grpo_with_the_math_reward() {
             {"path": hf.join("data/test-00000-of-00001.parquet"), "rows": [row(9, 9)]},
         ]),
     );
+    // Scored by two sources at once (models.rewards): the math verifier and, at half weight,
+    // exact match on the last number; each is logged on its own.
+    let several = tmp.path().join("several.yaml");
+    std::fs::write(
+        &several,
+        std::fs::read_to_string(&f).unwrap().replace(
+            "  reward: {kind: exact_match}\n",
+            "  rewards:\n    - {kind: math, incorrect: 0.25}\n    - {name: exact, kind: exact_match, weight: 0.5}\n",
+        ),
+    )
+    .unwrap();
     let out = launch(
-        &f,
+        &several,
         &[
             "run.name=hf",
             "train.steps=1",
-            "models.reward.kind=math",
-            "models.reward.incorrect=0.25",
             &format!("rollout.prompts={}", hf.display()),
             "rollout.split=train",
             "rollout.messages_key=conversation",
@@ -207,10 +254,24 @@ fn grpo_with_the_math_reward() {
         ],
     );
     assert_ok(&out);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("reward_outputs=[\"math: math\", \"exact: exact_match\"]"),
+        "{log}"
+    );
     let m = jsonl(&tmp.path().join("runs/hf/metrics.jsonl"));
     assert_eq!(m.len(), 1);
-    let r = m[0]["reward_mean"].as_f64().unwrap();
-    assert!((0.25..=1.0).contains(&r), "{}", m[0]);
+    let (math, exact) = (
+        m[0]["attribute/math"].as_f64().unwrap(),
+        m[0]["attribute/exact"].as_f64().unwrap(),
+    );
+    assert!(
+        (0.25..=1.0).contains(&math) && (0.0..=1.0).contains(&exact),
+        "{}",
+        m[0]
+    );
+    let score = m[0]["score_mean"].as_f64().unwrap();
+    assert!((score - (math + 0.5 * exact)).abs() < 1e-5, "{}", m[0]);
     // The test split alone is one prompt, fewer than a batch: the run refuses it, counting it.
     let out = launch(
         &f,

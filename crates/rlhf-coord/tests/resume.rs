@@ -1,7 +1,8 @@
 //! Checkpoints and exact resume with real `rlhf-worker` processes on loopback: a run stopped by
 //! SIGTERM (and one killed with SIGKILL) and relaunched produces per-step metrics bitwise equal
 //! to an uninterrupted run; a corrupt or truncated newest checkpoint falls back to the previous
-//! one and says so; a resume-breaking config change is refused naming the keys; a save that
+//! one and says so (and TensorBoard, reading every launch's event file, shows the redone step's
+//! newest metrics); a resume-breaking config change is refused naming the keys; a save that
 //! fails (file-size limit, as on a full disk) leaves the previous checkpoint intact; and
 //! `checkpoint.must_save_by` stops the run with a checkpoint before the budget.
 //!
@@ -17,7 +18,10 @@ use std::time::{Duration, Instant};
 const EXIT_PREEMPTED: i32 = 75;
 
 mod common;
-use common::{arithmetic_prompts, coord, jsonl, launch, tiny_model, worker_bin};
+use common::{
+    arithmetic_prompts, assert_tensorboard_shows_the_metrics, coord, jsonl, launch,
+    read_tensorboard, tiny_model, worker_bin,
+};
 
 /// A tiny policy, an arithmetic prompt file and a PPO run file (critic and reference included,
 /// so every kind of state is checkpointed), two workers with one thread each.
@@ -262,6 +266,20 @@ fn damaged_checkpoints_fall_back_and_changed_geometry_is_refused() {
     );
     assert!(err.contains("train.minibatch_size"), "{err}");
     assert!(!err.contains("worker started"), "{err}");
+
+    // TensorBoard: one event file per launch that ran (not the refused one). Step 3, done by
+    // the first launch and again by the second after falling back to step 2, is in both files;
+    // read in name order, TensorBoard shows the newest points, which are metrics.jsonl's.
+    let tb = read_tensorboard(&run_dir(tmp.path()));
+    assert_eq!(tb.files.len(), 4, "{:?}", tb.files);
+    let step3: Vec<&String> = tb
+        .scalars
+        .iter()
+        .filter(|(_, tag, step, _)| tag == "time/step_s" && *step == 3)
+        .map(|(f, ..)| f)
+        .collect();
+    assert_eq!(step3, [&tb.files[0], &tb.files[1]]);
+    assert_tensorboard_shows_the_metrics(&tb, &run_dir(tmp.path()));
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! MT-Bench validation inside `rlhf-coord launch`, with real worker processes: the reward-model
 //! judge over all 80 questions (both turns), checkpoints ranked by the score with the best one
-//! protected from retention, `rlhf-coord status` showing the ranking; and an OpenAI-compatible
-//! judge server started by the test on loopback, which rates some answers and returns garbage
-//! for others: the run goes on and the garbage is counted as missing.
+//! protected from retention, `rlhf-coord status` showing the ranking, the scores in TensorBoard;
+//! and an OpenAI-compatible judge server started by the test on loopback, which rates some
+//! answers and returns garbage for others: the run goes on and the garbage is counted as missing.
 //!
 //! The MT-Bench files are read from `../shared/data/mt_bench` (never copied into the repo;
 //! `RLHF_MT_BENCH_DIR` overrides the location); where they are absent (a fresh clone) the tests
@@ -23,7 +23,9 @@ fn mt_bench_dir() -> PathBuf {
 }
 
 mod common;
-use common::{coord, jsonl, tiny_model, worker_bin};
+use common::{
+    assert_tensorboard_shows_the_metrics, coord, jsonl, read_tensorboard, tiny_model, worker_bin,
+};
 
 fn setup(dir: &Path, extra: &str) -> PathBuf {
     tiny_model(&dir.join("policy"));
@@ -127,6 +129,15 @@ fn reward_model_judge_scores_all_80_questions_and_ranks_checkpoints() {
         baseline["overall"].as_f64()
     );
     assert!(log.contains("MT-Bench of the initial policy"), "{log}");
+    // TensorBoard holds the same scalars, the step-0 baseline and the validation keys included.
+    let tb = read_tensorboard(&run);
+    assert!(
+        tb.scalars
+            .iter()
+            .any(|(_, tag, step, _)| tag == "validation/mt_bench" && *step == 0),
+        "no step-0 validation in TensorBoard"
+    );
+    assert_tensorboard_shows_the_metrics(&tb, &run);
     // Log fields are plain values, not Rust debug forms.
     assert!(
         !log.contains("Some(") && !log.contains("RewardModel"),

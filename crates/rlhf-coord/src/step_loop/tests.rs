@@ -268,7 +268,7 @@ fn context(dir: &Path, sets: &[&str]) -> RunContext {
         tokenizer,
         resume: None,
         started: Instant::now(),
-        validator: None,
+        validator: crate::validation::Validator::new(cfg).unwrap(),
         loaded,
     }
 }
@@ -283,7 +283,12 @@ fn roles(world: &Arc<World>, actors: usize, generators: usize) -> Roles<Fake> {
         generators: (0..generators)
             .map(|i| Fake::new(world, &format!("gen{i}"), "generator"))
             .collect(),
-        reward: Fake::new(world, "reward", "reward"),
+        rewards: vec![RewardRole {
+            name: "exact_match".into(),
+            weight: 1.0,
+            is_model: false,
+            role: Fake::new(world, "reward", "reward"),
+        }],
         reference: Reference::Role(Box::new(Fake::new(world, "reference", "reference"))),
     }
 }
@@ -495,6 +500,126 @@ async fn a_worker_failing_in_any_phase_stops_the_run_naming_it() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_reward_checkpoints_the_finished_steps_before_stopping() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = context(
+        tmp.path(),
+        &[
+            "algorithm.name=grpo",
+            "rollout.async_generation=true",
+            "rollout.shuffle=false",
+            "train.steps=5",
+            "checkpoint.every=0",
+        ],
+    );
+    let world = Arc::new(World::default());
+    let mut l = StepLoop::start(&ctx, roles(&world, 1, 1)).await.unwrap();
+    l.step().await.unwrap();
+    l.step().await.unwrap();
+    assert!(latest_state(&ctx).is_none(), "no checkpoint is scheduled");
+    // Step 3's batch was sampled ahead during step 2, and step 3 samples step 4's.
+    *world.fail.lock().unwrap() = Some(("reward".into(), "Score"));
+    let e = format!("{:#}", l.step().await.unwrap_err());
+    assert!(
+        e.contains("step 3: scoring failed; step 2 is checkpointed")
+            && e.contains("reward `exact_match`")
+            && e.contains("worker `reward`"),
+        "{e}"
+    );
+    // The checkpoint is the state after step 2: its cursor points at step 3's batch, which a
+    // relaunch samples again; nothing of step 3 was recorded.
+    let saved = latest_state(&ctx).unwrap();
+    assert_eq!((saved.step, saved.cursor.pos), (2, 8));
+    assert_eq!(metrics_lines(&ctx).len(), 2);
+    assert!(l.prefetch.is_none(), "step 4's sampling is dropped");
+
+    // Failing again right after resuming from that checkpoint writes nothing new.
+    let e = format!("{:#}", l.step().await.unwrap_err());
+    assert!(e.contains("the checkpoint of step 2 is the latest"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_0_baseline_of_a_launch_stopped_before_step_1_is_kept_not_redone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mt = tmp.path().join("mt_bench");
+    std::fs::create_dir_all(&mt).unwrap();
+    rlhf_eval::fixture::write_mt_bench_fixture(&mt).unwrap();
+    let bench = format!("validation.mt_bench={}", mt.display());
+    let sets = [
+        "validation.every=100",
+        "validation.at_start=true",
+        bench.as_str(),
+        "validation.max_questions=1",
+        "validation.max_new_tokens=2",
+        // Nothing listens there: the judge fails, which validation logs and scores as missing.
+        "validation.judge=http",
+        "validation.http.url=http://127.0.0.1:9/v1",
+        "validation.http.api_key_env=\"\"",
+    ];
+    let stopped = || {
+        let (tx, rx) = watch::channel(Some("SIGTERM".to_string()));
+        std::mem::forget(tx);
+        rx
+    };
+    let ctx = context(tmp.path(), &sets);
+    let world = Arc::new(World::default());
+    let l = StepLoop::start(&ctx, roles(&world, 1, 0)).await.unwrap();
+    let e = l.run(stopped()).await.unwrap_err();
+    assert_eq!(e.downcast_ref::<Preempted>().expect("preempted").step, 0);
+    let lines = metrics_lines(&ctx);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["step"], 0);
+    let answered = count(&world, "actor0:Generate");
+    assert!(answered > 0, "the baseline answers the questions");
+    assert!(latest_state(&ctx).is_none());
+
+    // The next launch keeps that baseline: no second step-0 line, no questions answered again.
+    let l = StepLoop::start(&ctx, roles(&world, 1, 0)).await.unwrap();
+    l.run(stopped()).await.unwrap_err();
+    assert_eq!(metrics_lines(&ctx).len(), 1);
+    assert_eq!(count(&world, "actor0:Generate"), answered);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_reward_sources_are_weighted_and_logged_apart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = context(tmp.path(), &["algorithm.name=grpo", "train.steps=1"]);
+    let world = Arc::new(World::default());
+    let mut r = roles(&world, 1, 0);
+    r.rewards = vec![
+        RewardRole {
+            name: "correct".into(),
+            weight: 2.0,
+            is_model: false,
+            role: Fake::new(&world, "reward", "reward/correct"),
+        },
+        RewardRole {
+            name: "style".into(),
+            weight: -1.0,
+            is_model: false,
+            role: Fake::new(&world, "reward", "reward/style"),
+        },
+    ];
+    StepLoop::start(&ctx, r)
+        .await
+        .unwrap()
+        .run(never_stop())
+        .await
+        .unwrap();
+    assert_eq!(count(&world, "reward:Score"), 2);
+    let m = &metrics_lines(&ctx)[0];
+    // Each fake scores row i as i % 3; 4 prompts x 2 samples; the sum 2x - x is x.
+    let mean = (0..8).map(|i| (i % 3) as f64).sum::<f64>() / 8.0;
+    for k in ["attribute/correct", "attribute/style"] {
+        assert!((m[k].as_f64().unwrap() - mean).abs() < 1e-6, "{k}: {m}");
+    }
+    assert!(
+        (m["score_mean"].as_f64().unwrap() - mean).abs() < 1e-6,
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -114,3 +114,115 @@ pub fn write_parquet(dir: &Path, spec: serde_json::Value) {
         text(&out)
     );
 }
+
+/// The TensorBoard event files of a run directory as tbparse reads them
+/// (scripts/golden/read_tensorboard.py): the files in name order, and `(file name, tag, step,
+/// value)` rows of the scalars and of the texts.
+pub struct TensorBoard {
+    pub files: Vec<String>,
+    pub scalars: Vec<(String, String, u64, f64)>,
+    pub text: Vec<(String, String, u64, String)>,
+}
+
+/// Reads `run_dir/tensorboard` with tbparse; fails (never skips) without it.
+pub fn read_tensorboard(run_dir: &Path) -> TensorBoard {
+    let dir = run_dir.join("tensorboard");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let out = Command::new(python())
+        .arg(repo().join("scripts/golden/read_tensorboard.py"))
+        .arg(&dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python().display()));
+    assert!(
+        out.status.success(),
+        "read_tensorboard.py failed (did you run `scripts/setup-torch.sh --test-deps`?): {}",
+        text(&out)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = |kind: &str| -> Vec<(String, String, u64, serde_json::Value)> {
+        v[kind]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r[0].as_str().unwrap().to_string(),
+                    r[1].as_str().unwrap().to_string(),
+                    r[2].as_u64().unwrap(),
+                    r[3].clone(),
+                )
+            })
+            .collect()
+    };
+    TensorBoard {
+        files,
+        scalars: rows("scalars")
+            .into_iter()
+            .map(|(f, t, s, v)| (f, t, s, v.as_f64().unwrap()))
+            .collect(),
+        text: rows("text")
+            .into_iter()
+            .map(|(f, t, s, v)| (f, t, s, v.as_str().unwrap().to_string()))
+            .collect(),
+    }
+}
+
+impl TensorBoard {
+    /// The scalars TensorBoard shows, by (tag, step): the files read in name order, each
+    /// file's points of a tag replacing the earlier files' points at and after its first step
+    /// (how TensorBoard takes a tag's step going back: a restarted job).
+    pub fn shown_scalars(&self) -> std::collections::BTreeMap<(String, u64), f64> {
+        let mut shown = std::collections::BTreeMap::<(String, u64), f64>::new();
+        for file in &self.files {
+            let mut first = std::collections::BTreeMap::<&str, u64>::new();
+            for (f, tag, step, _) in &self.scalars {
+                if f == file {
+                    let s = first.entry(tag).or_insert(*step);
+                    *s = (*s).min(*step);
+                }
+            }
+            shown.retain(|(tag, step), _| first.get(tag.as_str()).is_none_or(|s| step < s));
+            for (f, tag, step, v) in &self.scalars {
+                if f == file {
+                    shown.insert((tag.clone(), *step), *v);
+                }
+            }
+        }
+        shown
+    }
+}
+
+/// Asserts that TensorBoard shows exactly the scalars of `run_dir/metrics.jsonl`: every finite
+/// number of each line under its key at the line's step (TensorBoard keeps f32), nothing else.
+pub fn assert_tensorboard_shows_the_metrics(tb: &TensorBoard, run_dir: &Path) {
+    let mut want = std::collections::BTreeMap::new();
+    for line in jsonl(&run_dir.join("metrics.jsonl")) {
+        let step = line["step"].as_u64().unwrap();
+        for (k, v) in line.as_object().unwrap() {
+            if let Some(x) = v.as_f64().filter(|_| k != "step") {
+                want.insert((k.clone(), step), x as f32);
+            }
+        }
+    }
+    let shown: std::collections::BTreeMap<(String, u64), f32> = tb
+        .shown_scalars()
+        .into_iter()
+        .map(|(k, v)| (k, v as f32))
+        .collect();
+    for (key, w) in &want {
+        assert_eq!(
+            shown.get(key),
+            Some(w),
+            "TensorBoard's {key:?} vs metrics.jsonl"
+        );
+    }
+    let extra: Vec<_> = shown.keys().filter(|k| !want.contains_key(*k)).collect();
+    assert!(
+        extra.is_empty(),
+        "TensorBoard shows points metrics.jsonl does not have: {extra:?}"
+    );
+}
