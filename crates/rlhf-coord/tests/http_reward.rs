@@ -149,7 +149,8 @@ fn grpo_scores_through_the_reward_server_and_stops_cleanly_when_it_is_gone() {
     assert!(
         err.contains(&format!(
             "models.reward.kind http: POST {url} (rows 0 to 7) failed after 2 attempts"
-        )) && err.contains("Score"),
+        )) && err.contains("Score")
+            && err.contains("step 3: scoring failed"),
         "{err}"
     );
     let names = checkpoints(tmp.path());
