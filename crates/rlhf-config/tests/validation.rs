@@ -212,6 +212,75 @@ fn math_rewards_refuse_exact_match_keys_and_an_empty_marker() {
 }
 
 #[test]
+fn http_rewards_need_an_http_url_that_other_kinds_refuse() {
+    let f = Fixture::new();
+    let yaml = BASE.replace(
+        "  reward:\n    path: models/rm\n",
+        "  reward:\n    kind: http\n",
+    );
+    let msg = err(f.load(&yaml, &[], &[]));
+    assert!(
+        msg.starts_with("models.reward.url: required with kind: http")
+            && msg.contains("http://host:port/path"),
+        "{msg}"
+    );
+    let with_url = yaml.replace(
+        "kind: http\n",
+        "kind: http\n    url: 127.0.0.1:8000/score\n",
+    );
+    let msg = err(f.load(&with_url, &[], &[]));
+    assert!(
+        msg.starts_with(
+            "models.reward.url: `127.0.0.1:8000/score` is not an http:// or https:// URL"
+        ) && msg.contains(&f.at(line_of(&with_url, "url:"))),
+        "{msg}"
+    );
+    let loaded = f
+        .load(
+            &yaml,
+            &["models.reward.url=http://127.0.0.1:8000/score"],
+            &[],
+        )
+        .unwrap();
+    let r = &loaded.config.models.reward;
+    assert_eq!(r.url.as_deref(), Some("http://127.0.0.1:8000/score"));
+    assert_eq!(
+        (r.timeout_s, r.retries, r.concurrency, r.batch_size),
+        (30.0, 2, 4, 64)
+    );
+    assert!(!r.kind.needs_answer());
+    for (set, key) in [
+        ("models.reward.timeout_s=0", "models.reward.timeout_s"),
+        ("models.reward.concurrency=0", "models.reward.concurrency"),
+        ("models.reward.batch_size=0", "models.reward.batch_size"),
+    ] {
+        let msg = err(f.load(
+            &yaml,
+            &["models.reward.url=http://127.0.0.1:8000/score", set],
+            &[],
+        ));
+        assert!(msg.starts_with(&format!("{key}: ")), "{set}: {msg}");
+    }
+    // A url on another kind is refused rather than silently ignored.
+    for kind in ["model", "exact_match", "math"] {
+        let msg = err(f.load(
+            BASE,
+            &[
+                &format!("models.reward.kind={kind}"),
+                "models.reward.url=http://127.0.0.1:8000/score",
+            ],
+            &[],
+        ));
+        assert!(
+            msg.starts_with(&format!(
+                "models.reward.url: is for kind: http, not kind: {kind}; remove the key"
+            )),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
 fn several_reward_sources_are_named_weighted_and_checked_each() {
     let f = Fixture::new();
     let yaml = BASE.replace(

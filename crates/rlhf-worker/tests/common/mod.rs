@@ -59,3 +59,19 @@ pub fn spawn_daemon_with(
     std::thread::spawn(move || lines.for_each(drop));
     (child, addr.expect("the worker logs its listening address"))
 }
+
+/// The venv interpreter of scripts/setup-torch.sh (as rlhf-coord's tests find it), else `python3`.
+pub fn python() -> std::path::PathBuf {
+    if let Ok(v) = std::env::var("RLHF_TORCH_VENV") {
+        let p = Path::new(&v).join("bin/python");
+        if p.exists() {
+            return p;
+        }
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let p = Path::new(&home).join(".cache/rlhf-coord/torch-venv/bin/python");
+    if p.exists() {
+        return p;
+    }
+    "python3".into()
+}
