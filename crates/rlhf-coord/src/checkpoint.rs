@@ -99,6 +99,13 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, Strin
                 flatten(&key, v, out);
             }
         }
+        // Lists item by item (`models.rewards.1.url`), so the keys below an item can be told
+        // apart.
+        serde_json::Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                flatten(&format!("{prefix}.{i}"), v, out);
+            }
+        }
         other => {
             out.insert(prefix.to_string(), other.to_string());
         }
@@ -123,10 +130,29 @@ pub fn config_diff(
         .collect()
 }
 
+/// Keys of a reward source that say how to reach the user's code rather than what it computes:
+/// a resume may change them (the server moved to another port, the script was mended).
+pub const REWARD_TRANSPORT_KEYS: [&str; 7] = [
+    "url",
+    "command",
+    "workdir",
+    "timeout_s",
+    "retries",
+    "concurrency",
+    "batch_size",
+];
+
 fn breaks_resume(key: &str) -> bool {
-    RESUME_BREAKING
-        .iter()
-        .any(|p| key == *p || key.starts_with(&format!("{p}.")))
+    let under = |key: &str, p: &str| key == p || key.starts_with(&format!("{p}."));
+    let source_key = key.strip_prefix("models.reward.").or_else(|| {
+        key.strip_prefix("models.rewards.")
+            .and_then(|rest| rest.split_once('.'))
+            .map(|(_, k)| k)
+    });
+    if source_key.is_some_and(|k| REWARD_TRANSPORT_KEYS.iter().any(|t| under(k, t))) {
+        return false;
+    }
+    RESUME_BREAKING.iter().any(|p| under(key, p))
 }
 
 /// Checks that `now` can continue from a checkpoint saved with `then`: an error listing every
@@ -137,7 +163,14 @@ pub fn check_resume(
     now: &RunConfig,
 ) -> Result<Vec<(String, String, String)>> {
     let now = serde_json::to_value(now)?;
-    let diff = config_diff(then, &now);
+    // Read through today's schema first: keys added since the checkpoint was written take their
+    // defaults on both sides instead of reading as changed. (A config this build cannot read
+    // is compared as written.)
+    let then = serde_json::from_value::<RunConfig>(then.clone())
+        .ok()
+        .and_then(|c| serde_json::to_value(c).ok())
+        .unwrap_or_else(|| then.clone());
+    let diff = config_diff(&then, &now);
     let (breaking, other): (Vec<_>, Vec<_>) =
         diff.into_iter().partition(|(k, _, _)| breaks_resume(k));
     if !breaking.is_empty() {
@@ -360,6 +393,36 @@ mod tests {
         assert!(breaks_resume("rollout.batch_size"));
         assert!(!breaks_resume("train.steps"));
         assert!(!breaks_resume("rollout.batch_size_x"));
+        // How to reach the user's reward code may change; what scores may not.
+        assert!(!breaks_resume("models.reward.url"));
+        assert!(!breaks_resume("models.reward.command.1"));
+        assert!(!breaks_resume("models.rewards.2.timeout_s"));
+        assert!(breaks_resume("models.reward.kind"));
+        assert!(breaks_resume("models.rewards.0.weight"));
+        assert!(breaks_resume("models.rewards.1"));
+        let then = json!({"models": {"rewards": [{"kind": "http", "url": "http://h:1"}]}});
+        let now = json!({"models": {"rewards": [{"kind": "http", "url": "http://h:2"}, {"kind": "math"}]}});
+        let keys: Vec<String> = config_diff(&then, &now).into_iter().map(|x| x.0).collect();
+        assert_eq!(keys, ["models.rewards.0.url", "models.rewards.1.kind"]);
+    }
+
+    #[test]
+    fn keys_added_since_a_checkpoint_take_their_defaults() {
+        let cfg: RunConfig = serde_json::from_value(json!({"models": {"policy": "/p"}})).unwrap();
+        let mut then = serde_json::to_value(&cfg).unwrap();
+        // As an older build wrote it: without the reward keys added later.
+        for k in ["name", "weight", "url", "command"] {
+            then["models"]["reward"].as_object_mut().unwrap().remove(k);
+        }
+        then["models"].as_object_mut().unwrap().remove("rewards");
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(check_resume(tmp.path(), &then, &cfg).unwrap().is_empty());
+        // A real change still counts.
+        then["models"]["reward"]["kind"] = json!("math");
+        let e = check_resume(tmp.path(), &then, &cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("models.reward.kind"), "{e}");
     }
 
     #[test]

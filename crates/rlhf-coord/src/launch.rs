@@ -768,7 +768,10 @@ async fn create_roles(
                 name: src.name.to_string(),
                 weight: src.config.weight,
                 is_model: src.config.kind == RewardKind::Model,
-                role: reward_client.for_role(&rewards::role_id(cfg, src)),
+                role: reward_client.for_role(
+                    &rewards::role_id(cfg, src),
+                    rewards::score_worst_case(src.config, cfg.rollout_sequences()),
+                ),
             };
             let req = pb::CreateRoleRequest {
                 role_id: String::new(),

@@ -5,9 +5,10 @@
 //! every source on its own (`attribute/<name>`).
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use rlhf_config::{AnswerExtract, RewardKind, RewardSource, RunConfig};
+use rlhf_config::{AnswerExtract, RewardConfig, RewardKind, RewardSource, RunConfig};
 use rlhf_proto::pb;
 use rlhf_proto::wire::{from_wire, to_wire};
 use tch::{Kind, Tensor};
@@ -31,6 +32,30 @@ pub fn role_id(cfg: &RunConfig, source: &RewardSource<'_>) -> String {
     } else {
         format!("reward/{}", source.name)
     }
+}
+
+/// The longest a Score of `rows` rows may legitimately take with this source, so that the
+/// coordinator's deadline never cuts a user reward short that is still within its own limits:
+/// `http`: every request with all its retries and their backoffs (0.5 s doubling, at most 30 s,
+/// plus a tenth), in rounds of `concurrency`; `command`: every row up to `timeout_s` twice (one
+/// retry after a restart), spread over the pool. Zero for the in-process kinds.
+pub fn score_worst_case(r: &RewardConfig, rows: usize) -> Duration {
+    let timeout = r.timeout_s.max(0.0);
+    let pool = r.concurrency.max(1) as usize;
+    let secs = match r.kind {
+        RewardKind::Http => {
+            let backoffs: f64 = (0..r.retries)
+                .map(|i| (0.5 * 2f64.powi(i as i32)).min(30.0) * 1.1)
+                .sum();
+            let per_request = timeout * (r.retries as f64 + 1.0) + backoffs;
+            let requests = rows.div_ceil(r.batch_size.max(1) as usize);
+            per_request * requests.div_ceil(pool) as f64
+        }
+        RewardKind::Command => 2.0 * timeout * rows.div_ceil(pool) as f64,
+        RewardKind::Model | RewardKind::ExactMatch | RewardKind::Math => 0.0,
+    };
+    // Room for connecting, starting processes and the answer's way back.
+    Duration::from_secs_f64(if secs > 0.0 { secs + 30.0 } else { 0.0 })
 }
 
 /// What CreateRole carries for a source. `file_dir` is the run file's directory (a command's
@@ -238,6 +263,32 @@ mod tests {
         assert_eq!(
             floats(both.attributes.as_ref().unwrap()),
             [0.5, 1.0, 2.0, 1.0, -1.0, 3.0, 4.0, 0.0]
+        );
+    }
+
+    #[test]
+    fn user_rewards_get_their_worst_case_as_deadline() {
+        let http = RewardConfig {
+            kind: RewardKind::Http,
+            url: Some("http://h".into()),
+            ..Default::default()
+        };
+        // 512 rows in 8 requests of 64, 4 at a time: 2 rounds of 3 x 30 s + 0.55 + 1.1 s.
+        let want = 2.0 * (90.0 + 0.55 + 1.1) + 30.0;
+        assert!((score_worst_case(&http, 512).as_secs_f64() - want).abs() < 1e-9);
+        let command = RewardConfig {
+            kind: RewardKind::Command,
+            command: vec!["python3".into()],
+            timeout_s: 2.0,
+            ..Default::default()
+        };
+        assert_eq!(
+            score_worst_case(&command, 10).as_secs_f64(),
+            2.0 * 2.0 * 3.0 + 30.0
+        );
+        assert_eq!(
+            score_worst_case(&RewardConfig::default(), 512),
+            Duration::ZERO
         );
     }
 

@@ -115,7 +115,8 @@ impl RoleClient {
             Err(_) => Err(self.err(
                 op,
                 format!(
-                    "no answer within {:.0} s (launcher.rpc_timeout_s)",
+                    "no answer within {:.0} s (launcher.rpc_timeout_s, or longer for state \
+                     saves and user rewards that may take longer)",
                     self.timeout.as_secs_f64()
                 ),
             )),
@@ -158,10 +159,13 @@ impl RoleClient {
         Ok(r.files)
     }
 
-    /// The same worker connection, addressing the role `role` (one of several reward roles).
-    pub fn for_role(&self, role: &str) -> RoleClient {
+    /// The same worker connection, addressing the role `role` (one of several reward roles),
+    /// whose calls may take up to `at_least` (a user reward's own worst case) when that is longer
+    /// than `launcher.rpc_timeout_s`.
+    pub fn for_role(&self, role: &str, at_least: Duration) -> RoleClient {
         RoleClient {
             role: role.to_string(),
+            timeout: self.timeout.max(at_least),
             ..self.clone()
         }
     }
