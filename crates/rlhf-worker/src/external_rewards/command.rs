@@ -173,7 +173,7 @@ impl std::fmt::Display for Fault {
                 Some(sig) => write!(f, "the process was killed by signal {sig}"),
                 None => write!(
                     f,
-                    "the process exited ({s}) without answering; it must keep reading rows until stdin closes"
+                    "the process exited ({s}) before answering; a reward process answers every row and keeps reading until stdin closes"
                 ),
             },
             Fault::ClosedStdout => write!(f, "the process closed its stdout without answering"),
@@ -632,16 +632,17 @@ impl CommandPool {
             );
             let others = match failures.len() {
                 1 => String::new(),
-                n => format!(" ({} other processes failed too)", n - 1),
+                2 => "; 1 other process failed as well".to_string(),
+                n => format!("; {} other processes failed as well", n - 1),
             };
             let (first, second) = (f.first.to_string(), f.second.to_string());
             let what = if first == second {
-                format!("twice (the second time after a restart): {second}")
+                format!(", the second time after a restart: {second}")
             } else {
-                format!("twice: first {first}; after a restart, {second}")
+                format!(": first {first}; after a restart, {second}")
             };
             return Err(RoleError::Reward(format!(
-                "models.reward.kind command: row {} failed in process {} of {} ({}){others} {what}; {}",
+                "models.reward.kind command: row {} failed twice in process {} of {} ({}{others}){what}; {}",
                 f.row,
                 f.slot,
                 self.spec.concurrency,
@@ -817,6 +818,12 @@ for line in sys.stdin:
         if mode == "crash":
             print("Traceback: ValueError: row", i, "is cursed", file=sys.stderr, flush=True)
             sys.exit(1)
+        if mode == "crash_then_garbage":
+            if not os.path.exists("crashed"):
+                open("crashed", "w").close()
+                sys.exit(4)
+            print("NaN?", flush=True)
+            continue
         if mode == "garbage":
             print("score is", i, flush=True)
             continue
@@ -906,9 +913,9 @@ for line in sys.stdin:
         let mut p = pool(tmp.path(), &script("crash", 7), 3, 30.0).unwrap();
         let e = p.score_rows(&rows(10)).unwrap_err().to_string();
         for want in [
-            "models.reward.kind command: row 7 failed in process",
+            "models.reward.kind command: row 7 failed twice in process",
             "`python3 reward.py` in ",
-            "twice (the second time after a restart): the process exited (exit status: 1)",
+            "), the second time after a restart: the process exited (exit status: 1) before answering",
             "stderr ended with:\n  | Traceback: ValueError: row 7 is cursed",
             "[rlhf-worker: process",
         ] {
@@ -925,7 +932,7 @@ for line in sys.stdin:
         let mut p = pool(tmp.path(), &script("garbage", 2), 1, 30.0).unwrap();
         let e = p.score_rows(&rows(4)).unwrap_err().to_string();
         for want in [
-            "row 2 failed in process 0 of 1",
+            "row 2 failed twice in process 0 of 1",
             "the process printed a line that is not JSON",
             "`score is 2`",
             "logs to stderr",
@@ -933,6 +940,15 @@ for line in sys.stdin:
         ] {
             assert!(e.contains(want), "missing {want:?} in: {e}");
         }
+        // Two different failures are both told.
+        let mut p = pool(tmp.path(), &script("crash_then_garbage", 0), 1, 30.0).unwrap();
+        let e = p.score_rows(&rows(1)).unwrap_err().to_string();
+        assert!(
+            e.contains("row 0 failed twice in process 0 of 1 (`python3 reward.py` in ")
+                && e.contains(": first the process exited (exit status: 4) before answering")
+                && e.contains("; after a restart, the process printed a line that is not JSON"),
+            "{e}"
+        );
         // Two lines for one row: the second answers nothing and is caught, not shifted onto
         // the next row. (Written at once here; lines written apart are caught when they arrive
         // before the next row is sent.)
@@ -953,8 +969,8 @@ for line in sys.stdin:
         let t = Instant::now();
         let e = p.score_rows(&rows(4)).unwrap_err().to_string();
         assert!(
-            e.contains("row 1 failed in process")
-                && e.contains("twice (the second time after a restart): no answer within 0.3 s (models.reward.timeout_s)"),
+            e.contains("row 1 failed twice in process")
+                && e.contains("the second time after a restart: no answer within 0.3 s (models.reward.timeout_s)"),
             "{e}"
         );
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
