@@ -342,6 +342,12 @@ fn the_shipped_run_files_load() {
     .into();
     rlhf_config::load(&root.join("configs/local.yaml"), &sets, vars(&[]))
         .unwrap_or_else(|e| panic!("configs/local.yaml does not load: {e}"));
+    let example = rlhf_config::load(&root.join("configs/example-command.yaml"), &sets, vars(&[]))
+        .unwrap_or_else(|e| panic!("configs/example-command.yaml does not load: {e}"));
+    assert_eq!(
+        example.config.models.reward.command,
+        ["python3", "example-reward.py"]
+    );
     let loaded = rlhf_config::load(&root.join("cluster/example.yaml"), &sets, vars(&[]))
         .unwrap_or_else(|e| panic!("cluster/example.yaml does not load: {e}"));
     let c = &loaded.config;
