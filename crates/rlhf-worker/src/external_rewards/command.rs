@@ -247,9 +247,10 @@ impl Proc {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                // The worker died between fork and prctl: the signal will never come.
+                // The worker died between fork and prctl: the signal will never come. (An OS
+                // error code, since a message would allocate in the forked child.)
                 if libc::getppid() as u32 != parent {
-                    return Err(std::io::Error::other("the worker exited while starting it"));
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });
@@ -807,6 +808,7 @@ mod tests {
     fn script(mode: &str, row: usize) -> String {
         format!(
             r#"import json, os, sys, time
+print("ready", file=sys.stderr, flush=True)
 for line in sys.stdin:
     i = json.loads(line)["extra"]["i"]
     if i == {row}:
@@ -916,7 +918,8 @@ for line in sys.stdin:
             "models.reward.kind command: row 7 failed twice in process",
             "`python3 reward.py` in ",
             "), the second time after a restart: the process exited (exit status: 1) before answering",
-            "stderr ended with:\n  | Traceback: ValueError: row 7 is cursed",
+            "stderr ended with:\n  | ready\n  | Traceback: ValueError: row 7 is cursed\n  | [rlhf-worker: process",
+            "restarted]\n  | ready\n  | Traceback: ValueError: row 7 is cursed",
             "[rlhf-worker: process",
         ] {
             assert!(e.contains(want), "missing {want:?} in: {e}");
@@ -966,6 +969,19 @@ for line in sys.stdin:
     fn a_hanging_row_times_out() {
         let tmp = tempfile::tempdir().unwrap();
         let mut p = pool(tmp.path(), &script("hang", 1), 2, 0.3).unwrap();
+        // Python's start-up must not count against the short timeout of the rows that answer.
+        let t = Instant::now();
+        while !p
+            .tails
+            .iter()
+            .all(|t| lock(t).lines.iter().any(|l| l == "ready"))
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the processes never started"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let t = Instant::now();
         let e = p.score_rows(&rows(4)).unwrap_err().to_string();
         assert!(
