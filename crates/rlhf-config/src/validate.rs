@@ -693,6 +693,14 @@ impl RunConfig {
                 }
             }
         }
+        if let (RewardKind::Command, Some(dir)) = (m.reward.kind, &m.reward.workdir) {
+            if !dir.is_dir() {
+                return c.fail(
+                    "models.reward.workdir",
+                    format!("directory {} does not exist; check the path (relative paths in the file are relative to the file's directory), or remove the key to run the command in the run file's directory", dir.display()),
+                );
+            }
+        }
         let prompts = &self.rollout.prompts;
         if prompts.as_os_str().is_empty() {
             return c.fail(

@@ -481,6 +481,12 @@ fn the_shipped_run_files_load() {
     .into();
     rlhf_config::load(&root.join("configs/local.yaml"), &sets, vars(&[]))
         .unwrap_or_else(|e| panic!("configs/local.yaml does not load: {e}"));
+    let example = rlhf_config::load(&root.join("configs/example-command.yaml"), &sets, vars(&[]))
+        .unwrap_or_else(|e| panic!("configs/example-command.yaml does not load: {e}"));
+    assert_eq!(
+        example.config.models.reward.command,
+        ["python3", "example-reward.py"]
+    );
     let loaded = rlhf_config::load(&root.join("cluster/example.yaml"), &sets, vars(&[]))
         .unwrap_or_else(|e| panic!("cluster/example.yaml does not load: {e}"));
     let c = &loaded.config;
@@ -609,6 +615,94 @@ fn lora_with_the_policy_as_reference_needs_no_reference_worker() {
     let msg = err(f.load(&with_ref("models/ref"), &[], &[]));
     assert!(
         msg.starts_with("workers: role reference is placed on no worker"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn command_rewards_need_a_command_that_other_kinds_refuse() {
+    let f = Fixture::new();
+    let yaml = BASE.replace(
+        "  reward:\n    path: models/rm\n",
+        "  reward:\n    kind: command\n",
+    );
+    for set in [&[][..], &["models.reward.command=[\"\"]"][..]] {
+        let msg = err(f.load(&yaml, set, &[]));
+        assert!(
+            msg.starts_with("models.reward.command: required with kind: command")
+                && msg.contains("[python3, my_reward.py]"),
+            "{set:?}: {msg}"
+        );
+    }
+    let with_command = yaml.replace(
+        "kind: command\n",
+        "kind: command\n    command: [python3, my_reward.py]\n",
+    );
+    let r = f
+        .load(&with_command, &[], &[])
+        .unwrap()
+        .config
+        .models
+        .reward;
+    assert_eq!(r.command, ["python3", "my_reward.py"]);
+    assert_eq!((r.timeout_s, r.concurrency, &r.workdir), (30.0, 4, &None));
+    assert!(!r.kind.needs_answer());
+    for (set, key) in [
+        ("models.reward.timeout_s=0", "models.reward.timeout_s"),
+        ("models.reward.concurrency=0", "models.reward.concurrency"),
+    ] {
+        let msg = err(f.load(&with_command, &[set], &[]));
+        assert!(msg.starts_with(&format!("{key}: ")), "{set}: {msg}");
+    }
+    // The command's keys on another kind are refused rather than silently ignored.
+    for kind in ["model", "exact_match", "math"] {
+        for (set, key) in [
+            ("models.reward.command=[python3, r.py]", "command"),
+            ("models.reward.workdir=data", "workdir"),
+        ] {
+            let msg = err(f.load(BASE, &[&format!("models.reward.kind={kind}"), set], &[]));
+            assert!(
+                msg.starts_with(&format!(
+                    "models.reward.{key}: is for kind: command, not kind: {kind}; remove the key"
+                )),
+                "{msg}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_command_rewards_workdir_is_relative_to_the_run_file() {
+    let f = Fixture::new();
+    std::fs::create_dir_all(f.path().join("configs/rewards")).unwrap();
+    let yaml = BASE
+        .replace("models/", "../models/")
+        .replace("data/", "../data/")
+        .replace(
+            "  reward:\n    path: ../models/rm\n",
+            "  reward:\n    kind: command\n    command: [python3, r.py]\n    workdir: rewards\n",
+        );
+    let file = f.write("configs/run.yaml", &yaml);
+    let c = rlhf_config::load(&file, &[], vars(&[])).unwrap().config;
+    assert_eq!(
+        c.models.reward.workdir,
+        Some(f.path().join("configs/rewards"))
+    );
+    // A directory that is not there is named with the file's line, before any worker starts.
+    let gone = f.write(
+        "configs/gone.yaml",
+        &yaml.replace("workdir: rewards", "workdir: nope"),
+    );
+    let msg = err(rlhf_config::load(&gone, &[], vars(&[])));
+    assert!(
+        msg.starts_with(&format!(
+            "models.reward.workdir: directory {} does not exist",
+            f.path().join("configs/nope").display()
+        )) && msg.contains(&format!(
+            "{}:{}",
+            gone.display(),
+            line_of(&yaml, "workdir:")
+        )),
         "{msg}"
     );
 }
