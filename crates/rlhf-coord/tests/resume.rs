@@ -4,7 +4,9 @@
 //! one and says so (and TensorBoard, reading every launch's event file, shows the redone step's
 //! newest metrics); a resume-breaking config change is refused naming the keys; a save that
 //! fails (file-size limit, as on a full disk) leaves the previous checkpoint intact; and
-//! `checkpoint.must_save_by` stops the run with a checkpoint before the budget.
+//! `checkpoint.must_save_by` stops the run with a checkpoint before the budget; a reward script
+//! that fails mid-run stops it with a checkpoint of the finished steps, and the relaunch after
+//! the fix equals an uninterrupted run.
 //!
 //! Determinism: workers and the coordinator run with one libtorch thread
 //! (`OMP_NUM_THREADS=1`, `workers[].threads: 1`), so every step's floating-point reductions
@@ -167,6 +169,72 @@ fn sigterm_then_relaunch_equals_an_uninterrupted_run() {
     assert!((2..6).contains(&stopped), "stopped after {stopped}:\n{err}");
     assert_eq!(latest(tmp.path()), format!("step-{stopped:06}"));
 
+    let out = launch(&f, &[]);
+    assert_ok(&out);
+    assert!(stderr(&out).contains("resuming from"), "{}", stderr(&out));
+    assert_same(&deterministic(&metrics(tmp.path())), &reference);
+}
+
+/// The user's reward script of the next test (`kind: command`): exact match on the last number.
+/// While `arm` exists in its directory it creates `fail` after answering step 1's 8 rows; while
+/// `fail` exists it crashes on every row, as a reward service that went down would.
+const FLAKY_REWARD: &str = r#"
+import json, os, re, sys
+served = 0
+for line in sys.stdin:
+    if os.path.exists("fail"):
+        sys.stderr.write("reward.py: the scoring service is down\n")
+        sys.stderr.flush()
+        sys.exit(3)
+    row = json.loads(line)
+    nums = re.findall(r"-?\d+", row["response"])
+    ok = bool(nums) and row["answer"] is not None and nums[-1] == row["answer"].strip()
+    print(json.dumps({"score": 1.0 if ok else 0.0}), flush=True)
+    served += 1
+    if served == 8 and os.path.exists("arm"):
+        open("fail", "w").close()
+"#;
+
+#[test]
+fn a_failing_reward_stops_with_a_checkpoint_and_the_relaunch_resumes_exactly() {
+    let with_script = |dir: &Path| {
+        let f = setup(dir, 3, "checkpoint: {every: 0}\n");
+        std::fs::write(dir.join("reward.py"), FLAKY_REWARD).unwrap();
+        let yaml = std::fs::read_to_string(&f).unwrap().replace(
+            "reward: {kind: exact_match}",
+            &format!(
+                "reward: {{kind: command, command: [{}, reward.py], concurrency: 1, timeout_s: 20}}",
+                common::python().display()
+            ),
+        );
+        std::fs::write(&f, yaml).unwrap();
+        f
+    };
+    let full = tempfile::tempdir().unwrap();
+    assert_ok(&launch(&with_script(full.path()), &[]));
+    let reference = deterministic(&metrics(full.path()));
+    assert_eq!(reference.len(), 3);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let f = with_script(tmp.path());
+    std::fs::write(tmp.path().join("arm"), "").unwrap();
+    let out = launch(&f, &[]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    // The error names the step, the checkpoint written for the finished one, and what the
+    // script said; nothing of step 2 was recorded.
+    assert!(
+        err.contains("step 2: scoring failed; step 1 is checkpointed")
+            && err.contains("the scoring service is down"),
+        "{err}"
+    );
+    assert_eq!(latest(tmp.path()), "step-000001");
+    assert_eq!(metrics(tmp.path()).len(), 1);
+
+    // The reward is mended: the same command resumes from step 1 and ends as if nothing had
+    // happened.
+    std::fs::remove_file(tmp.path().join("arm")).unwrap();
+    std::fs::remove_file(tmp.path().join("fail")).unwrap();
     let out = launch(&f, &[]);
     assert_ok(&out);
     assert!(stderr(&out).contains("resuming from"), "{}", stderr(&out));
