@@ -712,22 +712,8 @@ fn drive(
             match spawner.spawn(slot) {
                 Ok(p) => *proc = Some(p),
                 Err(e) => {
-                    let fault = Fault::Start(e);
-                    match first {
-                        Some(first) => {
-                            abort.store(true, Ordering::Relaxed);
-                            return Err(Failure {
-                                row,
-                                slot,
-                                first,
-                                second: fault,
-                            });
-                        }
-                        None => {
-                            retry = Some((row, fault));
-                            continue;
-                        }
-                    }
+                    retry = Some(retry_once(row, slot, first, Fault::Start(e), abort)?);
+                    continue;
                 }
             }
         }
@@ -740,29 +726,41 @@ fn drive(
                 let pid = p.pid();
                 p.kill();
                 *proc = None;
-                match first {
-                    Some(first) => {
-                        abort.store(true, Ordering::Relaxed);
-                        return Err(Failure {
-                            row,
-                            slot,
-                            first,
-                            second: fault,
-                        });
-                    }
-                    None => {
-                        warn!(
-                            process = slot,
-                            pid,
-                            row,
-                            "reward command {}: {fault}; restarting it and asking the row again",
-                            spec.named()
-                        );
-                        retry = Some((row, fault));
-                    }
-                }
+                let (row, fault) = retry_once(row, slot, first, fault, abort)?;
+                warn!(
+                    process = slot,
+                    pid,
+                    row,
+                    "reward command {}: {fault}; restarting it and asking the row again",
+                    spec.named()
+                );
+                retry = Some((row, fault));
             }
         }
+    }
+}
+
+/// Row `row` failed with `fault` in slot `slot`: the first time it is asked again (on a
+/// restarted process); the second time the whole call fails, and the other slots stop taking
+/// rows.
+fn retry_once(
+    row: usize,
+    slot: usize,
+    first: Option<Fault>,
+    fault: Fault,
+    abort: &AtomicBool,
+) -> Result<(usize, Fault), Failure> {
+    match first {
+        Some(first) => {
+            abort.store(true, Ordering::Relaxed);
+            Err(Failure {
+                row,
+                slot,
+                first,
+                second: fault,
+            })
+        }
+        None => Ok((row, fault)),
     }
 }
 
