@@ -201,8 +201,12 @@ pub fn sbatch_script(
 # signals reach it once and directly: USR1 before the walltime (--signal above), TERM from a
 # preemption, a time limit or scancel. It finishes the step, writes a checkpoint, stops its
 # workers (one Slurm task each, started with srun), and requeues the job itself unless the
-# user cancelled it.
+# user cancelled it. Slurm may send USR1 up to a minute early, so with a short walltime it can
+# come while the coordinator is still loading (libtorch takes a moment), before it handles
+# signals: ignored until then (the ignore survives exec; its handler replaces it), it cannot kill
+# the job outright, and the walltime's TERM still stops the run with a checkpoint.
 echo "rlhf-coord: job $SLURM_JOB_ID start ${{SLURM_RESTART_COUNT:-0}} on $(hostname) at $(date -u +%FT%TZ)"
+trap '' USR1
 exec {cmd}
 "#,
         cmd = cmd.join(" ")
@@ -416,5 +420,35 @@ mod tests {
             assert!(s.contains(want), "missing {want:?} in\n{s}");
         }
         assert_eq!(node_indices(&cfg), [0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn a_usr1_before_the_coordinator_handles_signals_does_not_kill_the_job() {
+        // The script run by bash as the batch step, with a stand-in coordinator that gets
+        // USR1 at once, before it could install a handler (as while libtorch loads).
+        let tmp = tempfile::tempdir().unwrap();
+        let coord = tmp.path().join("coord");
+        std::fs::write(
+            &coord,
+            "#!/bin/sh\nkill -USR1 $$\nsleep 0.2\necho survived \"$1\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&coord, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let script = tmp.path().join("job.sh");
+        let mut cfg = RunConfig::default();
+        cfg.run.name = "r".into();
+        std::fs::write(
+            &script,
+            sbatch_script(&cfg, &coord, Path::new("run.yaml"), &[], tmp.path()),
+        )
+        .unwrap();
+        let out = Command::new("bash").arg(&script).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("survived launch"),
+            "{:?}: {stdout}",
+            out.status
+        );
     }
 }
