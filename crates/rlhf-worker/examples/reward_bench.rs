@@ -15,8 +15,7 @@ use rlhf_model::ChatMessage;
 use rlhf_worker::external_rewards::http::HttpSpec;
 use rlhf_worker::external_rewards::{External, ExternalSpec};
 use rlhf_worker::reward_rules::{ExactMatch, Extract, Rule};
-use rlhf_worker::roles::{ScoreItem, Scores};
-use tch::Tensor;
+use rlhf_worker::roles::ScoreItem;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut url = None;
@@ -59,7 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }))?;
                 // One warm-up call each: connections, the server's first request.
                 http.score(&items)?;
-                rule_scores(&rule, &items)?;
+                rule.score_items(&items)?;
                 let (mut h, mut r) = (vec![], vec![]);
                 for _ in 0..rounds {
                     let t = Instant::now();
@@ -67,7 +66,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     h.push(t.elapsed().as_secs_f64() * 1e3);
                     assert_eq!(s.rewards.size(), [rows as i64]);
                     let t = Instant::now();
-                    let s = rule_scores(&rule, &items)?;
+                    let s = rule.score_items(&items)?;
                     r.push(t.elapsed().as_secs_f64() * 1e3);
                     assert_eq!(s.rewards.size(), [rows as i64]);
                 }
@@ -82,19 +81,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
-}
-
-/// What `Role::RewardRule` does in Score.
-fn rule_scores(rule: &Rule, items: &[ScoreItem]) -> Result<Scores, tch::TchError> {
-    let r: Vec<f32> = items
-        .iter()
-        .map(|it| rule.score(&it.response, &it.answer) as f32)
-        .collect();
-    Ok(Scores {
-        rewards: Tensor::f_from_slice(&r)?,
-        attributes: None,
-        attribute_names: vec![rule.name().into()],
-    })
 }
 
 /// Sums with answers; a short response is a sentence, a long one about 2 KB of reasoning.

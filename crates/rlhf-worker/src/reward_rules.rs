@@ -6,6 +6,8 @@ pub mod math;
 
 pub use math::MathAnswer;
 
+use crate::roles::{ScoreItem, Scores};
+
 /// A rule reward as a role holds it.
 #[derive(Debug, Clone)]
 pub enum Rule {
@@ -27,6 +29,20 @@ impl Rule {
             Rule::ExactMatch(r) => r.score(response, reference),
             Rule::Math(r) => r.score(response, reference),
         }
+    }
+
+    /// A Score call's answer: each item's response against its answer, logged under the rule's
+    /// name.
+    pub fn score_items(&self, items: &[ScoreItem]) -> Result<Scores, tch::TchError> {
+        let r: Vec<f32> = items
+            .iter()
+            .map(|it| self.score(&it.response, &it.answer) as f32)
+            .collect();
+        Ok(Scores {
+            rewards: tch::Tensor::f_from_slice(&r)?,
+            attributes: None,
+            attribute_names: vec![self.name().into()],
+        })
     }
 }
 

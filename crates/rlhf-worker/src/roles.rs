@@ -580,17 +580,7 @@ impl Role {
 
     pub fn score(&mut self, items: Vec<ScoreItem>) -> RoleResult<Scores> {
         match self {
-            Role::RewardRule(rule) => {
-                let r: Vec<f32> = items
-                    .iter()
-                    .map(|it| rule.score(&it.response, &it.answer) as f32)
-                    .collect();
-                Ok(Scores {
-                    rewards: Tensor::f_from_slice(&r)?,
-                    attributes: None,
-                    attribute_names: vec![rule.name().into()],
-                })
-            }
+            Role::RewardRule(rule) => Ok(rule.score_items(&items)?),
             Role::RewardModel(rm) => rm.score(&items),
             Role::RewardExternal(ext) => ext.score(&items),
             _ => Err(self.wrong("Score")),
